@@ -1,0 +1,216 @@
+import { CldError } from '../errors.js';
+import { MAP_SLOT_HEADER } from './format.js';
+
+/**
+ * The redirect bitmap in memory: bit b set means block b of the master lives in the change area.
+ * Paged like the on-disk map (one page per map slot payload); an all-zero page holds no memory,
+ * so a plain volume of any size costs almost nothing and a 1 TiB area at 4 KiB blocks costs at
+ * most 34 MB. Pages whose bits changed since the last commit are marked dirty.
+ */
+export class BlockMap {
+  readonly pageCount: number;
+  readonly bitsPerPage: number;
+  private readonly wordsPerPage: number;
+  private readonly pages: (Uint32Array | null)[];
+  private readonly pageCounts: Uint32Array;
+  private readonly dirtyFlags: Uint8Array;
+  private dirtyList: number[] = [];
+  private setCount = 0;
+
+  constructor(
+    readonly blocks: number,
+    blockSize: number,
+  ) {
+    this.bitsPerPage = (blockSize - MAP_SLOT_HEADER) * 8;
+    this.wordsPerPage = this.bitsPerPage / 32;
+    this.pageCount = Math.ceil(blocks / this.bitsPerPage);
+    this.pages = new Array(this.pageCount).fill(null);
+    this.pageCounts = new Uint32Array(this.pageCount);
+    this.dirtyFlags = new Uint8Array(this.pageCount);
+  }
+
+  /** Number of redirected blocks. */
+  get count(): number {
+    return this.setCount;
+  }
+
+  get dirtyPages(): number {
+    return this.dirtyList.length;
+  }
+
+  /** Bytes held by allocated pages. */
+  get residentBytes(): number {
+    let n = 0;
+    for (const p of this.pages) if (p) n += p.byteLength;
+    return n;
+  }
+
+  test(block: number): boolean {
+    const page = this.pages[Math.floor(block / this.bitsPerPage)];
+    if (!page) return false;
+    const bit = block % this.bitsPerPage;
+    return (page[bit >>> 5] & (1 << (bit & 31))) !== 0;
+  }
+
+  /** Sets or clears bits [start, end); marks changed pages dirty. */
+  assign(start: number, end: number, value: boolean): void {
+    let b = start;
+    while (b < end) {
+      const p = Math.floor(b / this.bitsPerPage);
+      const pageStart = p * this.bitsPerPage;
+      const stop = Math.min(end, pageStart + this.bitsPerPage);
+      let page = this.pages[p];
+      if (!page) {
+        if (!value) {
+          b = stop;
+          continue;
+        }
+        page = this.pages[p] = new Uint32Array(this.wordsPerPage);
+      }
+      let changed = 0;
+      for (let bit = b - pageStart; bit < stop - pageStart; ) {
+        const w = bit >>> 5;
+        const lo = bit & 31;
+        const hi = Math.min(32, lo + (stop - pageStart - bit));
+        const mask = hi - lo === 32 ? 0xffffffff : (((1 << (hi - lo)) - 1) << lo) >>> 0;
+        const old = page[w];
+        const next = value ? (old | mask) >>> 0 : (old & ~mask) >>> 0;
+        if (next !== old) {
+          changed += popcount((old ^ next) >>> 0);
+          page[w] = next;
+        }
+        bit += hi - lo;
+      }
+      if (changed) {
+        if (value) {
+          this.pageCounts[p] += changed;
+          this.setCount += changed;
+        } else {
+          this.pageCounts[p] -= changed;
+          this.setCount -= changed;
+          if (this.pageCounts[p] === 0) this.pages[p] = null;
+        }
+        this.markDirty(p);
+      }
+      b = stop;
+    }
+  }
+
+  /**
+   * Calls `visit(start, end, redirected)` for each maximal run of equal bits in [start, end).
+   */
+  forEachRun(start: number, end: number, visit: (start: number, end: number, redirected: boolean) => void): void {
+    let runStart = start;
+    let runValue = this.test(start);
+    let b = start;
+    while (b < end) {
+      const p = Math.floor(b / this.bitsPerPage);
+      const pageEnd = Math.min(end, (p + 1) * this.bitsPerPage);
+      const page = this.pages[p];
+      if (!page) {
+        if (runValue) {
+          visit(runStart, b, true);
+          runStart = b;
+          runValue = false;
+        }
+        b = pageEnd;
+        continue;
+      }
+      const base = p * this.bitsPerPage;
+      while (b < pageEnd) {
+        const bit = b - base;
+        const word = page[bit >>> 5];
+        // Skip a whole word when it agrees with the current run.
+        if ((bit & 31) === 0 && b + 32 <= pageEnd && word === (runValue ? 0xffffffff : 0)) {
+          b += 32;
+          continue;
+        }
+        const v = (word & (1 << (bit & 31))) !== 0;
+        if (v !== runValue) {
+          visit(runStart, b, runValue);
+          runStart = b;
+          runValue = v;
+        }
+        b++;
+      }
+    }
+    visit(runStart, end, runValue);
+  }
+
+  /** The first redirected block at or after `from`, or -1. */
+  nextSet(from: number): number {
+    for (let p = Math.floor(from / this.bitsPerPage); p < this.pageCount; p++) {
+      const page = this.pages[p];
+      if (!page) continue;
+      const base = p * this.bitsPerPage;
+      let bit = Math.max(0, from - base);
+      while (bit < this.bitsPerPage) {
+        const w = bit >>> 5;
+        const word = (page[w] >>> (bit & 31)) << (bit & 31);
+        if (word !== 0) {
+          const found = base + w * 32 + (31 - Math.clz32(word & -word));
+          return found < this.blocks ? found : -1;
+        }
+        bit = (w + 1) * 32;
+      }
+    }
+    return -1;
+  }
+
+  /** The end of the run of redirected blocks starting at `from`, at most `limit`. */
+  runEnd(from: number, limit: number): number {
+    let b = from;
+    while (b < limit && this.test(b)) b++;
+    return b;
+  }
+
+  /** The page's payload as it would be stored (a copy), or null when the page is all zero. */
+  payload(p: number): Uint8Array | null {
+    const page = this.pages[p];
+    return page ? new Uint8Array(page.buffer.slice(0)) : null;
+  }
+
+  /** Loads a page's stored payload; rejects bits beyond the last block. */
+  load(p: number, payload: Uint8Array): void {
+    const words = new Uint32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + this.wordsPerPage * 4));
+    let n = 0;
+    for (let w = 0; w < words.length; w++) if (words[w]) n += popcount(words[w]);
+    const base = p * this.bitsPerPage;
+    if (n > 0 && base + this.bitsPerPage > this.blocks) {
+      for (let bit = this.blocks - base; bit < this.bitsPerPage; bit++) {
+        if (words[bit >>> 5] & (1 << (bit & 31))) {
+          throw new CldError('CLDD_CORRUPT', `map page ${p} marks block ${base + bit}, beyond the last block ${this.blocks - 1}`);
+        }
+      }
+    }
+    this.setCount += n - this.pageCounts[p];
+    this.pageCounts[p] = n;
+    this.pages[p] = n ? words : null;
+  }
+
+  /** Takes the list of dirty pages and marks them clean. */
+  takeDirty(): number[] {
+    const list = this.dirtyList;
+    this.dirtyList = [];
+    for (const p of list) this.dirtyFlags[p] = 0;
+    return list.sort((a, b) => a - b);
+  }
+
+  markDirty(p: number): void {
+    if (!this.dirtyFlags[p]) {
+      this.dirtyFlags[p] = 1;
+      this.dirtyList.push(p);
+    }
+  }
+}
+
+function popcount(x: number): number {
+  x -= (x >>> 1) & 0x55555555;
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  x = (x + (x >>> 4)) & 0x0f0f0f0f;
+  return Math.imul(x, 0x01010101) >>> 24;
+}
+
+if (new Uint8Array(new Uint32Array([1]).buffer)[0] !== 1) {
+  throw new Error('cldd stores its map little-endian and runs only on little-endian machines');
+}

@@ -1,0 +1,235 @@
+/**
+ * The on-disk format of a cldd store: layout, superblock copies and map page slots.
+ * docs/format.md specifies every byte and the ordering argument; this module is the only code
+ * that encodes or decodes them.
+ */
+import { randomBytes } from 'node:crypto';
+import { CldError } from '../errors.js';
+import { crc32c } from './crc32c.js';
+
+export const FORMAT_VERSION = 1;
+export const SUPERBLOCK_MAGIC = 'cldd-sb\0';
+export const MAP_SLOT_MAGIC = 'cldd-map';
+export const SUPERBLOCK_COPIES = 2;
+/** Bytes of a superblock copy that are defined and checksummed; the rest of its block is zero. */
+export const SUPERBLOCK_BYTES = 512;
+export const MAP_SLOT_HEADER = 64;
+export const AREA_ALIGN = 1 << 20;
+export const MIN_BLOCK_SIZE = 4096;
+export const MAX_BLOCK_SIZE = 65536;
+export const MIN_AREA_BYTES = 1 << 20;
+export const NAME_BYTES = 64;
+
+export type VolumeState = 'plain' | 'snapshot' | 'resync';
+const STATE_CODES: Record<VolumeState, number> = { plain: 0, snapshot: 1, resync: 2 };
+const STATE_NAMES: VolumeState[] = ['plain', 'snapshot', 'resync'];
+
+export interface Layout {
+  blockSize: number;
+  /** Store size the layout was computed for (bytes). */
+  storeSize: number;
+  /** Blocks in the data area, and in the change area: the master's capacity in blocks. */
+  blocks: number;
+  /** Redirect bits per map page. */
+  bitsPerPage: number;
+  mapOffset: number;
+  mapPages: number;
+  dataOffset: number;
+  changeOffset: number;
+}
+
+export interface Superblock {
+  uuid: Uint8Array;
+  generation: number;
+  state: VolumeState;
+  /** Number of times the slave was enabled (the snapshot's sequence number). */
+  epoch: number;
+  /** When the state last changed (ms since the Unix epoch). */
+  stateChangedAt: number;
+  createdAt: number;
+  name: string;
+  layout: Layout;
+}
+
+const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
+
+export function isValidBlockSize(blockSize: number): boolean {
+  return (
+    Number.isInteger(blockSize) &&
+    blockSize >= MIN_BLOCK_SIZE &&
+    blockSize <= MAX_BLOCK_SIZE &&
+    (blockSize & (blockSize - 1)) === 0
+  );
+}
+
+function layoutFor(storeSize: number, blockSize: number, blocks: number): Layout {
+  const bitsPerPage = (blockSize - MAP_SLOT_HEADER) * 8;
+  const mapOffset = SUPERBLOCK_COPIES * blockSize;
+  const mapPages = Math.ceil(blocks / bitsPerPage);
+  const dataOffset = alignUp(mapOffset + 2 * mapPages * blockSize, AREA_ALIGN);
+  const changeOffset = alignUp(dataOffset + blocks * blockSize, AREA_ALIGN);
+  return { blockSize, storeSize, blocks, bitsPerPage, mapOffset, mapPages, dataOffset, changeOffset };
+}
+
+const fits = (l: Layout) => l.changeOffset + l.blocks * l.blockSize <= l.storeSize;
+
+/** The largest layout that fits a store: data and change areas as large as possible. */
+export function computeLayout(storeSize: number, blockSize: number): Layout {
+  if (!isValidBlockSize(blockSize)) {
+    throw new CldError('EINVAL', `block size ${blockSize} is not a power of two from ${MIN_BLOCK_SIZE} to ${MAX_BLOCK_SIZE}`);
+  }
+  let lo = 0;
+  let hi = Math.floor(storeSize / blockSize / 2);
+  while (lo < hi) {
+    const mid = Math.ceil((lo + hi) / 2);
+    if (fits(layoutFor(storeSize, blockSize, mid))) lo = mid;
+    else hi = mid - 1;
+  }
+  const layout = layoutFor(storeSize, blockSize, lo);
+  if (lo * blockSize < MIN_AREA_BYTES || !fits(layout)) {
+    const need = layoutFor(0, blockSize, Math.ceil(MIN_AREA_BYTES / blockSize));
+    const minSize = need.changeOffset + MIN_AREA_BYTES;
+    throw new CldError('CLDD_TOO_SMALL', `a store of ${storeSize} bytes is too small: cldd needs at least ${minSize} bytes`);
+  }
+  return layout;
+}
+
+export function newUuid(): Uint8Array {
+  return new Uint8Array(randomBytes(16));
+}
+
+export function uuidString(uuid: Uint8Array): string {
+  const h = Buffer.from(uuid).toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+export function superblockOffset(copy: number, blockSize: number): number {
+  return copy * blockSize;
+}
+
+/** Offset of slot `slot` (0 or 1) of map page `page`. */
+export function mapSlotOffset(layout: Layout, page: number, slot: number): number {
+  return layout.mapOffset + (2 * page + slot) * layout.blockSize;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder('utf-8', { fatal: true });
+
+export function encodeSuperblock(sb: Superblock): Uint8Array {
+  const { layout } = sb;
+  const buf = new Uint8Array(layout.blockSize);
+  const v = new DataView(buf.buffer);
+  buf.set(encoder.encode(SUPERBLOCK_MAGIC), 0);
+  v.setUint32(12, FORMAT_VERSION, true);
+  buf.set(sb.uuid, 16);
+  v.setBigUint64(32, BigInt(sb.generation), true);
+  v.setUint32(40, layout.blockSize, true);
+  v.setUint32(44, STATE_CODES[sb.state], true);
+  v.setBigUint64(48, BigInt(layout.storeSize), true);
+  v.setBigUint64(56, BigInt(layout.blocks), true);
+  v.setBigUint64(64, BigInt(layout.mapOffset), true);
+  v.setBigUint64(72, BigInt(layout.mapPages), true);
+  v.setBigUint64(80, BigInt(layout.dataOffset), true);
+  v.setBigUint64(88, BigInt(layout.changeOffset), true);
+  v.setBigUint64(96, BigInt(sb.epoch), true);
+  v.setBigUint64(104, BigInt(sb.stateChangedAt), true);
+  v.setBigUint64(112, BigInt(sb.createdAt), true);
+  const name = encoder.encode(sb.name);
+  if (name.length > NAME_BYTES) throw new CldError('EINVAL', `name "${sb.name}" is longer than ${NAME_BYTES} bytes`);
+  v.setUint32(124, name.length, true);
+  buf.set(name, 128);
+  v.setUint32(8, crc32c(buf, 12, SUPERBLOCK_BYTES), true);
+  return buf;
+}
+
+export type SuperblockVerdict =
+  | { ok: true; sb: Superblock }
+  | { ok: false; foreign: boolean; reason: string };
+
+/** Decodes one superblock copy; says why it is not valid. */
+export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
+  if (buf.length < SUPERBLOCK_BYTES) return { ok: false, foreign: true, reason: 'shorter than a superblock' };
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const magic = Buffer.from(buf.subarray(0, 8)).toString('latin1');
+  if (magic !== SUPERBLOCK_MAGIC) return { ok: false, foreign: true, reason: 'no cldd signature' };
+  const bad = (reason: string): SuperblockVerdict => ({ ok: false, foreign: false, reason });
+  if (v.getUint32(8, true) !== crc32c(buf, 12, SUPERBLOCK_BYTES)) return bad('checksum mismatch');
+  const version = v.getUint32(12, true);
+  if (version !== FORMAT_VERSION) return bad(`format version ${version} (this cldd reads version ${FORMAT_VERSION})`);
+  const u64 = (off: number) => {
+    const x = v.getBigUint64(off, true);
+    return x > BigInt(Number.MAX_SAFE_INTEGER) ? NaN : Number(x);
+  };
+  const blockSize = v.getUint32(40, true);
+  if (!isValidBlockSize(blockSize)) return bad(`block size ${blockSize}`);
+  const stateCode = v.getUint32(44, true);
+  const state = STATE_NAMES[stateCode];
+  if (!state) return bad(`state code ${stateCode}`);
+  const storeSize = u64(48);
+  let expected: Layout;
+  try {
+    expected = computeLayout(storeSize, blockSize);
+  } catch {
+    return bad(`recorded store size ${storeSize}`);
+  }
+  const recorded = [u64(56), u64(64), u64(72), u64(80), u64(88)];
+  const computed = [expected.blocks, expected.mapOffset, expected.mapPages, expected.dataOffset, expected.changeOffset];
+  if (recorded.some((x, i) => x !== computed[i])) return bad('layout fields disagree with the recorded store size');
+  const nameLength = v.getUint32(124, true);
+  if (nameLength > NAME_BYTES) return bad(`name length ${nameLength}`);
+  let name: string;
+  try {
+    name = decoder.decode(buf.subarray(128, 128 + nameLength));
+  } catch {
+    return bad('name is not UTF-8');
+  }
+  const generation = u64(32);
+  const epoch = u64(96);
+  if (Number.isNaN(generation) || Number.isNaN(epoch)) return bad('counter out of range');
+  return {
+    ok: true,
+    sb: {
+      uuid: buf.slice(16, 32),
+      generation,
+      state,
+      epoch,
+      stateChangedAt: u64(104),
+      createdAt: u64(112),
+      name,
+      layout: expected,
+    },
+  };
+}
+
+export interface MapSlotHeader {
+  sequence: number;
+  page: number;
+}
+
+/** Builds a map page slot image from the page's bitmap payload. */
+export function encodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, sequence: number, payload: Uint8Array | null): Uint8Array {
+  const buf = new Uint8Array(layout.blockSize);
+  const v = new DataView(buf.buffer);
+  buf.set(encoder.encode(MAP_SLOT_MAGIC), 0);
+  v.setBigUint64(16, BigInt(sequence), true);
+  v.setBigUint64(24, BigInt(page), true);
+  buf.set(uuid, 32);
+  if (payload) buf.set(payload, MAP_SLOT_HEADER);
+  v.setUint32(8, crc32c(buf, 12, buf.length), true);
+  return buf;
+}
+
+export type MapSlotVerdict = { ok: true; header: MapSlotHeader } | { ok: false; reason: string };
+
+export function decodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, buf: Uint8Array): MapSlotVerdict {
+  if (buf.length !== layout.blockSize) return { ok: false, reason: `slot of ${buf.length} bytes` };
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  if (Buffer.from(buf.subarray(0, 8)).toString('latin1') !== MAP_SLOT_MAGIC) return { ok: false, reason: 'no map signature' };
+  if (v.getUint32(8, true) !== crc32c(buf, 12, buf.length)) return { ok: false, reason: 'checksum mismatch' };
+  if (!Buffer.from(buf.subarray(32, 48)).equals(Buffer.from(uuid))) return { ok: false, reason: 'belongs to another store' };
+  const slotPage = Number(v.getBigUint64(24, true));
+  if (slotPage !== page) return { ok: false, reason: `labelled page ${slotPage}` };
+  const sequence = v.getBigUint64(16, true);
+  if (sequence > BigInt(Number.MAX_SAFE_INTEGER)) return { ok: false, reason: 'sequence out of range' };
+  return { ok: true, header: { sequence: Number(sequence), page } };
+}

@@ -1,0 +1,49 @@
+/**
+ * Deciding is separate from doing: the engine turns each request into a Plan, an executor runs
+ * its I/O. The TypeScript executor (executor.ts) runs plans on a BlockStore; the native executor
+ * runs the same plans on io_uring. Both follow the same contract:
+ *
+ *  1. run every op of `ops` (they do not overlap and may run concurrently, in any order);
+ *  2. call `finish(ok)` exactly once, ok = every op succeeded. If `orderedFinish` is true,
+ *     finish must run before the request is completed (it changes the block map, so a read
+ *     issued after completion must see the change); otherwise it may run after completion;
+ *  3. if `commit` is true (flush, FUA), await `volume.commit()` after finish and before
+ *     completing the request.
+ */
+
+export type Target = 'master' | 'slave';
+export type RequestOp = 'read' | 'write' | 'flush' | 'discard' | 'write-zeroes';
+
+export interface Request {
+  target: Target;
+  op: RequestOp;
+  /** Byte offset on the device; a multiple of the block size. */
+  offset: number;
+  /** Byte length; a multiple of the block size (0 for flush). */
+  length: number;
+  /** Forced unit access: durable before completion. */
+  fua?: boolean;
+}
+
+export type IoKind = 'read' | 'write' | 'zero';
+
+export interface IoOp {
+  kind: IoKind;
+  /** Byte offset in the backing store. */
+  offset: number;
+  length: number;
+  /** Where in the request's buffer the bytes go (read) or come from (write); 0 for zero. */
+  bufferOffset: number;
+}
+
+export interface Plan {
+  readonly ops: readonly IoOp[];
+  readonly orderedFinish: boolean;
+  readonly commit: boolean;
+  finish(ok: boolean): void;
+}
+
+/** Runs the I/O of plans. Rejects with a CldError carrying an errno code. */
+export interface Executor {
+  run(ops: readonly IoOp[], buffer: Uint8Array): Promise<void>;
+}

@@ -1,0 +1,817 @@
+/**
+ * The checkpoint engine. A Volume owns one formatted store and decides every request:
+ *
+ *   plain     master reads and writes go to the data area; nothing is redirected.
+ *   snapshot  the data area is frozen: it is the slave image. A master write to block b goes to
+ *             slot b of the change area and sets b's redirect bit; master reads follow the bits;
+ *             slave reads come from the data area.
+ *   resync    the slave is gone; merges copy redirected blocks back into the data area and clear
+ *             their bits. A master write to a redirected block goes to the data area and clears
+ *             the bit (range locks keep it off blocks being merged).
+ *
+ * Durability follows a disk with a volatile write cache: map changes are made in memory when a
+ * write completes and committed by the next flush or FUA write (see commit() and
+ * docs/format.md for why every crash point is safe).
+ */
+import { CldError } from '../errors.js';
+import type { BlockStore } from '../store/block-store.js';
+import { BlockMap } from './block-map.js';
+import {
+  computeLayout,
+  decodeMapSlot,
+  decodeSuperblock,
+  encodeMapSlot,
+  encodeSuperblock,
+  MAP_SLOT_HEADER,
+  MAX_BLOCK_SIZE,
+  MIN_BLOCK_SIZE,
+  mapSlotOffset,
+  newUuid,
+  SUPERBLOCK_COPIES,
+  superblockOffset,
+  type Layout,
+  type Superblock,
+  type VolumeState,
+} from './format.js';
+import type { IoOp, Plan, Request } from './plan.js';
+import { RangeLocks, type RangeLock } from './range-lock.js';
+
+export type { VolumeState } from './format.js';
+
+export interface FormatOptions {
+  blockSize?: number;
+  name?: string;
+  /** Clock for timestamps (ms since the Unix epoch). */
+  now?: () => number;
+}
+
+export interface OpenOptions {
+  now?: () => number;
+}
+
+export interface VolumeCounters {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+  commits: number;
+  mergedBlocks: number;
+}
+
+export interface VolumeStatus {
+  name: string;
+  uuid: string;
+  state: VolumeState;
+  blockSize: number;
+  capacity: number;
+  blocks: number;
+  redirected: number;
+  epoch: number;
+  stateChangedAt: number;
+  createdAt: number;
+  inFlight: number;
+  dirtyMapPages: number;
+  failed: string | null;
+  counters: VolumeCounters;
+}
+
+/** One step of a resync: copy `reads` (change area) into the buffer, then `writes` (data area). */
+export interface Merge {
+  readonly start: number;
+  readonly end: number;
+  /** Blocks actually copied (bits still set once the range was locked). */
+  readonly blocks: number;
+  readonly reads: readonly IoOp[];
+  readonly writes: readonly IoOp[];
+  readonly bufferLength: number;
+  finish(ok: boolean): void;
+}
+
+const MAP_IO_PAGES = 256;
+
+export class Volume {
+  readonly layout: Layout;
+  readonly map: BlockMap;
+  private sb: Superblock;
+  /** The superblock copy holding `sb`; the next write goes to the other one. */
+  private sbCopy: number;
+  private sbDirty = false;
+  private readonly pageSlot: Uint8Array;
+  private readonly pageSeq: Float64Array;
+  private readonly locks = new RangeLocks();
+  private readonly now: () => number;
+
+  private inFlight = 0;
+  private mergesInFlight = 0;
+  private drainWaiters: (() => void)[] = [];
+  private gate: Promise<void> | null = null;
+  private transitioning = false;
+  private plainWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private mergeCursor = 0;
+
+  private commitRunning = false;
+  private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private failure: CldError | null = null;
+  private closed = false;
+
+  readonly counters: VolumeCounters = {
+    reads: 0,
+    writes: 0,
+    flushes: 0,
+    discards: 0,
+    bytesRead: 0,
+    bytesWritten: 0,
+    errors: 0,
+    commits: 0,
+    mergedBlocks: 0,
+  };
+
+  private constructor(
+    readonly store: BlockStore,
+    sb: Superblock,
+    sbCopy: number,
+    map: BlockMap,
+    pageSlot: Uint8Array,
+    pageSeq: Float64Array,
+    now: () => number,
+  ) {
+    this.sb = sb;
+    this.layout = sb.layout;
+    this.sbCopy = sbCopy;
+    this.map = map;
+    this.pageSlot = pageSlot;
+    this.pageSeq = pageSeq;
+    this.now = now;
+  }
+
+  // ---------------------------------------------------------------- format and open
+
+  /**
+   * Formats `store`: the old signature is erased first, then the map, then both superblock
+   * copies, so an interrupted format leaves no store that looks valid.
+   */
+  static async format(store: BlockStore, options: FormatOptions = {}): Promise<Volume> {
+    const blockSize = options.blockSize ?? 4096;
+    const now = options.now ?? Date.now;
+    const layout = computeLayout(store.size, blockSize);
+    const name = options.name ?? '';
+    const uuid = newUuid();
+    const sb: Superblock = {
+      uuid,
+      generation: 1,
+      state: 'plain',
+      epoch: 0,
+      stateChangedAt: now(),
+      createdAt: now(),
+      name,
+      layout,
+    };
+    const sbImage = encodeSuperblock(sb); // validates the name before anything is written
+    await store.zero(0, SUPERBLOCK_COPIES * blockSize);
+    await store.flush();
+    // Slot 0 of every page holds an empty page with sequence 1; slot 1 is left invalid.
+    for (let first = 0; first < layout.mapPages; first += MAP_IO_PAGES) {
+      const count = Math.min(MAP_IO_PAGES, layout.mapPages - first);
+      const chunk = new Uint8Array(2 * count * blockSize);
+      for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null), 2 * i * blockSize);
+      await store.write(chunk, mapSlotOffset(layout, first, 0));
+    }
+    await store.flush();
+    for (let copy = 0; copy < SUPERBLOCK_COPIES; copy++) await store.write(sbImage, superblockOffset(copy, blockSize));
+    await store.flush();
+    const map = new BlockMap(layout.blocks, blockSize);
+    return new Volume(store, sb, 0, map, new Uint8Array(layout.mapPages), new Float64Array(layout.mapPages).fill(1), now);
+  }
+
+  /**
+   * Opens a formatted store and recovers it: the newest valid superblock copy and, for every map
+   * page, the newest valid slot win; a half-written commit is thereby discarded. A foreign or
+   * damaged store is refused before anything is written.
+   */
+  static async open(store: BlockStore, options: OpenOptions = {}): Promise<Volume> {
+    const found = await readSuperblocks(store);
+    const { sb, copy, otherValid } = found;
+    const { layout } = sb;
+    if (store.size < layout.storeSize) {
+      throw new CldError(
+        'CLDD_CORRUPT',
+        `${store.description} has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`,
+      );
+    }
+    const map = new BlockMap(layout.blocks, layout.blockSize);
+    const pageSlot = new Uint8Array(layout.mapPages);
+    const pageSeq = new Float64Array(layout.mapPages);
+    await readMap(store, sb, (page, slot, sequence, payload) => {
+      pageSlot[page] = slot;
+      pageSeq[page] = sequence;
+      map.load(page, payload);
+    });
+    if (sb.state === 'plain' && map.count > 0) {
+      throw new CldError('CLDD_CORRUPT', `${store.description}: the state is plain but ${map.count} blocks are marked redirected`);
+    }
+    const volume = new Volume(store, sb, copy, map, pageSlot, pageSeq, options.now ?? Date.now);
+    volume.takeDirtyPagesFromLoad();
+    if (!otherValid) {
+      // Restore the second superblock copy that a crash (or damage) left invalid.
+      volume.sbDirty = true;
+      await volume.commit();
+    }
+    return volume;
+  }
+
+  private takeDirtyPagesFromLoad(): void {
+    this.map.takeDirty();
+  }
+
+  // ---------------------------------------------------------------- properties
+
+  get state(): VolumeState {
+    return this.sb.state;
+  }
+
+  get blockSize(): number {
+    return this.layout.blockSize;
+  }
+
+  /** Bytes the master (and the slave) offers. */
+  get capacity(): number {
+    return this.layout.blocks * this.layout.blockSize;
+  }
+
+  get name(): string {
+    return this.sb.name;
+  }
+
+  get epoch(): number {
+    return this.sb.epoch;
+  }
+
+  get superblock(): Readonly<Superblock> {
+    return this.sb;
+  }
+
+  /** Foreground requests (not merges) being served. */
+  get foregroundInFlight(): number {
+    return this.inFlight - this.mergesInFlight;
+  }
+
+  get failed(): CldError | null {
+    return this.failure;
+  }
+
+  status(): VolumeStatus {
+    return {
+      name: this.sb.name,
+      uuid: Buffer.from(this.sb.uuid).toString('hex'),
+      state: this.sb.state,
+      blockSize: this.layout.blockSize,
+      capacity: this.capacity,
+      blocks: this.layout.blocks,
+      redirected: this.map.count,
+      epoch: this.sb.epoch,
+      stateChangedAt: this.sb.stateChangedAt,
+      createdAt: this.sb.createdAt,
+      inFlight: this.inFlight,
+      dirtyMapPages: this.map.dirtyPages,
+      failed: this.failure?.message ?? null,
+      counters: { ...this.counters },
+    };
+  }
+
+  // ---------------------------------------------------------------- planning
+
+  /** Decides a request. Returns a promise only when it has to wait (a state change or a merge). */
+  plan(req: Request): Plan | Promise<Plan> {
+    this.checkUsable();
+    const { blockSize, blocks } = this.layout;
+    if (req.op === 'flush') {
+      if (req.target !== 'master' && this.sb.state !== 'snapshot') throw noSlave();
+    } else {
+      if (req.length <= 0 || req.offset % blockSize !== 0 || req.length % blockSize !== 0) {
+        throw new CldError(
+          'EINVAL',
+          `${req.op} of ${req.length} bytes at ${req.offset}: offset and length must be positive multiples of the block size ${blockSize}`,
+        );
+      }
+      if (req.offset + req.length > blocks * blockSize) {
+        throw new CldError('EINVAL', `${req.op} of ${req.length} bytes at ${req.offset} runs past the end (${blocks * blockSize} bytes)`);
+      }
+      if (req.target === 'slave') {
+        if (this.sb.state !== 'snapshot') throw noSlave();
+        if (req.op !== 'read') throw new CldError('EROFS', 'the slave is read-only');
+      }
+    }
+    if (this.gate) return this.gate.then(() => this.plan(req));
+    this.inFlight++;
+    const start = req.offset / blockSize;
+    const end = start + req.length / blockSize;
+    switch (req.op) {
+      case 'read':
+        return req.target === 'slave' ? this.planSlaveRead(start, end) : this.planMasterRead(start, end);
+      case 'flush':
+        return this.simplePlan([], true, () => this.counters.flushes++);
+      case 'write':
+      case 'discard':
+      case 'write-zeroes':
+        return this.planMasterWrite(req, start, end);
+    }
+  }
+
+  private planSlaveRead(start: number, end: number): Plan {
+    const op = this.extent('read', 'data', start, end, 0);
+    return this.simplePlan([op], false, () => this.countRead(start, end));
+  }
+
+  private planMasterRead(start: number, end: number): Plan {
+    const ops: IoOp[] = [];
+    this.map.forEachRun(start, end, (s, e, redirected) => {
+      ops.push(this.extent('read', redirected ? 'change' : 'data', s, e, (s - start) * this.layout.blockSize));
+    });
+    return this.simplePlan(ops, false, () => this.countRead(start, end));
+  }
+
+  private planMasterWrite(req: Request, start: number, end: number): Plan | Promise<Plan> {
+    const kind = req.op === 'write' ? 'write' : 'zero';
+    const commit = req.fua === true;
+    const count = () => {
+      if (req.op === 'write') {
+        this.counters.writes++;
+        this.counters.bytesWritten += req.length;
+      } else {
+        this.counters.discards++;
+      }
+    };
+    switch (this.sb.state) {
+      case 'plain':
+        return this.simplePlan([this.extent(kind, 'data', start, end, 0)], commit, count);
+      case 'snapshot': {
+        const ops = [this.extent(kind, 'change', start, end, 0)];
+        if (this.allRedirected(start, end)) return this.simplePlan(ops, commit, count);
+        return this.mapPlan(ops, commit, () => {
+          count();
+          this.map.assign(start, end, true);
+        });
+      }
+      case 'resync': {
+        const ops = [this.extent(kind, 'data', start, end, 0)];
+        if (this.noneRedirected(start, end)) return this.simplePlan(ops, commit, count);
+        const withLock = (lock: RangeLock): Plan =>
+          this.mapPlan(
+            ops,
+            commit,
+            () => {
+              count();
+              this.map.assign(start, end, false);
+              this.afterBitsCleared();
+            },
+            () => this.locks.release(lock),
+          );
+        const lock = this.locks.tryAcquire('write', start, end);
+        return lock ? withLock(lock) : this.locks.acquire('write', start, end).then(withLock);
+      }
+    }
+  }
+
+  /** A plan whose finish only does bookkeeping, so it may run after completion. */
+  private simplePlan(ops: IoOp[], commit: boolean, onSuccess: () => void): Plan {
+    let done = false;
+    return {
+      ops,
+      orderedFinish: false,
+      commit,
+      finish: (ok: boolean) => {
+        if (done) return;
+        done = true;
+        if (ok) onSuccess();
+        else this.counters.errors++;
+        this.leave(false);
+      },
+    };
+  }
+
+  /** A plan whose finish changes the map: it must run before the request completes. */
+  private mapPlan(ops: IoOp[], commit: boolean, onSuccess: () => void, always?: () => void): Plan {
+    let done = false;
+    return {
+      ops,
+      orderedFinish: true,
+      commit,
+      finish: (ok: boolean) => {
+        if (done) return;
+        done = true;
+        try {
+          if (ok) onSuccess();
+          else this.counters.errors++;
+        } finally {
+          always?.();
+          this.leave(false);
+        }
+      },
+    };
+  }
+
+  private countRead(start: number, end: number): void {
+    this.counters.reads++;
+    this.counters.bytesRead += (end - start) * this.layout.blockSize;
+  }
+
+  private extent(kind: IoOp['kind'], area: 'data' | 'change', start: number, end: number, bufferOffset: number): IoOp {
+    const base = area === 'data' ? this.layout.dataOffset : this.layout.changeOffset;
+    const bs = this.layout.blockSize;
+    return { kind, offset: base + start * bs, length: (end - start) * bs, bufferOffset: kind === 'zero' ? 0 : bufferOffset };
+  }
+
+  private allRedirected(start: number, end: number): boolean {
+    for (let b = start; b < end; b++) if (!this.map.test(b)) return false;
+    return true;
+  }
+
+  private noneRedirected(start: number, end: number): boolean {
+    if (this.map.count === 0) return true;
+    for (let b = start; b < end; b++) if (this.map.test(b)) return false;
+    return true;
+  }
+
+  private leave(merge: boolean): void {
+    this.inFlight--;
+    if (merge) this.mergesInFlight--;
+    if (this.inFlight === 0 && this.drainWaiters.length) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  private checkUsable(): void {
+    if (this.failure) throw this.failure;
+    if (this.closed) throw new CldError('CLDD_CLOSED', 'the volume is closed');
+  }
+
+  // ---------------------------------------------------------------- resync merges
+
+  /**
+   * Picks the next run of redirected blocks (at most `maxBlocks`), locks it against master
+   * writes, and returns what to copy. Null when there is nothing left to merge.
+   */
+  async beginMerge(maxBlocks: number): Promise<Merge | null> {
+    for (;;) {
+      if (this.gate) await this.gate;
+      this.checkUsable();
+      if (this.sb.state !== 'resync' || this.map.count === 0) return null;
+      let start = this.map.nextSet(this.mergeCursor);
+      if (start < 0) start = this.map.nextSet(0);
+      if (start < 0) return null;
+      const end = this.map.runEnd(start, Math.min(this.layout.blocks, start + Math.max(1, maxBlocks)));
+      this.mergeCursor = end >= this.layout.blocks ? 0 : end;
+      this.inFlight++;
+      this.mergesInFlight++;
+      const lock = await this.locks.acquire('merge', start, end);
+      const runs: [number, number][] = [];
+      this.map.forEachRun(start, end, (s, e, redirected) => {
+        if (redirected) runs.push([s, e]);
+      });
+      if (runs.length === 0) {
+        this.locks.release(lock);
+        this.leave(true);
+        continue;
+      }
+      const bs = this.layout.blockSize;
+      const reads = runs.map(([s, e]) => this.extent('read', 'change', s, e, (s - start) * bs));
+      const writes = runs.map(([s, e]) => this.extent('write', 'data', s, e, (s - start) * bs));
+      const blocks = runs.reduce((n, [s, e]) => n + e - s, 0);
+      let done = false;
+      return {
+        start,
+        end,
+        blocks,
+        reads,
+        writes,
+        bufferLength: (end - start) * bs,
+        finish: (ok: boolean) => {
+          if (done) return;
+          done = true;
+          try {
+            if (ok) {
+              for (const [s, e] of runs) this.map.assign(s, e, false);
+              this.counters.mergedBlocks += blocks;
+              this.afterBitsCleared();
+            } else {
+              this.counters.errors++;
+            }
+          } finally {
+            this.locks.release(lock);
+            this.leave(true);
+          }
+        },
+      };
+    }
+  }
+
+  /** Resolves once the volume is plain (a resync finished). */
+  untilPlain(): Promise<void> {
+    if (this.sb.state === 'plain') return Promise.resolve();
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => this.plainWaiters.push({ resolve, reject }));
+  }
+
+  private afterBitsCleared(): void {
+    if (this.sb.state === 'resync' && this.map.count === 0) this.setState('plain');
+  }
+
+  private setState(state: VolumeState): void {
+    this.sb = { ...this.sb, state, stateChangedAt: this.now(), epoch: state === 'snapshot' ? this.sb.epoch + 1 : this.sb.epoch };
+    this.sbDirty = true;
+    if (state === 'plain') {
+      const waiters = this.plainWaiters;
+      this.plainWaiters = [];
+      for (const w of waiters) w.resolve();
+    }
+  }
+
+  // ---------------------------------------------------------------- state changes
+
+  /**
+   * Takes the snapshot: from now on the data area is the slave image. Durable before it
+   * returns. From resync it waits for the merge to finish when `wait` is set, else refuses.
+   */
+  async enable(options: { wait?: boolean } = {}): Promise<void> {
+    this.checkUsable();
+    this.beginTransition();
+    try {
+      if (this.sb.state === 'snapshot') {
+        throw new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.sb.epoch})`);
+      }
+      if (this.sb.state === 'resync') {
+        if (!options.wait) {
+          throw new CldError(
+            'CLDD_STATE',
+            `a resync is still running (${this.map.count} blocks left): wait for it to finish, or ask to wait`,
+          );
+        }
+        await this.untilPlain();
+      }
+      await this.withGateClosed(async () => {
+        await this.commit();
+        this.setState('snapshot');
+        await this.commit();
+      });
+    } finally {
+      this.transitioning = false;
+    }
+  }
+
+  /** Drops the slave and starts the resync (or goes straight to plain when nothing was written). */
+  async disable(): Promise<void> {
+    this.checkUsable();
+    this.beginTransition();
+    try {
+      if (this.sb.state !== 'snapshot') {
+        throw new CldError('CLDD_STATE', `the slave is not enabled (the state is ${this.sb.state})`);
+      }
+      await this.withGateClosed(async () => {
+        await this.commit();
+        this.setState(this.map.count === 0 ? 'plain' : 'resync');
+        await this.commit();
+      });
+    } finally {
+      this.transitioning = false;
+    }
+  }
+
+  private beginTransition(): void {
+    if (this.transitioning) throw new CldError('CLDD_STATE', 'another state change is in progress');
+    this.transitioning = true;
+  }
+
+  /** Holds new requests, waits for those in flight, runs `fn`, lets the held requests go. */
+  private async withGateClosed(fn: () => Promise<void>): Promise<void> {
+    let open!: () => void;
+    this.gate = new Promise<void>((resolve) => (open = resolve));
+    try {
+      if (this.inFlight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+      await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  /** Waits for every request in flight to finish, commits, and refuses further requests. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (!this.failure) {
+      await this.withGateClosed(async () => {
+        await this.commit();
+      });
+    }
+    this.closed = true;
+    const waiters = this.plainWaiters;
+    this.plainWaiters = [];
+    for (const w of waiters) w.reject(new CldError('CLDD_CLOSED', 'the volume was closed'));
+  }
+
+  // ---------------------------------------------------------------- commit
+
+  /**
+   * Makes every write that completed before the call durable, with the map changes they made.
+   * Concurrent calls share commits (group commit); a call made during a commit waits for the next.
+   *
+   * Order: (1) flush the store, so the data of every captured map change is durable; (2) write
+   * each dirty map page to its older slot with sequence + 1; (3) flush; (4) if the state changed,
+   * write the superblock to its older copy with generation + 1; (5) flush. A crash before (3)
+   * completes leaves the previous slot of each page valid; before (5), the previous superblock.
+   */
+  commit(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.commitWaiters.push({ resolve, reject });
+      if (!this.commitRunning) void this.commitLoop();
+    });
+  }
+
+  private async commitLoop(): Promise<void> {
+    this.commitRunning = true;
+    try {
+      while (this.commitWaiters.length) {
+        const batch = this.commitWaiters;
+        this.commitWaiters = [];
+        try {
+          if (this.failure) throw this.failure;
+          await this.commitOnce();
+          for (const w of batch) w.resolve();
+        } catch (err) {
+          this.fail(err);
+          for (const w of batch) w.reject(this.failure ?? (err as Error));
+        }
+      }
+    } finally {
+      this.commitRunning = false;
+    }
+  }
+
+  private async commitOnce(): Promise<void> {
+    const { layout, store } = this;
+    // Capture: the map as it is now reflects exactly the writes that have completed.
+    const pages = this.map.takeDirty();
+    const images = pages.map((p) =>
+      encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, this.map.payload(p)),
+    );
+    const sbWrite = this.sbDirty;
+    const nextSb = { ...this.sb, generation: this.sb.generation + 1 };
+    this.sbDirty = false;
+    await store.flush();
+    if (pages.length) {
+      await Promise.all(pages.map((p, i) => store.write(images[i], mapSlotOffset(layout, p, 1 - this.pageSlot[p]))));
+      await store.flush();
+      for (const p of pages) {
+        this.pageSlot[p] = 1 - this.pageSlot[p];
+        this.pageSeq[p] += 1;
+      }
+    }
+    if (sbWrite) {
+      const copy = 1 - this.sbCopy;
+      await store.write(encodeSuperblock(nextSb), superblockOffset(copy, layout.blockSize));
+      await store.flush();
+      this.sbCopy = copy;
+      this.sb = { ...this.sb, generation: nextSb.generation };
+    }
+    this.counters.commits++;
+  }
+
+  /**
+   * A failed commit leaves the durable state unknown between two valid versions; the volume
+   * stops taking requests (as dm-thin does) until it is reopened, which recovers it.
+   */
+  private fail(err: unknown): void {
+    if (this.failure) return;
+    const detail = err instanceof Error ? err.message : String(err);
+    this.failure = new CldError('EIO', `metadata commit failed (${detail}); the volume stopped taking I/O until it is reopened`, {
+      cause: err,
+    });
+    const waiters = this.plainWaiters;
+    this.plainWaiters = [];
+    for (const w of waiters) w.reject(this.failure);
+  }
+}
+
+function noSlave(): CldError {
+  return new CldError('ENODEV', 'the slave is not enabled');
+}
+
+// ---------------------------------------------------------------- reading metadata
+
+interface FoundSuperblock {
+  sb: Superblock;
+  copy: number;
+  /** Whether the other copy is valid too (else the next commit restores it). */
+  otherValid: boolean;
+}
+
+export interface SuperblockCopyReport {
+  copy: number;
+  offset: number;
+  valid: boolean;
+  generation?: number;
+  reason?: string;
+}
+
+/**
+ * Reads both superblock copies. Copy 0 sits at offset 0 and copy 1 one block later; when copy 0
+ * is unreadable the block size is unknown, so every allowed block size is tried for copy 1.
+ */
+export async function readSuperblocks(store: BlockStore): Promise<FoundSuperblock & { reports: SuperblockCopyReport[] }> {
+  const reports: SuperblockCopyReport[] = [];
+  const valid: { sb: Superblock; copy: number }[] = [];
+  let sawSignature = false;
+  const readAt = async (offset: number): Promise<Uint8Array | null> => {
+    if (offset + 512 > store.size) return null;
+    const buf = new Uint8Array(512);
+    await store.read(buf, offset);
+    return buf;
+  };
+  const first = await readAt(0);
+  const v0 = first ? decodeSuperblock(first) : { ok: false as const, foreign: true, reason: 'store too small' };
+  if (v0.ok) valid.push({ sb: v0.sb, copy: 0 });
+  else sawSignature ||= !v0.foreign;
+  reports.push({ copy: 0, offset: 0, valid: v0.ok, generation: v0.ok ? v0.sb.generation : undefined, reason: v0.ok ? undefined : v0.reason });
+
+  const candidates = v0.ok ? [v0.sb.layout.blockSize] : [];
+  if (!v0.ok) for (let bs = MIN_BLOCK_SIZE; bs <= MAX_BLOCK_SIZE; bs *= 2) candidates.push(bs);
+  let copy1: SuperblockCopyReport | null = null;
+  for (const bs of candidates) {
+    const buf = await readAt(superblockOffset(1, bs));
+    if (!buf) continue;
+    const v = decodeSuperblock(buf);
+    if (v.ok && v.sb.layout.blockSize === bs) {
+      valid.push({ sb: v.sb, copy: 1 });
+      copy1 = { copy: 1, offset: bs, valid: true, generation: v.sb.generation };
+      break;
+    }
+    if (!v.ok && !v.foreign) {
+      sawSignature = true;
+      copy1 ??= { copy: 1, offset: bs, valid: false, reason: v.reason };
+    }
+  }
+  reports.push(copy1 ?? { copy: 1, offset: candidates[0] ?? MIN_BLOCK_SIZE, valid: false, reason: 'no cldd signature' });
+
+  if (valid.length === 0) {
+    if (!sawSignature) {
+      throw new CldError('CLDD_FOREIGN', `${store.description} is not a cldd store (no cldd signature)`);
+    }
+    const why = reports.map((r) => `copy ${r.copy}: ${r.reason}`).join('; ');
+    throw new CldError('CLDD_CORRUPT', `${store.description}: both superblock copies are damaged (${why})`);
+  }
+  valid.sort((a, b) => b.sb.generation - a.sb.generation || a.copy - b.copy);
+  const best = valid[0];
+  const otherValid = valid.length === 2 && Buffer.from(valid[1].sb.uuid).equals(Buffer.from(best.sb.uuid));
+  return { sb: best.sb, copy: best.copy, otherValid, reports };
+}
+
+export interface MapPageReport {
+  page: number;
+  slots: { valid: boolean; sequence?: number; reason?: string }[];
+}
+
+/**
+ * Reads every map page and hands the newest valid slot to `use`. Throws CLDD_CORRUPT when a
+ * page has no valid slot, unless `onDamaged` takes the report (check uses that to go on).
+ */
+export async function readMap(
+  store: BlockStore,
+  sb: Superblock,
+  use: (page: number, slot: number, sequence: number, payload: Uint8Array) => void,
+  onDamaged?: (report: MapPageReport) => void,
+): Promise<void> {
+  const { layout } = sb;
+  const bs = layout.blockSize;
+  for (let first = 0; first < layout.mapPages; first += MAP_IO_PAGES) {
+    const count = Math.min(MAP_IO_PAGES, layout.mapPages - first);
+    const chunk = new Uint8Array(2 * count * bs);
+    await store.read(chunk, mapSlotOffset(layout, first, 0));
+    for (let i = 0; i < count; i++) {
+      const page = first + i;
+      let best: { slot: number; sequence: number } | null = null;
+      const report: MapPageReport = { page, slots: [] };
+      for (let slot = 0; slot < 2; slot++) {
+        const image = chunk.subarray((2 * i + slot) * bs, (2 * i + slot + 1) * bs);
+        const v = decodeMapSlot(layout, sb.uuid, page, image);
+        report.slots.push(v.ok ? { valid: true, sequence: v.header.sequence } : { valid: false, reason: v.reason });
+        if (v.ok && (!best || v.header.sequence > best.sequence)) best = { slot, sequence: v.header.sequence };
+      }
+      if (!best) {
+        if (onDamaged) {
+          onDamaged(report);
+          continue;
+        }
+        const why = report.slots.map((s, k) => `slot ${k}: ${s.reason}`).join('; ');
+        throw new CldError('CLDD_CORRUPT', `${store.description}: map page ${page} has no valid copy (${why})`);
+      }
+      const image = chunk.subarray((2 * i + best.slot) * bs, (2 * i + best.slot + 1) * bs);
+      use(page, best.slot, best.sequence, image.subarray(MAP_SLOT_HEADER));
+      if (onDamaged && report.slots.some((s) => !s.valid && s.reason !== 'no map signature')) onDamaged(report);
+    }
+  }
+}
