@@ -214,11 +214,11 @@ export class Volume {
     }
     const volume = new Volume(store, sb, copy, map, pageSlot, pageSeq, options.now ?? Date.now);
     volume.takeDirtyPagesFromLoad();
-    if (!otherValid) {
-      // Restore the second superblock copy that a crash (or damage) left invalid.
-      volume.sbDirty = true;
-      await volume.commit();
-    }
+    // A crash between the last merge's commit and the superblock's move to plain.
+    if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
+    // Restore the second superblock copy that a crash (or damage) left invalid.
+    if (!otherValid) volume.sbDirty = true;
+    if (volume.sbDirty) await volume.commit();
     return volume;
   }
 
@@ -460,7 +460,11 @@ export class Volume {
     for (;;) {
       if (this.gate) await this.gate;
       this.checkUsable();
-      if (this.sb.state !== 'resync' || this.map.count === 0) return null;
+      if (this.sb.state !== 'resync') return null;
+      if (this.map.count === 0) {
+        this.setState('plain');
+        return null;
+      }
       let start = this.map.nextSet(this.mergeCursor);
       if (start < 0) start = this.map.nextSet(0);
       if (start < 0) return null;
@@ -770,6 +774,9 @@ export async function readSuperblocks(store: BlockStore): Promise<FoundSuperbloc
   return { sb: best.sb, copy: best.copy, otherValid, reports };
 }
 
+/** Reasons that mean a slot was never written for this store, as opposed to torn or damaged. */
+const UNUSED_SLOT_REASONS = new Set(['no map signature', 'belongs to another store']);
+
 export interface MapPageReport {
   page: number;
   slots: { valid: boolean; sequence?: number; reason?: string }[];
@@ -811,7 +818,7 @@ export async function readMap(
       }
       const image = chunk.subarray((2 * i + best.slot) * bs, (2 * i + best.slot + 1) * bs);
       use(page, best.slot, best.sequence, image.subarray(MAP_SLOT_HEADER));
-      if (onDamaged && report.slots.some((s) => !s.valid && s.reason !== 'no map signature')) onDamaged(report);
+      if (onDamaged && report.slots.some((s) => !s.valid && !UNUSED_SLOT_REASONS.has(s.reason ?? ''))) onDamaged(report);
     }
   }
 }

@@ -17,6 +17,12 @@ export interface FaultStoreOptions {
   random?: () => number;
   /** Largest number of event-loop turns an operation may take to complete (0: complete at once). */
   maxLatency?: number;
+  /**
+   * Below this byte offset a torn write may also leave one sector half-written (garbage), as a
+   * drive losing power mid-sector can. Tests set it to the end of the metadata region, where
+   * checksums must catch it; above it, sectors are atomic so data versions stay identifiable.
+   */
+  scrambleBelow?: number;
 }
 
 /** What happened to the unsynced writes when the power went off. */
@@ -44,6 +50,7 @@ export class FaultStore implements BlockStore {
   private readonly inFlight = new Set<VolatileWrite>();
   private readonly random: () => number;
   private readonly maxLatency: number;
+  private readonly scrambleBelow: number;
   private powerOffCountdown = Infinity;
   private off = false;
   private failure: ((op: FaultOp, offset: number, length: number) => boolean) | null = null;
@@ -56,6 +63,7 @@ export class FaultStore implements BlockStore {
     this.visible = MemoryStore.copyOf(image);
     this.random = options.random ?? Math.random;
     this.maxLatency = options.maxLatency ?? 0;
+    this.scrambleBelow = options.scrambleBelow ?? 0;
   }
 
   get poweredOff(): boolean {
@@ -125,6 +133,13 @@ export class FaultStore implements BlockStore {
         const keep = new Uint8Array(sectors);
         for (let i = 0; i < sectors; i++) keep[i] = this.random() < 0.5 ? 1 : 0;
         apply(image, w, keep);
+        if (w.offset < this.scrambleBelow && this.random() < 0.5) {
+          const s = Math.floor(this.random() * sectors);
+          const at = w.offset + s * SECTOR;
+          const garbage = new Uint8Array(Math.min(SECTOR, this.scrambleBelow - at, w.offset + w.length - at));
+          for (let i = 0; i < garbage.length; i++) garbage[i] = Math.floor(this.random() * 256);
+          if (garbage.length > 0) image.writeSync(garbage, at);
+        }
         report.torn++;
       }
     }

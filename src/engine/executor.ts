@@ -1,0 +1,78 @@
+import { ioError } from '../errors.js';
+import type { BlockStore } from '../store/block-store.js';
+import type { Executor, IoOp, Request } from './plan.js';
+import type { Volume } from './volume.js';
+
+/** Runs plans on a BlockStore: the executor of the engine tests, the benchmarks and `check`. */
+export class StoreExecutor implements Executor {
+  constructor(private readonly store: BlockStore) {}
+
+  async run(ops: readonly IoOp[], buffer: Uint8Array): Promise<void> {
+    if (ops.length === 1) return this.runOne(ops[0], buffer);
+    await Promise.all(ops.map((op) => this.runOne(op, buffer)));
+  }
+
+  private async runOne(op: IoOp, buffer: Uint8Array): Promise<void> {
+    try {
+      switch (op.kind) {
+        case 'read':
+          return await this.store.read(buffer.subarray(op.bufferOffset, op.bufferOffset + op.length), op.offset);
+        case 'write':
+          return await this.store.write(buffer.subarray(op.bufferOffset, op.bufferOffset + op.length), op.offset);
+        case 'zero':
+          return await this.store.zero(op.offset, op.length);
+      }
+    } catch (err) {
+      throw ioError(`${op.kind} of ${op.length} bytes at ${op.offset}`, err);
+    }
+  }
+}
+
+/** Serves one request end to end: plan, run, finish, commit when asked. */
+export async function serve(volume: Volume, executor: Executor, req: Request, buffer: Uint8Array): Promise<void> {
+  const planned = volume.plan(req);
+  const plan = planned instanceof Promise ? await planned : planned;
+  let ok = false;
+  try {
+    await executor.run(plan.ops, buffer);
+    ok = true;
+  } finally {
+    plan.finish(ok);
+  }
+  if (plan.commit) await volume.commit();
+}
+
+/**
+ * The volume as a pair of disks, for code that serves requests itself rather than through a
+ * kernel device: tests, benchmarks, the demo.
+ */
+export class Disk {
+  private readonly executor: Executor;
+
+  constructor(
+    readonly volume: Volume,
+    executor?: Executor,
+  ) {
+    this.executor = executor ?? new StoreExecutor(volume.store);
+  }
+
+  async read(offset: number, length: number, target: 'master' | 'slave' = 'master'): Promise<Uint8Array> {
+    const buffer = new Uint8Array(length);
+    await serve(this.volume, this.executor, { target, op: 'read', offset, length }, buffer);
+    return buffer;
+  }
+
+  async write(offset: number, data: Uint8Array, options: { fua?: boolean } = {}): Promise<void> {
+    await serve(this.volume, this.executor, { target: 'master', op: 'write', offset, length: data.length, fua: options.fua }, data);
+  }
+
+  async discard(offset: number, length: number, op: 'discard' | 'write-zeroes' = 'discard'): Promise<void> {
+    await serve(this.volume, this.executor, { target: 'master', op, offset, length }, EMPTY);
+  }
+
+  async flush(): Promise<void> {
+    await serve(this.volume, this.executor, { target: 'master', op: 'flush', offset: 0, length: 0 }, EMPTY);
+  }
+}
+
+const EMPTY = new Uint8Array(0);

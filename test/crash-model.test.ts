@@ -1,0 +1,430 @@
+/**
+ * Model-based randomized test with simulated power loss. Random sequences of master and slave
+ * reads and writes (various sizes and positions, some concurrent), flushes, FUA writes,
+ * discards, enable, disable and resync steps run against the engine on a fault-injecting store
+ * and against ReferenceModel. The power goes off at a random store operation (inside commits,
+ * state changes and merges too); unsynced writes are dropped or torn; the store is checked
+ * offline, reopened, and every sector is checked for the three guarantees:
+ *   1. every write acknowledged before the last completed flush (or FUA) is readable;
+ *   2. the slave image is byte-identical to the enable-time image;
+ *   3. an interrupted resync resumes and finishes.
+ * Replay a failure with CLDD_SEED=<seed>; scale with CLDD_CRASH_POINTS=<n>.
+ */
+import { describe, expect, test } from 'vitest';
+import { check } from '../src/engine/check.js';
+import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import { computeLayout, type VolumeState } from '../src/engine/format.js';
+import { ResyncScheduler } from '../src/engine/resync.js';
+import { Volume } from '../src/engine/volume.js';
+import { FaultStore } from '../src/store/fault-store.js';
+import { MemoryStore } from '../src/store/memory-store.js';
+import { ReferenceModel } from './helpers/model.js';
+import { between, pick, rng, seedFromEnv } from './helpers/random.js';
+import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
+
+interface Config {
+  label: string;
+  blockSize: number;
+  storeSize: number;
+  /** Block ranges the workload uses (all blocks when absent). */
+  windows?: [number, number][];
+  maxRequestBlocks: number;
+}
+
+class Trial {
+  store!: FaultStore;
+  volume!: Volume;
+  disk!: Disk;
+  model!: ReferenceModel;
+  private version = 0;
+  private blocks = 0;
+  crashPoints = 0;
+  steps = 0;
+
+  constructor(
+    readonly random: () => number,
+    readonly config: Config,
+  ) {}
+
+  async start(): Promise<void> {
+    const image = new MemoryStore(this.config.storeSize);
+    this.store = new FaultStore(image, { random: this.random, maxLatency: 2, scrambleBelow: this.metadataEnd() });
+    this.volume = await Volume.format(this.store, { blockSize: this.config.blockSize, name: 'model' });
+    this.attach();
+    this.blocks = this.volume.layout.blocks;
+    this.model = new ReferenceModel(this.blocks, this.config.blockSize);
+  }
+
+  private metadataEnd(): number {
+    return computeLayout(this.config.storeSize, this.config.blockSize).dataOffset;
+  }
+
+  private attach(): void {
+    this.disk = new Disk(this.volume, new StoreExecutor(this.store));
+  }
+
+  // ------------------------------------------------------------ workload
+
+  private range(maxBlocks = this.config.maxRequestBlocks): [number, number] {
+    const windows = this.config.windows ?? [[0, this.blocks]];
+    const [lo, hi] = pick(this.random, windows);
+    const len = between(this.random, 1, Math.min(maxBlocks, hi - lo));
+    const start = between(this.random, lo, hi - len);
+    return [start, start + len];
+  }
+
+  private async write(start: number, end: number, fua: boolean, op: 'write' | 'discard' | 'write-zeroes' = 'write'): Promise<void> {
+    const bs = this.config.blockSize;
+    const spb = bs / SECTOR;
+    const version = op === 'write' ? ++this.version : 0;
+    const entry = this.model.issue(start, end, version);
+    if (op === 'write') {
+      await this.disk.write(start * bs, stamped(start * spb, (end - start) * spb, version), { fua });
+    } else {
+      await this.disk.discard(start * bs, (end - start) * bs, op);
+      if (fua) await this.disk.flush();
+    }
+    this.model.complete(entry, start, end, fua);
+  }
+
+  private async readMaster(start: number, end: number): Promise<void> {
+    const bs = this.config.blockSize;
+    const data = await this.disk.read(start * bs, (end - start) * bs);
+    this.expectImage(data, start, end, this.model.current, 'master');
+  }
+
+  private async readSlave(start: number, end: number): Promise<void> {
+    const bs = this.config.blockSize;
+    const data = await this.disk.read(start * bs, (end - start) * bs, 'slave');
+    this.expectImage(data, start, end, this.model.slave!, 'slave');
+  }
+
+  private expectImage(data: Uint8Array, start: number, end: number, expected: Int32Array, what: string): void {
+    const spb = this.config.blockSize / SECTOR;
+    for (let i = 0; i < (end - start) * spb; i++) {
+      const sector = start * spb + i;
+      const got = versionOf(data, i * SECTOR, sector);
+      if (got !== expected[sector]) {
+        throw new Error(`${what} sector ${sector} (block ${Math.floor(sector / spb)}) holds version ${got}, expected ${expected[sector]}`);
+      }
+    }
+  }
+
+  private async flush(): Promise<void> {
+    const cover = this.model.flushIssued();
+    await this.disk.flush();
+    this.model.flushCompleted(cover);
+  }
+
+  private noteState(): void {
+    this.model.durableStates.add(this.volume.state);
+  }
+
+  private async mergeStep(): Promise<void> {
+    const merge = await this.volume.beginMerge(between(this.random, 1, 64));
+    if (!merge) return;
+    const executor = new StoreExecutor(this.store);
+    const buffer = new Uint8Array(merge.bufferLength);
+    let ok = false;
+    try {
+      await executor.run(merge.reads, buffer);
+      await executor.run(merge.writes, buffer);
+      ok = true;
+    } finally {
+      merge.finish(ok);
+      this.noteState();
+    }
+  }
+
+  /** One random step. Resolves when done; rejects on an unexpected failure or a power-off. */
+  async step(): Promise<void> {
+    this.steps++;
+    const state = this.volume.state;
+    const r = this.random();
+    if (r < 0.12) return this.concurrentBatch();
+    if (r < 0.42) {
+      const [s, e] = this.range();
+      return this.write(s, e, this.random() < 0.15);
+    }
+    if (r < 0.52) return this.readMaster(...this.range());
+    if (r < 0.6) return this.flush();
+    if (r < 0.65) {
+      const [s, e] = this.range();
+      return this.write(s, e, this.random() < 0.2, this.random() < 0.5 ? 'discard' : 'write-zeroes');
+    }
+    if (r < 0.71) {
+      if (state === 'snapshot') return this.readSlave(...this.range());
+      await expectCode(this.disk.read(0, this.config.blockSize, 'slave'), 'ENODEV');
+      return;
+    }
+    if (r < 0.77) return this.enable();
+    if (r < 0.82) return this.disable();
+    if (r < 0.94) {
+      if (state === 'resync') return this.mergeStep();
+      return this.readMaster(...this.range());
+    }
+    if (r < 0.96 && state === 'resync') return this.finishResync();
+    return this.illegal();
+  }
+
+  private async enable(): Promise<void> {
+    const state = this.volume.state;
+    if (state !== 'plain') {
+      await expectCode(this.volume.enable(), 'CLDD_STATE');
+      return;
+    }
+    const image = this.model.current.slice();
+    this.model.durableStates.add('snapshot');
+    this.model.slave = image;
+    await this.volume.enable();
+    this.model.settleAll();
+    this.model.durableStates = new Set(['snapshot']);
+  }
+
+  private async disable(): Promise<void> {
+    if (this.volume.state !== 'snapshot') {
+      await expectCode(this.volume.disable(), 'CLDD_STATE');
+      return;
+    }
+    this.model.durableStates.add('resync').add('plain');
+    await this.volume.disable();
+    this.model.settleAll();
+    this.model.slave = null;
+    this.model.durableStates = new Set([this.volume.state]);
+  }
+
+  async finishResync(): Promise<void> {
+    this.model.durableStates.add('plain');
+    const scheduler = new ResyncScheduler(this.volume, new StoreExecutor(this.store), {
+      runBytes: between(this.random, 1, 32) * this.config.blockSize,
+      yieldMs: 0,
+      commitEvery: between(this.random, 1, 8) * this.config.blockSize,
+    });
+    await scheduler.start();
+    expect(this.volume.state).toBe('plain');
+  }
+
+  private async illegal(): Promise<void> {
+    const bs = this.config.blockSize;
+    const choice = between(this.random, 0, 3);
+    if (choice === 0) await expectCode(this.disk.write(bs / 2, new Uint8Array(bs)), 'EINVAL');
+    else if (choice === 1) await expectCode(this.disk.read(this.blocks * bs, bs), 'EINVAL');
+    else if (choice === 2) {
+      const code = this.volume.state === 'snapshot' ? 'EROFS' : 'ENODEV';
+      await expectCode((async () => this.volume.plan({ target: 'slave', op: 'write', offset: 0, length: bs }))(), code);
+    } else await expectCode(this.disk.read(0, 0), 'EINVAL');
+  }
+
+  /** 2-4 requests at once: writes on disjoint ranges, reads beside them, a flush, a merge. */
+  private async concurrentBatch(): Promise<void> {
+    const busy: [number, number][] = [];
+    const free = (s: number, e: number) => busy.every(([a, b]) => e <= a || b <= s);
+    const cover = this.model.flushIssued();
+    const jobs: Promise<void>[] = [];
+    const writes: [number, number][] = [];
+    const n = between(this.random, 2, 4);
+    for (let i = 0; i < n; i++) {
+      const r = this.random();
+      const [s, e] = this.range(8);
+      if (r < 0.5) {
+        if (!free(s, e)) continue;
+        busy.push([s, e]);
+        writes.push([s, e]);
+        jobs.push(this.write(s, e, this.random() < 0.2));
+      } else if (r < 0.7) {
+        jobs.push(this.readBeside(s, e, writes));
+      } else if (r < 0.85) {
+        jobs.push(this.disk.flush().then(() => this.model.flushCompleted(cover)));
+      } else if (this.volume.state === 'resync') {
+        jobs.push(this.mergeStep());
+      }
+    }
+    const results = await Promise.allSettled(jobs);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /**
+   * A read in a batch checks only the blocks no write of the batch touches. The list of batch
+   * writes is complete by the time the read completes: every job is issued before any completes.
+   */
+  private async readBeside(s: number, e: number, writes: readonly [number, number][]): Promise<void> {
+    const bs = this.config.blockSize;
+    const data = await this.disk.read(s * bs, (e - s) * bs);
+    for (let b = s; b < e; b++) {
+      if (writes.some(([a, z]) => a <= b && b < z)) continue;
+      this.expectImage(data.subarray((b - s) * bs, (b - s + 1) * bs), b, b + 1, this.model.current, 'master (concurrent)');
+    }
+  }
+
+  // ------------------------------------------------------------ crash and recovery
+
+  /** Runs random steps until the power goes off at the n-th store mutation, then recovers. */
+  async runUntilCrash(mutations: number, maxSteps: number): Promise<void> {
+    this.store.powerOffAfter(mutations);
+    for (let i = 0; i < maxSteps && !this.store.poweredOff; i++) {
+      try {
+        await this.step();
+      } catch (err) {
+        if (!this.store.poweredOff) throw err;
+      }
+      if (!this.store.poweredOff) this.noteState();
+    }
+    await this.crashAndRecover();
+  }
+
+  async crashAndRecover(): Promise<void> {
+    const { image } = this.store.crash();
+    // Offline check of the crashed image: a crash may leave torn copies, never damage.
+    const report = await check(image);
+    const errors = report.findings.filter((f) => f.severity === 'error');
+    expect(errors, 'check on a crashed image').toEqual([]);
+
+    this.store = new FaultStore(image, { random: this.random, maxLatency: 2, scrambleBelow: this.metadataEnd() });
+    this.volume = await Volume.open(this.store);
+    this.attach();
+    const state = this.volume.state;
+    if (!this.model.durableStates.has(state)) {
+      throw new Error(`after the crash the state is ${state}, expected one of ${[...this.model.durableStates].join(', ')}`);
+    }
+    await this.verifyAfterCrash(state);
+    this.crashPoints++;
+  }
+
+  private async verifyAfterCrash(state: VolumeState): Promise<void> {
+    const bs = this.config.blockSize;
+    const spb = bs / SECTOR;
+    const windows = this.config.windows ?? [[0, this.blocks]];
+    for (const [lo, hi] of windows) {
+      const data = await this.disk.read(lo * bs, (hi - lo) * bs);
+      const observed = new Int32Array((hi - lo) * spb);
+      for (let i = 0; i < observed.length; i++) {
+        const sector = lo * spb + i;
+        const got = versionOf(data, i * SECTOR, sector);
+        const allowed = this.model.candidates(sector);
+        if (!allowed.includes(got)) {
+          throw new Error(
+            `guarantee 1: after the crash master sector ${sector} (block ${Math.floor(sector / spb)}) holds version ${got}; allowed ${allowed.join(', ')} (state ${state})`,
+          );
+        }
+        observed[i] = got;
+      }
+      this.model.adopt(observed, lo * spb);
+      if (state === 'snapshot') {
+        const slave = await this.disk.read(lo * bs, (hi - lo) * bs, 'slave');
+        const image = this.model.slave;
+        if (!image) throw new Error('guarantee 2: the volume came back with a slave that was never enabled');
+        this.expectImage(slave, lo, hi, image, 'guarantee 2: slave');
+      }
+    }
+    this.model.resetPending();
+    if (state !== 'snapshot') this.model.slave = null;
+    this.model.durableStates = new Set([state]);
+  }
+
+  /** Guarantee 3: whatever state the crashes left, the resync finishes and keeps the data. */
+  async finish(): Promise<void> {
+    if (this.volume.state === 'snapshot') {
+      const [s, e] = this.range();
+      await this.readSlave(s, e);
+      await this.disable();
+    }
+    if (this.volume.state === 'resync') await this.finishResync();
+    expect(this.volume.state).toBe('plain');
+    const windows = this.config.windows ?? [[0, this.blocks]];
+    for (const [lo, hi] of windows) await this.readMaster(lo, hi);
+    await this.volume.close();
+    const report = await check(this.store);
+    expect(report.findings).toEqual([]);
+    expect(report.redirected).toBe(0);
+  }
+}
+
+async function expectCode(promise: Promise<unknown>, code: string): Promise<void> {
+  try {
+    await promise;
+  } catch (err) {
+    if ((err as { code?: string }).code === code) return;
+    throw err;
+  }
+  throw new Error(`expected an error with code ${code}`);
+}
+
+const MiB = 1 << 20;
+const CONFIGS: { weight: number; make: (random: () => number) => Config }[] = [
+  {
+    weight: 0.7,
+    make: (random) => ({
+      label: 'small, 4 KiB blocks',
+      blockSize: 4096,
+      storeSize: 3 * MiB + between(random, 0, 64) * 4096,
+      maxRequestBlocks: 48,
+    }),
+  },
+  {
+    weight: 0.15,
+    make: (random) => ({
+      label: 'large blocks',
+      blockSize: pick(random, [8192, 16384, 65536]),
+      storeSize: 4 * MiB + between(random, 0, 16) * 65536,
+      maxRequestBlocks: 8,
+    }),
+  },
+  {
+    weight: 0.15,
+    make: () => {
+      // Three map pages: the workload straddles the page boundaries and the last block.
+      const bitsPerPage = (4096 - 64) * 8;
+      const blocks = 2 * bitsPerPage + 2000;
+      return {
+        label: 'three map pages',
+        blockSize: 4096,
+        storeSize: 2 * MiB + 2 * blocks * 4096 + 2 * MiB,
+        windows: [
+          [0, 64],
+          [bitsPerPage - 40, bitsPerPage + 40],
+          [2 * bitsPerPage - 40, 2 * bitsPerPage + 40],
+        ],
+        maxRequestBlocks: 64,
+      };
+    },
+  },
+];
+
+describe('crash model', () => {
+  test('random workloads with power loss keep the three guarantees', async () => {
+    const seed = seedFromEnv();
+    const target = Number(process.env.CLDD_CRASH_POINTS ?? 2400);
+    console.log(`crash model seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const random = rng(seed);
+    let crashPoints = 0;
+    let trials = 0;
+    let steps = 0;
+    const started = performance.now();
+    try {
+      while (crashPoints < target) {
+        let roll = random();
+        const cfg = CONFIGS.find((c) => (roll -= c.weight) < 0) ?? CONFIGS[0];
+        const trial = new Trial(random, cfg.make(random));
+        await trial.start();
+        trials++;
+        const crashes = between(random, 1, 4);
+        for (let c = 0; c < crashes; c++) {
+          // Run a little without power trouble, then lose power at a random store operation.
+          const calm = between(random, 0, 12);
+          for (let i = 0; i < calm; i++) await trial.step();
+          await trial.runUntilCrash(between(random, 1, 80), 200);
+        }
+        await trial.finish();
+        crashPoints += trial.crashPoints;
+        steps += trial.steps;
+      }
+    } catch (err) {
+      (err as Error).message = `[seed ${seed}, trial ${trials}] ${(err as Error).message}`;
+      throw err;
+    }
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    console.log(`crash points: ${crashPoints}`);
+    console.log(`crash model: ${trials} volumes, ${steps} steps, ${seconds} s, seed ${seed}`);
+    expect(crashPoints).toBeGreaterThanOrEqual(target);
+  }, 600_000);
+});
