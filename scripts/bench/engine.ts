@@ -1,0 +1,168 @@
+/**
+ * Engine benchmark: how fast the engine plans requests (no I/O), how fast it serves them on a
+ * memory store, resync throughput on a file store, and the map's memory at 1 TiB.
+ * Writes its section of docs/benchmarks.md. Run with `npm run bench`.
+ */
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { BlockMap } from '../../src/engine/block-map.js';
+import { Disk, StoreExecutor } from '../../src/engine/executor.js';
+import { ResyncScheduler } from '../../src/engine/resync.js';
+import type { Plan } from '../../src/engine/plan.js';
+import { Volume } from '../../src/engine/volume.js';
+import { FileStore } from '../../src/store/file-store.js';
+import { MemoryStore } from '../../src/store/memory-store.js';
+import { writeSection } from './report.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+const GiB = 1 << 30;
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), a | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+async function timeFor<T>(seconds: number, body: () => Promise<number> | number): Promise<number> {
+  const end = performance.now() + seconds * 1000;
+  let count = 0;
+  const start = performance.now();
+  while (performance.now() < end) count += await body();
+  return (count * 1000) / (performance.now() - start);
+}
+
+/** Requests per second the engine plans (plan + finish, no I/O), 4 KiB random. */
+async function planRate(volume: Volume, op: 'read' | 'write', seconds: number): Promise<number> {
+  const random = rng(7);
+  const blocks = volume.layout.blocks;
+  const bs = volume.blockSize;
+  return timeFor(seconds, () => {
+    for (let i = 0; i < 10000; i++) {
+      const offset = Math.floor(random() * blocks) * bs;
+      const plan = volume.plan({ target: 'master', op, offset, length: bs }) as Plan;
+      plan.finish(true);
+    }
+    return 10000;
+  });
+}
+
+/** Requests per second served end to end on a memory store, 32 in flight. */
+async function serveRate(disk: Disk, blocks: number, bs: number, op: 'read' | 'write', seconds: number): Promise<number> {
+  const random = rng(11);
+  const data = new Uint8Array(bs).fill(0xa5);
+  return timeFor(seconds, async () => {
+    const jobs: Promise<unknown>[] = [];
+    for (let i = 0; i < 32; i++) {
+      const offset = Math.floor(random() * blocks) * bs;
+      jobs.push(op === 'read' ? disk.read(offset, bs) : disk.write(offset, data));
+    }
+    await Promise.all(jobs);
+    return 32;
+  });
+}
+
+async function main(): Promise<void> {
+  const seconds = Number(process.env.CLDD_BENCH_SECONDS ?? 2);
+  const rows: string[][] = [];
+
+  // A 64 GiB sparse memory store: 8M blocks, 260 map pages.
+  const store = new MemoryStore(64 * GiB);
+  const volume = await Volume.format(store);
+  const disk = new Disk(volume, new StoreExecutor(store));
+  const blocks = volume.layout.blocks;
+  const bs = volume.blockSize;
+  rows.push(['plan 4 KiB random read, plain', fmt(await planRate(volume, 'read', seconds)), 'requests/s']);
+  rows.push(['plan 4 KiB random write, plain', fmt(await planRate(volume, 'write', seconds)), 'requests/s']);
+  rows.push(['serve 4 KiB random read, plain, memory store, QD32', fmt(await serveRate(disk, blocks, bs, 'read', seconds)), 'requests/s']);
+  rows.push(['serve 4 KiB random write, plain, memory store, QD32', fmt(await serveRate(disk, blocks, bs, 'write', seconds)), 'requests/s']);
+
+  await volume.enable();
+  // Redirect about half of a 1 GiB hot region so reads split between the areas.
+  const hot = Math.min(blocks, GiB / bs);
+  const random = rng(3);
+  const page = new Uint8Array(bs);
+  for (let i = 0; i < hot / 2; i++) await disk.write(Math.floor(random() * hot) * bs, page);
+  await disk.flush();
+  rows.push(['plan 4 KiB random read, snapshot', fmt(await planRate(volume, 'read', seconds)), 'requests/s']);
+  rows.push(['plan 4 KiB random write, snapshot', fmt(await planRate(volume, 'write', seconds)), 'requests/s']);
+  rows.push(['serve 4 KiB random read, snapshot, memory store, QD32', fmt(await serveRate(disk, hot, bs, 'read', seconds)), 'requests/s']);
+  rows.push(['serve 4 KiB random write, snapshot, memory store, QD32', fmt(await serveRate(disk, hot, bs, 'write', seconds)), 'requests/s']);
+
+  // Planning a 1 MiB read across alternating runs (worst case for extent splitting).
+  const splitRate = await timeFor(seconds, () => {
+    for (let i = 0; i < 1000; i++) {
+      const plan = volume.plan({ target: 'master', op: 'read', offset: 0, length: MiB }) as unknown as { finish(ok: boolean): void };
+      plan.finish(true);
+    }
+    return 1000;
+  });
+  rows.push(['plan 1 MiB read over mixed runs, snapshot', fmt(splitRate), 'requests/s']);
+
+  // Resync throughput on a file store.
+  const dir = await mkdtemp(join(tmpdir(), 'cldd-bench-'));
+  try {
+    const path = join(dir, 'store.img');
+    const size = Number(process.env.CLDD_BENCH_RESYNC_MB ?? 1024) * MiB * 2 + 8 * MiB;
+    const fh = await open(path, 'w');
+    await fh.truncate(size);
+    await fh.close();
+    const fileStore = await FileStore.open(path);
+    const fileVolume = await Volume.format(fileStore);
+    const fileDisk = new Disk(fileVolume);
+    await fileVolume.enable();
+    const fileBlocks = fileVolume.layout.blocks;
+    const chunk = new Uint8Array(256 * KiB).fill(0x5a);
+    const r = rng(5);
+    // Change a quarter of the area, in 256 KiB runs scattered over it.
+    let changed = 0;
+    while (changed < fileBlocks / 4) {
+      const run = chunk.length / bs;
+      const start = Math.floor(r() * (fileBlocks / run)) * run;
+      if (!fileVolume.map.test(start)) changed += run;
+      await fileDisk.write(start * bs, chunk);
+    }
+    await fileDisk.flush();
+    const redirected = fileVolume.map.count;
+    await fileVolume.disable();
+    const scheduler = new ResyncScheduler(fileVolume, new StoreExecutor(fileStore));
+    const t0 = performance.now();
+    await scheduler.start();
+    const elapsed = (performance.now() - t0) / 1000;
+    const mb = (redirected * bs) / MiB;
+    rows.push([`resync ${mb.toFixed(0)} MiB in 256 KiB runs, file store (${process.env.CLDD_BENCH_FS ?? 'tmpdir'})`, fmt(mb / elapsed), 'MiB/s']);
+    await fileVolume.close();
+    await fileStore.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  // Map memory for a 1 TiB data area at 4 KiB blocks, every block redirected.
+  const map = new BlockMap((1024 * GiB) / 4096, 4096);
+  map.assign(0, map.blocks, true);
+  rows.push(['map of a 1 TiB data area at 4 KiB blocks, every block redirected', (map.residentBytes / MiB).toFixed(1), 'MiB']);
+
+  const table = ['| measurement | value | unit |', '|---|---:|---|', ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+  const text = [
+    `Measured ${new Date().toISOString().slice(0, 10)} on ${process.platform} ${process.arch}, Node ${process.version}, ${seconds} s per figure.`,
+    'Planning figures are plan() + finish() with no I/O; serving figures add the memory store.',
+    '',
+    table,
+  ].join('\n');
+  console.log(text);
+  await writeSection('engine', 'Engine', text);
+}
+
+function fmt(n: number): string {
+  return n >= 100 ? Math.round(n).toLocaleString('en-US') : n.toFixed(1);
+}
+
+main().catch((err) => {
+  console.error(`bench: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+});
