@@ -139,6 +139,15 @@ class Trial {
   /** One random step. Resolves when done; rejects on an unexpected failure or a power-off. */
   async step(): Promise<void> {
     this.steps++;
+    try {
+      await this.randomStep();
+    } finally {
+      // A write or merge in resync may have finished it: plain may now reach the superblock.
+      this.noteState();
+    }
+  }
+
+  private async randomStep(): Promise<void> {
     const state = this.volume.state;
     const r = this.random();
     if (r < 0.12) return this.concurrentBatch();
@@ -267,7 +276,6 @@ class Trial {
       } catch (err) {
         if (!this.store.poweredOff) throw err;
       }
-      if (!this.store.poweredOff) this.noteState();
     }
     await this.crashAndRecover();
   }

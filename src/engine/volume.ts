@@ -204,21 +204,25 @@ export class Volume {
     const map = new BlockMap(layout.blocks, layout.blockSize);
     const pageSlot = new Uint8Array(layout.mapPages);
     const pageSeq = new Float64Array(layout.mapPages);
-    await readMap(store, sb, (page, slot, sequence, payload) => {
+    const tornPages: number[] = [];
+    await readMap(store, sb, (page, slot, sequence, payload, otherTorn) => {
       pageSlot[page] = slot;
       pageSeq[page] = sequence;
       map.load(page, payload);
+      if (otherTorn) tornPages.push(page);
     });
     if (sb.state === 'plain' && map.count > 0) {
       throw new CldError('CLDD_CORRUPT', `${store.description}: the state is plain but ${map.count} blocks are marked redirected`);
     }
     const volume = new Volume(store, sb, copy, map, pageSlot, pageSeq, options.now ?? Date.now);
     volume.takeDirtyPagesFromLoad();
+    // Rewrite pages whose older slot was torn, so both slots are valid again.
+    for (const page of tornPages) volume.map.markDirty(page);
     // A crash between the last merge's commit and the superblock's move to plain.
     if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
     // Restore the second superblock copy that a crash (or damage) left invalid.
     if (!otherValid) volume.sbDirty = true;
-    if (volume.sbDirty) await volume.commit();
+    if (volume.sbDirty || tornPages.length) await volume.commit();
     return volume;
   }
 
@@ -789,7 +793,7 @@ export interface MapPageReport {
 export async function readMap(
   store: BlockStore,
   sb: Superblock,
-  use: (page: number, slot: number, sequence: number, payload: Uint8Array) => void,
+  use: (page: number, slot: number, sequence: number, payload: Uint8Array, otherTorn: boolean) => void,
   onDamaged?: (report: MapPageReport) => void,
 ): Promise<void> {
   const { layout } = sb;
@@ -817,8 +821,9 @@ export async function readMap(
         throw new CldError('CLDD_CORRUPT', `${store.description}: map page ${page} has no valid copy (${why})`);
       }
       const image = chunk.subarray((2 * i + best.slot) * bs, (2 * i + best.slot + 1) * bs);
-      use(page, best.slot, best.sequence, image.subarray(MAP_SLOT_HEADER));
-      if (onDamaged && report.slots.some((s) => !s.valid && !UNUSED_SLOT_REASONS.has(s.reason ?? ''))) onDamaged(report);
+      const otherTorn = report.slots.some((s) => !s.valid && !UNUSED_SLOT_REASONS.has(s.reason ?? ''));
+      use(page, best.slot, best.sequence, image.subarray(MAP_SLOT_HEADER), otherTorn);
+      if (onDamaged && otherTorn) onDamaged(report);
     }
   }
 }
