@@ -10,6 +10,7 @@ export type ErrorCode =
   | 'EBUSY'
   | 'ENOENT'
   | 'EPERM'
+  | 'EACCES'
   | 'ENOSPC'
   | 'CLDD_FOREIGN'
   | 'CLDD_CORRUPT'

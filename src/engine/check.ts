@@ -12,6 +12,8 @@ export interface Finding {
 export interface CheckReport {
   /** True when the store can be opened and every guarantee holds. */
   clean: boolean;
+  /** True when the store carries no cldd signature at all (it is not a cldd store). */
+  foreign: boolean;
   findings: Finding[];
   superblock: Superblock | null;
   redirected: number | null;
@@ -31,7 +33,8 @@ export async function check(store: BlockStore): Promise<CheckReport> {
     found = await readSuperblocks(store);
   } catch (err) {
     error(err instanceof Error ? err.message : String(err));
-    return { clean: false, findings, superblock: null, redirected: null };
+    const foreign = err instanceof CldError && err.code === 'CLDD_FOREIGN';
+    return { clean: false, foreign, findings, superblock: null, redirected: null };
   }
   const { sb, reports } = found;
   const { layout } = sb;
@@ -43,7 +46,7 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   }
   if (store.size < layout.storeSize) {
     error(`the store has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`);
-    return { clean: false, findings, superblock: sb, redirected: null };
+    return { clean: false, foreign: false, findings, superblock: sb, redirected: null };
   }
 
   const map = new BlockMap(layout.blocks, layout.blockSize);
@@ -68,7 +71,7 @@ export async function check(store: BlockStore): Promise<CheckReport> {
     error(`the state is plain but ${map.count} blocks are marked redirected`);
   }
   const clean = !findings.some((f) => f.severity === 'error');
-  return { clean, findings, superblock: sb, redirected: map.count };
+  return { clean, foreign: false, findings, superblock: sb, redirected: map.count };
 }
 
 export function describeSuperblock(sb: Superblock): string {

@@ -29,6 +29,9 @@ export class FileStore implements BlockStore {
     try {
       st = await fs.stat(path);
     } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === 'ENOENT') throw new CldError('ENOENT', `${path} does not exist`, { cause: err });
+      if (code === 'EACCES') throw new CldError('EACCES', `${path}: permission denied`, { cause: err });
       throw ioError(`open ${path}`, err);
     }
     if (!st.isFile() && !st.isBlockDevice()) {
@@ -41,6 +44,9 @@ export class FileStore implements BlockStore {
     try {
       handle = await fs.open(path, flags);
     } catch (err) {
+      if ((err as { code?: string }).code === 'EACCES') {
+        throw new CldError('EACCES', `${path}: permission denied (are you root?)`, { cause: err });
+      }
       if ((err as { code?: string }).code === 'EBUSY') {
         throw new CldError('EBUSY', `${path} is busy (mounted, attached or open by another program)`, { cause: err });
       }

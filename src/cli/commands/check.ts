@@ -1,0 +1,50 @@
+import type { Argv, CommandModule } from 'yargs';
+import { check, describeSuperblock } from '../../engine/check.js';
+import { FileStore } from '../../store/file-store.js';
+import { CldError } from '../../errors.js';
+import { ExitCode, printError, printJson } from '../output.js';
+
+interface Args {
+  backing: string;
+  json: boolean;
+}
+
+export const checkCommand: CommandModule<object, Args> = {
+  command: 'check <backing>',
+  describe: 'Verify a cldd store offline: exit 0 clean, 1 damaged, 2 not checkable',
+  builder: (y: Argv) =>
+    y
+      .positional('backing', { type: 'string', demandOption: true, describe: 'backing file or block device' })
+      .option('json', { type: 'boolean', default: false, describe: 'print the report as JSON' }) as Argv<Args>,
+  handler: async (args) => {
+    let report;
+    try {
+      const store = await FileStore.open(args.backing, { readOnly: true });
+      try {
+        report = await check(store);
+      } finally {
+        await store.close();
+      }
+      if (report.foreign) throw new CldError('CLDD_FOREIGN', `${args.backing} is not a cldd store (no cldd signature)`);
+    } catch (err) {
+      // Exit 1 means damaged; a store that could not be checked at all is 2.
+      printError('cldd', err);
+      throw new ExitCode(2);
+    }
+    if (args.json) {
+      printJson({
+        backing: args.backing,
+        clean: report.clean,
+        state: report.superblock?.state ?? null,
+        redirected: report.redirected,
+        findings: report.findings,
+      });
+    } else {
+      if (report.superblock) console.log(`${args.backing}: ${describeSuperblock(report.superblock)}`);
+      if (report.redirected !== null) console.log(`${report.redirected} blocks redirected`);
+      for (const f of report.findings) console.log(`${f.severity}: ${f.message}`);
+      console.log(report.clean ? 'clean' : 'damaged');
+    }
+    if (!report.clean) throw new ExitCode(1);
+  },
+};
