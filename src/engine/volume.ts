@@ -316,7 +316,8 @@ export class Volume {
       case 'read':
         return req.target === 'slave' ? this.planSlaveRead(start, end) : this.planMasterRead(start, end);
       case 'flush':
-        return this.simplePlan([], true, () => this.counters.flushes++);
+        // The slave is read-only: a flush there has nothing to make durable.
+        return this.simplePlan([], req.target === 'master', () => this.counters.flushes++);
       case 'write':
       case 'discard':
       case 'write-zeroes':
