@@ -1,0 +1,84 @@
+import { readFile } from 'node:fs/promises';
+import { isAbsolute } from 'node:path';
+import { CldError } from '../errors.js';
+
+/**
+ * A pair's configuration, /etc/cldd/NAME.conf: KEY=value lines (also a valid systemd
+ * EnvironmentFile), '#' comments. BACKING is required; the others have defaults.
+ *
+ *   BACKING=/dev/disk/by-id/...   backing file or block device (absolute path)
+ *   QUEUES=1                      ublk queues
+ *   DEPTH=128                     queue depth
+ *   LOG_LEVEL=info                error, warn, info or debug
+ *   RESYNC_RATE=0                 resync rate limit in bytes per second, 0 for none
+ */
+export interface PairConfig {
+  backing: string;
+  queues: number;
+  depth: number;
+  logLevel: LogLevel;
+  resyncRate: number;
+}
+
+export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
+export const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'];
+
+export const DEFAULT_CONFIG: Omit<PairConfig, 'backing'> = { queues: 1, depth: 128, logLevel: 'info', resyncRate: 0 };
+
+export function parseConfig(text: string, source: string): PairConfig {
+  const values = new Map<string, string>();
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (!line || line.startsWith('#')) return;
+    const eq = line.indexOf('=');
+    if (eq <= 0) throw new CldError('EINVAL', `${source}:${i + 1}: expected KEY=value`);
+    const key = line.slice(0, eq).trim();
+    let value = line.slice(eq + 1).trim();
+    if (/^".*"$/.test(value)) value = value.slice(1, -1);
+    if (!['BACKING', 'QUEUES', 'DEPTH', 'LOG_LEVEL', 'RESYNC_RATE'].includes(key)) {
+      throw new CldError('EINVAL', `${source}:${i + 1}: unknown key ${key}`);
+    }
+    values.set(key, value);
+  });
+  const backing = values.get('BACKING');
+  if (!backing || !isAbsolute(backing)) throw new CldError('EINVAL', `${source}: BACKING must be an absolute path`);
+  const int = (key: string, fallback: number, min: number, max: number) => {
+    const v = values.get(key);
+    if (v === undefined) return fallback;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new CldError('EINVAL', `${source}: ${key}=${v} is not a whole number from ${min} to ${max}`);
+    return n;
+  };
+  const logLevel = (values.get('LOG_LEVEL') ?? DEFAULT_CONFIG.logLevel) as LogLevel;
+  if (!LOG_LEVELS.includes(logLevel)) throw new CldError('EINVAL', `${source}: LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}`);
+  return {
+    backing,
+    queues: int('QUEUES', DEFAULT_CONFIG.queues, 1, 64),
+    depth: int('DEPTH', DEFAULT_CONFIG.depth, 1, 4096),
+    logLevel,
+    resyncRate: int('RESYNC_RATE', DEFAULT_CONFIG.resyncRate, 0, Number.MAX_SAFE_INTEGER),
+  };
+}
+
+export function formatConfig(config: PairConfig): string {
+  return [
+    '# cldd pair configuration, written by cldd add --persist',
+    `BACKING=${config.backing}`,
+    `QUEUES=${config.queues}`,
+    `DEPTH=${config.depth}`,
+    `LOG_LEVEL=${config.logLevel}`,
+    `RESYNC_RATE=${config.resyncRate}`,
+    '',
+  ].join('\n');
+}
+
+export async function readConfig(path: string): Promise<PairConfig> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ENOENT') throw new CldError('ENOENT', `${path} does not exist`);
+    throw err;
+  }
+  return parseConfig(text, path);
+}

@@ -1,0 +1,38 @@
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { expect, test } from 'vitest';
+import { formatConfig, parseConfig } from '../src/daemon/config.js';
+import { renderUnit } from '../src/daemon/systemd-unit.js';
+
+const run = promisify(execFile);
+
+test('cldd@.service passes systemd-analyze verify without a warning', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'cldd-unit-'));
+  try {
+    const unit = await renderUnit();
+    expect(unit).not.toMatch(/@[A-Z_]+@/);
+    expect(unit).toMatch(/^Type=notify$/m);
+    expect(unit).toMatch(/^ExecStartPre=\/sbin\/modprobe ublk_drv$/m);
+    await writeFile(join(dir, 'cldd@.service'), unit);
+    const { stdout, stderr } = await run('systemd-analyze', ['verify', join(dir, 'cldd@demo.service')]);
+    // verify exits 0 even for settings it ignores; any output is a finding.
+    expect(stdout + stderr).toBe('');
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('pair configuration round trip and refusals', () => {
+  const config = { backing: '/srv/disk.img', queues: 2, depth: 64, logLevel: 'debug' as const, resyncRate: 1 << 20 };
+  expect(parseConfig(formatConfig(config), 'x.conf')).toEqual(config);
+  expect(parseConfig('BACKING="/dev/sdb1"\n# comment\n', 'x.conf')).toMatchObject({ backing: '/dev/sdb1', queues: 1, depth: 128 });
+  expect(() => parseConfig('QUEUES=1\n', 'x.conf')).toThrow('x.conf: BACKING must be an absolute path');
+  expect(() => parseConfig('BACKING=rel/path\n', 'x.conf')).toThrow(/absolute/);
+  expect(() => parseConfig('BACKING=/a\nDEPTH=0\n', 'x.conf')).toThrow('x.conf: DEPTH=0 is not a whole number from 1 to 4096');
+  expect(() => parseConfig('BACKING=/a\nCOLOUR=red\n', 'x.conf')).toThrow('x.conf:2: unknown key COLOUR');
+  expect(() => parseConfig('BACKING=/a\njunk\n', 'x.conf')).toThrow('x.conf:2: expected KEY=value');
+  expect(() => parseConfig('BACKING=/a\nLOG_LEVEL=loud\n', 'x.conf')).toThrow(/LOG_LEVEL/);
+});
