@@ -5,6 +5,9 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { checkCommand } from './commands/check.js';
+import { disableCommand } from './commands/disable.js';
+import { enableCommand } from './commands/enable.js';
+import { listCommand, statusCommand } from './commands/status.js';
 import { ExitCode, printError } from './output.js';
 
 export async function main(argv: string[]): Promise<number> {
@@ -13,6 +16,10 @@ export async function main(argv: string[]): Promise<number> {
     await yargs(argv)
       .scriptName('cldd')
       .usage('$0 <command> [options]\n\nA checkpointed logical disk: a master block device and a point-in-time slave.')
+      .command(enableCommand)
+      .command(disableCommand)
+      .command(statusCommand)
+      .command(listCommand)
       .command(checkCommand)
       .demandCommand(1, 'name a command (see --help)')
       .strict()

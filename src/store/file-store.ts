@@ -1,6 +1,7 @@
 import { constants, promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { CldError, ioError } from '../errors.js';
+import { devId } from '../devnum.js';
 import type { BlockStore } from './block-store.js';
 
 const ZERO_BUFFER = new Uint8Array(1 << 20);
@@ -118,10 +119,7 @@ export class FileStore implements BlockStore {
 
 /** Node's stat gives a block device size 0; sysfs knows it in 512-byte sectors. */
 async function blockDeviceSize(path: string, rdev: number): Promise<number> {
-  // glibc's encoding: major in bits 8-19 and 32-43, minor in bits 0-7 and 20-31.
-  const major = (Math.floor(rdev / 0x100) & 0xfff) | (Math.floor(rdev / 0x100000000) & ~0xfff);
-  const minor = (rdev & 0xff) | (Math.floor(rdev / 0x1000) & ~0xff & 0xfffff);
-  const sysfs = `/sys/dev/block/${major}:${minor}/size`;
+  const sysfs = `/sys/dev/block/${devId(rdev)}/size`;
   try {
     const sectors = Number((await fs.readFile(sysfs, 'utf8')).trim());
     if (!Number.isSafeInteger(sectors)) throw new Error(`bad value in ${sysfs}`);

@@ -1,0 +1,34 @@
+import type { Argv, CommandModule } from 'yargs';
+import type { EnableResult } from '../../daemon/pair-service.js';
+import { printJson } from '../output.js';
+import { withPair } from '../pairs.js';
+import { requireRoot } from '../root.js';
+
+interface Args {
+  pair: string;
+  freeze?: string;
+  'no-freeze': boolean;
+  wait: boolean;
+  json: boolean;
+}
+
+export const enableCommand: CommandModule<object, Args> = {
+  command: 'enable <pair>',
+  describe: 'Take the snapshot: the slave shows the master as it is now (the mounted filesystem is frozen for the switch)',
+  builder: (y: Argv) =>
+    y
+      .positional('pair', { type: 'string', demandOption: true, describe: 'pair name or one of its devices' })
+      .option('freeze', { type: 'string', describe: 'mountpoint to freeze (default: wherever the master is mounted)' })
+      .option('no-freeze', { type: 'boolean', default: false, describe: 'do not freeze the filesystem' })
+      .option('wait', { type: 'boolean', default: false, describe: 'if a resync is running, wait for it instead of refusing' })
+      .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
+  handler: async (args) => {
+    requireRoot('cldd enable');
+    const result = await withPair(args.pair, (client) =>
+      client.call<EnableResult>('enable', { freeze: args.freeze ?? '', noFreeze: args['no-freeze'], wait: args.wait }),
+    );
+    if (args.json) return printJson(result);
+    const frozen = result.frozen ? `; ${result.frozen} was frozen for ${result.frozenMs!.toFixed(1)} ms` : '';
+    console.log(`snapshot ${result.epoch} taken${frozen}`);
+  },
+};

@@ -1,0 +1,115 @@
+import type { Argv, CommandModule } from 'yargs';
+import { formatBytes, printJson, table } from '../output.js';
+import { connectPair, pairNames, resolvePair } from '../pairs.js';
+
+export interface PairStatus {
+  name: string;
+  backing: string;
+  pid: number;
+  state: string;
+  master: string | null;
+  slave: string | null;
+  capacity: number;
+  blockSize: number;
+  redirected: number;
+  snapshot: number;
+  resync: { blocksLeft: number; rate: number; secondsLeft: number | null; running: boolean } | null;
+  counters: { reads: number; writes: number; flushes: number; discards: number; bytesRead: number; bytesWritten: number; errors: number };
+  failed: string | null;
+}
+
+interface Args {
+  pair?: string;
+  json: boolean;
+}
+
+/** Asks every named pair's daemon for its status; a pair whose daemon is gone shows as such. */
+export async function collect(names: string[]): Promise<(PairStatus | { name: string; error: string })[]> {
+  return Promise.all(
+    names.map(async (name) => {
+      try {
+        const client = await connectPair(name);
+        try {
+          return await client.call<PairStatus>('status');
+        } finally {
+          client.close();
+        }
+      } catch (err) {
+        return { name, error: err instanceof Error ? err.message : String(err) };
+      }
+    }),
+  );
+}
+
+function describe(s: PairStatus): string {
+  const lines = [
+    `${s.name}: ${s.state}${s.failed ? ` (FAILED: ${s.failed})` : ''}`,
+    `  backing     ${s.backing}`,
+    `  master      ${s.master ?? '-'}  (${formatBytes(s.capacity)}, ${s.blockSize}-byte blocks)`,
+    `  slave       ${s.state === 'snapshot' ? `${s.slave} (snapshot ${s.snapshot})` : 'disabled'}`,
+    `  redirected  ${s.redirected} blocks (${formatBytes(s.redirected * s.blockSize)})`,
+  ];
+  if (s.resync) {
+    const eta = s.resync.secondsLeft === null ? 'unknown' : `${Math.ceil(s.resync.secondsLeft)} s`;
+    lines.push(`  resync      ${s.resync.blocksLeft} blocks left, ${formatBytes(s.resync.rate)}/s, ${eta} left`);
+  }
+  const c = s.counters;
+  lines.push(
+    `  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors`,
+    `  daemon      pid ${s.pid}`,
+  );
+  return lines.join('\n');
+}
+
+export const statusCommand: CommandModule<object, Args> = {
+  command: 'status [pair]',
+  describe: 'Show the state, devices, capacity, redirected blocks, resync progress and I/O counters',
+  builder: (y: Argv) =>
+    y
+      .positional('pair', { type: 'string', describe: 'pair name or one of its devices (default: all)' })
+      .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
+  handler: async (args) => {
+    if (args.pair) {
+      const name = await resolvePair(args.pair);
+      const client = await connectPair(name);
+      try {
+        const s = await client.call<PairStatus>('status');
+        return args.json ? printJson(s) : console.log(describe(s));
+      } finally {
+        client.close();
+      }
+    }
+    const all = await collect(await pairNames());
+    if (args.json) return printJson(all);
+    if (all.length === 0) return console.log('no cldd pairs are running');
+    console.log(all.map((s) => ('error' in s ? `${s.name}: ${s.error}` : describe(s))).join('\n\n'));
+  },
+};
+
+export const listCommand: CommandModule<object, { json: boolean }> = {
+  command: 'list',
+  describe: 'List the running pairs, one line each',
+  builder: (y: Argv) => y.option('json', { type: 'boolean', default: false }) as unknown as Argv<{ json: boolean }>,
+  handler: async (args) => {
+    const all = await collect(await pairNames());
+    if (args.json) return printJson(all);
+    if (all.length === 0) return console.log('no cldd pairs are running');
+    const rows = [['NAME', 'STATE', 'MASTER', 'SLAVE', 'SIZE', 'REDIRECTED', 'PID', 'BACKING']];
+    for (const s of all) {
+      if ('error' in s) rows.push([s.name, 'unreachable', '-', '-', '-', '-', '-', s.error]);
+      else {
+        rows.push([
+          s.name,
+          s.resync ? `resync ${s.resync.blocksLeft} left` : s.state,
+          s.master ?? '-',
+          s.state === 'snapshot' ? (s.slave ?? '-') : '-',
+          formatBytes(s.capacity),
+          String(s.redirected),
+          String(s.pid),
+          s.backing,
+        ]);
+      }
+    }
+    console.log(table(rows));
+  },
+};

@@ -1,0 +1,57 @@
+import { readdir, realpath } from 'node:fs/promises';
+import { basename } from 'node:path';
+import { CldError } from '../errors.js';
+import { DaemonClient } from '../daemon/client.js';
+import { checkName, defaultPaths, socketPath, type Paths } from '../daemon/paths.js';
+
+/** Names of the pairs that have a control socket under the run directory. */
+export async function pairNames(paths: Paths = defaultPaths()): Promise<string[]> {
+  let entries: string[];
+  try {
+    entries = await readdir(paths.runDir);
+  } catch {
+    return [];
+  }
+  return entries.filter((e) => e.endsWith('.sock')).map((e) => e.slice(0, -5)).sort();
+}
+
+/**
+ * Resolves what the user typed: a pair name, a stable path (/dev/cldd/NAME/master, /dev/cldmN,
+ * /dev/cldsN) or a /dev/ublkbN device, to the pair's name.
+ */
+export async function resolvePair(what: string, paths: Paths = defaultPaths()): Promise<string> {
+  if (!what.startsWith('/')) return checkName(what);
+  const stable = /^\/dev\/cldd\/([^/]+)\/(master|slave)$/.exec(what);
+  if (stable) return checkName(stable[1]);
+  let device: string;
+  try {
+    device = await realpath(what);
+  } catch {
+    throw new CldError('ENOENT', `${what} does not exist`);
+  }
+  for (const name of await pairNames(paths)) {
+    for (const role of ['master', 'slave']) {
+      try {
+        if ((await realpath(`/dev/cldd/${name}/${role}`)) === device) return name;
+      } catch {
+        // no such link
+      }
+    }
+  }
+  throw new CldError('ENODEV', `${what} (${basename(device)}) is not a device of any running cldd pair`);
+}
+
+export async function connectPair(name: string, paths: Paths = defaultPaths()): Promise<DaemonClient> {
+  return DaemonClient.connect(socketPath(paths, name), name);
+}
+
+/** Runs `fn` with a connection to the pair's daemon, closing it afterwards. */
+export async function withPair<T>(what: string, fn: (client: DaemonClient, name: string) => Promise<T>): Promise<T> {
+  const name = await resolvePair(what);
+  const client = await connectPair(name);
+  try {
+    return await fn(client, name);
+  } finally {
+    client.close();
+  }
+}

@@ -1,0 +1,160 @@
+import { CldError } from '../errors.js';
+import type { ResyncScheduler } from '../engine/resync.js';
+import type { Volume } from '../engine/volume.js';
+import { deviceNumber, deviceOfPath, mountsOf, usersOf } from './device-users.js';
+import type { Freezer } from './freeze.js';
+import type { Logger } from './logger.js';
+
+export interface DeviceInfo {
+  /** ublk device id (N of /dev/ublkbN). */
+  id: number;
+  path: string;
+}
+
+/** The kernel devices that serve a volume: master and slave. */
+export interface PairDevices {
+  readonly master: DeviceInfo;
+  readonly slave: DeviceInfo;
+  /** Stops and deletes both devices (I/O in flight completes first). */
+  stop(): Promise<void>;
+}
+
+export interface EnableParams {
+  /** Freeze this mountpoint; '' or absent: freeze wherever the master is mounted. */
+  freeze?: string;
+  /** Do not freeze even when the master is mounted. */
+  noFreeze?: boolean;
+  /** From resync, wait for the merge to finish instead of refusing. */
+  wait?: boolean;
+}
+
+export interface EnableResult {
+  epoch: number;
+  frozen: string | null;
+  /** How long the filesystem was frozen, in milliseconds. */
+  frozenMs: number | null;
+}
+
+/** How long a filesystem may stay frozen before the watchdog thaws it. */
+export const FREEZE_LIMIT_MS = 10_000;
+
+/**
+ * What a pair's daemon does on request: status, enable (with the filesystem frozen for the
+ * switch), disable, resync progress. It owns no sockets or devices itself, so it runs the
+ * same with kernel devices and in tests without them.
+ */
+export class PairService {
+  constructor(
+    readonly name: string,
+    readonly backing: string,
+    private readonly volume: Volume,
+    private readonly scheduler: ResyncScheduler,
+    private readonly devices: PairDevices | null,
+    private readonly freezer: Freezer,
+    private readonly log: Logger,
+    private readonly freezeLimitMs = FREEZE_LIMIT_MS,
+  ) {}
+
+  status(): Record<string, unknown> {
+    const s = this.volume.status();
+    const p = this.scheduler.progress();
+    return {
+      name: this.name,
+      backing: this.backing,
+      pid: process.pid,
+      state: s.state,
+      master: this.devices?.master.path ?? null,
+      slave: this.devices?.slave.path ?? null,
+      capacity: s.capacity,
+      blockSize: s.blockSize,
+      redirected: s.redirected,
+      snapshot: s.epoch,
+      stateChangedAt: s.stateChangedAt,
+      resync: s.state === 'resync' || p.running ? p : null,
+      counters: s.counters,
+      failed: s.failed,
+    };
+  }
+
+  async enable(params: EnableParams = {}): Promise<EnableResult> {
+    if (this.volume.state === 'resync') {
+      if (!params.wait) {
+        throw new CldError('CLDD_STATE', `a resync is still running (${this.volume.map.count} blocks left); retry with --wait`);
+      }
+      this.log.info('enable: waiting for the resync to finish');
+      await this.volume.untilPlain();
+    }
+    if (this.volume.state === 'snapshot') throw new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.volume.epoch})`);
+    const mountpoint = await this.freezeTarget(params);
+    if (!mountpoint) {
+      await this.volume.enable();
+      this.log.info(`enabled snapshot ${this.volume.epoch} (no filesystem to freeze)`);
+      return { epoch: this.volume.epoch, frozen: null, frozenMs: null };
+    }
+    await this.freezer.freeze(mountpoint);
+    const frozenAt = performance.now();
+    let thawed = false;
+    const thaw = async (why: string) => {
+      if (thawed) return;
+      thawed = true;
+      await this.freezer.thaw(mountpoint);
+      this.log.info(`thawed ${mountpoint} ${why}`);
+    };
+    const watchdog = setTimeout(() => {
+      this.log.error(`enable did not finish within ${this.freezeLimitMs} ms; thawing ${mountpoint}`);
+      thaw('by the watchdog').catch((err) => this.log.error(String(err)));
+    }, this.freezeLimitMs);
+    let frozenMs = 0;
+    try {
+      await this.volume.enable();
+    } finally {
+      clearTimeout(watchdog);
+      await thaw('after the switch');
+      frozenMs = performance.now() - frozenAt;
+    }
+    this.log.info(`enabled snapshot ${this.volume.epoch}; ${mountpoint} was frozen for ${frozenMs.toFixed(1)} ms`);
+    return { epoch: this.volume.epoch, frozen: mountpoint, frozenMs };
+  }
+
+  async disable(): Promise<{ state: string; blocks: number }> {
+    if (this.volume.state !== 'snapshot') throw new CldError('CLDD_STATE', `the slave is not enabled (the state is ${this.volume.state})`);
+    if (this.devices) {
+      const users = await usersOf(this.devices.slave.path);
+      if (users.mounts.length) throw new CldError('EBUSY', `the slave is mounted on ${users.mounts.join(', ')}: unmount it first`);
+      if (users.openers.length) {
+        const who = users.openers.map((o) => `${o.command} (pid ${o.pid})`).join(', ');
+        throw new CldError('EBUSY', `the slave is open by ${who}: close it first`);
+      }
+    }
+    await this.volume.disable();
+    const blocks = this.volume.map.count;
+    this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
+    void this.scheduler.start();
+    return { state: this.volume.state, blocks };
+  }
+
+  progress(): Record<string, unknown> {
+    return { state: this.volume.state, ...this.scheduler.progress() };
+  }
+
+  setResyncRate(bytesPerSecond: number): void {
+    this.scheduler.setRateLimit(bytesPerSecond);
+  }
+
+  /** Where to freeze: the asked mountpoint (which must be this master's) or the master's mount. */
+  private async freezeTarget(params: EnableParams): Promise<string | null> {
+    if (params.noFreeze || !this.devices) {
+      if (params.freeze) throw new CldError('EINVAL', 'nothing to freeze: this pair has no devices');
+      return null;
+    }
+    const master = this.devices.master.path;
+    if (params.freeze) {
+      const [mine, theirs] = await Promise.all([deviceNumber(master), deviceOfPath(params.freeze)]);
+      if (mine !== theirs) throw new CldError('EINVAL', `${params.freeze} is not on ${master}: refusing to freeze another filesystem`);
+      return params.freeze;
+    }
+    const mounts = await mountsOf(master);
+    if (mounts.length > 1) this.log.info(`the master is mounted ${mounts.length} times; freezing ${mounts[0]} freezes them all`);
+    return mounts[0] ?? null;
+  }
+}
