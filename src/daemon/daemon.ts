@@ -1,0 +1,211 @@
+import { stat } from 'node:fs/promises';
+import { CldError } from '../errors.js';
+import { StoreExecutor } from '../engine/executor.js';
+import type { Executor } from '../engine/plan.js';
+import { ResyncScheduler } from '../engine/resync.js';
+import { Volume } from '../engine/volume.js';
+import type { BlockStore } from '../store/block-store.js';
+import { FileStore } from '../store/file-store.js';
+import { DaemonClient } from './client.js';
+import type { PairConfig } from './config.js';
+import { ControlServer } from './control-server.js';
+import { DeviceLinks } from './device-links.js';
+import type { Freezer } from './freeze.js';
+import type { Logger } from './logger.js';
+import { type EnableParams, type PairDevices, PairService } from './pair-service.js';
+import { defaultPaths, type Paths, socketPath } from './paths.js';
+import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from './state-file.js';
+
+export interface StartDevicesOptions {
+  name: string;
+  queues: number;
+  depth: number;
+  /** Device ids a previous daemon left behind (after SIGKILL): reattach them with user recovery. */
+  recover: { master: number; slave: number } | null;
+  log: Logger;
+}
+
+/** Opens the backing store and gives the executor that runs plans on it. */
+export interface Backend {
+  open(path: string): Promise<{ store: BlockStore; executor: Executor }>;
+  startDevices: ((volume: Volume, store: BlockStore, options: StartDevicesOptions) => Promise<PairDevices>) | null;
+  freezer: Freezer;
+  /** sd_notify(3): READY=1, STOPPING=1, WATCHDOG=1, STATUS=... (no-op outside systemd). */
+  notify(message: string): void;
+}
+
+/** A plain file store with no devices: what tests of the daemon's logic use on any machine. */
+export const engineOnlyBackend = (freezer: Freezer): Backend => ({
+  async open(path) {
+    const store = await FileStore.open(path);
+    return { store, executor: new StoreExecutor(store) };
+  },
+  startDevices: null,
+  freezer,
+  notify: () => {},
+});
+
+/**
+ * One daemon per pair: it owns the store, the engine, the devices and the control socket.
+ * Start order makes READY true: devices exist and the socket listens before notify(READY=1).
+ */
+export class Daemon {
+  private stopping: Promise<void> | null = null;
+  private watchdog: NodeJS.Timeout | null = null;
+
+  private constructor(
+    readonly name: string,
+    readonly service: PairService,
+    private readonly volume: Volume,
+    private readonly store: BlockStore,
+    private readonly scheduler: ResyncScheduler,
+    private readonly devices: PairDevices | null,
+    private readonly control: ControlServer,
+    private readonly state: DaemonState,
+    private readonly paths: Paths,
+    private readonly backend: Backend,
+    private readonly links: DeviceLinks,
+    private readonly log: Logger,
+  ) {}
+
+  static async start(config: PairConfig & { name: string }, backend: Backend, log: Logger, paths: Paths = defaultPaths()): Promise<Daemon> {
+    const { name } = config;
+    await refuseIfRunning(paths, name);
+    const backingId = await fileId(config.backing);
+    await refuseIfAttached(paths, name, config.backing, backingId);
+    const previous = await readState(paths, name);
+
+    const { store, executor } = await backend.open(config.backing);
+    let volume: Volume;
+    try {
+      volume = await Volume.open(store);
+    } catch (err) {
+      await store.close();
+      throw err;
+    }
+    log.info(`opened ${config.backing}: state ${volume.state}, ${volume.map.count} blocks redirected`);
+    const scheduler = new ResyncScheduler(volume, executor, { rateLimit: config.resyncRate });
+    const links = new DeviceLinks();
+    let devices: PairDevices | null = null;
+    try {
+      if (backend.startDevices) {
+        const recover = previous?.master && previous.slave && !isAlive(previous.pid) ? { master: previous.master.id, slave: previous.slave.id } : null;
+        devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, recover, log });
+      }
+    } catch (err) {
+      await volume.close().catch(() => {});
+      await store.close();
+      throw err;
+    }
+    const index = devices ? (previous?.index ?? (await links.freeIndex())) : null;
+    if (devices && index !== null) await links.create(name, index, devices.master.path, devices.slave.path);
+
+    const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log);
+    let daemon: Daemon | null = null;
+    const control = new ControlServer(socketPath(paths, name), name, {
+      status: async () => service.status(),
+      enable: async (p) => service.enable(p as EnableParams),
+      disable: async () => service.disable(),
+      progress: async () => service.progress(),
+      'resync-rate': async (p) => service.setResyncRate(Number(p.bytesPerSecond)),
+      stop: async (p) => {
+        // Answer first, then stop: the client is waiting for this reply on the socket we close.
+        setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
+        return { stopping: true };
+      },
+    });
+    await control.listen();
+    const state: DaemonState = {
+      name,
+      pid: process.pid,
+      backing: config.backing,
+      backingId,
+      master: devices?.master ?? null,
+      slave: devices?.slave ?? null,
+      index,
+      startedAt: Date.now(),
+    };
+    await writeState(paths, state);
+    daemon = new Daemon(name, service, volume, store, scheduler, devices, control, state, paths, backend, links, log);
+    if (volume.state === 'resync') {
+      log.info(`resuming the resync: ${volume.map.count} blocks left`);
+      void scheduler.start();
+    }
+    daemon.startWatchdog();
+    backend.notify(`READY=1\nSTATUS=${volume.state}${devices ? `, master ${devices.master.path}` : ''}\nMAINPID=${process.pid}`);
+    log.info(`ready${devices ? `: master ${devices.master.path}, slave ${devices.slave.path}` : ''}`);
+    return daemon;
+  }
+
+  get devicesInfo(): { master: string; slave: string } | null {
+    return this.devices ? { master: this.devices.master.path, slave: this.devices.slave.path } : null;
+  }
+
+  /**
+   * Orderly stop: no new requests, the resync pauses (its progress is committed), the devices
+   * stop after the I/O in flight, the engine commits, and the names go away. `force` finishes
+   * a running resync first instead of refusing.
+   */
+  stop(options: { force?: boolean } = {}): Promise<void> {
+    this.stopping ??= this.doStop(options);
+    return this.stopping;
+  }
+
+  private async doStop(options: { force?: boolean }): Promise<void> {
+    this.backend.notify('STOPPING=1');
+    if (this.watchdog) clearInterval(this.watchdog);
+    if (options.force && this.volume.state === 'resync') {
+      this.log.info('finishing the resync before stopping');
+      await this.scheduler.start();
+    }
+    await this.control.close();
+    await this.scheduler.stop();
+    if (this.devices) await this.devices.stop();
+    await this.volume.close();
+    await this.store.close();
+    await this.links.remove(this.name, this.state.index);
+    await removeState(this.paths, this.name);
+    this.log.info('stopped');
+  }
+
+  private startWatchdog(): void {
+    const usec = Number(process.env.WATCHDOG_USEC);
+    const pid = Number(process.env.WATCHDOG_PID || process.pid);
+    if (!usec || pid !== process.pid) return;
+    // Ping at half the interval, but only while the engine still takes requests.
+    this.watchdog = setInterval(() => {
+      if (!this.volume.failed) this.backend.notify('WATCHDOG=1');
+    }, Math.max(100, usec / 2000));
+    this.watchdog.unref();
+  }
+}
+
+async function refuseIfRunning(paths: Paths, name: string): Promise<void> {
+  try {
+    const client = await DaemonClient.connect(socketPath(paths, name), name, 2000);
+    const pid = client.hello.pid;
+    client.close();
+    throw new CldError('EBUSY', `pair "${name}" is already running (pid ${pid})`);
+  } catch (err) {
+    if (err instanceof CldError && err.code === 'ENOENT') return;
+    throw err;
+  }
+}
+
+async function refuseIfAttached(paths: Paths, name: string, backing: string, backingId: string): Promise<void> {
+  for (const s of await listStates(paths)) {
+    if (s.name !== name && s.backingId === backingId && isAlive(s.pid)) {
+      throw new CldError('EBUSY', `${backing} is already attached as pair "${s.name}" (pid ${s.pid})`);
+    }
+  }
+}
+
+async function fileId(path: string): Promise<string> {
+  try {
+    const st = await stat(path);
+    return st.isBlockDevice() ? `rdev:${st.rdev}` : `${st.dev}:${st.ino}`;
+  } catch (err) {
+    if ((err as { code?: string }).code === 'ENOENT') throw new CldError('ENOENT', `${path} does not exist`);
+    throw err;
+  }
+}

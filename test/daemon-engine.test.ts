@@ -1,0 +1,111 @@
+/**
+ * The daemon's logic and the CLI against it, on any machine: a daemon with a file store and no
+ * kernel devices (the engine-only backend), driven by the real cldd command over the socket.
+ */
+import { execFile } from 'node:child_process';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { Daemon, engineOnlyBackend } from '../src/daemon/daemon.js';
+import { DEFAULT_CONFIG } from '../src/daemon/config.js';
+import type { Freezer } from '../src/daemon/freeze.js';
+import type { Logger } from '../src/daemon/logger.js';
+import { Disk } from '../src/engine/executor.js';
+import { Volume } from '../src/engine/volume.js';
+import { FileStore } from '../src/store/file-store.js';
+
+const run = promisify(execFile);
+const CLI = join(__dirname, '..', 'bin', 'cldd.js');
+const quiet: Logger = { error: () => {}, warn: () => {}, info: () => {}, debug: () => {} };
+const noFreezer: Freezer = {
+  freeze: async () => {
+    throw new Error('nothing should be frozen without devices');
+  },
+  thaw: async () => {},
+};
+
+describe('daemon without devices', () => {
+  let dir: string;
+  let backing: string;
+  let env: NodeJS.ProcessEnv;
+  let daemon: Daemon;
+  const paths = () => ({ runDir: join(dir, 'run'), configDir: join(dir, 'etc') });
+
+  async function cldd(...args: string[]) {
+    try {
+      const r = await run(process.execPath, [CLI, ...args], { env });
+      return { code: 0, ...r };
+    } catch (err) {
+      const e = err as { code: number; stdout: string; stderr: string };
+      return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+    }
+  }
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'cldd-daemon-'));
+    backing = join(dir, 'disk.img');
+    const fh = await open(backing, 'w');
+    await fh.truncate(32 << 20);
+    await fh.close();
+    const store = await FileStore.open(backing);
+    const volume = await Volume.format(store, { name: 'work' });
+    await new Disk(volume).write(0, new Uint8Array(1 << 20).fill(1));
+    await volume.close();
+    await store.close();
+    env = { ...process.env, CLDD_RUN_DIR: paths().runDir, CLDD_CONFIG_DIR: paths().configDir };
+    daemon = await Daemon.start({ ...DEFAULT_CONFIG, name: 'work', backing }, engineOnlyBackend(noFreezer), quiet, paths());
+  });
+
+  afterAll(async () => {
+    await daemon?.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('status and list', async () => {
+    const s = await cldd('status', 'work', '--json');
+    expect(s.code).toBe(0);
+    expect(JSON.parse(s.stdout)).toMatchObject({ name: 'work', state: 'plain', backing, pid: process.pid, redirected: 0 });
+    const l = await cldd('list');
+    expect(l.stdout).toMatch(/^NAME\s+STATE/);
+    expect(l.stdout).toMatch(/\nwork\s+plain/);
+  });
+
+  test('enable, refusals, disable --wait', async () => {
+    expect((await cldd('disable', 'work')).stderr).toBe('cldd: the slave is not enabled (the state is plain) [CLDD_STATE]\n');
+    const e = await cldd('enable', 'work', '--json');
+    expect(e.code).toBe(0);
+    expect(JSON.parse(e.stdout)).toEqual({ epoch: 1, frozen: null, frozenMs: null });
+    const again = await cldd('enable', 'work');
+    expect(again.code).toBe(1);
+    expect(again.stderr).toBe('cldd: the slave is already enabled (snapshot 1) [CLDD_STATE]\n');
+
+    // Write through the daemon's engine as the master would, then resync.
+    const status = JSON.parse((await cldd('status', 'work', '--json')).stdout);
+    expect(status.state).toBe('snapshot');
+    const d = await cldd('disable', 'work', '--wait');
+    expect(d.code).toBe(0);
+    expect(d.stdout).toMatch(/work: slave disabled; 0 blocks to merge back/);
+    expect(JSON.parse((await cldd('status', 'work', '--json')).stdout).state).toBe('plain');
+  });
+
+  test('a second daemon for the same name or the same backing is refused', async () => {
+    await expect(Daemon.start({ ...DEFAULT_CONFIG, name: 'work', backing }, engineOnlyBackend(noFreezer), quiet, paths())).rejects.toMatchObject({
+      code: 'EBUSY',
+      message: `pair "work" is already running (pid ${process.pid})`,
+    });
+    await expect(Daemon.start({ ...DEFAULT_CONFIG, name: 'other', backing }, engineOnlyBackend(noFreezer), quiet, paths())).rejects.toMatchObject({
+      code: 'EBUSY',
+      message: `${backing} is already attached as pair "work" (pid ${process.pid})`,
+    });
+  });
+
+  test('unknown pairs and devices give one clear line', async () => {
+    const r = await cldd('status', 'nosuch');
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe('cldd: no pair named "nosuch" is running [ENOENT]\n');
+    const bad = await cldd('enable', 'Bad/Name');
+    expect(bad.stderr).toMatch(/not a valid pair name/);
+  });
+});
