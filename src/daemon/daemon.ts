@@ -52,6 +52,9 @@ export const engineOnlyBackend = (freezer: Freezer): Backend => ({
 export class Daemon {
   private stopping: Promise<void> | null = null;
   private watchdog: NodeJS.Timeout | null = null;
+  private resolveStopped!: () => void;
+  /** Resolves once the daemon has stopped, however the stop was asked for. */
+  readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
 
   private constructor(
     readonly name: string,
@@ -71,8 +74,7 @@ export class Daemon {
   static async start(config: PairConfig & { name: string }, backend: Backend, log: Logger, paths: Paths = defaultPaths()): Promise<Daemon> {
     const { name } = config;
     await refuseIfRunning(paths, name);
-    const backingId = await fileId(config.backing);
-    await refuseIfAttached(paths, name, config.backing, backingId);
+    const backingId = await refuseIfAttached(paths, name, config.backing);
     const previous = await readState(paths, name);
 
     const { store, executor } = await backend.open(config.backing);
@@ -98,23 +100,8 @@ export class Daemon {
       throw err;
     }
     const index = devices ? (previous?.index ?? (await links.freeIndex())) : null;
-    if (devices && index !== null) await links.create(name, index, devices.master.path, devices.slave.path);
+    if (devices && index !== null) await links.create(name, index, devices.master.path, devices.slave?.path ?? null);
 
-    const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log);
-    let daemon: Daemon | null = null;
-    const control = new ControlServer(socketPath(paths, name), name, {
-      status: async () => service.status(),
-      enable: async (p) => service.enable(p as EnableParams),
-      disable: async () => service.disable(),
-      progress: async () => service.progress(),
-      'resync-rate': async (p) => service.setResyncRate(Number(p.bytesPerSecond)),
-      stop: async (p) => {
-        // Answer first, then stop: the client is waiting for this reply on the socket we close.
-        setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
-        return { stopping: true };
-      },
-    });
-    await control.listen();
     const state: DaemonState = {
       name,
       pid: process.pid,
@@ -125,7 +112,49 @@ export class Daemon {
       index,
       startedAt: Date.now(),
     };
-    await writeState(paths, state);
+    const keeper =
+      devices && index !== null
+        ? {
+            slaveAdded: async (slave: { id: number; path: string }) => {
+              await links.setSlave(name, index, slave.path);
+              state.slave = slave;
+              await writeState(paths, state);
+            },
+            slaveRemoved: async () => {
+              await links.setSlave(name, index, null);
+              state.slave = null;
+              await writeState(paths, state);
+            },
+          }
+        : null;
+    const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, keeper);
+    let daemon: Daemon | null = null;
+    const control = new ControlServer(socketPath(paths, name), name, {
+      status: async () => service.status(),
+      enable: async (p) => service.enable(p as EnableParams),
+      disable: async () => service.disable(),
+      progress: async () => service.progress(),
+      'resync-rate': async (p) => service.setResyncRate(Number(p.bytesPerSecond)),
+      stop: async (p) => {
+        await service.checkStoppable(p.force === true);
+        // Answer first, then stop: the client is waiting for this reply on the socket we close.
+        setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
+        return { stopping: true };
+      },
+    });
+    try {
+      // A daemon restarted in snapshot (not by recovery, which kept the slave) adds its slave.
+      await service.attachSlave();
+      await control.listen();
+      await writeState(paths, state);
+    } catch (err) {
+      await control.close().catch(() => {});
+      await devices?.stop().catch(() => {});
+      await links.remove(name, index).catch(() => {});
+      await volume.close().catch(() => {});
+      await store.close().catch(() => {});
+      throw err;
+    }
     daemon = new Daemon(name, service, volume, store, scheduler, devices, control, state, paths, backend, links, log);
     if (volume.state === 'resync') {
       log.info(`resuming the resync: ${volume.map.count} blocks left`);
@@ -133,12 +162,12 @@ export class Daemon {
     }
     daemon.startWatchdog();
     backend.notify(`READY=1\nSTATUS=${volume.state}${devices ? `, master ${devices.master.path}` : ''}\nMAINPID=${process.pid}`);
-    log.info(`ready${devices ? `: master ${devices.master.path}, slave ${devices.slave.path}` : ''}`);
+    log.info(`ready${devices ? `: master ${devices.master.path}${devices.slave ? `, slave ${devices.slave.path}` : ''}` : ''}`);
     return daemon;
   }
 
-  get devicesInfo(): { master: string; slave: string } | null {
-    return this.devices ? { master: this.devices.master.path, slave: this.devices.slave.path } : null;
+  get devicesInfo(): { master: string; slave: string | null } | null {
+    return this.devices ? { master: this.devices.master.path, slave: this.devices.slave?.path ?? null } : null;
   }
 
   /**
@@ -147,7 +176,7 @@ export class Daemon {
    * a running resync first instead of refusing.
    */
   stop(options: { force?: boolean } = {}): Promise<void> {
-    this.stopping ??= this.doStop(options);
+    this.stopping ??= this.doStop(options).finally(() => this.resolveStopped());
     return this.stopping;
   }
 
@@ -180,7 +209,7 @@ export class Daemon {
   }
 }
 
-async function refuseIfRunning(paths: Paths, name: string): Promise<void> {
+export async function refuseIfRunning(paths: Paths, name: string): Promise<void> {
   try {
     const client = await DaemonClient.connect(socketPath(paths, name), name, 2000);
     const pid = client.hello.pid;
@@ -192,12 +221,15 @@ async function refuseIfRunning(paths: Paths, name: string): Promise<void> {
   }
 }
 
-async function refuseIfAttached(paths: Paths, name: string, backing: string, backingId: string): Promise<void> {
+/** Refuses a backing store another live pair holds; returns its identity (dev and ino, or rdev). */
+export async function refuseIfAttached(paths: Paths, name: string, backing: string): Promise<string> {
+  const backingId = await fileId(backing);
   for (const s of await listStates(paths)) {
     if (s.name !== name && s.backingId === backingId && isAlive(s.pid)) {
       throw new CldError('EBUSY', `${backing} is already attached as pair "${s.name}" (pid ${s.pid})`);
     }
   }
+  return backingId;
 }
 
 async function fileId(path: string): Promise<string> {

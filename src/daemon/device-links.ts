@@ -20,13 +20,20 @@ export class DeviceLinks {
     return n;
   }
 
-  async create(name: string, index: number, master: string, slave: string): Promise<void> {
+  async create(name: string, index: number, master: string, slave: string | null): Promise<void> {
     const dir = join(this.devDir, 'cldd', name);
     await mkdir(dir, { recursive: true });
     await this.link(master, join(dir, 'master'));
-    await this.link(slave, join(dir, 'slave'));
     await this.link(master, join(this.devDir, `cldm${index}`));
-    await this.link(slave, join(this.devDir, `clds${index}`));
+    if (slave) await this.setSlave(name, index, slave);
+  }
+
+  async setSlave(name: string, index: number, slave: string | null): Promise<void> {
+    const paths = [join(this.devDir, 'cldd', name, 'slave'), join(this.devDir, `clds${index}`)];
+    for (const path of paths) {
+      if (slave) await this.link(slave, path);
+      else await rm(path, { force: true });
+    }
   }
 
   async remove(name: string, index: number | null): Promise<void> {

@@ -11,12 +11,25 @@ export interface DeviceInfo {
   path: string;
 }
 
-/** The kernel devices that serve a volume: master and slave. */
+/**
+ * The kernel devices that serve a volume. The master lives as long as the daemon; the slave is
+ * a fresh device for each snapshot (no page cache of an older snapshot can be served from it),
+ * added after enable and removed before disable.
+ */
 export interface PairDevices {
   readonly master: DeviceInfo;
-  readonly slave: DeviceInfo;
-  /** Stops and deletes both devices (I/O in flight completes first). */
+  readonly slave: DeviceInfo | null;
+  addSlave(): Promise<DeviceInfo>;
+  /** Stops and deletes the slave; EBUSY while it is in use. */
+  removeSlave(): Promise<void>;
+  /** Stops and deletes every device (I/O in flight completes first). */
   stop(): Promise<void>;
+}
+
+/** Keeps the stable names in step with the devices. */
+export interface LinkKeeper {
+  slaveAdded(slave: DeviceInfo): Promise<void>;
+  slaveRemoved(): Promise<void>;
 }
 
 export interface EnableParams {
@@ -52,6 +65,7 @@ export class PairService {
     private readonly devices: PairDevices | null,
     private readonly freezer: Freezer,
     private readonly log: Logger,
+    private readonly links: LinkKeeper | null = null,
     private readonly freezeLimitMs = FREEZE_LIMIT_MS,
   ) {}
 
@@ -64,7 +78,7 @@ export class PairService {
       pid: process.pid,
       state: s.state,
       master: this.devices?.master.path ?? null,
-      slave: this.devices?.slave.path ?? null,
+      slave: this.devices?.slave?.path ?? null,
       capacity: s.capacity,
       blockSize: s.blockSize,
       redirected: s.redirected,
@@ -88,6 +102,7 @@ export class PairService {
     const mountpoint = await this.freezeTarget(params);
     if (!mountpoint) {
       await this.volume.enable();
+      await this.attachSlave();
       this.log.info(`enabled snapshot ${this.volume.epoch} (no filesystem to freeze)`);
       return { epoch: this.volume.epoch, frozen: null, frozenMs: null };
     }
@@ -112,25 +127,61 @@ export class PairService {
       await thaw('after the switch');
       frozenMs = performance.now() - frozenAt;
     }
+    // The slave device comes after the thaw: creating it takes longer than the switch.
+    await this.attachSlave();
     this.log.info(`enabled snapshot ${this.volume.epoch}; ${mountpoint} was frozen for ${frozenMs.toFixed(1)} ms`);
     return { epoch: this.volume.epoch, frozen: mountpoint, frozenMs };
   }
 
+  /** Adds the slave device of a volume in snapshot (after enable, or when a daemon starts). */
+  async attachSlave(): Promise<void> {
+    if (!this.devices || this.devices.slave || this.volume.state !== 'snapshot') return;
+    const slave = await this.devices.addSlave();
+    await this.links?.slaveAdded(slave);
+  }
+
   async disable(): Promise<{ state: string; blocks: number }> {
     if (this.volume.state !== 'snapshot') throw new CldError('CLDD_STATE', `the slave is not enabled (the state is ${this.volume.state})`);
-    if (this.devices) {
-      const users = await usersOf(this.devices.slave.path);
+    const slave = this.devices?.slave;
+    if (slave) {
+      const users = await usersOf(slave.path);
       if (users.mounts.length) throw new CldError('EBUSY', `the slave is mounted on ${users.mounts.join(', ')}: unmount it first`);
       if (users.openers.length) {
         const who = users.openers.map((o) => `${o.command} (pid ${o.pid})`).join(', ');
         throw new CldError('EBUSY', `the slave is open by ${who}: close it first`);
       }
+      await this.links?.slaveRemoved();
+      await this.devices!.removeSlave();
     }
     await this.volume.disable();
     const blocks = this.volume.map.count;
     this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
     void this.scheduler.start();
     return { state: this.volume.state, blocks };
+  }
+
+  /**
+   * Whether the pair may stop: not while a device is mounted or open, nor during a resync,
+   * unless forced (a forced stop finishes the resync first).
+   */
+  async checkStoppable(force: boolean): Promise<void> {
+    if (this.devices) {
+      const devices = [['master', this.devices.master], ['slave', this.devices.slave]] as const;
+      for (const [role, dev] of devices) {
+        if (!dev) continue;
+        const users = await usersOf(dev.path);
+        const busy = [
+          ...users.mounts.map((m) => `mounted on ${m}`),
+          ...users.openers.map((o) => `open by ${o.command} (pid ${o.pid})`),
+        ];
+        if (busy.length === 0) continue;
+        if (!force) throw new CldError('EBUSY', `the ${role} ${dev.path} is ${busy.join(', ')}: unmount or close it first`);
+        this.log.warn(`stopping although the ${role} is ${busy.join(', ')} (forced): its users will get I/O errors`);
+      }
+    }
+    if (this.volume.state === 'resync' && !force) {
+      throw new CldError('CLDD_STATE', `a resync is running (${this.volume.map.count} blocks left): wait for it, or force to finish it first`);
+    }
   }
 
   progress(): Record<string, unknown> {

@@ -1,0 +1,76 @@
+import { resolve } from 'node:path';
+import type { Argv, CommandModule } from 'yargs';
+import { DEFAULT_CONFIG, type PairConfig } from '../../daemon/config.js';
+import { refuseIfAttached, refuseIfRunning } from '../../daemon/daemon.js';
+import { checkName, defaultPaths } from '../../daemon/paths.js';
+import { persist } from '../../daemon/persist.js';
+import { nameFromBacking, prepareBacking } from '../backing.js';
+import { formatBytes, parseSize, printJson } from '../output.js';
+import { requireRoot } from '../root.js';
+import { spawnDaemon } from '../spawn-daemon.js';
+
+interface Args {
+  backing: string;
+  name?: string;
+  size?: string;
+  'block-size'?: number;
+  queues: number;
+  depth: number;
+  force: boolean;
+  persist: boolean;
+  json: boolean;
+}
+
+export const addCommand: CommandModule<object, Args> = {
+  command: 'add <backing>',
+  describe: 'Make a backing file or partition a cldd pair (formatting it when new) and start its devices',
+  builder: (y: Argv) =>
+    y
+      .positional('backing', { type: 'string', demandOption: true, describe: 'backing file or block device' })
+      .option('name', { type: 'string', describe: 'pair name (default: from the backing file name)' })
+      .option('size', { type: 'string', describe: 'create the backing file with this size (e.g. 20G)' })
+      .option('block-size', { type: 'number', describe: 'block size for a new store: 4096 (default) to 65536' })
+      .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues, describe: 'ublk queues' })
+      .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth, describe: 'queue depth' })
+      .option('force', { type: 'boolean', default: false, describe: 'format even over existing data, destroying it' })
+      .option('persist', { type: 'boolean', default: false, describe: 'write /etc/cldd/NAME.conf and enable cldd@NAME at boot' })
+      .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
+  handler: async (args) => {
+    requireRoot('cldd add');
+    const paths = defaultPaths();
+    const backing = resolve(args.backing);
+    const name = checkName(args.name ?? nameFromBacking(backing));
+    await refuseIfRunning(paths, name);
+    await refuseIfAttached(paths, name, backing).catch((err) => {
+      // A backing file that does not exist yet cannot be attached; prepareBacking explains.
+      if (err.code !== 'ENOENT') throw err;
+    });
+    const prepared = await prepareBacking(backing, {
+      size: args.size === undefined ? undefined : parseSize(args.size),
+      blockSize: args['block-size'],
+      name,
+      force: args.force,
+    });
+    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues: args.queues, depth: args.depth };
+    const unit = args.persist ? await persist(paths, name, config) : null;
+    const ready = await spawnDaemon(paths, name, ['--backing', backing, '--queues', String(args.queues), '--depth', String(args.depth)]);
+    const result = {
+      name,
+      backing,
+      how: prepared.how,
+      state: ready.state,
+      capacity: prepared.capacity,
+      master: ready.master,
+      slave: ready.slave,
+      links: { master: `/dev/cldd/${name}/master`, slave: `/dev/cldd/${name}/slave` },
+      pid: ready.pid,
+      unit,
+    };
+    if (args.json) return printJson(result);
+    const what = { created: 'created and formatted', formatted: 'formatted', existing: 'reattached' }[prepared.how];
+    console.log(`${name}: ${what} ${backing} (${formatBytes(prepared.capacity)} usable, state ${ready.state})`);
+    console.log(`master  ${ready.master}  (/dev/cldd/${name}/master)`);
+    console.log(`slave   ${ready.slave ?? `appears on enable as /dev/cldd/${name}/slave`}`);
+    if (unit) console.log(`enabled ${unit} for boot`);
+  },
+};

@@ -1,0 +1,40 @@
+import type { Argv, CommandModule } from 'yargs';
+import { CldError } from '../../errors.js';
+import { defaultPaths } from '../../daemon/paths.js';
+import { unpersist } from '../../daemon/persist.js';
+import { isAlive } from '../../daemon/state-file.js';
+import { withPair } from '../pairs.js';
+import { requireRoot } from '../root.js';
+
+interface Args {
+  pair: string;
+  force: boolean;
+}
+
+export const removeCommand: CommandModule<object, Args> = {
+  command: 'remove <pair>',
+  describe: 'Stop a pair: flush, commit, delete its devices (the backing store keeps everything)',
+  builder: (y: Argv) =>
+    y
+      .positional('pair', { type: 'string', demandOption: true, describe: 'pair name or one of its devices' })
+      .option('force', {
+        type: 'boolean',
+        default: false,
+        describe: 'stop even while a device is in use, finishing a running resync first',
+      }) as unknown as Argv<Args>,
+  handler: async (args) => {
+    requireRoot('cldd remove');
+    const { name, pid } = await withPair(args.pair, async (client, name) => {
+      await client.call('stop', { force: args.force });
+      return { name, pid: client.hello.pid };
+    });
+    // The daemon answers before it stops; wait for it to be gone.
+    const deadline = Date.now() + 10 * 60_000;
+    while (isAlive(pid)) {
+      if (Date.now() > deadline) throw new CldError('ETIMEDOUT', `the daemon of "${name}" (pid ${pid}) has not stopped`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await unpersist(defaultPaths(), name);
+    console.log(`${name}: removed`);
+  },
+};

@@ -1,0 +1,50 @@
+import { execFile } from 'node:child_process';
+import { access, mkdir, rm, symlink, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { formatConfig, type PairConfig } from './config.js';
+import { configPath, type Paths } from './paths.js';
+import { renderUnit } from './systemd-unit.js';
+
+const run = promisify(execFile);
+const UNIT_DIR = process.env.CLDD_UNIT_DIR || '/etc/systemd/system';
+const WANTS = 'local-fs.target.wants';
+
+/** Whether systemd runs this machine (sd_booted(3)). */
+export async function systemdRunning(): Promise<boolean> {
+  return access('/run/systemd/system').then(
+    () => true,
+    () => false,
+  );
+}
+
+/**
+ * Makes a pair come back at boot: /etc/cldd/NAME.conf, the cldd@.service template, and the
+ * unit enabled. With systemd running, systemctl enables it; without (a container, a chroot),
+ * the same symlink systemctl would make is made by hand.
+ */
+export async function persist(paths: Paths, name: string, config: PairConfig): Promise<string> {
+  await mkdir(paths.configDir, { recursive: true });
+  await writeFile(configPath(paths, name), formatConfig(config), { mode: 0o644 });
+  await mkdir(UNIT_DIR, { recursive: true });
+  await writeFile(join(UNIT_DIR, 'cldd@.service'), await renderUnit(), { mode: 0o644 });
+  const unit = `cldd@${name}.service`;
+  if (await systemdRunning()) {
+    await run('systemctl', ['daemon-reload']);
+    await run('systemctl', ['enable', unit]);
+  } else {
+    await mkdir(join(UNIT_DIR, WANTS), { recursive: true });
+    const link = join(UNIT_DIR, WANTS, unit);
+    await rm(link, { force: true });
+    await symlink('../cldd@.service', link);
+  }
+  return unit;
+}
+
+/** Undoes persist() for one pair; the template stays for the others. */
+export async function unpersist(paths: Paths, name: string): Promise<void> {
+  const unit = `cldd@${name}.service`;
+  if (await systemdRunning()) await run('systemctl', ['disable', unit]).catch(() => {});
+  await rm(join(UNIT_DIR, WANTS, unit), { force: true });
+  await rm(configPath(paths, name), { force: true });
+}
