@@ -4,7 +4,10 @@
  */
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import { addCommand } from './commands/add.js';
 import { checkCommand } from './commands/check.js';
+import { daemonCommand } from './commands/daemon.js';
+import { removeCommand } from './commands/remove.js';
 import { disableCommand } from './commands/disable.js';
 import { enableCommand } from './commands/enable.js';
 import { listCommand, statusCommand } from './commands/status.js';
@@ -16,11 +19,14 @@ export async function main(argv: string[]): Promise<number> {
     await yargs(argv)
       .scriptName('cldd')
       .usage('$0 <command> [options]\n\nA checkpointed logical disk: a master block device and a point-in-time slave.')
+      .command(addCommand)
       .command(enableCommand)
       .command(disableCommand)
       .command(statusCommand)
       .command(listCommand)
+      .command(removeCommand)
       .command(checkCommand)
+      .command(daemonCommand)
       .demandCommand(1, 'name a command (see --help)')
       .strict()
       .help()

@@ -3,6 +3,7 @@ import { basename } from 'node:path';
 import { CldError } from '../errors.js';
 import { DaemonClient } from '../daemon/client.js';
 import { checkName, defaultPaths, socketPath, type Paths } from '../daemon/paths.js';
+import { listStates } from '../daemon/state-file.js';
 
 /** Names of the pairs that have a control socket under the run directory. */
 export async function pairNames(paths: Paths = defaultPaths()): Promise<string[]> {
@@ -23,6 +24,13 @@ export async function resolvePair(what: string, paths: Paths = defaultPaths()): 
   if (!what.startsWith('/')) return checkName(what);
   const stable = /^\/dev\/cldd\/([^/]+)\/(master|slave)$/.exec(what);
   if (stable) return checkName(stable[1]);
+  // /dev/cldsN exists only while the slave is enabled, so short names go by the pair's index.
+  const short = /^\/dev\/cld[ms](\d+)$/.exec(what);
+  if (short) {
+    const found = (await listStates(paths)).find((s) => s.index === Number(short[1]));
+    if (found) return found.name;
+    throw new CldError('ENODEV', `${what} is not a device of any running cldd pair`);
+  }
   let device: string;
   try {
     device = await realpath(what);

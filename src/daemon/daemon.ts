@@ -21,7 +21,7 @@ export interface StartDevicesOptions {
   queues: number;
   depth: number;
   /** Device ids a previous daemon left behind (after SIGKILL): reattach them with user recovery. */
-  recover: { master: number; slave: number } | null;
+  recover: { master: number; slave: number | null } | null;
   log: Logger;
 }
 
@@ -91,7 +91,10 @@ export class Daemon {
     let devices: PairDevices | null = null;
     try {
       if (backend.startDevices) {
-        const recover = previous?.master && previous.slave && !isAlive(previous.pid) ? { master: previous.master.id, slave: previous.slave.id } : null;
+        const recover =
+          previous?.master && !isAlive(previous.pid) && (await deviceExists(previous.master.path))
+            ? { master: previous.master.id, slave: previous.slave?.id ?? null }
+            : null;
         devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, recover, log });
       }
     } catch (err) {
@@ -99,7 +102,7 @@ export class Daemon {
       await store.close();
       throw err;
     }
-    const index = devices ? (previous?.index ?? (await links.freeIndex())) : null;
+    const index = devices ? (previous?.index ?? (await links.freeIndex(preferredIndex(name)))) : null;
     if (devices && index !== null) await links.create(name, index, devices.master.path, devices.slave?.path ?? null);
 
     const state: DaemonState = {
@@ -240,4 +243,17 @@ async function fileId(path: string): Promise<string> {
     if ((err as { code?: string }).code === 'ENOENT') throw new CldError('ENOENT', `${path} does not exist`);
     throw err;
   }
+}
+
+/** clddsetup names pairs cldN after /dev/cldmN: such a pair gets short names with that N. */
+function preferredIndex(name: string): number | undefined {
+  const m = /^cld(\d+)$/.exec(name);
+  return m ? Number(m[1]) : undefined;
+}
+
+async function deviceExists(path: string): Promise<boolean> {
+  return stat(path).then(
+    (st) => st.isBlockDevice(),
+    () => false,
+  );
 }

@@ -8,13 +8,14 @@ import { join } from 'node:path';
 export class DeviceLinks {
   constructor(private readonly devDir = process.env.CLDD_DEV_DIR || '/dev') {}
 
-  /** The lowest N with no /dev/cldmN yet. */
-  async freeIndex(): Promise<number> {
+  /** `preferred` if it is free, else the lowest N with no /dev/cldmN or /dev/cldsN yet. */
+  async freeIndex(preferred?: number): Promise<number> {
     const used = new Set<number>();
     for (const e of await readdir(this.devDir).catch(() => [] as string[])) {
       const m = /^cld[ms](\d+)$/.exec(e);
       if (m) used.add(Number(m[1]));
     }
+    if (preferred !== undefined && !used.has(preferred)) return preferred;
     let n = 0;
     while (used.has(n)) n++;
     return n;

@@ -1,4 +1,6 @@
+import { access, rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import { CldError } from '../../errors.js';
 import type { Argv, CommandModule } from 'yargs';
 import { DEFAULT_CONFIG, type PairConfig } from '../../daemon/config.js';
 import { refuseIfAttached, refuseIfRunning } from '../../daemon/daemon.js';
@@ -40,6 +42,7 @@ export const addCommand: CommandModule<object, Args> = {
     const paths = defaultPaths();
     const backing = resolve(args.backing);
     const name = checkName(args.name ?? nameFromBacking(backing));
+    await requireUblkDriver();
     await refuseIfRunning(paths, name);
     await refuseIfAttached(paths, name, backing).catch((err) => {
       // A backing file that does not exist yet cannot be attached; prepareBacking explains.
@@ -52,8 +55,15 @@ export const addCommand: CommandModule<object, Args> = {
       force: args.force,
     });
     const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues: args.queues, depth: args.depth };
+    let ready;
+    try {
+      ready = await spawnDaemon(paths, name, ['--backing', backing, '--queues', String(args.queues), '--depth', String(args.depth)]);
+    } catch (err) {
+      // A file this command created goes again; anything else keeps its (now cldd) contents.
+      if (prepared.how === 'created') await rm(backing, { force: true });
+      throw err;
+    }
     const unit = args.persist ? await persist(paths, name, config) : null;
-    const ready = await spawnDaemon(paths, name, ['--backing', backing, '--queues', String(args.queues), '--depth', String(args.depth)]);
     const result = {
       name,
       backing,
@@ -74,3 +84,11 @@ export const addCommand: CommandModule<object, Args> = {
     if (unit) console.log(`enabled ${unit} for boot`);
   },
 };
+
+/** Checked before anything is written, so a machine without ublk changes nothing. */
+async function requireUblkDriver(): Promise<void> {
+  const control = process.env.CLDD_UBLK_CONTROL || '/dev/ublk-control';
+  await access(control).catch(() => {
+    throw new CldError('ENODEV', "the kernel's ublk driver is not loaded (modprobe ublk_drv; needs Linux 6.0+)");
+  });
+}

@@ -1,0 +1,77 @@
+import { writeSync } from 'node:fs';
+import { resolve } from 'node:path';
+import type { Argv, CommandModule } from 'yargs';
+import { CldError } from '../../errors.js';
+import { DEFAULT_CONFIG, LOG_LEVELS, type LogLevel, type PairConfig, readConfig } from '../../daemon/config.js';
+import { Daemon } from '../../daemon/daemon.js';
+import { stderrLogger } from '../../daemon/logger.js';
+import { checkName, configPath, defaultPaths } from '../../daemon/paths.js';
+import { requireRoot } from '../root.js';
+
+interface Args {
+  name: string;
+  backing?: string;
+  queues: number;
+  depth: number;
+  'log-level': LogLevel;
+  'resync-rate': number;
+  'ready-fd'?: number;
+}
+
+/**
+ * The daemon of one pair, in the foreground: what systemd runs (cldd@NAME.service, reading
+ * /etc/cldd/NAME.conf) and what `cldd add` starts detached (with --backing).
+ */
+export const daemonCommand: CommandModule<object, Args> = {
+  command: 'daemon <name>',
+  describe: false,
+  builder: (y: Argv) =>
+    y
+      .positional('name', { type: 'string', demandOption: true })
+      .option('backing', { type: 'string', describe: 'backing store (default: from /etc/cldd/NAME.conf)' })
+      .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues })
+      .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth })
+      .option('log-level', { choices: LOG_LEVELS, default: DEFAULT_CONFIG.logLevel })
+      .option('resync-rate', { type: 'number', default: 0, describe: 'resync rate limit, bytes per second' })
+      .option('ready-fd', { type: 'number', describe: 'write one JSON line here when ready (or failed)' }) as unknown as Argv<Args>,
+  handler: async (args) => {
+    const report = (message: unknown) => {
+      if (args['ready-fd'] === undefined) return;
+      try {
+        writeSync(args['ready-fd'], `${JSON.stringify(message)}\n`);
+      } catch {
+        // the starter went away; the log still says it
+      }
+    };
+    const name = checkName(args.name);
+    const paths = defaultPaths();
+    let daemon: Daemon;
+    let config: PairConfig;
+    try {
+      requireRoot('cldd daemon');
+      config = args.backing
+        ? {
+            backing: resolve(args.backing),
+            queues: args.queues,
+            depth: args.depth,
+            logLevel: args['log-level'],
+            resyncRate: args['resync-rate'],
+          }
+        : await readConfig(configPath(paths, name));
+      const log = stderrLogger(config.logLevel, name);
+      const { ublkBackend } = await import('../../daemon/ublk-backend.js');
+      daemon = await Daemon.start({ ...config, name }, await ublkBackend(log), log, paths);
+    } catch (err) {
+      const e = err as CldError;
+      report({ error: { code: e.code ?? 'EIO', message: e.message ?? String(err) } });
+      throw err;
+    }
+    const info = daemon.devicesInfo;
+    report({ ready: { master: info?.master ?? null, slave: info?.slave ?? null, pid: process.pid, state: daemon.service.status().state } });
+    const stop = () => void daemon.stop();
+    process.on('SIGTERM', stop);
+    process.on('SIGINT', stop);
+    process.on('SIGHUP', () => {});
+    await daemon.stopped;
+  },
+};

@@ -1,0 +1,109 @@
+import { CldError } from '../errors.js';
+import type { Volume } from '../engine/volume.js';
+import { NativeStore } from '../store/native-store.js';
+import { UBLK_F, UblkControl } from '../ublk/control.js';
+import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
+import type { Backend, StartDevicesOptions } from './daemon.js';
+import { fsfreeze } from './freeze.js';
+import type { Logger } from './logger.js';
+import type { DeviceInfo, PairDevices } from './pair-service.js';
+
+/** The daemon's real backend: io_uring store, ublk devices, fsfreeze, sd_notify. */
+export async function ublkBackend(log: Logger): Promise<Backend> {
+  return {
+    async open(path) {
+      // flock refuses a second daemon on the same file; O_EXCL does it for block devices.
+      const store = NativeStore.open(path, { lock: true });
+      return { store, executor: store };
+    },
+    startDevices: (volume, store, options) => UblkPair.start(volume, store as NativeStore, options),
+    freezer: fsfreeze,
+    notify: (message) => notify(message, log),
+  };
+}
+
+function notify(message: string, log: Logger): void {
+  if (!process.env.NOTIFY_SOCKET) return;
+  import('../ublk/addon.js')
+    .then(({ addon }) => (addon() as unknown as { notify(socket: string, message: string): void }).notify(process.env.NOTIFY_SOCKET!, message))
+    .catch((err) => log.warn(`sd_notify failed: ${err instanceof Error ? err.message : String(err)}`));
+}
+
+/** Master and slave as ublk devices, with user recovery so that a restart keeps them. */
+class UblkPair implements PairDevices {
+  private slaveDevice: UblkDevice | null = null;
+
+  private constructor(
+    private readonly control: UblkControl,
+    private readonly volume: Volume,
+    private readonly store: NativeStore,
+    private readonly masterDevice: UblkDevice,
+    private readonly queueOptions: QueueOptions,
+    private readonly flags: number,
+  ) {}
+
+  static async start(volume: Volume, store: NativeStore, options: StartDevicesOptions): Promise<UblkPair> {
+    const queueOptions = { ...DEFAULT_QUEUE_OPTIONS, queues: options.queues, depth: options.depth };
+    const control = UblkControl.open();
+    try {
+      if (options.recover) {
+        const master = await UblkDevice.recover(control, volume, store.fd, 'master', options.recover.master);
+        const pair = new UblkPair(control, volume, store, master, queueOptions, master.info.flags);
+        options.log.info(`reattached the master ${master.path} (user recovery)`);
+        if (options.recover.slave !== null) {
+          const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', options.recover.slave);
+          if (volume.state === 'snapshot') pair.slaveDevice = slave;
+          else await slave.stop(); // the old daemon died while disabling: nothing left to show
+        }
+        return pair;
+      }
+      const flags = await negotiateFlags(control);
+      const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
+      return new UblkPair(control, volume, store, master, queueOptions, flags);
+    } catch (err) {
+      control.close();
+      throw err;
+    }
+  }
+
+  get master(): DeviceInfo {
+    return { id: this.masterDevice.id, path: this.masterDevice.path };
+  }
+
+  get slave(): DeviceInfo | null {
+    return this.slaveDevice ? { id: this.slaveDevice.id, path: this.slaveDevice.path } : null;
+  }
+
+  async addSlave(): Promise<DeviceInfo> {
+    this.slaveDevice ??= await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags });
+    return this.slave!;
+  }
+
+  async removeSlave(): Promise<void> {
+    const slave = this.slaveDevice;
+    this.slaveDevice = null;
+    await slave?.stop();
+  }
+
+  async stop(): Promise<void> {
+    const failures: unknown[] = [];
+    await this.removeSlave().catch((err) => failures.push(err));
+    await this.masterDevice.stop().catch((err) => failures.push(err));
+    this.control.close();
+    if (failures.length) throw failures[0];
+  }
+}
+
+/** Recovery is required (a daemon restart must not take the disks away); reissue is preferred. */
+async function negotiateFlags(control: UblkControl): Promise<number> {
+  const features = await control.getFeatures();
+  let flags = UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE;
+  if (features === null) return flags | UBLK_F.CMD_IOCTL_ENCODE; // before 6.5: ADD_DEV's answer is checked
+  if ((features & UBLK_F.USER_RECOVERY) === 0) {
+    throw new CldError('EOPNOTSUPP', "the kernel's ublk driver has no user recovery (UBLK_F_USER_RECOVERY, Linux 6.1+)");
+  }
+  if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
+  if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
+  return flags;
+}
+
