@@ -41,8 +41,14 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   for (const r of reports) {
     if (!r.valid) warning(`superblock copy ${r.copy} at offset ${r.offset} is invalid (${r.reason}); the next open rewrites it`);
   }
-  if (reports.every((r) => r.valid) && !found.otherValid) {
-    error('the two superblock copies belong to different stores (uuids differ)');
+  const [c0, c1] = reports;
+  if (c0.valid && c1.valid && !found.otherCurrent) {
+    if (c0.generation === c1.generation) error('the two superblock copies belong to different stores (uuids differ)');
+    else {
+      warning(
+        `the superblock copies have generations ${c0.generation} and ${c1.generation}: a state change was interrupted; the next open rewrites the older`,
+      );
+    }
   }
   if (store.size < layout.storeSize) {
     error(`the store has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`);

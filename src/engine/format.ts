@@ -224,7 +224,10 @@ export type MapSlotVerdict = { ok: true; header: MapSlotHeader } | { ok: false; 
 export function decodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, buf: Uint8Array): MapSlotVerdict {
   if (buf.length !== layout.blockSize) return { ok: false, reason: `slot of ${buf.length} bytes` };
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  if (Buffer.from(buf.subarray(0, 8)).toString('latin1') !== MAP_SLOT_MAGIC) return { ok: false, reason: 'no map signature' };
+  if (Buffer.from(buf.subarray(0, 8)).toString('latin1') !== MAP_SLOT_MAGIC) {
+    // Format leaves unused slots all zero; anything else without the magic is damage.
+    return { ok: false, reason: buf.every((b) => b === 0) ? 'no map signature' : 'damaged signature' };
+  }
   if (v.getUint32(8, true) !== crc32c(buf, 12, buf.length)) return { ok: false, reason: 'checksum mismatch' };
   if (!Buffer.from(buf.subarray(32, 48)).equals(Buffer.from(uuid))) return { ok: false, reason: 'belongs to another store' };
   const slotPage = Number(v.getBigUint64(24, true));

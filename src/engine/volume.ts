@@ -193,7 +193,7 @@ export class Volume {
    */
   static async open(store: BlockStore, options: OpenOptions = {}): Promise<Volume> {
     const found = await readSuperblocks(store);
-    const { sb, copy, otherValid } = found;
+    const { sb, copy, otherCurrent } = found;
     const { layout } = sb;
     if (store.size < layout.storeSize) {
       throw new CldError(
@@ -220,8 +220,8 @@ export class Volume {
     for (const page of tornPages) volume.map.markDirty(page);
     // A crash between the last merge's commit and the superblock's move to plain.
     if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
-    // Restore the second superblock copy that a crash (or damage) left invalid.
-    if (!otherValid) volume.sbDirty = true;
+    // Restore the superblock copy that a crash (or damage) left invalid or behind.
+    if (!otherCurrent) volume.sbDirty = true;
     if (volume.sbDirty || tornPages.length) await volume.commit();
     return volume;
   }
@@ -294,7 +294,14 @@ export class Volume {
     if (req.op === 'flush') {
       if (req.target !== 'master' && this.sb.state !== 'snapshot') throw noSlave();
     } else {
-      if (req.length <= 0 || req.offset % blockSize !== 0 || req.length % blockSize !== 0) {
+      if (
+        !Number.isSafeInteger(req.offset) ||
+        !Number.isSafeInteger(req.length) ||
+        req.offset < 0 ||
+        req.length <= 0 ||
+        req.offset % blockSize !== 0 ||
+        req.length % blockSize !== 0
+      ) {
         throw new CldError(
           'EINVAL',
           `${req.op} of ${req.length} bytes at ${req.offset}: offset and length must be positive multiples of the block size ${blockSize}`,
@@ -523,6 +530,7 @@ export class Volume {
   untilPlain(): Promise<void> {
     if (this.sb.state === 'plain') return Promise.resolve();
     if (this.failure) return Promise.reject(this.failure);
+    if (this.closed) return Promise.reject(new CldError('CLDD_CLOSED', 'the volume was closed'));
     return new Promise((resolve, reject) => this.plainWaiters.push({ resolve, reject }));
   }
 
@@ -681,10 +689,16 @@ export class Volume {
       }
     }
     if (sbWrite) {
-      const copy = 1 - this.sbCopy;
-      await store.write(encodeSuperblock(nextSb), superblockOffset(copy, layout.blockSize));
-      await store.flush();
-      this.sbCopy = copy;
+      // Both copies get the new superblock, one after the other: a crash between them leaves
+      // one of each generation (the newer wins), and later damage to either copy still leaves
+      // the current state, never the previous one.
+      const image = encodeSuperblock(nextSb);
+      const first = 1 - this.sbCopy;
+      for (const copy of [first, 1 - first]) {
+        await store.write(image, superblockOffset(copy, layout.blockSize));
+        await store.flush();
+      }
+      this.sbCopy = first;
       this.sb = { ...this.sb, generation: nextSb.generation };
     }
     this.counters.commits++;
@@ -715,8 +729,8 @@ function noSlave(): CldError {
 interface FoundSuperblock {
   sb: Superblock;
   copy: number;
-  /** Whether the other copy is valid too (else the next commit restores it). */
-  otherValid: boolean;
+  /** Whether the other copy holds the same superblock (else open rewrites both). */
+  otherCurrent: boolean;
 }
 
 export interface SuperblockCopyReport {
@@ -775,8 +789,10 @@ export async function readSuperblocks(store: BlockStore): Promise<FoundSuperbloc
   }
   valid.sort((a, b) => b.sb.generation - a.sb.generation || a.copy - b.copy);
   const best = valid[0];
-  const otherValid = valid.length === 2 && Buffer.from(valid[1].sb.uuid).equals(Buffer.from(best.sb.uuid));
-  return { sb: best.sb, copy: best.copy, otherValid, reports };
+  const other = valid[1];
+  const otherCurrent =
+    other !== undefined && Buffer.from(other.sb.uuid).equals(Buffer.from(best.sb.uuid)) && other.sb.generation === best.sb.generation;
+  return { sb: best.sb, copy: best.copy, otherCurrent, reports };
 }
 
 /** Reasons that mean a slot was never written for this store, as opposed to torn or damaged. */

@@ -47,6 +47,8 @@ export class FaultStore implements BlockStore {
   private readonly durable: MemoryStore;
   private readonly visible: MemoryStore;
   private unsynced: VolatileWrite[] = [];
+  /** Writes taken by flushes still running, one batch per flush, oldest first. */
+  private flushing: VolatileWrite[][] = [];
   private readonly inFlight = new Set<VolatileWrite>();
   private readonly random: () => number;
   private readonly maxLatency: number;
@@ -99,29 +101,43 @@ export class FaultStore implements BlockStore {
     this.enter('flush', 0, 0, true);
     const covered = this.unsynced;
     this.unsynced = [];
+    this.flushing.push(covered);
     await this.latency();
-    if (this.off) {
-      this.unsynced = covered.concat(this.unsynced);
-      throw powerOff();
-    }
-    for (const w of covered) apply(this.durable, w, null);
+    // Powered off: the batch stays in `flushing`, where crash() finds it.
+    if (this.off) throw powerOff();
+    // Writes taken by earlier flushes completed before this one was issued: they are covered too.
+    const upTo = this.flushing.indexOf(covered);
+    for (const batch of this.flushing.splice(0, upTo + 1)) for (const w of batch) apply(this.durable, w, null);
   }
 
   async close(): Promise<void> {}
 
   /**
    * Takes the image the store would hold after losing power now: every unsynced or interrupted
-   * write is dropped, applied or torn. The store itself is left powered off.
+   * write is dropped, applied or torn. With `worst`, every unsynced write below scrambleBelow is
+   * garbage and every other one is lost. The store itself is left powered off.
    */
-  crash(): { image: MemoryStore; report: CrashReport } {
+  crash(options: { worst?: boolean } = {}): { image: MemoryStore; report: CrashReport } {
     this.off = true;
-    const pending = [...this.unsynced, ...this.inFlight];
+    const pending = [...this.flushing.flat(), ...this.unsynced, ...this.inFlight];
     this.inFlight.clear();
     this.unsynced = [];
+    this.flushing = [];
     const image = MemoryStore.copyOf(this.durable);
     const report: CrashReport = { dropped: 0, applied: 0, torn: 0 };
     const order = pending.map((w) => ({ w, key: this.random() })).sort((a, b) => a.key - b.key);
     for (const { w } of order) {
+      if (options.worst) {
+        // The worst a drive can do: metadata writes in flight are garbage, data writes are lost.
+        if (w.offset < this.scrambleBelow) {
+          const end = Math.min(w.offset + w.length, this.scrambleBelow);
+          const garbage = new Uint8Array(end - w.offset);
+          for (let i = 0; i < garbage.length; i++) garbage[i] = Math.floor(this.random() * 256);
+          image.writeSync(garbage, w.offset);
+          report.torn++;
+        } else report.dropped++;
+        continue;
+      }
       const r = this.random();
       if (r < 0.35) {
         report.dropped++;
@@ -134,7 +150,9 @@ export class FaultStore implements BlockStore {
         for (let i = 0; i < sectors; i++) keep[i] = this.random() < 0.5 ? 1 : 0;
         apply(image, w, keep);
         if (w.offset < this.scrambleBelow && this.random() < 0.5) {
-          const s = Math.floor(this.random() * sectors);
+          // Only sectors below the limit may be garbled.
+          const below = Math.min(sectors, Math.ceil((this.scrambleBelow - w.offset) / SECTOR));
+          const s = Math.floor(this.random() * below);
           const at = w.offset + s * SECTOR;
           const garbage = new Uint8Array(Math.min(SECTOR, this.scrambleBelow - at, w.offset + w.length - at));
           for (let i = 0; i < garbage.length; i++) garbage[i] = Math.floor(this.random() * 256);

@@ -1,0 +1,363 @@
+/**
+ * Offline check: what it calls clean, what it warns about (traces of an interrupted write that
+ * the next open repairs), what it calls damage, and that it never writes.
+ */
+import { createHash } from 'node:crypto';
+import { describe, expect, test } from 'vitest';
+import { check, type CheckReport } from '../src/engine/check.js';
+import { Disk } from '../src/engine/executor.js';
+import { encodeMapSlot, encodeSuperblock, MAP_SLOT_HEADER, mapSlotOffset, superblockOffset } from '../src/engine/format.js';
+import { Volume } from '../src/engine/volume.js';
+import type { BlockStore } from '../src/store/block-store.js';
+import { MemoryStore } from '../src/store/memory-store.js';
+import { rng, seedFromEnv } from './helpers/random.js';
+import { stamped } from './helpers/stamp.js';
+
+const MiB = 1 << 20;
+const BS = 4096;
+
+/** A digest of every byte of a memory store. */
+function digest(store: MemoryStore): string {
+  const hash = createHash('sha256');
+  const buf = new Uint8Array(MiB);
+  for (let at = 0; at < store.size; at += MiB) {
+    const view = buf.subarray(0, Math.min(MiB, store.size - at));
+    store.readSync(view, at);
+    hash.update(view);
+  }
+  return hash.digest('hex');
+}
+
+/** Wraps a store and fails the test on any write, zero or flush. */
+class ReadOnlyGuard implements BlockStore {
+  readonly size: number;
+  readonly description: string;
+  mutations: string[] = [];
+  constructor(private readonly inner: BlockStore) {
+    this.size = inner.size;
+    this.description = inner.description;
+  }
+  read(buffer: Uint8Array, offset: number): Promise<void> {
+    return this.inner.read(buffer, offset);
+  }
+  async write(_data: Uint8Array, offset: number): Promise<void> {
+    this.mutations.push(`write at ${offset}`);
+  }
+  async zero(offset: number): Promise<void> {
+    this.mutations.push(`zero at ${offset}`);
+  }
+  async flush(): Promise<void> {
+    this.mutations.push('flush');
+  }
+  async close(): Promise<void> {}
+}
+
+/** Runs check and verifies it did not touch the store. */
+async function checkReadOnly(store: MemoryStore): Promise<CheckReport> {
+  const before = digest(store);
+  const guard = new ReadOnlyGuard(store);
+  const report = await check(guard);
+  expect(guard.mutations, 'check must not write').toEqual([]);
+  expect(digest(store), 'store bytes after check').toBe(before);
+  return report;
+}
+
+const errors = (r: CheckReport) => r.findings.filter((f) => f.severity === 'error').map((f) => f.message);
+const warnings = (r: CheckReport) => r.findings.filter((f) => f.severity === 'warning').map((f) => f.message);
+
+async function formatted(size = 4 * MiB, blockSize = BS): Promise<{ store: MemoryStore; volume: Volume }> {
+  const store = new MemoryStore(size);
+  const volume = await Volume.format(store, { blockSize, name: 'check' });
+  return { store, volume };
+}
+
+/** A formatted store in snapshot with a few redirected blocks, committed and closed. */
+async function withRedirects(): Promise<{ store: MemoryStore; volume: Volume }> {
+  const { store, volume } = await formatted();
+  const disk = new Disk(volume);
+  await volume.enable();
+  await disk.write(3 * BS, stamped(3 * 8, 16, 1));
+  await disk.flush();
+  await volume.close();
+  return { store, volume };
+}
+
+function flipByte(store: MemoryStore, offset: number): void {
+  const b = new Uint8Array(1);
+  store.readSync(b, offset);
+  b[0] ^= 0x5a;
+  store.writeSync(b, offset);
+}
+
+describe('check', () => {
+  test('a_fresh_store_is_clean_with_no_findings', async () => {
+    for (const blockSize of [4096, 65536]) {
+      const { store, volume } = await formatted(8 * MiB, blockSize);
+      const report = await checkReadOnly(store);
+      expect(report.findings).toEqual([]);
+      expect(report.clean).toBe(true);
+      expect(report.foreign).toBe(false);
+      expect(report.redirected).toBe(0);
+      expect(report.superblock?.state).toBe('plain');
+      expect(report.superblock?.name).toBe('check');
+      expect(report.superblock?.layout).toEqual(volume.layout);
+    }
+  });
+
+  test('a_store_in_snapshot_reports_its_redirected_blocks', async () => {
+    const { store } = await withRedirects();
+    const report = await checkReadOnly(store);
+    expect(report.findings).toEqual([]);
+    expect(report.clean).toBe(true);
+    expect(report.superblock?.state).toBe('snapshot');
+    expect(report.redirected).toBe(2);
+  });
+
+  test.each([0, 1])('a_torn_superblock_copy_%i_of_a_fresh_store_is_a_warning_only', async (copy) => {
+    const { store } = await formatted();
+    flipByte(store, superblockOffset(copy, BS) + 200);
+    const report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toHaveLength(1);
+    expect(warnings(report)[0]).toMatch(new RegExp(`superblock copy ${copy} at offset ${copy * BS} is invalid \\(checksum mismatch\\)`));
+    expect(report.clean).toBe(true);
+    expect(report.superblock?.state).toBe('plain');
+    // The next open repairs it, and check is quiet again.
+    await (await Volume.open(store)).close();
+    expect((await checkReadOnly(store)).findings).toEqual([]);
+  });
+
+  test('a_superblock_copy_torn_while_enabling_is_a_warning_only', async () => {
+    // Enable writes the snapshot superblock to copy 1, then to copy 0. The power fails half-way
+    // through copy 1's sector, so copy 0 was never rewritten.
+    const { store, volume } = await formatted();
+    const before = [0, 1].map((c) => {
+      const buf = new Uint8Array(512);
+      store.readSync(buf, superblockOffset(c, BS));
+      return buf;
+    });
+    await volume.enable();
+    const after = new Uint8Array(512);
+    store.readSync(after, superblockOffset(1, BS));
+    expect(Buffer.from(after).equals(Buffer.from(before[1]))).toBe(false);
+    const torn = before[1].slice();
+    torn.set(after.subarray(0, 40)); // the new checksum and generation, the old state and epoch
+    store.writeSync(torn, superblockOffset(1, BS));
+    store.writeSync(before[0], superblockOffset(0, BS));
+    const report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toEqual([`superblock copy 1 at offset ${BS} is invalid (checksum mismatch); the next open rewrites it`]);
+    expect(report.clean).toBe(true);
+    expect(report.superblock?.state).toBe('plain');
+  });
+
+  test('damage_to_the_older_superblock_copy_is_a_warning_only', async () => {
+    const { store } = await withRedirects();
+    // Both copies hold the snapshot superblock; damage copy 0.
+    flipByte(store, superblockOffset(0, BS) + 200);
+    const report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toHaveLength(1);
+    expect(report.clean).toBe(true);
+    expect(report.superblock?.state).toBe('snapshot');
+    expect(report.redirected).toBe(2);
+  });
+
+  test('damage_to_either_superblock_copy_keeps_the_current_state', async () => {
+    // Every state change writes both copies, so the surviving copy is never an older state.
+    const { store } = await withRedirects();
+    flipByte(store, superblockOffset(1, BS) + 200);
+    const report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toHaveLength(1);
+    expect(report.superblock?.state).toBe('snapshot');
+    expect(report.redirected).toBe(2);
+  });
+
+  test('superblock_copies_of_different_generations_are_a_warning', async () => {
+    // A crash between the two superblock writes of a state change: copy 1 new, copy 0 old.
+    const { store, volume } = await formatted();
+    const old0 = new Uint8Array(BS);
+    store.readSync(old0, superblockOffset(0, BS));
+    await volume.enable();
+    store.writeSync(old0, superblockOffset(0, BS));
+    const report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toEqual([
+      'the superblock copies have generations 1 and 2: a state change was interrupted; the next open rewrites the older',
+    ]);
+    expect(report.superblock?.state).toBe('snapshot');
+    await (await Volume.open(store)).close();
+    expect((await checkReadOnly(store)).findings).toEqual([]);
+  });
+
+  test('a_torn_map_slot_next_to_a_valid_one_is_a_warning_only', async () => {
+    const { store, volume } = await withRedirects();
+    // The commit wrote slot 1 (sequence 2); tear the older slot 0, then (separately) the newer.
+    for (const [slot, redirected] of [
+      [0, 2],
+      [1, 0],
+    ]) {
+      const image = MemoryStore.copyOf(store);
+      flipByte(image, mapSlotOffset(volume.layout, 0, slot) + MAP_SLOT_HEADER + 1000);
+      const report = await checkReadOnly(image);
+      expect(errors(report), `slot ${slot}`).toEqual([]);
+      expect(warnings(report), `slot ${slot}`).toHaveLength(1);
+      expect(warnings(report)[0]).toMatch(/map page 0 has one torn copy/);
+      expect(warnings(report)[0]).toMatch(new RegExp(`slot ${slot}: checksum mismatch`));
+      expect(report.clean).toBe(true);
+      // With the newer slot torn the page falls back to the older one.
+      expect(report.redirected, `slot ${slot}`).toBe(redirected);
+    }
+  });
+
+  /**
+   * The slot magic is outside the checksum, and a slot without magic counts as never written.
+   * A bit flipped in the magic of the newest slot must not pass as an unused slot: the page
+   * silently falls back to the older slot, and the master loses the blocks redirected since.
+   */
+  test('damage_to_the_magic_of_the_newest_map_slot_is_reported', async () => {
+    const { store, volume } = await withRedirects();
+    flipByte(store, mapSlotOffset(volume.layout, 0, 1) + 3); // slot 1 holds sequence 2
+    const report = await checkReadOnly(store);
+    expect(report.findings.map((f) => f.message).join('\n')).toMatch(/map page 0/);
+  });
+
+  test('both_superblock_copies_damaged_is_an_error', async () => {
+    const { store } = await withRedirects();
+    flipByte(store, superblockOffset(0, BS) + 40);
+    flipByte(store, superblockOffset(1, BS) + 300);
+    const report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(report.foreign).toBe(false);
+    expect(report.superblock).toBeNull();
+    expect(errors(report).join('\n')).toMatch(/both superblock copies are damaged/);
+  });
+
+  test('superblock_copies_of_two_different_stores_are_an_error', async () => {
+    const { store } = await formatted();
+    const other = await formatted();
+    const copy1 = new Uint8Array(BS);
+    other.store.readSync(copy1, superblockOffset(1, BS));
+    store.writeSync(copy1, superblockOffset(1, BS));
+    const report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(errors(report).join('\n')).toMatch(/belong to different stores/);
+  });
+
+  test('a_map_page_with_no_valid_slot_is_an_error_naming_it', async () => {
+    // Three map pages; damage both slots of page 1.
+    const store = new MemoryStore(600 * MiB);
+    const volume = await Volume.format(store, { blockSize: BS });
+    expect(volume.layout.mapPages).toBe(3);
+    await volume.close();
+    flipByte(store, mapSlotOffset(volume.layout, 1, 0) + 100);
+    store.writeSync(encodeMapSlot(volume.layout, volume.superblock.uuid, 1, 2, null).fill(0x33, 2000, 2100), mapSlotOffset(volume.layout, 1, 1));
+    const guard = new ReadOnlyGuard(store);
+    const report = await check(guard);
+    expect(guard.mutations).toEqual([]);
+    expect(report.clean).toBe(false);
+    const errs = errors(report);
+    expect(errs).toHaveLength(1);
+    expect(errs[0]).toMatch(/map page 1 has no valid copy \(slot 0: checksum mismatch; slot 1: checksum mismatch\)/);
+  });
+
+  test('a_plain_state_with_redirected_bits_is_an_error', async () => {
+    const { store, volume } = await formatted();
+    await volume.close();
+    // A newer slot for page 0 with two bits set, although the state is plain.
+    const payload = new Uint8Array(BS - MAP_SLOT_HEADER);
+    payload[0] = 0b101;
+    store.writeSync(encodeMapSlot(volume.layout, volume.superblock.uuid, 0, 2, payload), mapSlotOffset(volume.layout, 0, 1));
+    const report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(errors(report)).toEqual(['the state is plain but 2 blocks are marked redirected']);
+    expect(report.redirected).toBe(2);
+  });
+
+  test('bits_beyond_the_last_block_are_an_error', async () => {
+    const { store, volume } = await withRedirects();
+    const { layout } = volume;
+    const payload = new Uint8Array(BS - MAP_SLOT_HEADER);
+    const beyond = layout.blocks; // the first bit past the end (one page here)
+    payload[beyond >> 3] |= 1 << (beyond & 7);
+    store.writeSync(encodeMapSlot(layout, volume.superblock.uuid, 0, 9, payload), mapSlotOffset(layout, 0, 0));
+    const report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(errors(report).join('\n')).toMatch(new RegExp(`marks block ${beyond}, beyond the last block`));
+  });
+
+  test('a_truncated_store_is_an_error', async () => {
+    const { store } = await withRedirects();
+    const short = new MemoryStore(store.size - MiB);
+    const buf = new Uint8Array(short.size);
+    store.readSync(buf, 0);
+    short.writeSync(buf, 0);
+    const report = await checkReadOnly(short);
+    expect(report.clean).toBe(false);
+    expect(errors(report).join('\n')).toMatch(new RegExp(`has ${short.size} bytes but was formatted with ${store.size}: it was truncated`));
+  });
+
+  test('a_grown_store_is_clean', async () => {
+    const { store } = await withRedirects();
+    const big = new MemoryStore(store.size + 5 * MiB);
+    const buf = new Uint8Array(store.size);
+    store.readSync(buf, 0);
+    big.writeSync(buf, 0);
+    const report = await checkReadOnly(big);
+    expect(report.findings).toEqual([]);
+    expect(report.redirected).toBe(2);
+  });
+
+  test('a_foreign_store_is_not_a_cldd_store', async () => {
+    const seed = seedFromEnv();
+    console.log(`check foreign seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const random = rng(seed);
+    const noise = new MemoryStore(4 * MiB);
+    const words = new Uint32Array(MiB / 4);
+    for (let i = 0; i < words.length; i++) words[i] = Math.floor(random() * 0x100000000);
+    noise.writeSync(new Uint8Array(words.buffer), 0);
+    for (const store of [new MemoryStore(4 * MiB), noise, new MemoryStore(100)]) {
+      const report = await checkReadOnly(store);
+      expect(report.clean).toBe(false);
+      expect(report.foreign).toBe(true);
+      expect(report.superblock).toBeNull();
+      expect(errors(report).join('\n')).toMatch(/not a cldd store/);
+    }
+  });
+
+  test('check_never_writes_even_on_damaged_stores', async () => {
+    const seed = seedFromEnv();
+    console.log(`check damage seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const random = rng(seed);
+    const { store, volume } = await withRedirects();
+    for (let i = 0; i < 25; i++) {
+      const image = MemoryStore.copyOf(store);
+      const hits = 1 + Math.floor(random() * 4);
+      for (let k = 0; k < hits; k++) {
+        // Damage where every byte counts: a superblock's defined sector or a map slot of page 0.
+        const at =
+          random() < 0.5
+            ? superblockOffset(Math.floor(random() * 2), BS) + Math.floor(random() * 512)
+            : mapSlotOffset(volume.layout, 0, 0) + Math.floor(random() * 2 * BS);
+        flipByte(image, at);
+      }
+      const report = await checkReadOnly(image);
+      // Damage is reported, never thrown; clean means no errors.
+      expect(report.clean, `[seed ${seed}] damage ${i}`).toBe(errors(report).length === 0);
+    }
+  });
+
+  test('check_of_the_superblock_rewritten_with_a_foreign_uuid_map_is_an_error', async () => {
+    // The superblocks of a fresh format over an old map: every old slot belongs to another store.
+    const { store, volume } = await withRedirects();
+    const other = await formatted();
+    const sb = encodeSuperblock({ ...other.volume.superblock, generation: 50 });
+    store.writeSync(sb, superblockOffset(0, BS));
+    store.writeSync(sb, superblockOffset(1, BS));
+    const report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(errors(report).join('\n')).toMatch(/map page 0 has no valid copy \(slot 0: belongs to another store; slot 1: belongs to another store\)/);
+    expect(volume.layout).toEqual(other.volume.layout);
+  });
+});
