@@ -371,3 +371,24 @@ describe('map slot', () => {
     expect(decodeMapSlot(layout, uuid, 0, image)).toEqual({ ok: false, reason: 'sequence out of range' });
   });
 });
+
+test('a superblock with feature flags this version does not know is refused', async () => {
+  const { computeLayout, decodeSuperblock, encodeSuperblock, newUuid } = await import('../src/engine/format.js');
+  const { crc32c } = await import('../src/engine/crc32c.js');
+  const buf = encodeSuperblock({
+    uuid: newUuid(),
+    generation: 1,
+    state: 'plain',
+    epoch: 0,
+    stateChangedAt: 0,
+    createdAt: 0,
+    name: '',
+    layout: computeLayout(8 << 20, 4096),
+  });
+  const v = new DataView(buf.buffer);
+  v.setUint32(120, 4, true);
+  v.setUint32(8, crc32c(buf, 12, 512), true);
+  const verdict = decodeSuperblock(buf);
+  expect(verdict.ok).toBe(false);
+  expect(verdict.ok ? '' : verdict.reason).toMatch(/unknown feature flags 4/);
+});

@@ -172,6 +172,9 @@ export class BlockMap {
 
   /** Loads a page's stored payload; rejects bits beyond the last block. */
   load(p: number, payload: Uint8Array): void {
+    if (payload.length < this.wordsPerPage * 4) {
+      throw new CldError('CLDD_CORRUPT', `map page ${p}: payload of ${payload.length} bytes, expected ${this.wordsPerPage * 4}`);
+    }
     const words = new Uint32Array(payload.buffer.slice(payload.byteOffset, payload.byteOffset + this.wordsPerPage * 4));
     let n = 0;
     for (let w = 0; w < words.length; w++) if (words[w]) n += popcount(words[w]);

@@ -175,6 +175,8 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   const recorded = [u64(56), u64(64), u64(72), u64(80), u64(88)];
   const computed = [expected.blocks, expected.mapOffset, expected.mapPages, expected.dataOffset, expected.changeOffset];
   if (recorded.some((x, i) => x !== computed[i])) return bad('layout fields disagree with the recorded store size');
+  const flags = v.getUint32(120, true);
+  if (flags !== 0) return bad(`unknown feature flags ${flags.toString(16)} (written by a newer cldd?)`);
   const nameLength = v.getUint32(124, true);
   if (nameLength > NAME_BYTES) return bad(`name length ${nameLength}`);
   let name: string;

@@ -111,7 +111,7 @@ export class FileStore implements BlockStore {
 
   private checkRange(op: string, offset: number, length: number): void {
     if (this.closed) throw new CldError('CLDD_CLOSED', `${op} ${this.description}: the store is closed`);
-    if (offset < 0 || offset + length > this.size) {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
       throw new CldError('EINVAL', `${op} ${this.description}: ${length} bytes at ${offset} is outside 0..${this.size}`);
     }
   }
