@@ -1,0 +1,22 @@
+/**
+ * The administrator's tool on real devices (test/fixtures/cli-vm-checks.sh), through the cldd
+ * and clddsetup commands exactly as a user runs them. Full output: $TMPDIR/cldd-cli-vm.log.
+ */
+import { describe } from 'vitest';
+import { deviceChecks } from './helpers/vm-checks.js';
+
+describe('cldd on real devices', () => {
+  deviceChecks(
+    'test/fixtures/cli-vm-checks.sh',
+    {
+      walkthrough:
+        'add, mkfs, mount, enable with freeze under a writer, slave shows the enable-time files, disable --wait, fsck, remove, re-add',
+      unmount_sequence: "the original's sequence: unmount, enable, mount master and slave, disable",
+      clddsetup: 'clddsetup -m, status, -e, -d with /dev/cldmN and /dev/cldsN',
+      refusals: 'foreign data, missing, too small, attached, running, mounted, enabled twice, wrong name, not root',
+      restart: 'SIGKILL of the daemon under a writer; cldd add again reattaches the same live device, nothing lost',
+      persist: 'add --persist writes the configuration and enables cldd@NAME; remove undoes it',
+    },
+    'cldd-cli-vm.log',
+  );
+});
