@@ -1,0 +1,33 @@
+// /dev/ublk-control and its ring. Commands are generic here (opcode, device, queue, one inline
+// word, one buffer); what they mean, and which opcode encoding the kernel takes, is decided in
+// src/ublk/control.ts. The driver runs control commands from an io_uring worker, so awaiting
+// START_DEV or END_USER_RECOVERY never blocks the thread that serves the queues.
+#pragma once
+
+#include <memory>
+
+#include "common.h"
+
+namespace cldd {
+
+class Control : public Napi::ObjectWrap<Control> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit Control(const Napi::CallbackInfo& info);
+  ~Control() override { Shutdown(); }
+
+ private:
+  struct Pending;
+  Napi::Value Command(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  void OnCompletions();
+  void Shutdown();
+
+  Fd fd_;
+  Ring ring_;
+  size_t pending_ = 0;
+  std::unique_ptr<Napi::AsyncContext> context_;
+  CleanupHook cleanup_;
+};
+
+}  // namespace cldd

@@ -1,0 +1,387 @@
+#include "device.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "ublk.h"
+
+namespace cldd {
+
+namespace {
+enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2 };
+// user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index.
+constexpr uint64_t kExtentBit = 1ULL << 63;
+constexpr uint32_t kMaxExtents = 1u << 16;
+
+size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
+}  // namespace
+
+Napi::Function Device::Define(Napi::Env env) {
+  return DefineClass(env, "Device",
+                     {
+                         InstanceMethod<&Device::Start>("start"),
+                         InstanceMethod<&Device::Submit>("submit"),
+                         InstanceMethod<&Device::Complete>("complete"),
+                         InstanceMethod<&Device::Close>("close"),
+                         InstanceAccessor<&Device::LiveQueues>("liveQueues"),
+                         InstanceAccessor<&Device::LastError>("lastError"),
+                         InstanceAccessor<&Device::Stats>("stats"),
+                     });
+}
+
+Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) {
+  Napi::Env env = info.Env();
+  Napi::Object options = info[0].As<Napi::Object>();
+  devId_ = options.Get("devId").As<Napi::Number>().Uint32Value();
+  uint32_t queues = options.Get("queues").As<Napi::Number>().Uint32Value();
+  depth_ = options.Get("depth").As<Napi::Number>().Uint32Value();
+  bufferBytes_ = options.Get("bufferBytes").As<Napi::Number>().Uint32Value();
+  backingFd_ = options.Get("backingFd").As<Napi::Number>().Int32Value();
+  encode_ = options.Get("ioctlEncode").ToBoolean();
+  onEvents_ = Napi::Persistent(options.Get("onEvents").As<Napi::Function>());
+  std::string name = "ublk device " + std::to_string(devId_);
+  if (queues == 0 || depth_ == 0 || depth_ > kMaxDepth || bufferBytes_ == 0 || bufferBytes_ % 512) {
+    throw CodeError(env, "EINVAL", name + ": bad queue count, depth or buffer size");
+  }
+  std::string path = "/dev/ublkc" + std::to_string(devId_);
+  charFd_.Reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+  if (!charFd_.valid()) throw ErrnoError(env, errno, "open " + path);
+  // The thread that serves the queues writes to the backing file on behalf of the block layer:
+  // under memory pressure it must not be throttled like an ordinary writer. Best effort: it
+  // needs CAP_SYS_RESOURCE and only changes reclaim behaviour, not correctness.
+  ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+
+  size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  size_t stride = RoundUp(kMaxDepth * sizeof(IoDesc), page);
+  context_ = std::make_unique<Napi::AsyncContext>(env, "cldd:ublk-queue");
+  for (uint32_t id = 0; id < queues; id++) {
+    auto q = std::make_unique<Queue>();
+    q->id = uint16_t(id);
+    q->tags.resize(depth_);
+    int err = q->descriptors.Map(RoundUp(depth_ * sizeof(IoDesc), page), PROT_READ, MAP_SHARED | MAP_POPULATE,
+                                 charFd_.get(), off_t(id * stride));
+    if (err) throw ErrnoError(env, err, name + ": map the descriptors of queue " + std::to_string(id));
+    // Untouched tag buffers cost address space only.
+    err = q->buffers.Map(size_t(depth_) * bufferBytes_, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (err) throw ErrnoError(env, err, name + ": allocate the buffers of queue " + std::to_string(id));
+    unsigned entries = 64;
+    while (entries < 2 * depth_) entries *= 2;
+    q->ring.Init(env, entries, 0, name + " queue " + std::to_string(id));
+    Queue* raw = q.get();
+    q->ring.Watch([this, raw] { OnCompletions(*raw); });
+    queues_.push_back(std::move(q));
+  }
+  cleanup_.Add(env, [](void* self) { static_cast<Device*>(self)->Shutdown(); }, this);
+}
+
+Device::Queue& Device::QueueArg(Napi::Env env, const Napi::Value& value) {
+  uint32_t id = value.As<Napi::Number>().Uint32Value();
+  if (id >= queues_.size() || !queues_[id]->ring.open()) {
+    throw CodeError(env, "EINVAL", "ublk device " + std::to_string(devId_) + ": no open queue " + std::to_string(id));
+  }
+  return *queues_[id];
+}
+
+void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
+  io_uring_sqe* sqe = q.ring.Sqe();
+  if (!sqe) {
+    // The ring refused its queued entries: the queue cannot go on.
+    lastError_ = "queue " + std::to_string(q.id) + ": the ring refused submissions";
+    q.tags[tag].state = TagState::kDead;
+    return;
+  }
+  // liburing 2.3 has no URING_CMD helper: a zeroed SQE with the opcode and command filled in.
+  std::memset(sqe, 0, sizeof *sqe);
+  sqe->opcode = IORING_OP_URING_CMD;
+  sqe->fd = charFd_.get();
+  sqe->cmd_op = encode_ ? EncodeIo(op) : op;
+  IoCmd cmd{q.id, tag, result, reinterpret_cast<uintptr_t>(q.buffers.data() + size_t(tag) * bufferBytes_)};
+  std::memcpy(sqe->cmd, &cmd, sizeof cmd);
+  sqe->user_data = tag;
+}
+
+void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
+  Extent& e = q.tags[tag].extents[index];
+  io_uring_sqe* sqe = q.ring.Sqe();
+  if (!sqe) {
+    OnExtentCompletion(q, tag, index, -EAGAIN);
+    return;
+  }
+  uint8_t* data = q.buffers.data() + size_t(tag) * bufferBytes_ + e.bufferOffset + e.done;
+  switch (e.kind) {
+    case kRead:
+      io_uring_prep_read(sqe, backingFd_, data, e.length - e.done, e.offset + e.done);
+      break;
+    case kWrite:
+      io_uring_prep_write(sqe, backingFd_, data, e.length - e.done, e.offset + e.done);
+      break;
+    default:
+      io_uring_prep_fallocate(sqe, backingFd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, e.offset, e.length);
+      break;
+  }
+  sqe->user_data = kExtentBit | (uint64_t(tag) << 16) | index;
+  q.backingInFlight++;
+}
+
+void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
+  Tag& t = q.tags[tag];
+  t.state = TagState::kFetching;
+  t.extents.clear();
+  QueueCommand(q, tag, kIoCommitAndFetch, result);
+}
+
+Napi::Value Device::Start(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  for (auto& q : queues_) {
+    if (q->started || !q->ring.open()) continue;
+    for (uint32_t tag = 0; tag < depth_; tag++) {
+      q->tags[tag].state = TagState::kFetching;
+      QueueCommand(*q, uint16_t(tag), kIoFetch, 0);
+    }
+    q->live = depth_;
+    q->started = true;
+    int rc = q->ring.Submit();
+    if (rc < 0) throw ErrnoError(env, -rc, "ublk device " + std::to_string(devId_) + ": fetch on queue " + std::to_string(q->id));
+    // A serving queue keeps the process alive until the kernel aborts its tags.
+    q->ring.SetRef(true);
+  }
+  return env.Undefined();
+}
+
+// submit(queue, records): (tag, needsEngine, count, count x (kind, offset, length, bufferOffset))
+Napi::Value Device::Submit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Queue& q = QueueArg(env, info[0]);
+  Napi::Float64Array records = info[1].As<Napi::Float64Array>();
+  const double* r = records.Data();
+  size_t n = records.ElementLength();
+  // Validate everything before anything is queued, so a bad record leaves no tag half-started.
+  for (size_t i = 0; i < n;) {
+    if (i + 3 > n) throw CodeError(env, "EINVAL", "submit: truncated plan record");
+    double tag = r[i], count = r[i + 2];
+    if (tag < 0 || tag >= depth_ || q.tags[size_t(tag)].state != TagState::kEngine) {
+      throw CodeError(env, "EINVAL", "submit: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not being planned");
+    }
+    if (count < 1 || count > kMaxExtents || i + 3 + 4 * size_t(count) > n) {
+      throw CodeError(env, "EINVAL", "submit: bad extent count for tag " + std::to_string(tag));
+    }
+    const Tag& t = q.tags[size_t(tag)];
+    for (size_t k = 0; k < size_t(count); k++) {
+      const double* e = r + i + 3 + 4 * k;
+      bool zero = e[0] == double(kZero);
+      // Data extents stay inside the request's buffer; zero extents only need to fit 32 bits.
+      if (e[0] < 0 || e[0] > 2 || e[1] < 0 || e[2] <= 0 || e[2] > double(UINT32_MAX) ||
+          (!zero && e[3] + e[2] > double(t.bytes))) {
+        throw CodeError(env, "EINVAL", "submit: extent " + std::to_string(k) + " of tag " + std::to_string(tag) + " does not fit its request");
+      }
+    }
+    i += 3 + 4 * size_t(count);
+  }
+  for (size_t i = 0; i < n;) {
+    auto tag = uint16_t(r[i]);
+    auto count = size_t(r[i + 2]);
+    Tag& t = q.tags[tag];
+    t.needsEngine = r[i + 1] != 0;
+    t.state = TagState::kRunning;
+    t.error = 0;
+    // One extra count while queueing, so an extent failing at once cannot finish the tag early.
+    t.pending = uint32_t(count) + 1;
+    t.extents.clear();
+    for (size_t k = 0; k < count; k++) {
+      const double* e = r + i + 3 + 4 * k;
+      t.extents.push_back(Extent{uint8_t(e[0]), uint64_t(e[1]), uint32_t(e[2]), uint32_t(e[3]), 0});
+    }
+    for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+    if (--t.pending == 0) ExtentsFinished(q, tag);
+    i += 3 + 4 * count;
+  }
+  q.ring.Submit();
+  return env.Undefined();
+}
+
+// complete(queue, pairs): (tag, result) with result 0 for success or -errno.
+Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Queue& q = QueueArg(env, info[0]);
+  Napi::Int32Array pairs = info[1].As<Napi::Int32Array>();
+  for (size_t i = 0; i + 1 < pairs.ElementLength(); i += 2) {
+    int32_t tag = pairs[i], result = pairs[i + 1];
+    if (tag < 0 || uint32_t(tag) >= depth_ ||
+        (q.tags[tag].state != TagState::kEngine && q.tags[tag].state != TagState::kWaiting)) {
+      throw CodeError(env, "EINVAL", "complete: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not waiting for the engine");
+    }
+    Tag& t = q.tags[tag];
+    // Reads and writes complete with their full byte count; flush, discard and zeroes with 0.
+    Commit(q, uint16_t(tag), result < 0 ? result : int32_t(t.bytes));
+  }
+  q.ring.Submit();
+  return env.Undefined();
+}
+
+void Device::OnCompletions(Queue& q) {
+  Napi::Env env = Env();
+  RunFromLoop(env, *context_, [&] {
+    wakeups_++;
+    // The engine's answers are submitted while JS runs; backing reads that hit the page cache
+    // complete inside that submit. Reaping again after each call into JS commits those requests
+    // in the same wake-up instead of paying another trip through the event loop. Bounded, so
+    // a busy queue cannot starve the rest of the loop (the ring fd stays readable).
+    for (int round = 0; round < 16 && q.ring.open(); round++) {
+      bool stopped = false;
+      io_uring_cqe* cqe;
+      double before = cqes_;
+      while (q.ring.open() && io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
+        cqes_++;
+        uint64_t data = cqe->user_data;
+        int res = cqe->res;
+        io_uring_cqe_seen(q.ring.get(), cqe);
+        if (data & kExtentBit) {
+          q.backingInFlight--;
+          OnExtentCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
+        } else {
+          OnCommandCompletion(q, uint16_t(data), res, &stopped);
+        }
+      }
+      if (round == 0 && cqes_ == before) emptyWakeups_++;
+      if (!q.ring.open()) return;
+      // Commits of plans that needed no engine go to the kernel before the engine hears of them.
+      q.ring.Submit();
+      if (q.requests.empty() && q.ordered.empty() && q.done.empty() && !stopped) return;
+      DeliverEvents(q, stopped);
+    }
+  });
+}
+
+void Device::DeliverEvents(Queue& q, bool stopped) {
+  Napi::Env env = Env();
+  auto requests = q.requests.empty() ? env.Null() : Napi::Float64Array::New(env, q.requests.size());
+  if (!q.requests.empty()) std::memcpy(requests.As<Napi::Float64Array>().Data(), q.requests.data(), q.requests.size() * sizeof(double));
+  auto ordered = q.ordered.empty() ? env.Null() : Napi::Int32Array::New(env, q.ordered.size());
+  if (!q.ordered.empty()) std::memcpy(ordered.As<Napi::Int32Array>().Data(), q.ordered.data(), q.ordered.size() * sizeof(int32_t));
+  auto done = q.done.empty() ? env.Null() : Napi::Int32Array::New(env, q.done.size());
+  if (!q.done.empty()) std::memcpy(done.As<Napi::Int32Array>().Data(), q.done.data(), q.done.size() * sizeof(int32_t));
+  q.requests.clear();
+  q.ordered.clear();
+  q.done.clear();
+  jsCalls_++;
+  onEvents_.Call(Value(), {Napi::Number::New(env, q.id), requests, ordered, done, Napi::Boolean::New(env, stopped)});
+}
+
+void Device::OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped) {
+  if (tag >= depth_) return;
+  Tag& t = q.tags[tag];
+  if (res == UBLK_IO_RES_OK) {
+    const IoDesc* d = reinterpret_cast<const IoDesc*>(q.descriptors.data()) + tag;
+    uint32_t opFlags = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
+    t.state = TagState::kEngine;
+    t.op = uint8_t(opFlags & 0xff);
+    // Descriptors count 512-byte sectors whatever the logical block size.
+    t.bytes = (t.op == UBLK_IO_OP_READ || t.op == UBLK_IO_OP_WRITE) ? d->nr_sectors * 512u : 0;
+    double record[5] = {double(tag), double(t.op), double(opFlags >> 8), double(d->start_sector) * 512.0,
+                        double(d->nr_sectors) * 512.0};
+    q.requests.insert(q.requests.end(), record, record + 5);
+    return;
+  }
+  if (t.state == TagState::kDead) return;
+  // -ENODEV: the device is going away (stop, or the ring is being torn down). Anything else
+  // means this tag cannot be served any more either.
+  if (res != UBLK_IO_RES_ABORT) {
+    lastError_ = ErrnoMessage(-res, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) +
+                                        " tag " + std::to_string(tag));
+  }
+  t.state = TagState::kDead;
+  if (q.live > 0 && --q.live == 0) {
+    *stopped = true;
+    q.ring.SetRef(false);
+  }
+}
+
+void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res) {
+  if (tag >= depth_ || index >= q.tags[tag].extents.size()) return;
+  Tag& t = q.tags[tag];
+  Extent& e = t.extents[index];
+  if (res < 0) {
+    if (!t.error) t.error = -res;
+  } else if (e.kind != kZero) {
+    if (res == 0) {
+      // End of file (or no progress): the backing file is shorter than the engine thinks.
+      if (!t.error) t.error = EIO;
+    } else {
+      e.done += uint32_t(res);
+      if (e.done < e.length) {
+        QueueExtent(q, tag, index);
+        return;
+      }
+    }
+  }
+  if (--t.pending == 0) ExtentsFinished(q, tag);
+}
+
+void Device::ExtentsFinished(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  if (t.needsEngine) {
+    t.state = TagState::kWaiting;
+    q.ordered.push_back(tag);
+    q.ordered.push_back(t.error);
+    return;
+  }
+  q.done.push_back(tag);
+  q.done.push_back(t.error);
+  Commit(q, tag, t.error ? -t.error : int32_t(t.bytes));
+}
+
+Napi::Value Device::Close(const Napi::CallbackInfo& info) {
+  Shutdown();
+  return info.Env().Undefined();
+}
+
+void Device::Shutdown() {
+  for (auto& q : queues_) {
+    if (!q->ring.open()) continue;
+    // Backing reads land in the tag buffers: let them finish before the buffers are unmapped.
+    // File I/O always completes, so this wait is bounded.
+    while (q->backingInFlight > 0) {
+      io_uring_cqe* cqe;
+      if (io_uring_wait_cqe(q->ring.get(), &cqe) < 0) break;
+      if (cqe->user_data & kExtentBit) q->backingInFlight--;
+      io_uring_cqe_seen(q->ring.get(), cqe);
+    }
+    // Closing the ring cancels the outstanding FETCHes: the kernel sees the server go away.
+    q->ring.Close();
+  }
+  queues_.clear();  // unmaps descriptors and buffers
+  charFd_.Reset();
+  onEvents_.Reset();
+}
+
+Napi::Value Device::LiveQueues(const Napi::CallbackInfo& info) {
+  uint32_t live = 0;
+  for (auto& q : queues_) live += q->ring.open() && (!q->started || q->live > 0);
+  return Napi::Number::New(info.Env(), live);
+}
+
+Napi::Value Device::LastError(const Napi::CallbackInfo& info) {
+  if (lastError_.empty()) return info.Env().Null();
+  return Napi::String::New(info.Env(), lastError_);
+}
+
+}  // namespace cldd
+
+namespace cldd {
+Napi::Value Device::Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("wakeups", wakeups_);
+  o.Set("emptyWakeups", emptyWakeups_);
+  o.Set("cqes", cqes_);
+  o.Set("jsCalls", jsCalls_);
+  return o;
+}
+}  // namespace cldd

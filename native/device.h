@@ -1,0 +1,92 @@
+// The serving side of one ublk device: /dev/ublkcN, each queue's descriptor mapping, per-tag
+// I/O buffers and one io_uring per queue that carries both the ublk commands and the backing
+// file's I/O. Every queue is served from the Node main thread (see src/ublk/device.ts for why):
+// it issues every FETCH_REQ and every later command, so it is the daemon task of all queues.
+//
+// Per tag: the kernel hands a request over (FETCH completes) -> the engine plans it -> the
+// plan's extents run here -> either the tag is committed at once (the engine is told after, in
+// a batch) or, for plans that need ordering, the engine is told first and commits through
+// complete(). Only plans, never extents, cross into JS.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace cldd {
+
+class Device : public Napi::ObjectWrap<Device> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit Device(const Napi::CallbackInfo& info);
+  ~Device() override { Shutdown(); }
+
+ private:
+  struct Extent {
+    uint8_t kind;
+    uint64_t offset;
+    uint32_t length;
+    uint32_t bufferOffset;
+    uint32_t done;
+  };
+  enum class TagState : uint8_t { kIdle, kFetching, kEngine, kRunning, kWaiting, kDead };
+  struct Tag {
+    TagState state = TagState::kIdle;
+    uint8_t op = 0;
+    uint32_t bytes = 0;
+    bool needsEngine = false;
+    uint32_t pending = 0;
+    int error = 0;
+    std::vector<Extent> extents;
+  };
+  struct Queue {
+    uint16_t id = 0;
+    Ring ring;
+    Mapping descriptors;
+    Mapping buffers;
+    std::vector<Tag> tags;
+    uint32_t live = 0;
+    uint32_t backingInFlight = 0;
+    bool started = false;
+    std::vector<double> requests;
+    std::vector<int32_t> ordered;
+    std::vector<int32_t> done;
+  };
+
+  Napi::Value Start(const Napi::CallbackInfo& info);
+  Napi::Value Submit(const Napi::CallbackInfo& info);
+  Napi::Value Complete(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value LiveQueues(const Napi::CallbackInfo& info);
+  Napi::Value LastError(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+
+  Queue& QueueArg(Napi::Env env, const Napi::Value& value);
+  void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
+  void QueueExtent(Queue& q, uint16_t tag, uint16_t index);
+  void Commit(Queue& q, uint16_t tag, int32_t result);
+  void OnCompletions(Queue& q);
+  void DeliverEvents(Queue& q, bool stopped);
+  void OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped);
+  void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
+  void ExtentsFinished(Queue& q, uint16_t tag);
+  void Shutdown();
+
+  uint32_t devId_ = 0;
+  uint32_t depth_ = 0;
+  uint32_t bufferBytes_ = 0;
+  int backingFd_ = -1;
+  bool encode_ = false;
+  Fd charFd_;
+  std::vector<std::unique_ptr<Queue>> queues_;
+  Napi::FunctionReference onEvents_;
+  std::unique_ptr<Napi::AsyncContext> context_;
+  CleanupHook cleanup_;
+  std::string lastError_;
+  // Counters for measurement: ring wake-ups, wake-ups that found nothing, CQEs, calls into JS.
+  double wakeups_ = 0, emptyWakeups_ = 0, cqes_ = 0, jsCalls_ = 0;
+};
+
+}  // namespace cldd

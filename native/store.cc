@@ -1,0 +1,317 @@
+#include "store.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+
+namespace cldd {
+
+namespace {
+enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kFlush = 3 };
+const char* const kKindName[] = {"read", "write", "zero", "flush"};
+// io_uring read/write lengths are 32-bit; larger requests go in pieces.
+constexpr uint64_t kMaxChunk = 1u << 30;
+}  // namespace
+
+// One JS call (one promise); it may have several parts in flight.
+struct Store::Job {
+  Napi::Promise::Deferred deferred;
+  Napi::Reference<Napi::Value> keep;  // the caller's buffer stays alive while the kernel uses it
+  std::string what;
+  size_t pending = 1;  // one for the launch itself, so no part can settle the job early
+  int error = 0;
+  std::string failed;
+  explicit Job(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
+};
+
+struct Store::Part {
+  Job* job;
+  uint8_t kind;
+  uint8_t* data;
+  uint64_t offset;
+  uint64_t length;
+  uint64_t done = 0;
+};
+
+Napi::Function Store::Define(Napi::Env env) {
+  return DefineClass(env, "Store",
+                     {
+                         InstanceAccessor<&Store::Size>("size"),
+                         InstanceAccessor<&Store::IsBlockDevice>("isBlockDevice"),
+                         InstanceAccessor<&Store::FdValue>("fd"),
+                         InstanceMethod<&Store::Read>("read"),
+                         InstanceMethod<&Store::Write>("write"),
+                         InstanceMethod<&Store::Zero>("zero"),
+                         InstanceMethod<&Store::Flush>("flush"),
+                         InstanceMethod<&Store::Run>("run"),
+                         InstanceMethod<&Store::Close>("close"),
+                     });
+}
+
+// new Store(path, readOnly, lock)
+Store::Store(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Store>(info) {
+  Napi::Env env = info.Env();
+  path_ = info[0].As<Napi::String>().Utf8Value();
+  bool readOnly = info[1].ToBoolean();
+  bool lock = info[2].ToBoolean();
+  struct stat st;
+  if (::stat(path_.c_str(), &st) < 0) throw ErrnoError(env, errno, "open " + path_);
+  blockDevice_ = S_ISBLK(st.st_mode);
+  if (!blockDevice_ && !S_ISREG(st.st_mode)) {
+    throw CodeError(env, "EINVAL", path_ + " is neither a regular file nor a block device");
+  }
+  int flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  // A block device held by a mount or another program is refused rather than written under it.
+  if (blockDevice_ && !readOnly) flags |= O_EXCL;
+  fd_.Reset(::open(path_.c_str(), flags));
+  if (!fd_.valid()) {
+    int err = errno;
+    if (err == EBUSY) throw CodeError(env, "EBUSY", path_ + " is busy (mounted, attached or open by another program)");
+    throw ErrnoError(env, err, "open " + path_);
+  }
+  // Two servers on one backing file would corrupt it; the lock dies with its process, so a
+  // restart after a crash is not refused.
+  if (lock && ::flock(fd_.get(), LOCK_EX | LOCK_NB) < 0) {
+    int err = errno;
+    if (err == EWOULDBLOCK) throw CodeError(env, "EBUSY", path_ + " is already attached by another cldd process");
+    throw ErrnoError(env, err, "lock " + path_);
+  }
+  if (blockDevice_) {
+    uint64_t bytes = 0;
+    if (::ioctl(fd_.get(), BLKGETSIZE64, &bytes) < 0) throw ErrnoError(env, errno, "size of " + path_);
+    size_ = bytes;
+  } else {
+    size_ = static_cast<uint64_t>(st.st_size);
+  }
+  ring_.Init(env, 64, 0, "store " + path_);
+  context_ = std::make_unique<Napi::AsyncContext>(env, "cldd:store");
+  ring_.Watch([this] { OnCompletions(); });
+  cleanup_.Add(env, [](void* self) { static_cast<Store*>(self)->Shutdown(); }, this);
+}
+
+Store::~Store() { Shutdown(); }
+
+void Store::Shutdown() {
+  // Finalization or environment teardown: nothing can wait any more, so in-flight requests
+  // are abandoned with the ring (the kernel finishes or cancels them).
+  ring_.Close();
+  fd_.Reset();
+  closed_ = true;
+}
+
+Napi::Value Store::Size(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(size_)); }
+Napi::Value Store::IsBlockDevice(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), blockDevice_); }
+Napi::Value Store::FdValue(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), fd_.get()); }
+
+void Store::CheckOpen(Napi::Env env, const char* op) {
+  if (closed_) throw CodeError(env, "CLDD_CLOSED", std::string(op) + " " + path_ + ": the store is closed");
+}
+
+Store::Job* Store::NewJob(Napi::Env env, Napi::Value keep, std::string what) {
+  auto* job = new Job(env);
+  jobs_++;
+  ring_.SetRef(true);
+  if (!keep.IsUndefined()) job->keep = Napi::Persistent(keep);
+  job->what = std::move(what);
+  return job;
+}
+
+void Store::AddPart(Job* job, uint8_t kind, uint8_t* data, uint64_t offset, uint64_t length) {
+  auto* part = new Part{job, kind, data, offset, length};
+  job->pending++;
+  if (!Queue(part)) PartDone(part, EAGAIN);
+}
+
+bool Store::Queue(Part* part) {
+  io_uring_sqe* sqe = ring_.Sqe();
+  if (!sqe) return false;
+  uint64_t left = part->length - part->done;
+  switch (part->kind) {
+    case kRead:
+      io_uring_prep_read(sqe, fd_.get(), part->data + part->done, unsigned(std::min(left, kMaxChunk)),
+                         part->offset + part->done);
+      break;
+    case kWrite:
+      io_uring_prep_write(sqe, fd_.get(), part->data + part->done, unsigned(std::min(left, kMaxChunk)),
+                          part->offset + part->done);
+      break;
+    case kZero:
+      // Reads back zeros and gives the space back to the file system (or the device).
+      io_uring_prep_fallocate(sqe, fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, part->offset, part->length);
+      break;
+    case kFlush:
+      io_uring_prep_fsync(sqe, fd_.get(), IORING_FSYNC_DATASYNC);
+      break;
+  }
+  io_uring_sqe_set_data(sqe, part);
+  return true;
+}
+
+Napi::Value Store::Launch(Napi::Env env, Job* job) {
+  Napi::Promise promise = job->deferred.Promise();
+  if (job->pending > 1) ring_.Submit();
+  Release(job);
+  return promise;
+}
+
+static uint8_t* BufferData(const Napi::Value& value, size_t* length) {
+  Napi::TypedArray array = value.As<Napi::TypedArray>();
+  *length = array.ByteLength();
+  return static_cast<uint8_t*>(array.ArrayBuffer().Data()) + array.ByteOffset();
+}
+
+Napi::Value Store::Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "read");
+  size_t length;
+  uint8_t* data = BufferData(info[0], &length);
+  uint64_t offset = uint64_t(info[1].As<Napi::Number>().Int64Value());
+  Job* job = NewJob(env, info[0], "read " + path_ + " at " + std::to_string(offset));
+  if (length) AddPart(job, kRead, data, offset, length);
+  return Launch(env, job);
+}
+
+Napi::Value Store::Write(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "write");
+  size_t length;
+  uint8_t* data = BufferData(info[0], &length);
+  uint64_t offset = uint64_t(info[1].As<Napi::Number>().Int64Value());
+  Job* job = NewJob(env, info[0], "write " + path_ + " at " + std::to_string(offset));
+  if (length) AddPart(job, kWrite, data, offset, length);
+  return Launch(env, job);
+}
+
+Napi::Value Store::Zero(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "zero");
+  uint64_t offset = uint64_t(info[0].As<Napi::Number>().Int64Value());
+  uint64_t length = uint64_t(info[1].As<Napi::Number>().Int64Value());
+  Job* job = NewJob(env, env.Undefined(), "zero " + path_ + " at " + std::to_string(offset));
+  if (length) AddPart(job, kZero, nullptr, offset, length);
+  return Launch(env, job);
+}
+
+Napi::Value Store::Flush(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "flush");
+  Job* job = NewJob(env, env.Undefined(), "flush " + path_);
+  AddPart(job, kFlush, nullptr, 0, 0);
+  return Launch(env, job);
+}
+
+// run(ops, buffer): ops is a Float64Array of (kind, offset, length, bufferOffset) records, kind
+// 0 read, 1 write, 2 zero; all of them run concurrently and one promise settles for the lot.
+Napi::Value Store::Run(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "run");
+  Napi::Float64Array ops = info[0].As<Napi::Float64Array>();
+  size_t length;
+  uint8_t* data = BufferData(info[1], &length);
+  size_t count = ops.ElementLength() / 4;
+  for (size_t i = 0; i < count; i++) {
+    double kind = ops[4 * i], len = ops[4 * i + 2], at = ops[4 * i + 3];
+    if (kind < 0 || kind > 2 || (kind != double(kZero) && at + len > double(length))) {
+      throw CodeError(env, "EINVAL", "run on " + path_ + ": op " + std::to_string(i) + " does not fit the buffer");
+    }
+  }
+  Job* job = NewJob(env, info[1], "run on " + path_);
+  for (size_t i = 0; i < count; i++) {
+    auto kind = uint8_t(ops[4 * i]);
+    auto offset = uint64_t(ops[4 * i + 1]);
+    auto len = uint64_t(ops[4 * i + 2]);
+    auto at = uint64_t(ops[4 * i + 3]);
+    if (len) AddPart(job, kind, kind == kZero ? nullptr : data + at, offset, len);
+  }
+  return Launch(env, job);
+}
+
+Napi::Value Store::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto deferred = Napi::Promise::Deferred::New(env);
+  Napi::Promise promise = deferred.Promise();
+  if (!ring_.open()) {
+    closed_ = true;
+    deferred.Resolve(env.Undefined());
+  } else if (jobs_ == 0) {
+    Shutdown();
+    deferred.Resolve(env.Undefined());
+  } else {
+    // Requests in flight finish first; their buffers stay valid until then.
+    closed_ = true;
+    closeWaiters_.push_back(deferred);
+  }
+  return promise;
+}
+
+void Store::OnCompletions() {
+  Napi::Env env = Env();
+  RunFromLoop(env, *context_, [&] {
+    io_uring_cqe* cqe;
+    bool resubmit = false;
+    while (ring_.open() && io_uring_peek_cqe(ring_.get(), &cqe) == 0) {
+      auto* part = static_cast<Part*>(io_uring_cqe_get_data(cqe));
+      int res = cqe->res;
+      io_uring_cqe_seen(ring_.get(), cqe);
+      if (res < 0) {
+        PartDone(part, -res);
+        continue;
+      }
+      if (part->kind == kRead || part->kind == kWrite) {
+        if (res == 0) {
+          // A read past the end of the file, or a write that made no progress.
+          PartDone(part, part->kind == kRead ? ENODATA : EIO);
+          continue;
+        }
+        part->done += uint64_t(res);
+        if (part->done < part->length) {
+          // Short transfer: go on where it stopped.
+          if (Queue(part)) resubmit = true;
+          else PartDone(part, EAGAIN);
+          continue;
+        }
+      }
+      PartDone(part, 0);
+    }
+    if (resubmit && ring_.open()) ring_.Submit();
+    if (closed_ && jobs_ == 0 && !closeWaiters_.empty()) {
+      Shutdown();
+      auto waiters = std::move(closeWaiters_);
+      for (auto& w : waiters) w.Resolve(env.Undefined());
+    }
+  });
+}
+
+void Store::PartDone(Part* part, int err) {
+  Job* job = part->job;
+  if (err && !job->error) {
+    job->error = err;
+    job->failed = std::string(kKindName[part->kind]) + " of " + std::to_string(part->length) + " bytes at " +
+                  std::to_string(part->offset + part->done);
+  }
+  delete part;
+  Release(job);
+}
+
+void Store::Release(Job* job) {
+  if (--job->pending) return;
+  Napi::Env env = Env();
+  if (job->error == ENODATA) {
+    job->deferred.Reject(CodeError(env, "EIO", job->what + ": " + job->failed + ": unexpected end of file").Value());
+  } else if (job->error) {
+    std::string what = job->what == job->failed ? job->what : job->what + " (" + job->failed + ")";
+    job->deferred.Reject(ErrnoError(env, job->error, what).Value());
+  } else {
+    job->deferred.Resolve(env.Undefined());
+  }
+  delete job;
+  if (--jobs_ == 0) ring_.SetRef(false);
+}
+
+}  // namespace cldd

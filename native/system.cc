@@ -1,0 +1,98 @@
+// Two small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
+// and FIFREEZE / FITHAW on a mounted filesystem.
+//
+// freeze() and thaw() run on the libuv thread pool: FIFREEZE writes back the filesystem's dirty
+// data and waits for it, and that I/O reaches the master device, whose queues this process
+// serves on its main thread. Issued from the main thread, the ioctl would wait for itself.
+#include "system.h"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+namespace cldd {
+namespace {
+
+// Sends `message` to the unix datagram socket `path` ('@' starts an abstract name).
+Napi::Value Notify(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsString()) {
+    throw CodeError(env, "EINVAL", "notify(socket, message): two strings expected");
+  }
+  std::string path = info[0].As<Napi::String>();
+  std::string message = info[1].As<Napi::String>();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    throw CodeError(env, "EINVAL", "sd_notify: bad NOTIFY_SOCKET \"" + path + "\"");
+  }
+  memcpy(addr.sun_path, path.data(), path.size());
+  socklen_t length = offsetof(sockaddr_un, sun_path) + path.size();
+  if (path[0] == '@') addr.sun_path[0] = '\0';  // abstract namespace: no terminating NUL counts
+  else length += 1;
+  Fd fd(socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) throw ErrnoError(env, errno, "sd_notify: socket");
+  if (sendto(fd.get(), message.data(), message.size(), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr), length) < 0) {
+    throw ErrnoError(env, errno, "sd_notify to " + path);
+  }
+  return env.Undefined();
+}
+
+class FreezeWorker : public Napi::AsyncWorker {
+ public:
+  FreezeWorker(Napi::Env env, std::string path, bool freeze)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)), freeze_(freeze) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    Fd fd(open(path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd.valid()) {
+      err_ = errno;
+      return;
+    }
+    if (ioctl(fd.get(), freeze_ ? FIFREEZE : FITHAW, 0) < 0) err_ = errno;
+  }
+
+  void OnOK() override {
+    if (err_ == 0) {
+      deferred_.Resolve(Env().Undefined());
+      return;
+    }
+    std::string what = std::string(freeze_ ? "freeze " : "thaw ") + path_;
+    deferred_.Reject(ErrnoError(Env(), err_, what).Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string path_;
+  bool freeze_;
+  int err_ = 0;
+};
+
+Napi::Value FreezeOrThaw(const Napi::CallbackInfo& info, bool freeze) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw CodeError(env, "EINVAL", "a mountpoint path is expected");
+  auto* worker = new FreezeWorker(env, info[0].As<Napi::String>(), freeze);
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
+}  // namespace
+
+void DefineSystem(Napi::Env env, Napi::Object exports) {
+  exports.Set("notify", Napi::Function::New(env, Notify, "notify"));
+  exports.Set("freeze", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, true); }, "freeze"));
+  exports.Set("thaw", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, false); }, "thaw"));
+}
+
+}  // namespace cldd

@@ -1,0 +1,108 @@
+import { CldError } from '../errors.js';
+import type { IoOp } from '../engine/plan.js';
+import { addon, nativeError } from '../ublk/addon.js';
+import type { NativeStoreHandle } from '../ublk/native.js';
+import type { BlockStore } from './block-store.js';
+
+export interface NativeStoreOptions {
+  readOnly?: boolean;
+  /**
+   * Take an exclusive advisory lock (flock) so that a second server on the same backing file is
+   * refused with EBUSY. The lock dies with the process, so a restart after a crash is not refused.
+   */
+  lock?: boolean;
+}
+
+const KIND = { read: 0, write: 1, zero: 2 } as const;
+
+/**
+ * A regular file or block device whose reads, writes, flushes (fdatasync) and zeroing (punched
+ * holes) go through io_uring in the native addon. The ublk queues use the same fd (`fd`), so a
+ * flush here covers every data write the queues completed before it.
+ */
+export class NativeStore implements BlockStore {
+  private closed = false;
+
+  private constructor(
+    private readonly handle: NativeStoreHandle,
+    readonly description: string,
+  ) {}
+
+  static open(path: string, options: NativeStoreOptions = {}): NativeStore {
+    const { Store } = addon();
+    let handle: NativeStoreHandle;
+    try {
+      handle = new Store(path, options.readOnly === true, options.lock === true);
+    } catch (err) {
+      throw nativeError(err);
+    }
+    return new NativeStore(handle, path);
+  }
+
+  get size(): number {
+    return this.handle.size;
+  }
+
+  get isBlockDevice(): boolean {
+    return this.handle.isBlockDevice;
+  }
+
+  /** The backing fd, shared with the ublk queues. */
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  async read(buffer: Uint8Array, offset: number): Promise<void> {
+    this.checkRange('read', offset, buffer.length);
+    await this.handle.read(buffer, offset).catch(rethrow);
+  }
+
+  async write(data: Uint8Array, offset: number): Promise<void> {
+    this.checkRange('write', offset, data.length);
+    await this.handle.write(data, offset).catch(rethrow);
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    this.checkRange('zero', offset, length);
+    await this.handle.zero(offset, length).catch(rethrow);
+  }
+
+  async flush(): Promise<void> {
+    if (this.closed) throw this.closedError('flush');
+    await this.handle.flush().catch(rethrow);
+  }
+
+  /** Runs a plan's ops (or a merge's) on `buffer` in one native call. */
+  async run(ops: readonly IoOp[], buffer: Uint8Array): Promise<void> {
+    const records = new Float64Array(ops.length * 4);
+    ops.forEach((op, i) => {
+      this.checkRange(op.kind, op.offset, op.length);
+      if (op.kind !== 'zero' && op.bufferOffset + op.length > buffer.length) {
+        throw new CldError('EINVAL', `${op.kind} of ${op.length} bytes at buffer offset ${op.bufferOffset} overruns the ${buffer.length}-byte buffer`);
+      }
+      records.set([KIND[op.kind], op.offset, op.length, op.bufferOffset], i * 4);
+    });
+    await this.handle.run(records, buffer).catch(rethrow);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.handle.close();
+  }
+
+  private closedError(op: string): CldError {
+    return new CldError('CLDD_CLOSED', `${op} ${this.description}: the store is closed`);
+  }
+
+  private checkRange(op: string, offset: number, length: number): void {
+    if (this.closed) throw this.closedError(op);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new CldError('EINVAL', `${op} ${this.description}: ${length} bytes at ${offset} is outside 0..${this.size}`);
+    }
+  }
+}
+
+function rethrow(err: unknown): never {
+  throw nativeError(err);
+}

@@ -1,0 +1,266 @@
+/**
+ * The ublk control plane: /dev/ublk-control commands with their structures, and the opcode
+ * negotiation. Kernels from 6.5 answer GET_FEATURES; when it lists UBLK_F_CMD_IOCTL_ENCODE only
+ * the ioctl-encoded opcodes are used. Without GET_FEATURES (6.0-6.4) each command is sent
+ * encoded first and, when the kernel does not know it (ENOTSUPP, shown as EOPNOTSUPP), again
+ * with its legacy number. What the kernel changed in ADD_DEV (queue count, buffer size, flags)
+ * is read back, never assumed.
+ */
+import { CldError } from '../errors.js';
+import { addon, nativeError } from './addon.js';
+import type { NativeControlHandle } from './native.js';
+
+/** Device feature flags (UBLK_F_*), the ones cldd asks for or reports. */
+export const UBLK_F = {
+  URING_CMD_COMP_IN_TASK: 1 << 1,
+  NEED_GET_DATA: 1 << 2,
+  USER_RECOVERY: 1 << 3,
+  USER_RECOVERY_REISSUE: 1 << 4,
+  UNPRIVILEGED_DEV: 1 << 5,
+  CMD_IOCTL_ENCODE: 1 << 6,
+  USER_COPY: 1 << 7,
+  ZONED: 1 << 8,
+  USER_RECOVERY_FAIL_IO: 1 << 9,
+} as const;
+
+export const UBLK_ATTR = { READ_ONLY: 1 << 0, ROTATIONAL: 1 << 1, VOLATILE_CACHE: 1 << 2, FUA: 1 << 3 } as const;
+
+/** Device states (UBLK_S_DEV_*). */
+export const DEV_STATE = ['dead', 'live', 'quiesced', 'fail-io'] as const;
+export type DevState = (typeof DEV_STATE)[number] | 'unknown';
+
+const CMD = {
+  GET_DEV_INFO: 0x02,
+  ADD_DEV: 0x04,
+  DEL_DEV: 0x05,
+  START_DEV: 0x06,
+  STOP_DEV: 0x07,
+  SET_PARAMS: 0x08,
+  GET_PARAMS: 0x09,
+  START_USER_RECOVERY: 0x10,
+  END_USER_RECOVERY: 0x11,
+  GET_FEATURES: 0x13,
+} as const;
+type CommandName = keyof typeof CMD;
+
+/** Commands that exist only ioctl-encoded. */
+const ENCODED_ONLY = new Set<CommandName>(['GET_FEATURES']);
+/** Commands that only read (_IOR); the rest are _IOWR. */
+const READ_ONLY_CMDS = new Set<CommandName>(['GET_DEV_INFO', 'GET_PARAMS', 'GET_FEATURES']);
+
+const CTRL_CMD_SIZE = 32;
+const IOC_READ = 2;
+const IOC_READ_WRITE = 3;
+
+/** _IOR/_IOWR('u', nr, struct ublksrv_ctrl_cmd). */
+export function encodeControlOp(nr: number, write: boolean): number {
+  return (((write ? IOC_READ_WRITE : IOC_READ) << 30) | (CTRL_CMD_SIZE << 16) | (0x75 << 8) | nr) >>> 0;
+}
+
+const ANY_ID = 0xffffffff;
+const NO_QUEUE = 0xffff;
+const DEV_INFO_SIZE = 64;
+const PARAMS_SIZE = 128;
+const PARAMS_LEN = 64; // header + basic + discard, rounded as the 6.1 structure is
+const PARAM_TYPE_BASIC = 1 << 0;
+const PARAM_TYPE_DISCARD = 1 << 1;
+const PARAM_TYPE_DEVT = 1 << 2;
+
+export interface DeviceInfo {
+  id: number;
+  queues: number;
+  depth: number;
+  state: DevState;
+  bufferBytes: number;
+  /** The pid of the serving process, as START_DEV or END_USER_RECOVERY recorded it. */
+  serverPid: number;
+  flags: number;
+}
+
+export interface AddOptions {
+  /** A chosen device id, or undefined for the kernel to pick one. */
+  id?: number;
+  queues: number;
+  depth: number;
+  bufferBytes: number;
+  flags: number;
+}
+
+export interface DeviceParams {
+  capacity: number;
+  blockSize: number;
+  attrs: number;
+  /** Largest request, bytes (at most the I/O buffer). */
+  maxIoBytes: number;
+  /** Largest discard and write-zeroes request, bytes (0: none). */
+  maxDiscardBytes: number;
+}
+
+export class UblkControl {
+  private features: number | null = null;
+  private negotiated = false;
+  private closed = false;
+
+  private constructor(private readonly handle: NativeControlHandle) {}
+
+  /** Opens /dev/ublk-control. ENODEV when the driver is not loaded. */
+  static open(): UblkControl {
+    const { Control } = addon();
+    try {
+      return new UblkControl(new Control());
+    } catch (err) {
+      throw nativeError(err);
+    }
+  }
+
+  /** The kernel's feature flags, or null for kernels without GET_FEATURES (before 6.5). */
+  async getFeatures(): Promise<number | null> {
+    if (this.negotiated) return this.features;
+    const buf = new Uint8Array(8);
+    try {
+      await this.handle.command(encodeControlOp(CMD.GET_FEATURES, false), ANY_ID, NO_QUEUE, 0, buf, 'ublk GET_FEATURES');
+      this.features = Number(new DataView(buf.buffer).getBigUint64(0, true) & 0xffffffffn);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code !== 'EOPNOTSUPP' && code !== 'EINVAL' && code !== 'ENOTTY') throw nativeError(err);
+      this.features = null;
+    }
+    this.negotiated = true;
+    return this.features;
+  }
+
+  private async send(name: CommandName, devId: number, data0: number, buffer: Uint8Array | null): Promise<number> {
+    if (this.closed) throw new CldError('CLDD_CLOSED', `ublk ${name}: the control handle is closed`);
+    await this.getFeatures();
+    const label = `ublk ${name}${devId === ANY_ID ? '' : ` of device ${devId}`}`;
+    const encoded = encodeControlOp(CMD[name], !READ_ONLY_CMDS.has(name));
+    const encodingKnown = this.features !== null && (this.features & UBLK_F.CMD_IOCTL_ENCODE) !== 0;
+    try {
+      return await this.handle.command(encoded, devId, NO_QUEUE, data0, buffer, label);
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (encodingKnown || ENCODED_ONLY.has(name) || code !== 'EOPNOTSUPP') throw nativeError(err);
+    }
+    try {
+      return await this.handle.command(CMD[name], devId, NO_QUEUE, data0, buffer, label);
+    } catch (err) {
+      throw nativeError(err);
+    }
+  }
+
+  /** ADD_DEV; returns what the kernel made of the request. */
+  async add(options: AddOptions): Promise<DeviceInfo> {
+    const buf = new Uint8Array(DEV_INFO_SIZE);
+    const v = new DataView(buf.buffer);
+    const id = options.id ?? ANY_ID;
+    v.setUint16(0, options.queues, true);
+    v.setUint16(2, options.depth, true);
+    v.setUint32(8, options.bufferBytes, true);
+    v.setUint32(12, id, true);
+    v.setBigUint64(24, BigInt(options.flags), true);
+    try {
+      await this.send('ADD_DEV', id, 0, buf);
+    } catch (err) {
+      const e = nativeError(err);
+      if (e.code === 'EEXIST') throw new CldError('EEXIST', `ublk device ${id} already exists`, { cause: err });
+      throw e;
+    }
+    return decodeInfo(buf);
+  }
+
+  async setParams(id: number, p: DeviceParams): Promise<void> {
+    const shift = Math.log2(p.blockSize);
+    if (!Number.isInteger(shift) || shift < 9 || shift > 12) {
+      throw new CldError('EINVAL', `block size ${p.blockSize} is not a power of two from 512 to the page size (4096)`);
+    }
+    const buf = new Uint8Array(PARAMS_SIZE);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, PARAMS_LEN, true);
+    v.setUint32(4, PARAM_TYPE_BASIC | (p.maxDiscardBytes > 0 ? PARAM_TYPE_DISCARD : 0), true);
+    // basic
+    v.setUint32(8, p.attrs, true);
+    v.setUint8(12, shift); // logical
+    v.setUint8(13, shift); // physical
+    v.setUint8(14, shift); // io_opt
+    v.setUint8(15, shift); // io_min
+    v.setUint32(16, Math.floor(p.maxIoBytes / 512), true);
+    v.setUint32(20, 0, true); // no chunk boundaries
+    v.setBigUint64(24, BigInt(Math.floor(p.capacity / 512)), true);
+    v.setBigUint64(32, 0n, true);
+    // discard: one range per request, whole blocks
+    if (p.maxDiscardBytes > 0) {
+      v.setUint32(40, 0, true);
+      v.setUint32(44, p.blockSize, true);
+      v.setUint32(48, Math.floor(p.maxDiscardBytes / 512), true);
+      v.setUint32(52, Math.floor(p.maxDiscardBytes / 512), true);
+      v.setUint16(56, 1, true);
+    }
+    await this.send('SET_PARAMS', id, 0, buf);
+  }
+
+  /** The block device's major:minor (known once started). */
+  async devt(id: number): Promise<{ major: number; minor: number }> {
+    const buf = new Uint8Array(PARAMS_SIZE);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, 76, true);
+    v.setUint32(4, PARAM_TYPE_DEVT, true);
+    await this.send('GET_PARAMS', id, 0, buf);
+    return { major: v.getUint32(68, true), minor: v.getUint32(72, true) };
+  }
+
+  /** START_DEV: returns once every tag has a FETCH and the partition scan is done. */
+  async start(id: number, pid = process.pid): Promise<void> {
+    await this.send('START_DEV', id, pid, null);
+  }
+
+  async stop(id: number): Promise<void> {
+    await this.send('STOP_DEV', id, 0, null);
+  }
+
+  /** DEL_DEV: waits until every reference to /dev/ublkcN is gone. */
+  async delete(id: number): Promise<void> {
+    await this.send('DEL_DEV', id, 0, null);
+  }
+
+  async info(id: number): Promise<DeviceInfo> {
+    const buf = new Uint8Array(DEV_INFO_SIZE);
+    await this.send('GET_DEV_INFO', id, 0, buf);
+    return decodeInfo(buf);
+  }
+
+  async startRecovery(id: number): Promise<void> {
+    await this.send('START_USER_RECOVERY', id, 0, null);
+  }
+
+  /** END_USER_RECOVERY: returns once every tag has a FETCH again. */
+  async endRecovery(id: number, pid = process.pid): Promise<void> {
+    await this.send('END_USER_RECOVERY', id, pid, null);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.handle.close();
+  }
+}
+
+function decodeInfo(buf: Uint8Array): DeviceInfo {
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const state = v.getUint16(4, true);
+  return {
+    queues: v.getUint16(0, true),
+    depth: v.getUint16(2, true),
+    state: DEV_STATE[state] ?? 'unknown',
+    bufferBytes: v.getUint32(8, true),
+    id: v.getUint32(12, true),
+    serverPid: v.getInt32(16, true),
+    flags: Number(v.getBigUint64(24, true) & 0xffffffffn),
+  };
+}
+
+/** Names of the flags set in `flags`, for messages and status. */
+export function flagNames(flags: number): string[] {
+  return Object.entries(UBLK_F)
+    .filter(([, bit]) => (flags & bit) !== 0)
+    .map(([name]) => name.toLowerCase());
+}

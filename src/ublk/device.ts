@@ -1,0 +1,393 @@
+/**
+ * One ublk device serving one target ('master' or 'slave') of a Volume. The native Device runs
+ * the queues on the Node main thread; this class is the batched bridge to the engine:
+ *
+ *   - every request a queue's wake-up brought is planned in one go (volume.plan), and the plans'
+ *     extents go back to the native side in one submit() per queue and turn of the event loop;
+ *   - a plan without ordering needs is completed to the kernel by the native side as soon as its
+ *     extents are done; its finish(ok) runs afterwards, batched with the next events;
+ *   - a plan with orderedFinish or commit comes back once, after its extents: finish(ok), then
+ *     volume.commit() when asked, then complete().
+ *
+ * Threading: the main thread owns every ring (uv_poll on the ring fd). The alternative, a native
+ * thread per queue with thread-safe calls into JS, pays a cross-thread hop twice per request
+ * batch and still funnels every plan through this one JS thread.
+ */
+import { constants as osConstants } from 'node:os';
+import { CldError } from '../errors.js';
+import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
+import type { Volume } from '../engine/volume.js';
+import { addon, nativeError } from './addon.js';
+import { UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
+import type { NativeDeviceHandle } from './native.js';
+
+/** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
+const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
+const IO_F_FUA = 1 << 13 >>> 8; // op_flags >> 8, as the native side reports flags
+const KIND = { read: 0, write: 1, zero: 2 } as const;
+
+export interface QueueOptions {
+  queues: number;
+  depth: number;
+  /** Largest request, bytes; the kernel rounds it down to a page. */
+  bufferBytes: number;
+  /** Largest discard / write-zeroes request, bytes. */
+  maxDiscardBytes: number;
+}
+
+export const DEFAULT_QUEUE_OPTIONS: QueueOptions = {
+  queues: 1,
+  depth: 64,
+  bufferBytes: 512 << 10,
+  maxDiscardBytes: 256 << 20,
+};
+
+export function errnoOf(err: unknown): number {
+  const code = (err as { code?: string } | null)?.code;
+  const n = code ? (osConstants.errno as Record<string, number>)[code] : undefined;
+  return n ?? osConstants.errno.EIO;
+}
+
+interface QueueBridge {
+  plans: (Plan | undefined)[];
+  submits: number[];
+  completes: number[];
+  flushQueued: boolean;
+  stopped: boolean;
+}
+
+export class UblkDevice {
+  readonly path: string;
+  private native: NativeDeviceHandle | null = null;
+  private readonly bridges: QueueBridge[];
+  private stopping: Promise<void> | null = null;
+  private allStopped!: () => void;
+  private readonly stoppedPromise: Promise<void>;
+  /** Requests the engine refused or whose I/O failed, for status. */
+  errors = 0;
+
+  private constructor(
+    private readonly control: UblkControl,
+    private readonly volume: Volume,
+    readonly target: Target,
+    readonly info: DeviceInfo,
+  ) {
+    this.path = `/dev/ublkb${info.id}`;
+    this.bridges = Array.from({ length: info.queues }, () => ({
+      plans: new Array<Plan | undefined>(info.depth),
+      submits: [],
+      completes: [],
+      flushQueued: false,
+      stopped: false,
+    }));
+    this.stoppedPromise = new Promise((resolve) => (this.allStopped = resolve));
+  }
+
+  get id(): number {
+    return this.info.id;
+  }
+
+  /**
+   * Adds a device for `target`, sets its parameters, starts serving and returns once the kernel
+   * has started it (the partition scan is served by then). On failure the device is deleted.
+   */
+  static async create(
+    control: UblkControl,
+    volume: Volume,
+    backingFd: number,
+    target: Target,
+    options: QueueOptions & { id?: number; flags: number },
+  ): Promise<UblkDevice> {
+    const info = await control.add({ id: options.id, queues: options.queues, depth: options.depth, bufferBytes: options.bufferBytes, flags: options.flags });
+    const device = new UblkDevice(control, volume, target, info);
+    try {
+      // The encoding is whatever the kernel kept; recovery must not be lost silently.
+      const missing = options.flags & ~info.flags & (UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE);
+      if (missing) throw new CldError('EOPNOTSUPP', `ublk device ${info.id}: the kernel dropped the flags ${missing.toString(16)} it was asked for`);
+      await control.setParams(info.id, {
+        capacity: volume.capacity,
+        blockSize: volume.blockSize,
+        attrs: target === 'master' ? UBLK_ATTR.VOLATILE_CACHE | UBLK_ATTR.FUA : UBLK_ATTR.READ_ONLY,
+        maxIoBytes: info.bufferBytes,
+        maxDiscardBytes: target === 'master' ? options.maxDiscardBytes : 0,
+      });
+      await device.open(backingFd);
+      // START_DEV waits for the fetches issued above and reads the partition table through the
+      // queues: it runs in the kernel's io_uring worker while this thread serves.
+      await control.start(info.id);
+    } catch (err) {
+      await device.abandon();
+      throw err;
+    }
+    return device;
+  }
+
+  /**
+   * Takes over a device whose server died (UBLK_F_USER_RECOVERY): its block device stayed and
+   * its I/O waits; after END_USER_RECOVERY this process serves it.
+   */
+  static async recover(control: UblkControl, volume: Volume, backingFd: number, target: Target, id: number): Promise<UblkDevice> {
+    let info = await control.info(id);
+    if ((info.flags & UBLK_F.USER_RECOVERY) === 0) {
+      throw new CldError('EINVAL', `ublk device ${id} was not created with user recovery; it cannot be taken over`);
+    }
+    // The kernel needs a moment to notice the old server is gone and quiesce the device.
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      try {
+        await control.startRecovery(id);
+        break;
+      } catch (err) {
+        if ((err as CldError).code !== 'EBUSY' || Date.now() > deadline) {
+          info = await control.info(id).catch(() => info);
+          throw new CldError((err as CldError).code ?? 'EIO', `recover ublk device ${id} (state ${info.state}, server pid ${info.serverPid}): ${(err as Error).message}`, { cause: err });
+        }
+        await sleep(100);
+      }
+    }
+    info = await control.info(id);
+    const device = new UblkDevice(control, volume, target, info);
+    await device.open(backingFd);
+    await control.endRecovery(id);
+    return device;
+  }
+
+  private async open(backingFd: number): Promise<void> {
+    const { Device } = addon();
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      try {
+        this.native = new Device({
+          devId: this.info.id,
+          queues: this.info.queues,
+          depth: this.info.depth,
+          bufferBytes: this.info.bufferBytes,
+          backingFd,
+          ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
+          onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
+        });
+        break;
+      } catch (err) {
+        // /dev/ublkcN appears through devtmpfs/udev shortly after ADD_DEV; a previous server's
+        // ring may still hold it for a moment (EBUSY).
+        const code = (err as { code?: string }).code;
+        if ((code !== 'ENOENT' && code !== 'EBUSY') || Date.now() > deadline) throw nativeError(err);
+        await sleep(20);
+      }
+    }
+    this.native.start();
+  }
+
+  private onEvents(q: number, requests: Float64Array | null, ordered: Int32Array | null, done: Int32Array | null, stopped: boolean): void {
+    const bridge = this.bridges[q];
+    if (done) {
+      for (let i = 0; i < done.length; i += 2) {
+        const plan = bridge.plans[done[i]];
+        bridge.plans[done[i]] = undefined;
+        if (done[i + 1] !== 0) this.errors++;
+        try {
+          plan?.finish(done[i + 1] === 0);
+        } catch {
+          // Already completed to the kernel; the engine's own accounting reports it.
+          this.errors++;
+        }
+      }
+    }
+    if (ordered) for (let i = 0; i < ordered.length; i += 2) this.finishOrdered(q, ordered[i], ordered[i + 1]);
+    if (requests) {
+      for (let i = 0; i < requests.length; i += 5) {
+        this.plan(q, requests[i], requests[i + 1], requests[i + 2], requests[i + 3], requests[i + 4]);
+      }
+    }
+    this.flush(q);
+    if (stopped) {
+      bridge.stopped = true;
+      if (this.bridges.every((b) => b.stopped)) this.allStopped();
+    }
+  }
+
+  private plan(q: number, tag: number, opCode: number, flags: number, offset: number, length: number): void {
+    const op = REQUEST_OPS[opCode];
+    if (!op) {
+      this.answer(q, tag, -osConstants.errno.EOPNOTSUPP);
+      return;
+    }
+    const req: Request = { target: this.target, op, offset, length: op === 'flush' ? 0 : length, fua: (flags & IO_F_FUA) !== 0 };
+    let planned: Plan | Promise<Plan>;
+    try {
+      planned = this.volume.plan(req);
+    } catch (err) {
+      this.answer(q, tag, -errnoOf(err));
+      return;
+    }
+    if (planned instanceof Promise) {
+      planned.then(
+        (plan) => this.execute(q, tag, plan),
+        (err) => this.answer(q, tag, -errnoOf(err)),
+      ).finally(() => this.scheduleFlush(q));
+    } else {
+      this.execute(q, tag, planned);
+    }
+  }
+
+  private execute(q: number, tag: number, plan: Plan): void {
+    try {
+      this.executePlan(q, tag, plan);
+    } catch (err) {
+      // An engine bug must fail one request, not the server.
+      this.bridges[q].plans[tag] = undefined;
+      this.answer(q, tag, -errnoOf(err));
+    }
+  }
+
+  private executePlan(q: number, tag: number, plan: Plan): void {
+    const bridge = this.bridges[q];
+    bridge.plans[tag] = plan;
+    const needsEngine = plan.orderedFinish || plan.commit;
+    if (plan.ops.length === 0) {
+      // A flush: nothing to run here; its commit is the engine's.
+      if (needsEngine) this.finishOrdered(q, tag, 0);
+      else {
+        bridge.plans[tag] = undefined;
+        plan.finish(true);
+        this.answer(q, tag, 0);
+      }
+      return;
+    }
+    const s = bridge.submits;
+    s.push(tag, needsEngine ? 1 : 0, plan.ops.length);
+    for (const op of plan.ops) s.push(KIND[op.kind], op.offset, op.length, op.bufferOffset);
+  }
+
+  private finishOrdered(q: number, tag: number, errno: number): void {
+    const bridge = this.bridges[q];
+    const plan = bridge.plans[tag];
+    bridge.plans[tag] = undefined;
+    if (!plan) {
+      this.answer(q, tag, -osConstants.errno.EIO);
+      return;
+    }
+    try {
+      plan.finish(errno === 0);
+    } catch (err) {
+      this.answer(q, tag, -errnoOf(err));
+      return;
+    }
+    if (errno !== 0) {
+      this.answer(q, tag, -errno);
+    } else if (plan.commit) {
+      this.volume.commit().then(
+        () => this.answer(q, tag, 0),
+        () => this.answer(q, tag, -osConstants.errno.EIO),
+      ).finally(() => this.scheduleFlush(q));
+    } else {
+      this.answer(q, tag, 0);
+    }
+  }
+
+  private answer(q: number, tag: number, result: number): void {
+    if (result < 0) this.errors++;
+    this.bridges[q].completes.push(tag, result);
+  }
+
+  private scheduleFlush(q: number): void {
+    const bridge = this.bridges[q];
+    if (bridge.flushQueued) return;
+    bridge.flushQueued = true;
+    queueMicrotask(() => {
+      bridge.flushQueued = false;
+      this.flush(q);
+    });
+  }
+
+  private flush(q: number): void {
+    const bridge = this.bridges[q];
+    const native = this.native;
+    if (!native) {
+      bridge.submits.length = 0;
+      bridge.completes.length = 0;
+      return;
+    }
+    if (bridge.submits.length) {
+      const records = Float64Array.from(bridge.submits);
+      bridge.submits.length = 0;
+      try {
+        native.submit(q, records);
+      } catch {
+        // The native side refused the batch before queueing any of it (a bad extent): fail
+        // those requests rather than leave them hanging.
+        for (let i = 0; i < records.length; i += 3 + 4 * records[i + 2]) {
+          const plan = bridge.plans[records[i]];
+          bridge.plans[records[i]] = undefined;
+          plan?.finish(false);
+          this.answer(q, records[i], -osConstants.errno.EIO);
+        }
+      }
+    }
+    if (bridge.completes.length) {
+      const pairs = Int32Array.from(bridge.completes);
+      bridge.completes.length = 0;
+      native.complete(q, pairs);
+    }
+  }
+
+  /**
+   * Orderly stop: STOP_DEV while the queues still serve (the kernel drains what is in flight
+   * and then aborts every fetch), close rings and mappings, DEL_DEV. Safe to call twice.
+   */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      let failure: unknown = null;
+      try {
+        await this.control.stop(this.info.id);
+      } catch (err) {
+        failure = err;
+      }
+      if (!failure) await Promise.race([this.stoppedPromise, sleep(10_000)]);
+      this.closeNative();
+      try {
+        await this.control.delete(this.info.id);
+      } catch (err) {
+        failure ??= err;
+      }
+      if (failure) throw nativeError(failure);
+    })();
+    return this.stopping;
+  }
+
+  /** Drops the queues without telling the kernel (as a crash would); the device stays. */
+  detach(): void {
+    this.closeNative();
+  }
+
+  private async abandon(): Promise<void> {
+    this.closeNative();
+    await this.control.delete(this.info.id).catch(() => {});
+  }
+
+  private closeNative(): void {
+    const native = this.native;
+    this.native = null;
+    native?.close();
+    // Plans the kernel will never see completed: let the engine account for them.
+    for (const bridge of this.bridges) {
+      for (let tag = 0; tag < bridge.plans.length; tag++) {
+        const plan = bridge.plans[tag];
+        bridge.plans[tag] = undefined;
+        plan?.finish(false);
+      }
+    }
+  }
+
+  /** Ring and bridge counters (see NativeDeviceHandle.stats), for measurement. */
+  get stats(): NativeDeviceHandle['stats'] | null {
+    return this.native?.stats ?? null;
+  }
+
+  /** The native side's last queue error (a tag that could not be re-armed), if any. */
+  get queueError(): string | null {
+    return this.native?.lastError ?? null;
+  }
+}
+
+export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));

@@ -1,0 +1,104 @@
+/**
+ * The raw interface of build/Release/cldd_native.node. Only ./addon.ts loads the addon; everything
+ * else goes through the classes built on it. Errors thrown or rejected by the addon carry `code`
+ * (an errno name such as ENODEV, EBUSY, EPERM) and a message naming the operation.
+ */
+
+export interface NativeError extends Error {
+  code: string;
+  errno?: number;
+}
+
+/** A backing file or block device whose I/O goes through one io_uring. */
+export declare class NativeStoreHandle {
+  /** Opens `path` (O_EXCL for a writable block device); `lock` takes an exclusive flock. */
+  constructor(path: string, readOnly: boolean, lock: boolean);
+  readonly size: number;
+  readonly isBlockDevice: boolean;
+  readonly fd: number;
+  read(buffer: Uint8Array, offset: number): Promise<void>;
+  write(data: Uint8Array, offset: number): Promise<void>;
+  /** Punches a hole: the range reads back as zeros. */
+  zero(offset: number, length: number): Promise<void>;
+  /** fdatasync. */
+  flush(): Promise<void>;
+  /** Runs (kind 0 read | 1 write | 2 zero, offset, length, bufferOffset) records concurrently. */
+  run(ops: Float64Array, buffer: Uint8Array): Promise<void>;
+  /** Waits for the requests in flight, then closes the ring and the fd. */
+  close(): Promise<void>;
+}
+
+/** /dev/ublk-control with its 128-byte-SQE ring. */
+export declare class NativeControlHandle {
+  /** Throws code ENODEV when the driver is not loaded. */
+  constructor();
+  /**
+   * Sends one control command: `cmdOp` is the ioctl-encoded or the legacy opcode; `buffer` (or
+   * null) becomes the command's addr/len. Resolves with the completion's non-negative result.
+   */
+  command(cmdOp: number, devId: number, queueId: number, data0: number, buffer: Uint8Array | null, name: string): Promise<number>;
+  close(): void;
+}
+
+/**
+ * Called from the event loop once per wake-up of a queue's ring, with everything that wake-up
+ * brought:
+ *  - requests: (tag, op, flags, offset bytes, length bytes) records of new requests;
+ *  - ordered: (tag, errno) pairs of requests whose ops finished and that wait for the engine
+ *    (orderedFinish or commit) before completion; errno 0 when every op succeeded;
+ *  - done: (tag, errno) pairs of requests already completed to the kernel (finish afterwards);
+ *  - stopped: true once every tag of the queue has been aborted by the kernel.
+ */
+export type QueueEventHandler = (
+  queue: number,
+  requests: Float64Array | null,
+  ordered: Int32Array | null,
+  done: Int32Array | null,
+  stopped: boolean,
+) => void;
+
+export interface NativeDeviceOptions {
+  devId: number;
+  queues: number;
+  depth: number;
+  bufferBytes: number;
+  backingFd: number;
+  /** Whether the I/O commands use the ioctl-encoded opcodes (UBLK_F_CMD_IOCTL_ENCODE). */
+  ioctlEncode: boolean;
+  onEvents: QueueEventHandler;
+}
+
+/** The serving side of one ublk device: /dev/ublkcN, its descriptor mappings and queue rings. */
+export declare class NativeDeviceHandle {
+  /** Opens /dev/ublkcN, maps every queue's descriptors and sets up the rings. */
+  constructor(options: NativeDeviceOptions);
+  /** Issues FETCH_REQ for every tag of every queue. */
+  start(): void;
+  /**
+   * Executes plans: records of (tag, needsEngine 0|1, opCount, then opCount x (kind 0 read |
+   * 1 write | 2 zero, backing offset, length, buffer offset)).
+   */
+  submit(queue: number, plans: Float64Array): void;
+  /** Completes requests to the kernel: (tag, result) pairs, result 0 for success or -errno. */
+  complete(queue: number, results: Int32Array): void;
+  /** Queues whose tags have not all been aborted yet. */
+  readonly liveQueues: number;
+  /** The last error that took a tag out of service (other than the kernel's abort), or null. */
+  readonly lastError: string | null;
+  /** Counters since creation: ring wake-ups, wake-ups that found no completion, CQEs, JS calls. */
+  readonly stats: { wakeups: number; emptyWakeups: number; cqes: number; jsCalls: number };
+  /** Tears everything down; safe at any time and more than once. */
+  close(): void;
+}
+
+export interface NativeAddon {
+  Store: typeof NativeStoreHandle;
+  Control: typeof NativeControlHandle;
+  Device: typeof NativeDeviceHandle;
+  /** sd_notify(3): sends `message` to the datagram socket `socket` ('@' for abstract names). */
+  notify(socket: string, message: string): void;
+  /** FIFREEZE on the filesystem mounted at `mountpoint`, on a worker thread. */
+  freeze(mountpoint: string): Promise<void>;
+  /** FITHAW, on a worker thread. */
+  thaw(mountpoint: string): Promise<void>;
+}

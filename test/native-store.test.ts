@@ -1,0 +1,201 @@
+/**
+ * Tier 2: the io_uring-backed NativeStore on regular files. It must behave as FileStore does
+ * (the engine cannot tell them apart), so the same behaviours run against both.
+ */
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { Disk } from '../src/engine/executor.js';
+import { Volume } from '../src/engine/volume.js';
+import type { BlockStore } from '../src/store/block-store.js';
+import { FileStore } from '../src/store/file-store.js';
+import { NativeStore } from '../src/store/native-store.js';
+import { stamped, versionOf } from './helpers/stamp.js';
+
+let dir: string;
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'cldd-native-store-'));
+});
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function backing(name: string, size: number): Promise<string> {
+  const path = join(dir, name);
+  await writeFile(path, new Uint8Array(0));
+  const { truncate } = await import('node:fs/promises');
+  await truncate(path, size);
+  return path;
+}
+
+const implementations: [string, (path: string) => Promise<BlockStore>][] = [
+  ['FileStore', (path) => FileStore.open(path)],
+  ['NativeStore', async (path) => NativeStore.open(path)],
+];
+
+describe.each(implementations)('%s behaviours', (name, open) => {
+  test('round trip of stamped sectors, across several concurrent writes', async () => {
+    const store = await open(await backing(`${name}-rt`, 1 << 20));
+    const writes = [];
+    for (let i = 0; i < 16; i++) writes.push(store.write(stamped(i * 8, 8, 3), i * 8 * 512));
+    await Promise.all(writes);
+    const back = new Uint8Array(128 * 512);
+    await store.read(back, 0);
+    for (let s = 0; s < 128; s++) expect(versionOf(back, s * 512, s)).toBe(3);
+    await store.close();
+  });
+
+  test('zero reads back zeros, the neighbours stay', async () => {
+    const store = await open(await backing(`${name}-zero`, 1 << 20));
+    await store.write(stamped(0, 64, 1), 0);
+    await store.zero(8 * 4096 / 8, 4096 * 2);
+    const back = new Uint8Array(64 * 512);
+    await store.read(back, 0);
+    for (let s = 0; s < 64; s++) {
+      const zeroed = s * 512 >= 4096 && s * 512 < 4096 * 3;
+      expect(versionOf(back, s * 512, s)).toBe(zeroed ? 0 : 1);
+    }
+    await store.close();
+  });
+
+  test('flush succeeds and the data is in the file', async () => {
+    const path = await backing(`${name}-flush`, 1 << 20);
+    const store = await open(path);
+    await store.write(stamped(100, 4, 9), 100 * 512);
+    await store.flush();
+    await store.close();
+    const check = await FileStore.open(path, { readOnly: true });
+    const back = new Uint8Array(4 * 512);
+    await check.read(back, 100 * 512);
+    for (let s = 0; s < 4; s++) expect(versionOf(back, s * 512, 100 + s)).toBe(9);
+    await check.close();
+  });
+
+  test('ranges outside the store are refused with EINVAL; a closed store with CLDD_CLOSED', async () => {
+    const store = await open(await backing(`${name}-range`, 65536));
+    expect(store.size).toBe(65536);
+    await expect(store.read(new Uint8Array(512), 65536)).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.write(new Uint8Array(1024), 65536 - 512)).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.zero(-512, 512)).rejects.toMatchObject({ code: 'EINVAL' });
+    await store.close();
+    await store.close();
+    await expect(store.read(new Uint8Array(512), 0)).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
+  });
+
+  test('a missing file is ENOENT naming the path; a directory is EINVAL', async () => {
+    const missing = join(dir, 'no-such-file');
+    await expect(open(missing)).rejects.toMatchObject({ code: 'ENOENT', message: expect.stringContaining(missing) });
+    await expect(open(dir)).rejects.toMatchObject({ code: 'EINVAL' });
+  });
+
+  test('the engine formats, writes and reopens through it', async () => {
+    const path = await backing(`${name}-engine`, 8 << 20);
+    let store = await open(path);
+    let volume = await Volume.format(store, { name: 'native' });
+    let disk = new Disk(volume);
+    await disk.write(0, stamped(0, 16, 5));
+    await volume.enable();
+    await disk.write(0, stamped(0, 8, 6), { fua: true });
+    await volume.close();
+    await store.close();
+    store = await open(path);
+    volume = await Volume.open(store);
+    disk = new Disk(volume);
+    const master = await disk.read(0, 16 * 512);
+    const slave = await disk.read(0, 16 * 512, 'slave');
+    for (let s = 0; s < 16; s++) {
+      expect(versionOf(master, s * 512, s)).toBe(s < 8 ? 6 : 5);
+      expect(versionOf(slave, s * 512, s)).toBe(5);
+    }
+    await volume.close();
+    await store.close();
+  });
+});
+
+describe('NativeStore specifics', () => {
+  test('a second open with the lock is refused with EBUSY; the lock goes with close', async () => {
+    const path = await backing('lock', 65536);
+    const first = NativeStore.open(path, { lock: true });
+    expect(() => NativeStore.open(path, { lock: true })).toThrow(expect.objectContaining({ code: 'EBUSY', message: expect.stringContaining('already attached') }));
+    await first.close();
+    const second = NativeStore.open(path, { lock: true });
+    await second.close();
+  });
+
+  test('zero punches a hole (the file gives its space back)', async () => {
+    const path = await backing('punch', 4 << 20);
+    const store = NativeStore.open(path);
+    await store.write(new Uint8Array(4 << 20).fill(7), 0);
+    await store.flush();
+    const before = (await stat(path)).blocks;
+    await store.zero(0, 4 << 20);
+    await store.flush();
+    const after = (await stat(path)).blocks;
+    expect(after).toBeLessThan(before);
+    await store.close();
+  });
+
+  test('run executes a batch of read, write and zero ops on one buffer', async () => {
+    const path = await backing('run', 1 << 20);
+    const store = NativeStore.open(path);
+    await store.write(stamped(0, 32, 2), 0);
+    const buffer = new Uint8Array(16 * 512);
+    await store.run(
+      [
+        { kind: 'read', offset: 0, length: 8 * 512, bufferOffset: 8 * 512 },
+        { kind: 'read', offset: 8 * 512, length: 8 * 512, bufferOffset: 0 },
+        { kind: 'zero', offset: 16 * 512, length: 4096, bufferOffset: 0 },
+      ],
+      buffer,
+    );
+    for (let s = 0; s < 8; s++) expect(versionOf(buffer, s * 512, 8 + s)).toBe(2);
+    for (let s = 0; s < 8; s++) expect(versionOf(buffer, (8 + s) * 512, s)).toBe(2);
+    await store.run([{ kind: 'write', offset: 64 * 512, length: 16 * 512, bufferOffset: 0 }], buffer);
+    const back = new Uint8Array(32 * 512);
+    await store.read(back, 16 * 512);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 16 + s)).toBe(0);
+    for (let s = 8; s < 16; s++) expect(versionOf(back, s * 512, 16 + s)).toBe(2);
+    await store.read(back.subarray(0, 16 * 512), 64 * 512);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 8 + s)).toBe(2);
+    await expect(store.run([{ kind: 'read', offset: 0, length: 1024, bufferOffset: 15 * 512 }], buffer)).rejects.toMatchObject({ code: 'EINVAL' });
+    await store.close();
+  });
+
+  test('a read running past the end of a file that shrank underneath is EIO, not a short read', async () => {
+    const path = await backing('shrunk', 65536);
+    const store = NativeStore.open(path);
+    const { truncate } = await import('node:fs/promises');
+    await truncate(path, 4096);
+    await expect(store.read(new Uint8Array(8192), 0)).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
+    await store.close();
+  });
+
+  test('close waits for the requests in flight', async () => {
+    const path = await backing('inflight', 8 << 20);
+    const store = NativeStore.open(path);
+    const pending = [store.write(new Uint8Array(4 << 20).fill(1), 0), store.read(new Uint8Array(4 << 20), 4 << 20)];
+    await store.close();
+    await Promise.all(pending);
+  });
+
+  test('a process that exits with store I/O in flight, or never closes, exits cleanly', async () => {
+    // The environment cleanup hook closes rings and fds; a collected store removes its hook.
+    const path = await backing('exit', 8 << 20);
+    const addonPath = resolve('build/Release/cldd_native.node');
+    const script = `
+      const { Store } = require(${JSON.stringify(addonPath)});
+      const a = new Store(process.argv[1], false, true);
+      new Store(process.argv[1], true, false); // unreferenced: may be collected first
+      if (global.gc) global.gc();
+      a.write(Buffer.alloc(4 << 20, 1), 0);
+      a.read(Buffer.alloc(4 << 20), 4 << 20).then(() => process.exit(3));
+      process.exit(0);`;
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, ['--expose-gc', '-e', script, path]);
+    expect(stdout + stderr).toBe('');
+    const idle = `const { Store } = require(${JSON.stringify(addonPath)}); new Store(process.argv[1], false, true);`;
+    await promisify(execFile)(process.execPath, ['-e', idle, path], { timeout: 10_000 });
+  });
+});
