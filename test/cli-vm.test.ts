@@ -16,6 +16,7 @@ describe('cldd on real devices', () => {
       refusals: 'foreign data, missing, too small, attached, running, mounted, enabled twice, wrong name, not root',
       restart: 'SIGKILL of the daemon under a writer; cldd add again reattaches the same live device, nothing lost',
       persist: 'add --persist writes the configuration and enables cldd@NAME; remove undoes it',
+      readiness: 'sd_notify: READY=1 only once the devices exist and the socket listens; WATCHDOG=1; STOPPING=1 on SIGTERM',
     },
     'cldd-cli-vm.log',
   );

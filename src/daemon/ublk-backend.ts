@@ -3,8 +3,8 @@ import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
 import { UBLK_F, UblkControl } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
+import { ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
-import { fsfreeze } from './freeze.js';
 import type { Logger } from './logger.js';
 import type { DeviceInfo, PairDevices } from './pair-service.js';
 
@@ -17,16 +17,15 @@ export async function ublkBackend(log: Logger): Promise<Backend> {
       return { store, executor: store };
     },
     startDevices: (volume, store, options) => UblkPair.start(volume, store as NativeStore, options),
-    freezer: fsfreeze,
-    notify: (message) => notify(message, log),
+    freezer: ioctlFreezer,
+    notify: (message) => {
+      try {
+        sdNotify(message);
+      } catch (err) {
+        log.warn(`sd_notify failed: ${err instanceof Error ? err.message : String(err)}`);
+      }
+    },
   };
-}
-
-function notify(message: string, log: Logger): void {
-  if (!process.env.NOTIFY_SOCKET) return;
-  import('../ublk/addon.js')
-    .then(({ addon }) => (addon() as unknown as { notify(socket: string, message: string): void }).notify(process.env.NOTIFY_SOCKET!, message))
-    .catch((err) => log.warn(`sd_notify failed: ${err instanceof Error ? err.message : String(err)}`));
 }
 
 /** Master and slave as ublk devices, with user recovery so that a restart keeps them. */
