@@ -1,7 +1,6 @@
-import { CldError } from '../errors.js';
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
-import { UBLK_F, UblkControl } from '../ublk/control.js';
+import { UblkControl } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
@@ -56,7 +55,7 @@ class UblkPair implements PairDevices {
         }
         return pair;
       }
-      const flags = await negotiateFlags(control);
+      const flags = await control.negotiateRecoveryFlags();
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
       return new UblkPair(control, volume, store, master, queueOptions, flags);
     } catch (err) {
@@ -92,17 +91,3 @@ class UblkPair implements PairDevices {
     if (failures.length) throw failures[0];
   }
 }
-
-/** Recovery is required (a daemon restart must not take the disks away); reissue is preferred. */
-async function negotiateFlags(control: UblkControl): Promise<number> {
-  const features = await control.getFeatures();
-  let flags = UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE;
-  if (features === null) return flags | UBLK_F.CMD_IOCTL_ENCODE; // before 6.5: ADD_DEV's answer is checked
-  if ((features & UBLK_F.USER_RECOVERY) === 0) {
-    throw new CldError('EOPNOTSUPP', "the kernel's ublk driver has no user recovery (UBLK_F_USER_RECOVERY, Linux 6.1+)");
-  }
-  if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
-  if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
-  return flags;
-}
-

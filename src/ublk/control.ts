@@ -113,6 +113,24 @@ export class UblkControl {
     }
   }
 
+  /**
+   * The device flags to ask for: user recovery is required (a server restart must not take the
+   * disks away), its reissue variant preferred, ioctl-encoded commands where the kernel has them.
+   */
+  async negotiateRecoveryFlags(): Promise<number> {
+    const features = await this.getFeatures();
+    let flags = UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE;
+    // Before 6.5 there is no GET_FEATURES: the kernel keeps the flags it knows, and the caller
+    // checks ADD_DEV's answer.
+    if (features === null) return flags | UBLK_F.CMD_IOCTL_ENCODE;
+    if ((features & UBLK_F.USER_RECOVERY) === 0) {
+      throw new CldError('EOPNOTSUPP', "the kernel's ublk driver has no user recovery (UBLK_F_USER_RECOVERY, Linux 6.1+)");
+    }
+    if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
+    if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
+    return flags;
+  }
+
   /** The kernel's feature flags, or null for kernels without GET_FEATURES (before 6.5). */
   async getFeatures(): Promise<number | null> {
     if (this.negotiated) return this.features;

@@ -18,7 +18,7 @@ import { CldError } from '../errors.js';
 import { ResyncScheduler } from '../engine/resync.js';
 import type { Volume } from '../engine/volume.js';
 import type { NativeStore } from '../store/native-store.js';
-import { UBLK_F, UblkControl, flagNames } from './control.js';
+import { UblkControl, flagNames } from './control.js';
 import { DEFAULT_QUEUE_OPTIONS, UblkDevice, type QueueOptions } from './device.js';
 
 export interface ServerOptions extends Partial<QueueOptions> {
@@ -56,7 +56,7 @@ export class DeviceServer {
     const queueOptions = { ...DEFAULT_QUEUE_OPTIONS, ...definedOnly(options) };
     const control = UblkControl.open();
     try {
-      const flags = await negotiateFlags(control);
+      const flags = await control.negotiateRecoveryFlags();
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, id: options.masterId, flags });
       const server = new DeviceServer(control, volume, store, master, queueOptions, flags);
       try {
@@ -178,22 +178,6 @@ export class DeviceServer {
     this.transition = next;
     return next;
   }
-}
-
-/** Recovery is required (a server restart must not take the disks away); reissue is preferred. */
-async function negotiateFlags(control: UblkControl): Promise<number> {
-  const features = await control.getFeatures();
-  let flags = UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE;
-  if (features === null) {
-    // Before 6.5: the kernel keeps the flags it knows; ADD_DEV's answer is checked.
-    return flags | UBLK_F.CMD_IOCTL_ENCODE;
-  }
-  if ((features & UBLK_F.USER_RECOVERY) === 0) {
-    throw new CldError('EOPNOTSUPP', 'the kernel\'s ublk driver has no user recovery (UBLK_F_USER_RECOVERY, Linux 6.1+)');
-  }
-  if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
-  if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
-  return flags;
 }
 
 async function refuseIfBusy(path: string): Promise<void> {
