@@ -11,7 +11,12 @@
  *
  * Threading: the main thread owns every ring (uv_poll on the ring fd). The alternative, a native
  * thread per queue with thread-safe calls into JS, pays a cross-thread hop twice per request
- * batch and still funnels every plan through this one JS thread.
+ * batch and still funnels every plan through this one JS thread. Measured in the test VM (6.12,
+ * TCG): one thread round trip costs ~1.2 ms there (13 us on the host), a whole QD1 request ~8 ms,
+ * while planning costs under 1 us per request (host); 76% of the server's CPU time is kernel
+ * time. The hop would add to the part that dominates and remove nothing.
+ * A wake-up handles ~13 completions at QD32, and a backing read that completes inside the
+ * submit is committed in the same wake-up (native/device.cc reaps again after each JS call).
  */
 import { constants as osConstants } from 'node:os';
 import { CldError } from '../errors.js';
