@@ -15,6 +15,8 @@ describe('cldd on real devices', () => {
       clddsetup: 'clddsetup -m, status, -e, -d with /dev/cldmN and /dev/cldsN',
       refusals: 'foreign data, missing, too small, attached, running, mounted, enabled twice, wrong name, not root',
       restart: 'SIGKILL of the daemon under a writer; cldd add again reattaches the same live device, nothing lost',
+      restart_raw:
+        'raw writes acknowledged but never flushed survive SIGKILL of the daemon, in snapshot and mid-resync (map journal); O_DIRECT read-back',
       persist: 'add --persist writes the configuration and enables cldd@NAME; remove undoes it',
       readiness: 'sd_notify: READY=1 only once the devices exist and the socket listens; WATCHDOG=1; STOPPING=1 on SIGTERM',
     },

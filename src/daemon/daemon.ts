@@ -1,4 +1,5 @@
-import { stat } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { CldError } from '../errors.js';
 import { StoreExecutor } from '../engine/executor.js';
 import type { Executor } from '../engine/plan.js';
@@ -77,10 +78,12 @@ export class Daemon {
     const backingId = await refuseIfAttached(paths, name, config.backing);
     const previous = await readState(paths, name);
 
+    await mkdir(paths.runDir, { recursive: true, mode: 0o700 });
     const { store, executor } = await backend.open(config.backing);
     let volume: Volume;
     try {
-      volume = await Volume.open(store);
+      // The map journal lives on tmpfs beside the socket: it survives this process, not a reboot.
+      volume = await Volume.open(store, { journalPath: join(paths.runDir, `${name}.mapjournal`) });
     } catch (err) {
       await store.close();
       throw err;

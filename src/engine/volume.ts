@@ -34,6 +34,7 @@ import {
   type VolumeState,
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
+import { MapJournal } from './map-journal.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 
 export type { VolumeState } from './format.js';
@@ -47,6 +48,11 @@ export interface FormatOptions {
 
 export interface OpenOptions {
   now?: () => number;
+  /**
+   * The map journal's path (on tmpfs, see map-journal.ts): map changes are appended there before
+   * their requests complete, so a daemon that dies is followed by one that knows them.
+   */
+  journalPath?: string;
 }
 
 export interface VolumeCounters {
@@ -116,6 +122,7 @@ export class Volume {
   private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
   private failure: CldError | null = null;
   private closed = false;
+  private journal: MapJournal | null = null;
 
   readonly counters: VolumeCounters = {
     reads: 0,
@@ -216,13 +223,18 @@ export class Volume {
     }
     const volume = new Volume(store, sb, copy, map, pageSlot, pageSeq, options.now ?? Date.now);
     volume.takeDirtyPagesFromLoad();
+    if (options.journalPath) {
+      // Changes a daemon that died had made: their data is in the page cache of this boot.
+      volume.journal = MapJournal.open(options.journalPath, sb.uuid, layout.blocks);
+      for (const c of volume.journal.leftover) map.assign(c.start, c.end, c.redirected);
+    }
     // Rewrite pages whose older slot was torn, so both slots are valid again.
     for (const page of tornPages) volume.map.markDirty(page);
     // A crash between the last merge's commit and the superblock's move to plain.
     if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
     // Restore the superblock copy that a crash (or damage) left invalid or behind.
     if (!otherCurrent) volume.sbDirty = true;
-    if (volume.sbDirty || tornPages.length) await volume.commit();
+    if (volume.sbDirty || volume.map.dirtyPages > 0) await volume.commit();
     return volume;
   }
 
@@ -365,6 +377,7 @@ export class Volume {
         return this.mapPlan(ops, commit, () => {
           count();
           this.map.assign(start, end, true);
+          this.journal?.record(start, end, true);
         });
       }
       case 'resync': {
@@ -377,6 +390,7 @@ export class Volume {
             () => {
               count();
               this.map.assign(start, end, false);
+              this.journal?.record(start, end, false);
               this.afterBitsCleared();
             },
             () => this.locks.release(lock),
@@ -511,7 +525,10 @@ export class Volume {
           done = true;
           try {
             if (ok) {
-              for (const [s, e] of runs) this.map.assign(s, e, false);
+              for (const [s, e] of runs) {
+                this.map.assign(s, e, false);
+                this.journal?.record(s, e, false);
+              }
               this.counters.mergedBlocks += blocks;
               this.afterBitsCleared();
             } else {
@@ -625,6 +642,9 @@ export class Volume {
       });
     }
     this.closed = true;
+    // Everything is committed after a clean close; after a failure the journal must stay.
+    this.journal?.close(!this.failure);
+    this.journal = null;
     const waiters = this.plainWaiters;
     this.plainWaiters = [];
     for (const w of waiters) w.reject(new CldError('CLDD_CLOSED', 'the volume was closed'));
@@ -679,6 +699,7 @@ export class Volume {
     const sbWrite = this.sbDirty;
     const nextSb = { ...this.sb, generation: this.sb.generation + 1 };
     this.sbDirty = false;
+    const journalMark = this.journal?.mark();
     await store.flush();
     if (pages.length) {
       await Promise.all(pages.map((p, i) => store.write(images[i], mapSlotOffset(layout, p, 1 - this.pageSlot[p]))));
@@ -701,6 +722,7 @@ export class Volume {
       this.sbCopy = first;
       this.sb = { ...this.sb, generation: nextSb.generation };
     }
+    if (journalMark !== undefined) this.journal?.trim(journalMark);
     this.counters.commits++;
   }
 

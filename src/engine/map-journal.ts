@@ -1,0 +1,112 @@
+/**
+ * The map journal: every map change, appended before the request that made it completes, to a
+ * file on tmpfs (/run/cldd). It exists for one failure only: the daemon dies (SIGKILL, a crash)
+ * while the machine runs on. The data of writes completed since the last commit is then safe in
+ * the backing store's page cache, but their redirect bits lived in the dead process; replaying
+ * the journal brings them back. tmpfs goes when the page cache goes (power loss, reboot), so
+ * the journal can never outlive the data it describes, and after a power loss the store's own
+ * commit protocol is all that counts.
+ *
+ * Layout: a 32-byte header (magic "cldd-mj1", the store uuid, 8 zero bytes), then 24-byte
+ * records: first block (f64), end block (f64), 1 = redirected / 0 = not (u8), 7 zero bytes.
+ * Records are assignments, so replaying them in order over the committed map gives the map the
+ * process had, however many of them a commit already covered.
+ */
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
+import { CldError } from '../errors.js';
+
+const MAGIC = 'cldd-mj1';
+const HEADER = 32;
+const RECORD = 24;
+
+export interface MapChange {
+  start: number;
+  end: number;
+  redirected: boolean;
+}
+
+export class MapJournal {
+  private length: number;
+  private readonly record24 = new Uint8Array(RECORD);
+  private readonly view = new DataView(this.record24.buffer);
+
+  private constructor(
+    readonly path: string,
+    private fd: number,
+    length: number,
+    /** Changes a previous process recorded and did not commit. */
+    readonly leftover: MapChange[],
+  ) {
+    this.length = length;
+  }
+
+  /**
+   * Opens the journal of the store with `uuid`, keeping the records a previous process left.
+   * A journal of another store is discarded; a damaged one is an error (the daemon must not
+   * guess which blocks are redirected).
+   */
+  static open(path: string, uuid: Uint8Array, blocks: number): MapJournal {
+    let leftover: MapChange[] = [];
+    if (existsSync(path)) {
+      const bytes = readFileSync(path);
+      const sameStore =
+        bytes.length >= HEADER &&
+        bytes.subarray(0, 8).toString('latin1') === MAGIC &&
+        Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid));
+      if (sameStore) leftover = parseRecords(bytes, path, blocks);
+    }
+    const fd = openSync(path, 'w', 0o600);
+    const header = new Uint8Array(HEADER);
+    header.set(Buffer.from(MAGIC, 'latin1'), 0);
+    header.set(uuid, 8);
+    writeSync(fd, header, 0, HEADER, 0);
+    const journal = new MapJournal(path, fd, HEADER, leftover);
+    // Until the replayed changes are committed they must survive another death too.
+    for (const c of leftover) journal.record(c.start, c.end, c.redirected);
+    return journal;
+  }
+
+  record(start: number, end: number, redirected: boolean): void {
+    this.view.setFloat64(0, start, true);
+    this.view.setFloat64(8, end, true);
+    this.record24[16] = redirected ? 1 : 0;
+    writeSync(this.fd, this.record24, 0, RECORD, this.length);
+    this.length += RECORD;
+  }
+
+  /** Where the journal ends now: a commit that captures the map here covers every record. */
+  mark(): number {
+    return this.length;
+  }
+
+  /** After the commit that captured at `mark`: drop the records when none came after. */
+  trim(mark: number): void {
+    if (this.length !== mark || mark === HEADER) return;
+    ftruncateSync(this.fd, HEADER);
+    this.length = HEADER;
+  }
+
+  /** Closes the journal; `remove` after a clean close, when everything is committed. */
+  close(remove: boolean): void {
+    if (this.fd < 0) return;
+    closeSync(this.fd);
+    this.fd = -1;
+    if (remove) unlinkSync(this.path);
+  }
+}
+
+function parseRecords(bytes: Uint8Array, path: string, blocks: number): MapChange[] {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const changes: MapChange[] = [];
+  // A record cut short by the death itself is not a change that completed: it is left out.
+  for (let at = HEADER; at + RECORD <= bytes.length; at += RECORD) {
+    const start = view.getFloat64(at, true);
+    const end = view.getFloat64(at + 8, true);
+    const flag = bytes[at + 16];
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end <= start || end > blocks || flag > 1) {
+      throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (record at byte ${at}); the daemon cannot tell which blocks were redirected`);
+    }
+    changes.push({ start, end, redirected: flag === 1 });
+  }
+  return changes;
+}

@@ -1,0 +1,114 @@
+/**
+ * A daemon that dies (SIGKILL) while the machine runs on: the backing store keeps every write
+ * (its page cache survives the process), but map changes since the last commit lived in the
+ * process. The map journal on tmpfs brings them back. A MemoryStore plays the page cache here:
+ * a volume is abandoned without close, as a killed process would leave it.
+ */
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, test } from 'vitest';
+import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import { ResyncScheduler } from '../src/engine/resync.js';
+import { Volume } from '../src/engine/volume.js';
+import { MemoryStore } from '../src/store/memory-store.js';
+
+const BS = 4096;
+const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);
+const valueOf = async (disk: Disk, b: number, target: 'master' | 'slave' = 'master') => (await disk.read(b * BS, BS, target))[0];
+
+describe('map journal', () => {
+  let dir: string;
+  let journalPath: string;
+  let store: MemoryStore;
+
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'cldd-journal-'));
+    journalPath = join(dir, 'pair.mapjournal');
+    store = new MemoryStore(8 << 20);
+    const v = await Volume.format(store);
+    const d = new Disk(v);
+    await d.write(0, fill(1, 8));
+    await v.enable();
+    await v.close();
+  });
+
+  afterEach(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test('without the journal, a killed daemon forgets unflushed redirects (why it exists)', async () => {
+    const v = await Volume.open(store);
+    await new Disk(v).write(2 * BS, fill(2, 2)); // acknowledged, not flushed; the process dies
+    const after = new Disk(await Volume.open(store));
+    expect(await valueOf(after, 2)).toBe(1);
+  });
+
+  test('snapshot writes survive the death of the daemon', async () => {
+    const v = await Volume.open(store, { journalPath });
+    await new Disk(v).write(2 * BS, fill(2, 2));
+    await new Disk(v).write(6 * BS, fill(3));
+    // The daemon dies here: no close, no flush.
+    const reopened = await Volume.open(store, { journalPath });
+    const d = new Disk(reopened);
+    expect(await Promise.all([0, 1, 2, 3, 4, 5, 6, 7].map((b) => valueOf(d, b)))).toEqual([1, 1, 2, 2, 1, 1, 3, 1]);
+    expect(await Promise.all([0, 2, 6].map((b) => valueOf(d, b, 'slave')))).toEqual([1, 1, 1]);
+    expect(reopened.map.count).toBe(3);
+    // The replay was committed: without the journal the store now says the same.
+    await reopened.close();
+    await expect(stat(journalPath)).rejects.toMatchObject({ code: 'ENOENT' });
+    const plain = new Disk(await Volume.open(store));
+    expect(await valueOf(plain, 3)).toBe(2);
+  });
+
+  test('resync writes and merges survive the death of the daemon', async () => {
+    let v = await Volume.open(store, { journalPath });
+    let d = new Disk(v);
+    await d.write(0, fill(2, 4)); // redirect blocks 0..3
+    await d.flush();
+    await v.disable();
+    // One merge of block 0 and 1, then a master write to block 2 (redirected: goes to the data
+    // area and clears the bit) and to block 0 (already merged).
+    const merge = (await v.beginMerge(2))!;
+    const buf = new Uint8Array(merge.bufferLength);
+    const ex = new StoreExecutor(store);
+    await ex.run(merge.reads, buf);
+    await ex.run(merge.writes, buf);
+    merge.finish(true);
+    await d.write(2 * BS, fill(5));
+    await d.write(0, fill(6));
+    // The daemon dies. The new one must not re-merge block 0 or 2 over the newer data.
+    v = await Volume.open(store, { journalPath });
+    d = new Disk(v);
+    expect(v.state).toBe('resync');
+    expect(await Promise.all([0, 1, 2, 3, 4].map((b) => valueOf(d, b)))).toEqual([6, 2, 5, 2, 1]);
+    await new ResyncScheduler(v, new StoreExecutor(store)).start();
+    expect(v.state).toBe('plain');
+    expect(await Promise.all([0, 1, 2, 3, 4].map((b) => valueOf(d, b)))).toEqual([6, 2, 5, 2, 1]);
+    await v.close();
+  });
+
+  test('a commit empties the journal; a clean close removes it', async () => {
+    const v = await Volume.open(store, { journalPath });
+    const d = new Disk(v);
+    await d.write(2 * BS, fill(2));
+    expect((await stat(journalPath)).size).toBe(32 + 24);
+    await d.flush();
+    expect((await stat(journalPath)).size).toBe(32);
+    await v.close();
+    await expect(stat(journalPath)).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
+  test("another store's journal is ignored; a damaged one is refused", async () => {
+    await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), Buffer.alloc(24, 7), Buffer.alloc(24, 1)]));
+    const v = await Volume.open(store, { journalPath });
+    expect(v.map.count).toBe(0);
+    await v.close();
+    const uuid = Buffer.from(v.superblock.uuid);
+    const bad = Buffer.alloc(24);
+    bad.writeDoubleLE(5, 0);
+    bad.writeDoubleLE(3, 8); // end before start
+    await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), uuid, Buffer.alloc(8), bad]));
+    await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT' });
+  });
+});
