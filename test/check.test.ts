@@ -8,10 +8,10 @@ import { check, type CheckReport } from '../src/engine/check.js';
 import { Disk } from '../src/engine/executor.js';
 import { encodeMapSlot, encodeSuperblock, MAP_SLOT_HEADER, mapSlotOffset, superblockOffset } from '../src/engine/format.js';
 import { Volume } from '../src/engine/volume.js';
-import type { BlockStore } from '../src/store/block-store.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { rng, seedFromEnv } from './helpers/random.js';
 import { stamped } from './helpers/stamp.js';
+import { MutationRecorder } from './helpers/mutation-recorder.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -28,34 +28,11 @@ function digest(store: MemoryStore): string {
   return hash.digest('hex');
 }
 
-/** Wraps a store and fails the test on any write, zero or flush. */
-class ReadOnlyGuard implements BlockStore {
-  readonly size: number;
-  readonly description: string;
-  mutations: string[] = [];
-  constructor(private readonly inner: BlockStore) {
-    this.size = inner.size;
-    this.description = inner.description;
-  }
-  read(buffer: Uint8Array, offset: number): Promise<void> {
-    return this.inner.read(buffer, offset);
-  }
-  async write(_data: Uint8Array, offset: number): Promise<void> {
-    this.mutations.push(`write at ${offset}`);
-  }
-  async zero(offset: number): Promise<void> {
-    this.mutations.push(`zero at ${offset}`);
-  }
-  async flush(): Promise<void> {
-    this.mutations.push('flush');
-  }
-  async close(): Promise<void> {}
-}
 
 /** Runs check and verifies it did not touch the store. */
 async function checkReadOnly(store: MemoryStore): Promise<CheckReport> {
   const before = digest(store);
-  const guard = new ReadOnlyGuard(store);
+  const guard = new MutationRecorder(store);
   const report = await check(guard);
   expect(guard.mutations, 'check must not write').toEqual([]);
   expect(digest(store), 'store bytes after check').toBe(before);
@@ -253,7 +230,7 @@ describe('check', () => {
     await volume.close();
     flipByte(store, mapSlotOffset(volume.layout, 1, 0) + 100);
     store.writeSync(encodeMapSlot(volume.layout, volume.superblock.uuid, 1, 2, null).fill(0x33, 2000, 2100), mapSlotOffset(volume.layout, 1, 1));
-    const guard = new ReadOnlyGuard(store);
+    const guard = new MutationRecorder(store);
     const report = await check(guard);
     expect(guard.mutations).toEqual([]);
     expect(report.clean).toBe(false);

@@ -11,11 +11,11 @@ import { decodeSuperblock, encodeMapSlot, mapSlotOffset, MAP_SLOT_HEADER, superb
 import type { IoOp, Plan, Request } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import type { BlockStore } from '../src/store/block-store.js';
 import { FaultStore } from '../src/store/fault-store.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { between, rng, seedFromEnv } from './helpers/random.js';
 import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
+import { MutationRecorder } from './helpers/mutation-recorder.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -121,34 +121,11 @@ function digest(store: MemoryStore): string {
   return hash.digest('hex');
 }
 
-/** Passes reads through and records (without doing) anything that would change the store. */
-class WriteRecorder implements BlockStore {
-  readonly size: number;
-  readonly description: string;
-  readonly mutations: string[] = [];
-  constructor(private readonly inner: BlockStore) {
-    this.size = inner.size;
-    this.description = inner.description;
-  }
-  read(buffer: Uint8Array, offset: number): Promise<void> {
-    return this.inner.read(buffer, offset);
-  }
-  async write(_data: Uint8Array, offset: number): Promise<void> {
-    this.mutations.push(`write at ${offset}`);
-  }
-  async zero(offset: number): Promise<void> {
-    this.mutations.push(`zero at ${offset}`);
-  }
-  async flush(): Promise<void> {
-    this.mutations.push('flush');
-  }
-  async close(): Promise<void> {}
-}
 
 /** Opening must fail with `code` and leave every byte of the store as it was. */
 async function expectRefusedUntouched(store: MemoryStore, code: string, message?: RegExp): Promise<CldError> {
   const before = digest(store);
-  const recorder = new WriteRecorder(store);
+  const recorder = new MutationRecorder(store);
   const err = await rejects(Volume.open(recorder), code, message);
   expect(recorder.mutations).toEqual([]);
   await rejects(Volume.open(store), code, message);
@@ -895,7 +872,7 @@ describe('format and open', () => {
     expect(volume.layout.mapPages).toBe(3);
     await volume.close();
     flipByte(store, mapSlotOffset(volume.layout, 2, 0) + 3000);
-    const recorder = new WriteRecorder(store);
+    const recorder = new MutationRecorder(store);
     await rejects(Volume.open(recorder), 'CLDD_CORRUPT', /map page 2 has no valid copy \(slot 0: checksum mismatch; slot 1: no map signature\)/);
     expect(recorder.mutations).toEqual([]);
   });
