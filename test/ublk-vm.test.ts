@@ -13,7 +13,6 @@ describe('ublk devices in the kernel', () => {
       filesystem: 'mkfs.ext4 on the master, files written and read back, e2fsck clean, stop + delete, re-add finds the files',
       slave: 'the slave shows the enable-time image while the master takes writes; read-only; busy slave refuses disable; resync',
       fio: 'fio --verify=crc32c on the raw master, mixed sizes, iodepth 32, two queues',
-      recovery: 'SIGKILL during fio on a mounted master, --recover: the device stays, fio verifies, e2fsck clean',
       bad_input: 'missing, too small, foreign and already attached backing files are refused',
     },
     'cldd-ublk-vm.log',
