@@ -2,7 +2,6 @@
  * Offline check: what it calls clean, what it warns about (traces of an interrupted write that
  * the next open repairs), what it calls damage, and that it never writes.
  */
-import { createHash } from 'node:crypto';
 import { describe, expect, test } from 'vitest';
 import { check, type CheckReport } from '../src/engine/check.js';
 import { Disk } from '../src/engine/executor.js';
@@ -12,21 +11,11 @@ import { MemoryStore } from '../src/store/memory-store.js';
 import { rng, seedFromEnv } from './helpers/random.js';
 import { stamped } from './helpers/stamp.js';
 import { MutationRecorder } from './helpers/mutation-recorder.js';
+import { digest } from './helpers/digest.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
 
-/** A digest of every byte of a memory store. */
-function digest(store: MemoryStore): string {
-  const hash = createHash('sha256');
-  const buf = new Uint8Array(MiB);
-  for (let at = 0; at < store.size; at += MiB) {
-    const view = buf.subarray(0, Math.min(MiB, store.size - at));
-    store.readSync(view, at);
-    hash.update(view);
-  }
-  return hash.digest('hex');
-}
 
 
 /** Runs check and verifies it did not touch the store. */

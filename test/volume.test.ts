@@ -2,7 +2,6 @@
  * The engine's Volume: how requests split into extents, the state machine, the snapshot and
  * resync guarantees with self-verifying (stamped) data, recovery on open, and I/O errors.
  */
-import { createHash } from 'node:crypto';
 import { describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
 import { check } from '../src/engine/check.js';
@@ -16,6 +15,7 @@ import { MemoryStore } from '../src/store/memory-store.js';
 import { between, rng, seedFromEnv } from './helpers/random.js';
 import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
 import { MutationRecorder } from './helpers/mutation-recorder.js';
+import { digest } from './helpers/digest.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -110,16 +110,6 @@ const ticks = async (n = 20) => {
   for (let i = 0; i < n; i++) await new Promise<void>((resolve) => setImmediate(resolve));
 };
 
-function digest(store: MemoryStore): string {
-  const hash = createHash('sha256');
-  const buf = new Uint8Array(MiB);
-  for (let at = 0; at < store.size; at += MiB) {
-    const view = buf.subarray(0, Math.min(MiB, store.size - at));
-    store.readSync(view, at);
-    hash.update(view);
-  }
-  return hash.digest('hex');
-}
 
 
 /** Opening must fail with `code` and leave every byte of the store as it was. */
