@@ -53,10 +53,26 @@ export function errnoOf(err: unknown): number {
   return n ?? osConstants.errno.EIO;
 }
 
+/** Numbers appended to a typed array that is reused from call to call (and grows as needed). */
+class Batch<T extends Float64Array | Int32Array> {
+  length = 0;
+  constructor(public array: T) {}
+
+  /** Makes room for `n` more numbers and returns the array to write them into, from `length` on. */
+  reserve(n: number): T {
+    if (this.length + n > this.array.length) {
+      const grown = new (this.array.constructor as new (size: number) => T)(Math.max(2 * this.array.length, this.length + n));
+      grown.set(this.array.subarray(0, this.length));
+      this.array = grown;
+    }
+    return this.array;
+  }
+}
+
 interface QueueBridge {
   plans: (Plan | undefined)[];
-  submits: number[];
-  completes: number[];
+  submits: Batch<Float64Array>;
+  completes: Batch<Int32Array>;
   flushQueued: boolean;
   stopped: boolean;
 }
@@ -65,6 +81,8 @@ export class UblkDevice {
   readonly path: string;
   private native: NativeDeviceHandle | null = null;
   private readonly bridges: QueueBridge[];
+  /** Where the native side writes each delivery (see QueueEventHandler). */
+  private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;
@@ -80,11 +98,12 @@ export class UblkDevice {
     this.path = `/dev/ublkb${info.id}`;
     this.bridges = Array.from({ length: info.queues }, () => ({
       plans: new Array<Plan | undefined>(info.depth),
-      submits: [],
-      completes: [],
+      submits: new Batch(new Float64Array(64 * info.depth)),
+      completes: new Batch(new Int32Array(2 * info.depth)),
       flushQueued: false,
       stopped: false,
     }));
+    this.events = new Float64Array(9 * info.depth);
     this.stoppedPromise = new Promise((resolve) => (this.allStopped = resolve));
   }
 
@@ -170,6 +189,8 @@ export class UblkDevice {
           backingFd,
           ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
           onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
+          events: this.events,
+          threaded: process.env.CLDD_UBLK_THREADED === '1',
         });
         break;
       } catch (err) {
@@ -183,31 +204,30 @@ export class UblkDevice {
     this.native.start();
   }
 
-  private onEvents(q: number, requests: Float64Array | null, ordered: Int32Array | null, done: Int32Array | null, stopped: boolean): void {
-    const bridge = this.bridges[q];
-    if (done) {
-      for (let i = 0; i < done.length; i += 2) {
-        const plan = bridge.plans[done[i]];
-        bridge.plans[done[i]] = undefined;
-        if (done[i + 1] !== 0) this.errors++;
-        try {
-          plan?.finish(done[i + 1] === 0);
-        } catch {
-          // Already completed to the kernel; the engine's own accounting reports it.
-          this.errors++;
-        }
-      }
-    }
-    if (ordered) for (let i = 0; i < ordered.length; i += 2) this.finishOrdered(q, ordered[i], ordered[i + 1]);
-    if (requests) {
-      for (let i = 0; i < requests.length; i += 5) {
-        this.plan(q, requests[i], requests[i + 1], requests[i + 2], requests[i + 3], requests[i + 4]);
-      }
-    }
+  private onEvents(q: number, requests: number, ordered: number, done: number, stopped: boolean): void {
+    const ev = this.events;
+    const depth = this.info.depth;
+    for (let i = 7 * depth, end = i + 2 * done; i < end; i += 2) this.finishDone(q, ev[i], ev[i + 1]);
+    for (let i = 5 * depth, end = i + 2 * ordered; i < end; i += 2) this.finishOrdered(q, ev[i], ev[i + 1]);
+    for (let i = 0, end = 5 * requests; i < end; i += 5) this.plan(q, ev[i], ev[i + 1], ev[i + 2], ev[i + 3], ev[i + 4]);
     this.flush(q);
     if (stopped) {
-      bridge.stopped = true;
+      this.bridges[q].stopped = true;
       if (this.bridges.every((b) => b.stopped)) this.allStopped();
+    }
+  }
+
+  /** A request the native side completed to the kernel already: the engine's bookkeeping. */
+  private finishDone(q: number, tag: number, errno: number): void {
+    const bridge = this.bridges[q];
+    const plan = bridge.plans[tag];
+    bridge.plans[tag] = undefined;
+    if (errno !== 0) this.errors++;
+    try {
+      plan?.finish(errno === 0);
+    } catch {
+      // Already completed to the kernel; the engine's own accounting reports it.
+      this.errors++;
     }
   }
 
@@ -260,8 +280,18 @@ export class UblkDevice {
       return;
     }
     const s = bridge.submits;
-    s.push(tag, needsEngine ? 1 : 0, plan.ops.length);
-    for (const op of plan.ops) s.push(KIND[op.kind], op.offset, op.length, op.bufferOffset);
+    const a = s.reserve(3 + 4 * plan.ops.length);
+    let i = s.length;
+    a[i++] = tag;
+    a[i++] = needsEngine ? 1 : 0;
+    a[i++] = plan.ops.length;
+    for (const op of plan.ops) {
+      a[i++] = KIND[op.kind];
+      a[i++] = op.offset;
+      a[i++] = op.length;
+      a[i++] = op.bufferOffset;
+    }
+    s.length = i;
   }
 
   private finishOrdered(q: number, tag: number, errno: number): void {
@@ -292,7 +322,10 @@ export class UblkDevice {
 
   private answer(q: number, tag: number, result: number): void {
     if (result < 0) this.errors++;
-    this.bridges[q].completes.push(tag, result);
+    const c = this.bridges[q].completes;
+    const a = c.reserve(2);
+    a[c.length++] = tag;
+    a[c.length++] = result;
   }
 
   private scheduleFlush(q: number): void {
@@ -313,14 +346,16 @@ export class UblkDevice {
       bridge.completes.length = 0;
       return;
     }
-    if (bridge.submits.length) {
-      const records = Float64Array.from(bridge.submits);
-      bridge.submits.length = 0;
+    const s = bridge.submits;
+    if (s.length) {
+      const length = s.length;
+      s.length = 0;
       try {
-        native.submit(q, records);
+        native.submit(q, s.array, length);
       } catch {
         // The native side refused the batch before queueing any of it (a bad extent): fail
-        // those requests rather than leave them hanging.
+        // those requests rather than leave them hanging. Nothing appends to `s` meanwhile.
+        const records = s.array.slice(0, length);
         for (let i = 0; i < records.length; i += 3 + 4 * records[i + 2]) {
           const plan = bridge.plans[records[i]];
           bridge.plans[records[i]] = undefined;
@@ -329,10 +364,11 @@ export class UblkDevice {
         }
       }
     }
-    if (bridge.completes.length) {
-      const pairs = Int32Array.from(bridge.completes);
-      bridge.completes.length = 0;
-      native.complete(q, pairs);
+    const c = bridge.completes;
+    if (c.length) {
+      const length = c.length;
+      c.length = 0;
+      native.complete(q, c.array, length);
     }
   }
 
@@ -373,7 +409,9 @@ export class UblkDevice {
   private closeNative(): void {
     const native = this.native;
     this.native = null;
-    native?.close();
+    const pending = native?.close();
+    // Completed to the kernel but not yet told to the engine.
+    if (pending) for (let i = 0; i < pending.length; i += 3) this.finishDone(pending[i], pending[i + 1], pending[i + 2]);
     // Plans the kernel will never see completed: let the engine account for them.
     for (const bridge of this.bridges) {
       for (let tag = 0; tag < bridge.plans.length; tag++) {

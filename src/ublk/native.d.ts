@@ -41,21 +41,17 @@ export declare class NativeControlHandle {
 }
 
 /**
- * Called from the event loop once per wake-up of a queue's ring, with everything that wake-up
- * brought:
- *  - requests: (tag, op, flags, offset bytes, length bytes) records of new requests;
- *  - ordered: (tag, errno) pairs of requests whose ops finished and that wait for the engine
- *    (orderedFinish or commit) before completion; errno 0 when every op succeeded;
- *  - done: (tag, errno) pairs of requests already completed to the kernel (finish afterwards);
+ * Called from the event loop when a queue's wake-up brought requests or ordered completions (or
+ * when completed requests have waited kDoneDelayMs for such a call), with counts of entries the
+ * native side wrote into the `events` buffer (depth D), valid only during the call:
+ *  - requests at [0, 5D): (tag, op, flags, offset bytes, length bytes) records of new requests;
+ *  - ordered at [5D, 7D): (tag, errno) pairs of requests whose ops finished and that wait for the
+ *    engine (orderedFinish or commit) before completion; errno 0 when every op succeeded;
+ *  - done at [7D, 9D): (tag, errno) pairs of requests already completed to the kernel (finish
+ *    afterwards);
  *  - stopped: true once every tag of the queue has been aborted by the kernel.
  */
-export type QueueEventHandler = (
-  queue: number,
-  requests: Float64Array | null,
-  ordered: Int32Array | null,
-  done: Int32Array | null,
-  stopped: boolean,
-) => void;
+export type QueueEventHandler = (queue: number, requests: number, ordered: number, done: number, stopped: boolean) => void;
 
 export interface NativeDeviceOptions {
   devId: number;
@@ -66,6 +62,10 @@ export interface NativeDeviceOptions {
   /** Whether the I/O commands use the ioctl-encoded opcodes (UBLK_F_CMD_IOCTL_ENCODE). */
   ioctlEncode: boolean;
   onEvents: QueueEventHandler;
+  /** At least 9 x depth numbers; see QueueEventHandler. */
+  events: Float64Array;
+  /** Each queue served by a thread of its own instead of the Node main thread. */
+  threaded?: boolean;
 }
 
 /** The serving side of one ublk device: /dev/ublkcN, its descriptor mappings and queue rings. */
@@ -78,17 +78,23 @@ export declare class NativeDeviceHandle {
    * Executes plans: records of (tag, needsEngine 0|1, opCount, then opCount x (kind 0 read |
    * 1 write | 2 zero, backing offset, length, buffer offset)).
    */
-  submit(queue: number, plans: Float64Array): void;
+  submit(queue: number, plans: Float64Array, length: number): void;
   /** Completes requests to the kernel: (tag, result) pairs, result 0 for success or -errno. */
-  complete(queue: number, results: Int32Array): void;
+  complete(queue: number, results: Int32Array, length: number): void;
   /** Queues whose tags have not all been aborted yet. */
   readonly liveQueues: number;
   /** The last error that took a tag out of service (other than the kernel's abort), or null. */
   readonly lastError: string | null;
-  /** Counters since creation: ring wake-ups, wake-ups that found no completion, CQEs, JS calls. */
-  readonly stats: { wakeups: number; emptyWakeups: number; cqes: number; jsCalls: number };
-  /** Tears everything down; safe at any time and more than once. */
-  close(): void;
+  /**
+   * Counters since creation: ring wake-ups, wake-ups that found no completion, CQEs, calls into
+   * JS, and those of them made by the timer that delivers waiting completions.
+   */
+  readonly stats: { wakeups: number; emptyWakeups: number; cqes: number; jsCalls: number; timerCalls: number };
+  /**
+   * Tears everything down; safe at any time and more than once. Returns the completions not yet
+   * delivered as (queue, tag, errno) triples.
+   */
+  close(): Int32Array;
 }
 
 export interface NativeAddon {
