@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -19,8 +18,6 @@ namespace {
 enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2 };
 // user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index.
 constexpr uint64_t kExtentBit = 1ULL << 63;
-// user_data of the eventfd read that wakes a queue thread (threaded mode).
-constexpr uint64_t kWakeData = 1ULL << 62;
 constexpr uint32_t kMaxExtents = 1u << 16;
 // How long completed plans may wait to ride along with the next delivery to JS. Their finish()
 // is bookkeeping (the kernel has the result already); a drain or a lock waits at most this long.
@@ -53,7 +50,6 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   bufferBytes_ = options.Get("bufferBytes").As<Napi::Number>().Uint32Value();
   backingFd_ = options.Get("backingFd").As<Napi::Number>().Int32Value();
   encode_ = options.Get("ioctlEncode").ToBoolean();
-  threaded_ = options.Get("threaded").ToBoolean();
   onEvents_ = Napi::Persistent(options.Get("onEvents").As<Napi::Function>());
   std::string name = "ublk device " + std::to_string(devId_);
   if (queues == 0 || depth_ == 0 || depth_ > kMaxDepth || bufferBytes_ == 0 || bufferBytes_ % 512) {
@@ -94,19 +90,8 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     while (entries < 2 * depth_) entries *= 2;
     q->ring.Init(env, entries, 0, name + " queue " + std::to_string(id));
     Queue* raw = q.get();
-    if (threaded_) {
-      q->wake.Reset(::eventfd(0, EFD_CLOEXEC));
-      if (!q->wake.valid()) throw ErrnoError(env, errno, name + ": eventfd for queue " + std::to_string(id));
-    } else {
-      q->ring.Watch([this, raw] { OnCompletions(*raw); });
-    }
+    q->ring.Watch([this, raw] { OnCompletions(*raw); });
     queues_.push_back(std::move(q));
-  }
-  if (threaded_) {
-    link_ = new Link{this};
-    tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "cldd:ublk-queue", 0, 1,
-                                          link_, [](Napi::Env, Link* link) { delete link; });
-    tsfn_.Unref(env);
   }
   uv_loop_t* loop = nullptr;
   napi_get_uv_event_loop(env, &loop);
@@ -125,16 +110,11 @@ Device::Queue& Device::QueueArg(Napi::Env env, const Napi::Value& value) {
   return *queues_[id];
 }
 
-void Device::SetLastError(const std::string& message) {
-  std::lock_guard<std::mutex> lock(errorMu_);
-  lastError_ = message;
-}
-
 void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
   io_uring_sqe* sqe = q.ring.Sqe();
   if (!sqe) {
     // The ring refused its queued entries: the queue cannot go on.
-    SetLastError("queue " + std::to_string(q.id) + ": the ring refused submissions");
+    lastError_ = "queue " + std::to_string(q.id) + ": the ring refused submissions";
     q.tags[tag].state = TagState::kDead;
     return;
   }
@@ -180,26 +160,6 @@ void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
 
 Napi::Value Device::Start(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (threaded_) {
-    for (auto& q : queues_) {
-      if (q->started || !q->ring.open()) continue;
-      // The thread issues the fetches: it becomes the queue's daemon task.
-      std::promise<int> started;
-      std::future<int> result = started.get_future();
-      Queue* raw = q.get();
-      q->worker = std::thread([this, raw, &started] { RunWorker(*raw, &started); });
-      int rc = result.get();
-      if (rc < 0) {
-        q->worker.join();
-        throw ErrnoError(env, -rc, "ublk device " + std::to_string(devId_) + ": fetch on queue " + std::to_string(q->id));
-      }
-      q->live = depth_;
-      q->started = true;
-    }
-    // Serving queues keep the process alive until the kernel aborts their tags.
-    tsfn_.Ref(env);
-    return env.Undefined();
-  }
   for (auto& q : queues_) {
     if (q->started || !q->ring.open()) continue;
     for (uint32_t tag = 0; tag < depth_; tag++) {
@@ -224,18 +184,6 @@ Napi::Value Device::Submit(const Napi::CallbackInfo& info) {
   Napi::Float64Array records = info[1].As<Napi::Float64Array>();
   const double* r = records.Data();
   size_t n = std::min<size_t>(records.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
-  if (threaded_) {
-    bool wake;
-    {
-      std::lock_guard<std::mutex> lock(q.mu);
-      q.inSubmits.insert(q.inSubmits.end(), r, r + n);
-      wake = !q.wakePending;
-      q.wakePending = true;
-    }
-    uint64_t one = 1;
-    if (wake && ::write(q.wake.get(), &one, sizeof one) < 0) throw ErrnoError(env, errno, "submit: wake queue " + std::to_string(q.id));
-    return env.Undefined();
-  }
   std::string error = ApplySubmit(q, r, n);
   if (!error.empty()) throw CodeError(env, "EINVAL", error);
   q.ring.Submit();
@@ -287,19 +235,6 @@ std::string Device::ApplySubmit(Queue& q, const double* r, size_t n) {
   return {};
 }
 
-// Threaded mode: a record the queue thread refused fails its request (JS hears it as done with EIO).
-void Device::FailBatch(Queue& q, const double* r, size_t n) {
-  for (size_t i = 0; i + 3 <= n; i += 3 + 4 * size_t(r[i + 2])) {
-    double tag = r[i];
-    if (tag >= 0 && tag < depth_ && q.tags[size_t(tag)].state == TagState::kEngine) {
-      q.done.push_back(int32_t(tag));
-      q.done.push_back(EIO);
-      Commit(q, uint16_t(tag), -EIO);
-    }
-    if (r[i + 2] < 1 || r[i + 2] > kMaxExtents) break;
-  }
-}
-
 // complete(queue, pairs, n): the first n numbers of pairs are (tag, result) with result 0 for
 // success or -errno.
 Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
@@ -307,18 +242,6 @@ Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
   Queue& q = QueueArg(env, info[0]);
   Napi::Int32Array pairs = info[1].As<Napi::Int32Array>();
   size_t n = std::min<size_t>(pairs.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
-  if (threaded_) {
-    bool wake;
-    {
-      std::lock_guard<std::mutex> lock(q.mu);
-      q.inCompletes.insert(q.inCompletes.end(), pairs.Data(), pairs.Data() + n);
-      wake = !q.wakePending;
-      q.wakePending = true;
-    }
-    uint64_t one = 1;
-    if (wake && ::write(q.wake.get(), &one, sizeof one) < 0) throw ErrnoError(env, errno, "complete: wake queue " + std::to_string(q.id));
-    return env.Undefined();
-  }
   std::string error = ApplyComplete(q, pairs.Data(), n);
   q.ring.Submit();
   if (!error.empty()) throw CodeError(env, "EINVAL", error);
@@ -364,10 +287,8 @@ void Device::OnCompletions(Queue& q) {
   });
 }
 
-// Handles every completion waiting on the ring; returns whether the wake-up read (threaded mode)
-// was among them.
-bool Device::Reap(Queue& q, bool* stopped) {
-  bool woken = false;
+// Handles every completion waiting on the ring.
+void Device::Reap(Queue& q, bool* stopped) {
   io_uring_cqe* cqe;
   while (q.ring.open() && io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
     cqes_++;
@@ -377,30 +298,24 @@ bool Device::Reap(Queue& q, bool* stopped) {
     if (data & kExtentBit) {
       q.backingInFlight--;
       OnExtentCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
-    } else if (data == kWakeData) {
-      woken = true;
     } else {
       OnCommandCompletion(q, uint16_t(data), res, stopped);
     }
   }
-  return woken;
 }
 
-void Device::DeliverEvents(Queue& q, bool stopped) { DeliverLists(q, q.requests, q.ordered, q.done, stopped); }
-
-void Device::DeliverLists(Queue& q, std::vector<double>& requests, std::vector<int32_t>& ordered,
-                          std::vector<int32_t>& done, bool stopped) {
+void Device::DeliverEvents(Queue& q, bool stopped) {
   Napi::Env env = Env();
   // Each tag is in at most one list at a time, so every list fits its part of the buffer.
-  size_t nRequests = requests.size() / kRequestFields, nOrdered = ordered.size() / 2, nDone = done.size() / 2;
-  std::memcpy(events_, requests.data(), requests.size() * sizeof(double));
-  double* orderedOut = events_ + kRequestFields * depth_;
-  for (size_t i = 0; i < ordered.size(); i++) orderedOut[i] = ordered[i];
-  double* doneOut = orderedOut + 2 * depth_;
-  for (size_t i = 0; i < done.size(); i++) doneOut[i] = done[i];
-  requests.clear();
-  ordered.clear();
-  done.clear();
+  size_t nRequests = q.requests.size() / kRequestFields, nOrdered = q.ordered.size() / 2, nDone = q.done.size() / 2;
+  std::memcpy(events_, q.requests.data(), q.requests.size() * sizeof(double));
+  double* ordered = events_ + kRequestFields * depth_;
+  for (size_t i = 0; i < q.ordered.size(); i++) ordered[i] = q.ordered[i];
+  double* done = ordered + 2 * depth_;
+  for (size_t i = 0; i < q.done.size(); i++) done[i] = q.done[i];
+  q.requests.clear();
+  q.ordered.clear();
+  q.done.clear();
   jsCalls_++;
   onEvents_.Call(Value(), {Napi::Number::New(env, q.id), Napi::Number::New(env, double(nRequests)),
                            Napi::Number::New(env, double(nOrdered)), Napi::Number::New(env, double(nDone)),
@@ -446,13 +361,13 @@ void Device::OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped)
   // -ENODEV: the device is going away (stop, or the ring is being torn down). Anything else
   // means this tag cannot be served any more either.
   if (res != UBLK_IO_RES_ABORT) {
-    SetLastError(ErrnoMessage(-res, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) +
-                                        " tag " + std::to_string(tag)));
+    lastError_ = ErrnoMessage(-res, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) +
+                                        " tag " + std::to_string(tag));
   }
   t.state = TagState::kDead;
   if (q.live > 0 && --q.live == 0) {
     *stopped = true;
-    if (!threaded_) q.ring.SetRef(false);
+    q.ring.SetRef(false);
   }
 }
 
@@ -490,170 +405,27 @@ void Device::ExtentsFinished(Queue& q, uint16_t tag) {
   Commit(q, tag, t.error ? -t.error : int32_t(t.bytes));
 }
 
-// The loop of a queue thread (threaded mode): wait on the ring, reap, hand events to JS.
-void Device::RunWorker(Queue& q, std::promise<int>* started) {
-  ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
-  for (uint32_t tag = 0; tag < depth_; tag++) {
-    q.tags[tag].state = TagState::kFetching;
-    QueueCommand(q, uint16_t(tag), kIoFetch, 0);
-  }
-  auto armWake = [&q] {
-    io_uring_sqe* sqe = q.ring.Sqe();
-    if (!sqe) return false;
-    io_uring_prep_read(sqe, q.wake.get(), &q.wakeValue, sizeof q.wakeValue, 0);
-    sqe->user_data = kWakeData;
-    return true;
-  };
-  armWake();
-  int rc = q.ring.Submit();
-  started->set_value(rc < 0 ? rc : 0);  // `started` is gone after this
-  if (rc < 0) return;
-  while (!q.closing) {
-    wakeups_++;
-    rc = io_uring_submit_and_wait(q.ring.get(), 1);
-    if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-      SetLastError(ErrnoMessage(-rc, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": io_uring_enter"));
-      break;
-    }
-    bool stopped = false;
-    if (Reap(q, &stopped)) {
-      DrainInbox(q);
-      if (!q.closing && !armWake()) SetLastError("queue " + std::to_string(q.id) + ": cannot re-arm its wake-up");
-    }
-    Publish(q, stopped);
-  }
-  // Backing reads land in the tag buffers: let them finish before the buffers are unmapped.
-  while (q.backingInFlight > 0) {
-    io_uring_cqe* cqe;
-    if (io_uring_submit_and_wait(q.ring.get(), 1) < 0 && io_uring_peek_cqe(q.ring.get(), &cqe) != 0) break;
-    while (io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
-      if (cqe->user_data & kExtentBit) q.backingInFlight--;
-      io_uring_cqe_seen(q.ring.get(), cqe);
-    }
-  }
-}
-
-void Device::DrainInbox(Queue& q) {
-  std::vector<double> submits;
-  std::vector<int32_t> completes;
-  {
-    std::lock_guard<std::mutex> lock(q.mu);
-    submits.swap(q.inSubmits);
-    completes.swap(q.inCompletes);
-    q.wakePending = false;
-  }
-  // Record by record, so one bad record fails only its own request.
-  for (size_t i = 0; i + 3 <= submits.size();) {
-    size_t len = 3 + 4 * size_t(std::max(0.0, submits[i + 2]));
-    if (submits[i + 2] < 1 || submits[i + 2] > kMaxExtents || i + len > submits.size()) {
-      SetLastError("submit: bad extent count for tag " + std::to_string(submits[i]));
-      FailBatch(q, submits.data() + i, 3);
-      break;
-    }
-    std::string error = ApplySubmit(q, submits.data() + i, len);
-    if (!error.empty()) {
-      SetLastError(error);
-      FailBatch(q, submits.data() + i, len);
-    }
-    i += len;
-  }
-  std::string error = ApplyComplete(q, completes.data(), completes.size());
-  if (!error.empty()) SetLastError(error);
-}
-
-void Device::Publish(Queue& q, bool stopped) {
-  if (q.requests.empty() && q.ordered.empty() && q.done.empty() && !stopped) return;
-  bool signal;
-  {
-    std::lock_guard<std::mutex> lock(q.mu);
-    q.outRequests.insert(q.outRequests.end(), q.requests.begin(), q.requests.end());
-    q.outOrdered.insert(q.outOrdered.end(), q.ordered.begin(), q.ordered.end());
-    q.outDone.insert(q.outDone.end(), q.done.begin(), q.done.end());
-    q.outStopped = q.outStopped || stopped;
-    signal = !q.signaled;
-    q.signaled = true;
-  }
-  q.requests.clear();
-  q.ordered.clear();
-  q.done.clear();
-  if (!signal) return;
-  Link* link = link_;
-  uint16_t id = q.id;
-  tsfn_.NonBlockingCall([link, id](Napi::Env env, Napi::Function) {
-    if (env == nullptr || link->device == nullptr) return;
-    Device* self = link->device;
-    if (id < self->queues_.size()) self->DeliverOutbox(*self->queues_[id]);
-  });
-}
-
-// On the JS thread: everything the queue thread published since the last call.
-void Device::DeliverOutbox(Queue& q) {
-  std::vector<double> requests;
-  std::vector<int32_t> ordered, done;
-  bool stopped;
-  {
-    std::lock_guard<std::mutex> lock(q.mu);
-    requests.swap(q.outRequests);
-    ordered.swap(q.outOrdered);
-    done.swap(q.outDone);
-    stopped = q.outStopped;
-    q.outStopped = false;
-    q.signaled = false;
-  }
-  Napi::HandleScope scope(Env());
-  DeliverLists(q, requests, ordered, done, stopped);
-  if (stopped) {
-    bool any = false;
-    for (auto& other : queues_) any = any || other->live.load() > 0;
-    if (!any && link_) tsfn_.Unref(Env());
-  }
-}
-
 // close() returns the completions not yet delivered, as (queue, tag, errno) triples: those
 // requests are finished in the kernel, and the engine must hear how they ended.
 Napi::Value Device::Close(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  StopWorkers();
   size_t n = 0;
-  for (auto& q : queues_) n += (q->done.size() + q->outDone.size()) / 2 * 3;
+  for (auto& q : queues_) n += q->done.size() / 2 * 3;
   Napi::Int32Array pending = Napi::Int32Array::New(env, n);
   size_t k = 0;
   for (auto& q : queues_) {
-    for (auto* list : {&q->outDone, &q->done}) {
-      for (size_t i = 0; i + 1 < list->size(); i += 2) {
-        pending[k++] = q->id;
-        pending[k++] = (*list)[i];
-        pending[k++] = (*list)[i + 1];
-      }
-      list->clear();
+    for (size_t i = 0; i + 1 < q->done.size(); i += 2) {
+      pending[k++] = q->id;
+      pending[k++] = q->done[i];
+      pending[k++] = q->done[i + 1];
     }
+    q->done.clear();
   }
   Shutdown();
   return pending;
 }
 
-// Threaded mode: each queue thread finishes the backing I/O into its buffers and returns.
-void Device::StopWorkers() {
-  for (auto& q : queues_) {
-    if (!q->worker.joinable()) continue;
-    q->closing = true;
-    uint64_t one = 1;
-    if (::write(q->wake.get(), &one, sizeof one) < 0) {
-      // Cannot happen short of a counter overflow; the thread would not notice the close.
-      std::abort();
-    }
-    q->worker.join();
-  }
-  if (link_) {
-    // Calls already queued find no device any more; the finalizer frees the link.
-    link_->device = nullptr;
-    link_ = nullptr;
-    tsfn_.Release();
-  }
-}
-
 void Device::Shutdown() {
-  StopWorkers();
   if (doneTimer_) {
     uv_timer_stop(doneTimer_);
     doneTimer_->data = nullptr;
@@ -682,12 +454,11 @@ void Device::Shutdown() {
 
 Napi::Value Device::LiveQueues(const Napi::CallbackInfo& info) {
   uint32_t live = 0;
-  for (auto& q : queues_) live += q->ring.open() && (!q->started || q->live.load() > 0);
+  for (auto& q : queues_) live += q->ring.open() && (!q->started || q->live > 0);
   return Napi::Number::New(info.Env(), live);
 }
 
 Napi::Value Device::LastError(const Napi::CallbackInfo& info) {
-  std::lock_guard<std::mutex> lock(errorMu_);
   if (lastError_.empty()) return info.Env().Null();
   return Napi::String::New(info.Env(), lastError_);
 }

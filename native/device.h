@@ -9,14 +9,9 @@
 // complete(). Only plans, never extents, cross into JS.
 #pragma once
 
-#include <atomic>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
-
-#include <future>
 
 #include "common.h"
 
@@ -52,32 +47,12 @@ class Device : public Napi::ObjectWrap<Device> {
     Mapping descriptors;
     Mapping buffers;
     std::vector<Tag> tags;
-    std::atomic<uint32_t> live{0};
+    uint32_t live = 0;
     uint32_t backingInFlight = 0;
     bool started = false;
     std::vector<double> requests;
     std::vector<int32_t> ordered;
     std::vector<int32_t> done;
-    // Threaded mode: the queue's own thread owns the ring; JS hands it plans and results through
-    // the inbox (and an eventfd read on the ring to wake it), it hands JS events through the
-    // outbox (and a thread-safe function call).
-    std::thread worker;
-    Fd wake;
-    uint64_t wakeValue = 0;
-    std::mutex mu;
-    std::vector<double> inSubmits;
-    std::vector<int32_t> inCompletes;
-    bool wakePending = false;
-    std::vector<double> outRequests;
-    std::vector<int32_t> outOrdered;
-    std::vector<int32_t> outDone;
-    bool outStopped = false;
-    bool signaled = false;
-    std::atomic<bool> closing{false};
-  };
-  // What a queued thread-safe call refers to; cut loose when the device shuts down.
-  struct Link {
-    Device* device;
   };
 
   Napi::Value Start(const Napi::CallbackInfo& info);
@@ -95,18 +70,9 @@ class Device : public Napi::ObjectWrap<Device> {
   void Commit(Queue& q, uint16_t tag, int32_t result);
   void OnCompletions(Queue& q);
   void DeliverEvents(Queue& q, bool stopped);
-  void DeliverLists(Queue& q, std::vector<double>& requests, std::vector<int32_t>& ordered, std::vector<int32_t>& done,
-                    bool stopped);
-  bool Reap(Queue& q, bool* stopped);
+  void Reap(Queue& q, bool* stopped);
   std::string ApplySubmit(Queue& q, const double* r, size_t n);
   std::string ApplyComplete(Queue& q, const int32_t* pairs, size_t n);
-  void FailBatch(Queue& q, const double* r, size_t n);
-  void RunWorker(Queue& q, std::promise<int>* started);
-  void DrainInbox(Queue& q);
-  void Publish(Queue& q, bool stopped);
-  void DeliverOutbox(Queue& q);
-  void SetLastError(const std::string& message);
-  void StopWorkers();
   void DeferDone();
   void OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
@@ -118,10 +84,6 @@ class Device : public Napi::ObjectWrap<Device> {
   uint32_t bufferBytes_ = 0;
   int backingFd_ = -1;
   bool encode_ = false;
-  bool threaded_ = false;
-  std::mutex errorMu_;
-  Link* link_ = nullptr;
-  Napi::ThreadSafeFunction tsfn_;
   Fd charFd_;
   std::vector<std::unique_ptr<Queue>> queues_;
   Napi::FunctionReference onEvents_;
@@ -136,7 +98,7 @@ class Device : public Napi::ObjectWrap<Device> {
   CleanupHook cleanup_;
   std::string lastError_;
   // Counters for measurement: ring wake-ups, wake-ups that found nothing, CQEs, calls into JS.
-  std::atomic<uint64_t> wakeups_{0}, emptyWakeups_{0}, cqes_{0}, jsCalls_{0}, timerCalls_{0};
+  uint64_t wakeups_ = 0, emptyWakeups_ = 0, cqes_ = 0, jsCalls_ = 0, timerCalls_ = 0;
 };
 
 }  // namespace cldd

@@ -9,12 +9,14 @@
  *   - a plan with orderedFinish or commit comes back once, after its extents: finish(ok), then
  *     volume.commit() when asked, then complete().
  *
- * Threading: the main thread owns every ring (uv_poll on the ring fd). The alternative, a native
- * thread per queue with thread-safe calls into JS, pays a cross-thread hop twice per request
- * batch and still funnels every plan through this one JS thread. Measured in the test VM (6.12,
- * TCG): one thread round trip costs ~1.2 ms there (13 us on the host), a whole QD1 request ~8 ms,
- * while planning costs under 1 us per request (host); 76% of the server's CPU time is kernel
- * time. The hop would add to the part that dominates and remove nothing.
+ * Threading: the main thread owns every ring (uv_poll on the ring fd). Both models were built and
+ * measured (commit 1b81199 has the other: a native thread per queue owning its ring, an eventfd
+ * read on the ring for JS's answers, a thread-safe function for events). In one VM run (6.12,
+ * TCG, three interleaved rounds each, fio against the master over tmpfs), the main thread won
+ * 4 KiB random reads at QD1 by 13-50% (385-418 against 279-342 IOPS) and random writes at QD32 by
+ * 15-35% (5393-5586 against 4119-4675 IOPS); 1 MiB sequential reads were a draw (88-163 against
+ * 145-180 MiB/s). A threaded queue adds two cross-thread wake-ups per batch (queue thread to JS
+ * and back), and every plan still goes through the one JS thread.
  * A wake-up handles ~13 completions at QD32, and a backing read that completes inside the
  * submit is committed in the same wake-up (native/device.cc reaps again after each JS call).
  */
@@ -190,7 +192,6 @@ export class UblkDevice {
           ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
           onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
           events: this.events,
-          threaded: process.env.CLDD_UBLK_THREADED === '1',
         });
         break;
       } catch (err) {

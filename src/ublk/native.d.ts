@@ -64,8 +64,6 @@ export interface NativeDeviceOptions {
   onEvents: QueueEventHandler;
   /** At least 9 x depth numbers; see QueueEventHandler. */
   events: Float64Array;
-  /** Each queue served by a thread of its own instead of the Node main thread. */
-  threaded?: boolean;
 }
 
 /** The serving side of one ublk device: /dev/ublkcN, its descriptor mappings and queue rings. */
