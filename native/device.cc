@@ -37,7 +37,6 @@ Napi::Function Device::Define(Napi::Env env) {
                          InstanceMethod<&Device::Close>("close"),
                          InstanceAccessor<&Device::LiveQueues>("liveQueues"),
                          InstanceAccessor<&Device::LastError>("lastError"),
-                         InstanceAccessor<&Device::Stats>("stats"),
                      });
 }
 
@@ -265,16 +264,13 @@ std::string Device::ApplyComplete(Queue& q, const int32_t* pairs, size_t n) {
 void Device::OnCompletions(Queue& q) {
   Napi::Env env = Env();
   RunFromLoop(env, *context_, [&] {
-    wakeups_++;
     // The engine's answers are submitted while JS runs; backing reads that hit the page cache
     // complete inside that submit. Reaping again after each call into JS commits those requests
     // in the same wake-up instead of paying another trip through the event loop. Bounded, so
     // a busy queue cannot starve the rest of the loop (the ring fd stays readable).
     for (int round = 0; round < 16 && q.ring.open(); round++) {
       bool stopped = false;
-      uint64_t before = cqes_;
       Reap(q, &stopped);
-      if (round == 0 && cqes_ == before) emptyWakeups_++;
       if (!q.ring.open()) return;
       // Commits of plans that needed no engine go to the kernel before the engine hears of them.
       q.ring.Submit();
@@ -291,7 +287,6 @@ void Device::OnCompletions(Queue& q) {
 void Device::Reap(Queue& q, bool* stopped) {
   io_uring_cqe* cqe;
   while (q.ring.open() && io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
-    cqes_++;
     uint64_t data = cqe->user_data;
     int res = cqe->res;
     io_uring_cqe_seen(q.ring.get(), cqe);
@@ -316,7 +311,6 @@ void Device::DeliverEvents(Queue& q, bool stopped) {
   q.requests.clear();
   q.ordered.clear();
   q.done.clear();
-  jsCalls_++;
   onEvents_.Call(Value(), {Napi::Number::New(env, q.id), Napi::Number::New(env, double(nRequests)),
                            Napi::Number::New(env, double(nOrdered)), Napi::Number::New(env, double(nDone)),
                            Napi::Boolean::New(env, stopped)});
@@ -333,7 +327,6 @@ void Device::OnDoneTimer(uv_timer_t* timer) {
   if (!self) return;
   Napi::Env env = self->Env();
   RunFromLoop(env, *self->context_, [self] {
-    self->timerCalls_++;
     // Delivering may run JS that closes the device: index, do not iterate the vector.
     for (size_t i = 0; i < self->queues_.size(); i++) {
       Queue& q = *self->queues_[i];
@@ -463,17 +456,4 @@ Napi::Value Device::LastError(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), lastError_);
 }
 
-}  // namespace cldd
-
-namespace cldd {
-Napi::Value Device::Stats(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("wakeups", double(wakeups_));
-  o.Set("emptyWakeups", double(emptyWakeups_));
-  o.Set("cqes", double(cqes_));
-  o.Set("jsCalls", double(jsCalls_));
-  o.Set("timerCalls", double(timerCalls_));
-  return o;
-}
 }  // namespace cldd

@@ -61,7 +61,6 @@ class Device : public Napi::ObjectWrap<Device> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value LiveQueues(const Napi::CallbackInfo& info);
   Napi::Value LastError(const Napi::CallbackInfo& info);
-  Napi::Value Stats(const Napi::CallbackInfo& info);
   static void OnDoneTimer(uv_timer_t* timer);
 
   Queue& QueueArg(Napi::Env env, const Napi::Value& value);
@@ -97,8 +96,6 @@ class Device : public Napi::ObjectWrap<Device> {
   std::unique_ptr<Napi::AsyncContext> context_;
   CleanupHook cleanup_;
   std::string lastError_;
-  // Counters for measurement: ring wake-ups, wake-ups that found nothing, CQEs, calls into JS.
-  uint64_t wakeups_ = 0, emptyWakeups_ = 0, cqes_ = 0, jsCalls_ = 0, timerCalls_ = 0;
 };
 
 }  // namespace cldd

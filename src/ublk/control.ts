@@ -275,10 +275,3 @@ function decodeInfo(buf: Uint8Array): DeviceInfo {
     flags: Number(v.getBigUint64(24, true) & 0xffffffffn),
   };
 }
-
-/** Names of the flags set in `flags`, for messages and status. */
-export function flagNames(flags: number): string[] {
-  return Object.entries(UBLK_F)
-    .filter(([, bit]) => (flags & bit) !== 0)
-    .map(([name]) => name.toLowerCase());
-}

@@ -88,8 +88,6 @@ export class UblkDevice {
   private stopping: Promise<void> | null = null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;
-  /** Requests the engine refused or whose I/O failed, for status. */
-  errors = 0;
 
   private constructor(
     private readonly control: UblkControl,
@@ -223,12 +221,10 @@ export class UblkDevice {
     const bridge = this.bridges[q];
     const plan = bridge.plans[tag];
     bridge.plans[tag] = undefined;
-    if (errno !== 0) this.errors++;
     try {
       plan?.finish(errno === 0);
     } catch {
       // Already completed to the kernel; the engine's own accounting reports it.
-      this.errors++;
     }
   }
 
@@ -322,7 +318,6 @@ export class UblkDevice {
   }
 
   private answer(q: number, tag: number, result: number): void {
-    if (result < 0) this.errors++;
     const c = this.bridges[q].completes;
     const a = c.reserve(2);
     a[c.length++] = tag;
@@ -421,16 +416,6 @@ export class UblkDevice {
         plan?.finish(false);
       }
     }
-  }
-
-  /** Ring and bridge counters (see NativeDeviceHandle.stats), for measurement. */
-  get stats(): NativeDeviceHandle['stats'] | null {
-    return this.native?.stats ?? null;
-  }
-
-  /** The native side's last queue error (a tag that could not be re-armed), if any. */
-  get queueError(): string | null {
-    return this.native?.lastError ?? null;
   }
 }
 

@@ -84,11 +84,6 @@ export declare class NativeDeviceHandle {
   /** The last error that took a tag out of service (other than the kernel's abort), or null. */
   readonly lastError: string | null;
   /**
-   * Counters since creation: ring wake-ups, wake-ups that found no completion, CQEs, calls into
-   * JS, and those of them made by the timer that delivers waiting completions.
-   */
-  readonly stats: { wakeups: number; emptyWakeups: number; cqes: number; jsCalls: number; timerCalls: number };
-  /**
    * Tears everything down; safe at any time and more than once. Returns the completions not yet
    * delivered as (queue, tag, errno) triples.
    */
