@@ -2,7 +2,7 @@
  * The daemon's logic and the CLI against it, on any machine: a daemon with a file store and no
  * kernel devices (the engine-only backend), driven by the real cldd command over the socket.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +15,7 @@ import type { Logger } from '../src/daemon/logger.js';
 import { Disk } from '../src/engine/executor.js';
 import { Volume } from '../src/engine/volume.js';
 import { FileStore } from '../src/store/file-store.js';
+import { removeState, writeState } from '../src/daemon/state-file.js';
 
 const run = promisify(execFile);
 const CLI = join(__dirname, '..', 'bin', 'cldd.js');
@@ -107,5 +108,20 @@ describe('daemon without devices', () => {
     expect(r.stderr).toBe('cldd: no pair named "nosuch" is running [ENOENT]\n');
     const bad = await cldd('enable', 'Bad/Name');
     expect(bad.stderr).toMatch(/not a valid pair name/);
+  });
+
+  test('a pair whose daemon died says how to reattach it', async () => {
+    // What a SIGKILLed daemon leaves: its state file, no one on the socket.
+    const dead = spawnSync(process.execPath, ['-e', '']).pid!;
+    await writeState(paths(), { name: 'gone', pid: dead, backing: '/srv/gone.img', backingId: '1:2', master: { id: 7, path: '/dev/ublkb7' }, slave: null, index: 3, startedAt: 0 });
+    try {
+      for (const cmd of ['status', 'disable', 'remove']) {
+        const r = await cldd(cmd, 'gone');
+        expect(r.code).toBe(1);
+        expect(r.stderr).toBe(`cldd: the daemon of "gone" (pid ${dead}) died and its devices wait for it: run "cldd add /srv/gone.img" to reattach them, then retry [ESRCH]\n`);
+      }
+    } finally {
+      await removeState(paths(), 'gone');
+    }
   });
 });

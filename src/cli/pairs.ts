@@ -3,7 +3,7 @@ import { basename } from 'node:path';
 import { CldError } from '../errors.js';
 import { DaemonClient } from '../daemon/client.js';
 import { checkName, defaultPaths, socketPath, type Paths } from '../daemon/paths.js';
-import { listStates } from '../daemon/state-file.js';
+import { isAlive, listStates, readState } from '../daemon/state-file.js';
 
 /** Names of the pairs that have a control socket under the run directory. */
 export async function pairNames(paths: Paths = defaultPaths()): Promise<string[]> {
@@ -50,7 +50,20 @@ export async function resolvePair(what: string, paths: Paths = defaultPaths()): 
 }
 
 export async function connectPair(name: string, paths: Paths = defaultPaths()): Promise<DaemonClient> {
-  return DaemonClient.connect(socketPath(paths, name), name);
+  try {
+    return await DaemonClient.connect(socketPath(paths, name), name);
+  } catch (err) {
+    // A daemon that died (SIGKILL, crash) leaves its state file and its devices, whose I/O
+    // waits for a server: say how to get it back rather than "not running".
+    const state = (err as CldError).code === 'ENOENT' ? await readState(paths, name) : null;
+    if (state && !isAlive(state.pid)) {
+      throw new CldError(
+        'ESRCH',
+        `the daemon of "${name}" (pid ${state.pid}) died and its devices wait for it: run "cldd add ${state.backing}" to reattach them, then retry`,
+      );
+    }
+    throw err;
+  }
 }
 
 /** Runs `fn` with a connection to the pair's daemon, closing it afterwards. */
