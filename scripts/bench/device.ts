@@ -27,18 +27,19 @@ const TARGETS: Record<string, number> = {
 async function main(): Promise<void> {
   const native = existsSync('/dev/ublk-control') && process.getuid?.() === 0;
   const script = 'scripts/bench/device-inside.sh';
-  const [cmd, args] = native ? ['bash', [script]] : ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--', 'bash', script]];
+  const [cmd, args] = native ? ['bash', [script]] : ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '6144', '--', 'bash', script]];
+  // A 2 GiB RAM disk in the VM for the backing files (device-inside.sh puts ext4 on it).
+  const env = native ? process.env : { ...process.env, CLDD_VM_MODULES: `${process.env.CLDD_VM_MODULES ?? ''} brd:rd_nr=1,rd_size=${2 << 20}`.trim() };
   const { code, stdout } = await new Promise<{ code: number | null; stdout: string }>((resolve) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'], env });
     let out = '';
     child.stdout.on('data', (d) => (out += d));
     child.on('close', (c) => resolve({ code: c, stdout: out }));
   });
   if (code !== 0) throw new Error(`${script} failed (exit ${code})`);
-  const rows = stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Row);
+  const records = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Row & { fs?: string });
+  const fs = records.find((l) => l.fs)?.fs ?? 'unknown';
+  const rows = records.filter((l) => !l.fs);
   const jobs = [...new Set(rows.map((r) => r.job))];
   const lines = ['| fio job | cldd | loop | ratio | target | |', '|---|---:|---:|---:|---:|---|'];
   for (const job of jobs) {
@@ -52,7 +53,7 @@ async function main(): Promise<void> {
   }
   const where = native ? 'natively on this host' : 'in the test VM (qemu TCG, Debian 6.12 kernel, 2 vCPUs)';
   const text = [
-    `Measured ${new Date().toISOString().slice(0, 10)} ${where}: fio (io_uring, O_DIRECT, ${process.env.CLDD_BENCH_RUNTIME ?? 15} s per job) on the cldd master and on a kernel loop device over an identical backing file on the same tmpfs, one after the other in the same run.`,
+    `Measured ${new Date().toISOString().slice(0, 10)} ${where}: fio (io_uring, O_DIRECT, ${process.env.CLDD_BENCH_RUNTIME ?? 15} s per job) on the cldd master and on a kernel loop device over an identical backing file on the same file system (${fs}), one after the other in the same run.`,
     'Software emulation inflates user-space cost, so only the ratios mean anything.',
     '',
     ...lines,

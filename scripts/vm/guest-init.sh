@@ -31,10 +31,11 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/null >/dev/console 2>&1
 log "kernel $(uname -r)"
 
-while read -r mod; do
+while read -r mod params; do
   # A module may refuse to load (e.g. an accelerated crc32c on a CPU without the instruction);
   # what really matters is checked below.
-  insmod "/lib/modules/$mod" || log "insmod $mod failed"
+  # shellcheck disable=SC2086 # the parameters are separate words
+  insmod "/lib/modules/$mod" $params || log "insmod $mod failed"
 done < /lib/modules/order
 
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 cldd /share \

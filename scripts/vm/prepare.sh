@@ -13,7 +13,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${CLDD_VM_CACHE:-/var/cache/cldd-vm}
 suite=${CLDD_VM_SUITE:-bookworm-backports}
 package=${CLDD_VM_KERNEL_PACKAGE:-linux-image-amd64}
-# Modules loaded at boot; modprobe adds their dependencies and soft dependencies in order.
+# Modules loaded at boot; modprobe adds their dependencies and soft dependencies in order. An
+# extra module may carry parameters: CLDD_VM_MODULES="brd:rd_nr=1,rd_size=1048576".
 modules="9p 9pnet_virtio overlay ext4 loop ublk_drv ${CLDD_VM_MODULES:-}"
 
 fail() { echo "vm: $*" >&2; exit 125; }
@@ -133,21 +134,29 @@ mknod -m 600 "$initrd/dev/console" c 5 1 2>/dev/null || true
 # Load order from modprobe (dependencies and soft dependencies first), without repeats.
 # busybox insmod cannot read compressed modules: store them decompressed.
 : > "$initrd/lib/modules/order"
-for mod in $modules; do
+for spec in $modules; do
+  mod=${spec%%:*}
+  params=""
+  [ "$mod" = "$spec" ] || params=${spec#*:}
   modprobe -d "$root" -S "$kver" --show-depends "$mod" >"$work/deps" 2>&1 \
     || fail "module $mod not found in kernel $kver: $(head -n 1 "$work/deps")"
   while read -r verb path _; do
     [ "$verb" = insmod ] || continue # "builtin NAME": nothing to load
     name=$(basename "$path")
     name=${name%.xz}; name=${name%.zst}; name=${name%.gz}
-    grep -qxF "$name" "$initrd/lib/modules/order" && continue
+    grep -q "^$name\( \|\$\)" "$initrd/lib/modules/order" && continue
     case "$path" in
       *.ko.xz) xz -dc "$path" ;;
       *.ko.zst) zstd -qdc "$path" ;;
       *.ko.gz) gzip -dc "$path" ;;
       *) cat "$path" ;;
     esac > "$initrd/lib/modules/$name" || fail "cannot decompress $path"
-    echo "$name" >> "$initrd/lib/modules/order"
+    # The parameters belong to the module asked for, not to its dependencies.
+    if [ -n "$params" ] && [ "${name%.ko}" = "$mod" ]; then
+      echo "$name ${params//,/ }" >> "$initrd/lib/modules/order"
+    else
+      echo "$name" >> "$initrd/lib/modules/order"
+    fi
   done < "$work/deps"
 done
 
