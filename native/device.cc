@@ -129,6 +129,18 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
 
 void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   Extent& e = q.tags[tag].extents[index];
+  // Writes go to the page cache from this thread. Through io_uring, ext4 (no non-blocking
+  // buffered writes on 6.12) and tmpfs hand every buffered write to a worker thread, which
+  // serialises one file's writes anyway and costs two thread hops per request: measured in the
+  // VM on ext4, 4 KiB random writes went from 286-340 to 458-565 IOPS at QD1 and from
+  // 4368-4856 to 7154-7569 at QD32. The loop driver writes synchronously from its worker too.
+  // Reads stay on the ring: a cached read completes inside the submit, a miss does not block.
+  if (e.kind == kWrite) {
+    uint8_t* src = q.buffers.data() + size_t(tag) * bufferBytes_ + e.bufferOffset + e.done;
+    ssize_t n = ::pwrite(backingFd_, src, e.length - e.done, off_t(e.offset + e.done));
+    OnExtentCompletion(q, tag, index, n < 0 ? -errno : int(n));
+    return;
+  }
   io_uring_sqe* sqe = q.ring.Sqe();
   if (!sqe) {
     OnExtentCompletion(q, tag, index, -EAGAIN);
@@ -139,10 +151,7 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
     case kRead:
       io_uring_prep_read(sqe, backingFd_, data, e.length - e.done, e.offset + e.done);
       break;
-    case kWrite:
-      io_uring_prep_write(sqe, backingFd_, data, e.length - e.done, e.offset + e.done);
-      break;
-    default:
+    default:  // kZero
       io_uring_prep_fallocate(sqe, backingFd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, e.offset, e.length);
       break;
   }

@@ -1,6 +1,7 @@
 // The serving side of one ublk device: /dev/ublkcN, each queue's descriptor mapping, per-tag
-// I/O buffers and one io_uring per queue that carries both the ublk commands and the backing
-// file's I/O. Every queue is served from the Node main thread (see src/ublk/device.ts for why):
+// I/O buffers and one io_uring per queue that carries the ublk commands and the backing file's
+// reads and discards (writes are pwrite calls, see QueueExtent). Every queue is served from the
+// Node main thread (see src/ublk/device.ts for why):
 // it issues every FETCH_REQ and every later command, so it is the daemon task of all queues.
 //
 // Per tag: the kernel hands a request over (FETCH completes) -> the engine plans it -> the
