@@ -26,6 +26,8 @@ verbose=${CLDD_VM_VERBOSE:-0}
 # KVM is off by default: on some hosts /dev/kvm opens fine and then fails at the first
 # instruction, which qemu does not fall back from. CLDD_VM_ACCEL=kvm opts in.
 accel=${CLDD_VM_ACCEL:-tcg}
+# qemu's CPU model; the device benchmark drops ERMS (see scripts/bench/device.ts).
+cpu=${CLDD_VM_CPU:-max}
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -99,7 +101,7 @@ cmdline+=" initcall_blacklist=jent_mod_init,load_system_certificate_list,init_en
 [ -n "$verbose" ] || cmdline+=" quiet"
 # shellcheck disable=SC2054 # the commas are qemu's
 qemu_args=(
-  -machine q35 -accel "$accel" -cpu max -m "$mem" -smp "$smp"
+  -machine q35 -accel "$accel" -cpu "$cpu" -m "$mem" -smp "$smp"
   -nodefaults -no-user-config -display none -monitor none -no-reboot
   -kernel "$kernel" -initrd "$image/initramfs.gz" -append "$cmdline"
   -serial "file:$tmp/console.log"
