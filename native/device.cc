@@ -137,7 +137,9 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   // Reads stay on the ring: a cached read completes inside the submit, a miss does not block.
   if (e.kind == kWrite) {
     uint8_t* src = q.buffers.data() + size_t(tag) * bufferBytes_ + e.bufferOffset + e.done;
-    ssize_t n = ::pwrite(backingFd_, src, e.length - e.done, off_t(e.offset + e.done));
+    ssize_t n;
+    do n = ::pwrite(backingFd_, src, e.length - e.done, off_t(e.offset + e.done));
+    while (n < 0 && errno == EINTR);
     OnExtentCompletion(q, tag, index, n < 0 ? -errno : int(n));
     return;
   }
