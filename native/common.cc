@@ -90,13 +90,7 @@ void Ring::OnPoll(uv_poll_t* handle, int status, int) {
 }
 
 void Ring::Close() {
-  if (poll_) {
-    uv_poll_stop(poll_);
-    poll_->data = nullptr;
-    // The handle's memory belongs to libuv until its close callback runs.
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-    poll_ = nullptr;
-  }
+  CloseHandle(poll_);
   if (open_) {
     io_uring_queue_exit(&ring_);
     open_ = false;

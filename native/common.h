@@ -89,6 +89,16 @@ class Ring {
   std::function<void()> onReady_;
 };
 
+// Closes a libuv handle that was allocated with new (uv_close also stops it) and forgets it; its
+// memory belongs to libuv until the close callback, which frees it. Safe on null.
+template <typename Handle>
+void CloseHandle(Handle*& handle) {
+  if (!handle) return;
+  handle->data = nullptr;
+  uv_close(reinterpret_cast<uv_handle_t*>(handle), [](uv_handle_t* h) { delete reinterpret_cast<Handle*>(h); });
+  handle = nullptr;
+}
+
 // Calls `fn(arg)` when the Node environment is torn down (worker exit, process exit), unless
 // removed first: owners remove it in their destructors so a collected object is never touched.
 class CleanupHook {

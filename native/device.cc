@@ -430,12 +430,7 @@ Napi::Value Device::Close(const Napi::CallbackInfo& info) {
 }
 
 void Device::Shutdown() {
-  if (doneTimer_) {
-    uv_timer_stop(doneTimer_);
-    doneTimer_->data = nullptr;
-    uv_close(reinterpret_cast<uv_handle_t*>(doneTimer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-    doneTimer_ = nullptr;
-  }
+  CloseHandle(doneTimer_);
   for (auto& q : queues_) {
     if (!q->ring.open()) continue;
     // Backing reads land in the tag buffers: let them finish before the buffers are unmapped.
