@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test VM's kernel and initramfs once and caches them; prints the directory that holds
-# them (vmlinuz, vmlinux when it can be extracted, initramfs.gz, kernel-release). Idempotent: when the cache is current it only
-# hashes the harness scripts and returns. --quiet: say nothing unless something fails.
+# them (vmlinuz, vmlinux when it can be extracted, initramfs.gz, kernel-release). Idempotent:
+# when the cache is current it only hashes the harness scripts and returns. --quiet: say nothing
+# unless something fails.
 #
 # The kernel is Debian's (the host kernel has no ublk driver): linux-image-amd64 from
-# bookworm-backports, fetched with apt-get using private state inside the cache so the system's
-# apt configuration stays untouched. The initramfs is busybox-static, the modules the guest needs
+# bookworm-backports (CLDD_VM_SUITE picks another suite, e.g. trixie-backports), fetched with
+# apt-get using private state inside the cache so the system's apt configuration stays untouched. The initramfs is busybox-static, the modules the guest needs
 # (decompressed, in load order) and guest-init.sh as /init.
 set -euo pipefail
 
@@ -75,7 +76,8 @@ debian_mirror() {
 mirror=${CLDD_VM_APT_MIRROR:-$(debian_mirror)} \
   || fail "cannot find the Debian mirror in the system's apt sources (set CLDD_VM_APT_MIRROR)"
 
-apt_dir=$cache/apt
+# Per suite, so switching CLDD_VM_SUITE back and forth does not download kernels again.
+apt_dir=$cache/apt/$suite
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/sources.list.d" "$apt_dir/debs"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 signed_by=""
@@ -103,21 +105,34 @@ concrete=$(apt-cache "${apt_opts[@]}" depends "$package" 2>/dev/null \
 concrete=${concrete:-$package}
 apt-cache "${apt_opts[@]}" show "$concrete" >/dev/null 2>&1 \
   || fail "$concrete is not in $suite at $mirror ($(tail -n 1 "$work/apt.log"))"
-(cd "$apt_dir/debs" && apt-get "${apt_opts[@]}" -qq download "$concrete") >"$work/apt.log" 2>&1 \
-  || fail "apt-get download $concrete failed: $(tail -n 3 "$work/apt.log" | tr '\n' ' ')"
-deb=$(ls -t "$apt_dir/debs/${concrete}_"*.deb | head -n 1)
-# Keep only the current kernel package (about 100 MB each).
-find "$apt_dir/debs" -name '*.deb' ! -path "$deb" -delete
+# Kernels from 6.16 on split the image package: the kernel itself and its modules are
+# linux-binary-* and linux-modules-* packages that linux-image-* depends on.
+packages=("$concrete")
+while read -r part; do packages+=("$part"); done < <(apt-cache "${apt_opts[@]}" depends "$concrete" 2>/dev/null \
+  | awk '$1 == "Depends:" && $2 ~ /^linux-(binary|modules)-[0-9]/ { print $2 }' | sort -u)
+(cd "$apt_dir/debs" && apt-get "${apt_opts[@]}" -qq download "${packages[@]}") >"$work/apt.log" 2>&1 \
+  || fail "apt-get download ${packages[*]} failed: $(tail -n 3 "$work/apt.log" | tr '\n' ' ')"
+debs=()
+for p in "${packages[@]}"; do debs+=("$(ls -t "$apt_dir/debs/${p}_"*.deb | head -n 1)"); done
+# Keep only the current kernel's packages (about 100 MB a kernel).
+for old in "$apt_dir/debs"/*.deb; do
+  [[ " ${debs[*]} " == *" $old "* ]] || rm -f "$old"
+done
 
 root=$work/kernel
 mkdir -p "$root"
-dpkg-deb -x "$deb" "$root" || fail "cannot unpack $deb"
+for deb in "${debs[@]}"; do
+  dpkg-deb -x "$deb" "$root" || fail "cannot unpack $deb"
+done
 # Newer packages put the modules under /usr/lib/modules; depmod -b wants <root>/lib/modules.
 if [ ! -d "$root/lib/modules" ] && [ -d "$root/usr/lib/modules" ]; then
-  mv "$root/usr/lib/modules" "$root/lib/modules"
+  mkdir -p "$root/lib" && mv "$root/usr/lib/modules" "$root/lib/modules"
 fi
 kver=$(ls "$root/lib/modules" | head -n 1)
-[ -n "$kver" ] && [ -f "$root/boot/vmlinuz-$kver" ] || fail "no kernel found in $deb"
+# The kernel image: /boot/vmlinuz-KVER, or /usr/lib/modules/KVER/vmlinuz in split packages.
+vmlinuz=$root/boot/vmlinuz-$kver
+[ -f "$vmlinuz" ] || vmlinuz=$root/lib/modules/$kver/vmlinuz
+[ -n "$kver" ] && [ -f "$vmlinuz" ] || fail "no kernel found in ${debs[*]}"
 depmod -b "$root" "$kver" || fail "depmod failed for $kver"
 
 # --- Initramfs -----------------------------------------------------------------------------------
@@ -169,12 +184,13 @@ echo "$kver" > "$initrd/kernel-release"
 
 out=$work/image
 mkdir -p "$out"
-cp "$root/boot/vmlinuz-$kver" "$out/vmlinuz"
+cp "$vmlinuz" "$out/vmlinuz"
 # qemu can boot the uncompressed ELF vmlinux through its PVH entry, which skips the bzImage's
 # self-decompression (over a second under TCG). Without PVH or a known compression, run.sh
 # boots the bzImage.
 extract_vmlinux() {
   local bz=$1 setup_sects payload_offset payload_length start
+  # Split packages ship no config: without one, boot the bzImage.
   grep -q '^CONFIG_PVH=y' "$root/boot/config-$kver" 2>/dev/null || return 1
   u() { od -An -tu"$2" -j "$1" -N "$2" "$bz" | tr -d ' '; } # little-endian header field
   setup_sects=$(u $((0x1f1)) 1)
@@ -200,7 +216,7 @@ rm -f "$work/payload"
 
 mv "$work/initramfs.gz" "$out/initramfs.gz"
 echo "$kver" > "$out/kernel-release"
-basename "$deb" > "$out/kernel-package"
+basename "${debs[0]}" > "$out/kernel-package"
 touch "$out/ready"
 rm -rf "$image"
 mv "$out" "$image"
