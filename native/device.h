@@ -1,8 +1,9 @@
 // The serving side of one ublk device: /dev/ublkcN, each queue's descriptor mapping, per-tag
-// I/O buffers and one io_uring per queue that carries the ublk commands and the backing file's
-// reads and discards (writes are pwrite calls, see QueueExtent). Every queue is served from the
-// Node main thread (see src/ublk/device.ts for why):
-// it issues every FETCH_REQ and every later command, so it is the daemon task of all queues.
+// I/O buffers and one io_uring per queue that carries the ublk commands, the backing file's
+// discards and uncached reads, and with zero copy its large reads and writes (small writes and
+// cached reads are direct calls: see QueueExtent in device.cc).
+// Every queue is served from the Node main thread (see src/ublk/device.ts for why): it issues
+// every FETCH_REQ and every later command, so it is the daemon task of all queues.
 //
 // Per tag: the kernel hands a request over (FETCH completes) -> the engine plans it -> the
 // plan's extents run here -> either the tag is committed at once (the engine is told after, in
@@ -67,6 +68,7 @@ class Device : public Napi::ObjectWrap<Device> {
   Queue& QueueArg(Napi::Env env, const Napi::Value& value);
   void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
   void QueueExtent(Queue& q, uint16_t tag, uint16_t index);
+  int CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, uint32_t length, bool toRequest);
   void Commit(Queue& q, uint16_t tag, int32_t result);
   void OnCompletions(Queue& q);
   void DeliverEvents(Queue& q, bool stopped);
@@ -84,6 +86,11 @@ class Device : public Napi::ObjectWrap<Device> {
   uint32_t bufferBytes_ = 0;
   int backingFd_ = -1;
   bool encode_ = false;
+  // Requests' pages are registered in each ring's buffer table (UBLK_F_AUTO_BUF_REG) and this
+  // side copies small requests itself (UBLK_F_USER_COPY); see QueueExtent.
+  bool zeroCopy_ = false;
+  // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
+  bool nowaitReads_ = true;
   Fd charFd_;
   std::vector<std::unique_ptr<Queue>> queues_;
   Napi::FunctionReference onEvents_;

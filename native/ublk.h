@@ -48,6 +48,11 @@ constexpr uint32_t kIoFetch = 0x20;
 constexpr uint32_t kIoCommitAndFetch = 0x21;
 constexpr uint32_t EncodeIo(uint32_t nr) { return _IOWR('u', nr, IoCmd); }
 
+// UBLK_F_USER_COPY: a request's data is at this position of /dev/ublkcN, per queue and tag.
+constexpr uint64_t kUserCopyBase = 0x80000000ULL;
+constexpr unsigned kUserCopyTagShift = 25;
+constexpr unsigned kUserCopyQueueShift = 25 + 16;
+
 // The descriptor array of every queue starts at a stride computed from the largest depth, not
 // the configured one.
 constexpr size_t kMaxDepth = 4096;

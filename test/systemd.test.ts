@@ -26,13 +26,14 @@ test('cldd@.service passes systemd-analyze verify without a warning', async () =
 });
 
 test('pair configuration round trip and refusals', () => {
-  const config = { backing: '/srv/disk.img', queues: 2, depth: 64, logLevel: 'debug' as const, resyncRate: 1 << 20 };
+  const config = { backing: '/srv/disk.img', queues: 2, depth: 64, logLevel: 'debug' as const, resyncRate: 1 << 20, zeroCopy: false };
   expect(parseConfig(formatConfig(config), 'x.conf')).toEqual(config);
-  expect(parseConfig('BACKING="/dev/sdb1"\n# comment\n', 'x.conf')).toMatchObject({ backing: '/dev/sdb1', queues: 1, depth: 128 });
+  expect(parseConfig('BACKING="/dev/sdb1"\n# comment\n', 'x.conf')).toMatchObject({ backing: '/dev/sdb1', queues: 1, depth: 128, zeroCopy: true });
   expect(() => parseConfig('QUEUES=1\n', 'x.conf')).toThrow('x.conf: BACKING must be an absolute path');
   expect(() => parseConfig('BACKING=rel/path\n', 'x.conf')).toThrow(/absolute/);
   expect(() => parseConfig('BACKING=/a\nDEPTH=0\n', 'x.conf')).toThrow('x.conf: DEPTH=0 is not a whole number from 1 to 4096');
   expect(() => parseConfig('BACKING=/a\nCOLOUR=red\n', 'x.conf')).toThrow('x.conf:2: unknown key COLOUR');
   expect(() => parseConfig('BACKING=/a\njunk\n', 'x.conf')).toThrow('x.conf:2: expected KEY=value');
   expect(() => parseConfig('BACKING=/a\nLOG_LEVEL=loud\n', 'x.conf')).toThrow(/LOG_LEVEL/);
+  expect(() => parseConfig('BACKING=/a\nZERO_COPY=maybe\n', 'x.conf')).toThrow('x.conf: ZERO_COPY must be yes or no');
 });

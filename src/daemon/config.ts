@@ -11,6 +11,7 @@ import { CldError } from '../errors.js';
  *   DEPTH=128                     queue depth
  *   LOG_LEVEL=info                error, warn, info or debug
  *   RESYNC_RATE=0                 resync rate limit in bytes per second, 0 for none
+ *   ZERO_COPY=yes                 serve requests in place where the kernel can (yes or no)
  */
 export interface PairConfig {
   backing: string;
@@ -18,12 +19,13 @@ export interface PairConfig {
   depth: number;
   logLevel: LogLevel;
   resyncRate: number;
+  zeroCopy: boolean;
 }
 
 export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
 export const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'];
 
-export const DEFAULT_CONFIG: Omit<PairConfig, 'backing'> = { queues: 1, depth: 128, logLevel: 'info', resyncRate: 0 };
+export const DEFAULT_CONFIG: Omit<PairConfig, 'backing'> = { queues: 1, depth: 128, logLevel: 'info', resyncRate: 0, zeroCopy: true };
 
 export function parseConfig(text: string, source: string): PairConfig {
   const values = new Map<string, string>();
@@ -35,7 +37,7 @@ export function parseConfig(text: string, source: string): PairConfig {
     const key = line.slice(0, eq).trim();
     let value = line.slice(eq + 1).trim();
     if (/^".*"$/.test(value)) value = value.slice(1, -1);
-    if (!['BACKING', 'QUEUES', 'DEPTH', 'LOG_LEVEL', 'RESYNC_RATE'].includes(key)) {
+    if (!['BACKING', 'QUEUES', 'DEPTH', 'LOG_LEVEL', 'RESYNC_RATE', 'ZERO_COPY'].includes(key)) {
       throw new CldError('EINVAL', `${source}:${i + 1}: unknown key ${key}`);
     }
     values.set(key, value);
@@ -51,12 +53,15 @@ export function parseConfig(text: string, source: string): PairConfig {
   };
   const logLevel = (values.get('LOG_LEVEL') ?? DEFAULT_CONFIG.logLevel) as LogLevel;
   if (!LOG_LEVELS.includes(logLevel)) throw new CldError('EINVAL', `${source}: LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}`);
+  const zeroCopy = values.get('ZERO_COPY') ?? (DEFAULT_CONFIG.zeroCopy ? 'yes' : 'no');
+  if (zeroCopy !== 'yes' && zeroCopy !== 'no') throw new CldError('EINVAL', `${source}: ZERO_COPY must be yes or no`);
   return {
     backing,
     queues: int('QUEUES', DEFAULT_CONFIG.queues, 1, 64),
     depth: int('DEPTH', DEFAULT_CONFIG.depth, 1, 4096),
     logLevel,
     resyncRate: int('RESYNC_RATE', DEFAULT_CONFIG.resyncRate, 0, Number.MAX_SAFE_INTEGER),
+    zeroCopy: zeroCopy === 'yes',
   };
 }
 
@@ -68,6 +73,7 @@ export function formatConfig(config: PairConfig): string {
     `DEPTH=${config.depth}`,
     `LOG_LEVEL=${config.logLevel}`,
     `RESYNC_RATE=${config.resyncRate}`,
+    `ZERO_COPY=${config.zeroCopy ? 'yes' : 'no'}`,
     '',
   ].join('\n');
 }

@@ -21,6 +21,8 @@ export interface StartDevicesOptions {
   name: string;
   queues: number;
   depth: number;
+  /** Ask for zero copy (UBLK_F_AUTO_BUF_REG) where the kernel has it. */
+  zeroCopy: boolean;
   /** Device ids a previous daemon left behind (after SIGKILL): reattach them with user recovery. */
   recover: { master: number; slave: number | null } | null;
   log: Logger;
@@ -98,7 +100,7 @@ export class Daemon {
           previous?.master && !isAlive(previous.pid) && (await deviceExists(previous.master.path))
             ? { master: previous.master.id, slave: previous.slave?.id ?? null }
             : null;
-        devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, recover, log });
+        devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, zeroCopy: config.zeroCopy, recover, log });
       }
     } catch (err) {
       await volume.close().catch(() => {});

@@ -1,6 +1,6 @@
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
-import { UblkControl } from '../ublk/control.js';
+import { UblkControl, ZERO_COPY } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
@@ -55,8 +55,9 @@ class UblkPair implements PairDevices {
         }
         return pair;
       }
-      const flags = await control.negotiateRecoveryFlags();
+      const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
+      if ((master.info.flags & ZERO_COPY) === ZERO_COPY) options.log.info('zero copy: large requests are read and written in place');
       return new UblkPair(control, volume, store, master, queueOptions, flags);
     } catch (err) {
       control.close();

@@ -21,7 +21,12 @@ export const UBLK_F = {
   USER_COPY: 1 << 7,
   ZONED: 1 << 8,
   USER_RECOVERY_FAIL_IO: 1 << 9,
+  /** Linux 6.16+: each request's pages are registered in the server's io_uring (zero copy). */
+  AUTO_BUF_REG: 1 << 11,
 } as const;
+
+/** What cldd's zero copy needs of a device. */
+export const ZERO_COPY = UBLK_F.AUTO_BUF_REG | UBLK_F.USER_COPY;
 
 export const UBLK_ATTR = { READ_ONLY: 1 << 0, ROTATIONAL: 1 << 1, VOLATILE_CACHE: 1 << 2, FUA: 1 << 3 } as const;
 
@@ -115,9 +120,12 @@ export class UblkControl {
 
   /**
    * The device flags to ask for: user recovery is required (a server restart must not take the
-   * disks away), its reissue variant preferred, ioctl-encoded commands where the kernel has them.
+   * disks away), its reissue variant preferred, ioctl-encoded commands where the kernel has them,
+   * and zero copy where the kernel has it, unless turned off: large requests are read and
+   * written in place (automatic buffer registration), small ones copied by the server itself
+   * (user copy), see native/device.cc.
    */
-  async negotiateRecoveryFlags(): Promise<number> {
+  async negotiateFlags(options: { zeroCopy: boolean }): Promise<number> {
     const features = await this.getFeatures();
     let flags = UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE;
     // Before 6.5 there is no GET_FEATURES: the kernel keeps the flags it knows, and the caller
@@ -128,6 +136,7 @@ export class UblkControl {
     }
     if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
     if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
+    if (options.zeroCopy && (features & ZERO_COPY) === ZERO_COPY) flags |= ZERO_COPY;
     return flags;
   }
 

@@ -61,6 +61,8 @@ export interface NativeDeviceOptions {
   backingFd: number;
   /** Whether the I/O commands use the ioctl-encoded opcodes (UBLK_F_CMD_IOCTL_ENCODE). */
   ioctlEncode: boolean;
+  /** The device has UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (see native/device.cc). */
+  zeroCopy: boolean;
   onEvents: QueueEventHandler;
   /** At least 9 x depth numbers; see QueueEventHandler. */
   events: Float64Array;

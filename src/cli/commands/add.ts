@@ -18,6 +18,7 @@ interface Args {
   'block-size'?: number;
   queues: number;
   depth: number;
+  'zero-copy': boolean;
   force: boolean;
   persist: boolean;
   json: boolean;
@@ -34,6 +35,11 @@ export const addCommand: CommandModule<object, Args> = {
       .option('block-size', { type: 'number', describe: 'block size for a new store: 4096 (default) to 65536' })
       .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues, describe: 'ublk queues' })
       .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth, describe: 'queue depth' })
+      .option('zero-copy', {
+        type: 'boolean',
+        default: DEFAULT_CONFIG.zeroCopy,
+        describe: 'serve requests in place where the kernel can (Linux 6.16+); --no-zero-copy copies them through the daemon',
+      })
       .option('force', { type: 'boolean', default: false, describe: 'format even over existing data, destroying it' })
       .option('persist', { type: 'boolean', default: false, describe: 'write /etc/cldd/NAME.conf and enable cldd@NAME at boot' })
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
@@ -54,10 +60,18 @@ export const addCommand: CommandModule<object, Args> = {
       name,
       force: args.force,
     });
-    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues: args.queues, depth: args.depth };
+    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues: args.queues, depth: args.depth, zeroCopy: args['zero-copy'] };
     let ready;
     try {
-      ready = await spawnDaemon(paths, name, ['--backing', backing, '--queues', String(args.queues), '--depth', String(args.depth)]);
+      ready = await spawnDaemon(paths, name, [
+        '--backing',
+        backing,
+        '--queues',
+        String(args.queues),
+        '--depth',
+        String(args.depth),
+        args['zero-copy'] ? '--zero-copy' : '--no-zero-copy',
+      ]);
     } catch (err) {
       // A file this command created goes again; anything else keeps its (now cldd) contents.
       if (prepared.how === 'created') await rm(backing, { force: true });

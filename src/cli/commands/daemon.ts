@@ -13,6 +13,7 @@ interface Args {
   backing?: string;
   queues: number;
   depth: number;
+  'zero-copy': boolean;
   'log-level': LogLevel;
   'resync-rate': number;
   'ready-fd'?: number;
@@ -31,6 +32,7 @@ export const daemonCommand: CommandModule<object, Args> = {
       .option('backing', { type: 'string', describe: 'backing store (default: from /etc/cldd/NAME.conf)' })
       .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues })
       .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth })
+      .option('zero-copy', { type: 'boolean', default: DEFAULT_CONFIG.zeroCopy })
       .option('log-level', { choices: LOG_LEVELS, default: DEFAULT_CONFIG.logLevel })
       .option('resync-rate', { type: 'number', default: 0, describe: 'resync rate limit, bytes per second' })
       .option('ready-fd', { type: 'number', describe: 'write one JSON line here when ready (or failed)' }) as unknown as Argv<Args>,
@@ -56,6 +58,7 @@ export const daemonCommand: CommandModule<object, Args> = {
             depth: args.depth,
             logLevel: args['log-level'],
             resyncRate: args['resync-rate'],
+            zeroCopy: args['zero-copy'],
           }
         : await readConfig(configPath(paths, name));
       const log = stderrLogger(config.logLevel, name);
