@@ -16,7 +16,17 @@ export interface CheckResult {
   reason: string;
 }
 
-export function deviceChecks(script: string, checks: Record<string, string>, logName: string, timeoutSeconds = 1500): void {
+/**
+ * `vmEnv` goes to the VM harness only (e.g. CLDD_VM_SUITE for another kernel); natively the
+ * checks run on the host's kernel.
+ */
+export function deviceChecks(
+  script: string,
+  checks: Record<string, string>,
+  logName: string,
+  options: { timeoutSeconds?: number; vmEnv?: Record<string, string> } = {},
+): void {
+  const timeoutSeconds = options.timeoutSeconds ?? 1500;
   const log = join(tmpdir(), logName);
   const results = new Map<string, CheckResult>();
   let harnessFailure: string | null = null;
@@ -31,11 +41,13 @@ export function deviceChecks(script: string, checks: Record<string, string>, log
       return;
     }
     const native = existsSync('/dev/ublk-control') && process.getuid?.() === 0;
+    const names = Object.keys(checks);
     const [cmd, args] = native
-      ? ['bash', [script]]
-      : ['bash', ['scripts/vm/run.sh', '--timeout', String(timeoutSeconds), '--', 'bash', script]];
+      ? ['bash', [script, ...names]]
+      : ['bash', ['scripts/vm/run.sh', '--timeout', String(timeoutSeconds), '--', 'bash', script, ...names]];
+    const env = native ? process.env : { ...process.env, ...options.vmEnv };
     const output = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-      const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
       let stdout = '';
       let stderr = '';
       child.stdout.on('data', (d) => (stdout += d));
