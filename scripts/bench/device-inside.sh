@@ -2,6 +2,9 @@
 # Runs inside a VM with ublk (scripts/vm/run.sh) or on a host with ublk, as root: fio on the cldd
 # master and on a kernel loop device over an identical backing file, one after the other in the
 # same machine. Prints one JSON line per job and device: {"job", "device", "iops", "bw", "lat_us"}.
+# There is one pair per mode in CLDD_BENCH_MODES ("zero-copy", the default, and
+# "no-zero-copy"), reported as devices "cldd" and "cldd-copy"; {"zeroCopy":true} is printed when
+# the kernel gave the first one zero copy.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNTIME=${CLDD_BENCH_RUNTIME:-15}
@@ -23,17 +26,32 @@ fi
 export CLDD_START_TIMEOUT_MS=120000
 CLDD="node $PWD/bin/cldd.js"
 
-rm -f "$WORK/cldd.img" "$WORK/loop.img"
-$CLDD add "$WORK/cldd.img" --size "$SIZE" --name bench --queues "${CLDD_BENCH_QUEUES:-1}" --depth 64 >&2
-master=$(readlink -f /dev/cldd/bench/master)
+MODES=${CLDD_BENCH_MODES:-zero-copy}
+rm -f "$WORK"/cldd*.img "$WORK/loop.img"
+# One pair per mode, all on the same file system, all filled, each job run on every device in turn.
+devices=()
+for mode in $MODES; do
+  name=bench-$mode
+  rm -f "/run/cldd/$name.log"
+  $CLDD add "$WORK/$name.img" --size "$SIZE" --name "$name" --queues "${CLDD_BENCH_QUEUES:-1}" --depth 64 "--$mode" >&2
+  dev=$(readlink -f "/dev/cldd/$name/master")
+  if [ "$mode" = zero-copy ]; then
+    devices+=("cldd=$dev")
+    grep -q "zero copy" "/run/cldd/$name.log" && echo '{"zeroCopy":true}'
+  else
+    devices+=("cldd-copy=$dev")
+  fi
+done
+master=${devices[0]#*=}
 bytes=$(blockdev --getsize64 "$master")
 # The loop device gets a backing file of the master's size on the same file system and no direct
 # I/O: like the cldd store's, its reads and writes go through the page cache.
 truncate -s "$bytes" "$WORK/loop.img"
 loop=$(losetup --find --show "$WORK/loop.img")
-# Fill both once so reads hit allocated blocks on both.
-for dev in "$master" "$loop"; do
-  dd if=/dev/urandom of="$dev" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
+devices+=("loop=$loop")
+# Fill them once so reads hit allocated blocks everywhere.
+for d in "${devices[@]}"; do
+  dd if=/dev/urandom of="${d#*=}" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
 done
 sync
 
@@ -50,8 +68,7 @@ run() { # name rw bs iodepth dev
 for job in "randread-4k-qd1 randread 4k 1" "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd1 randwrite 4k 1" \
            "randwrite-4k-qd32 randwrite 4k 32" "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
   set -- $job
-  run "$1" "$2" "$3" "$4" "$master" cldd
-  run "$1" "$2" "$3" "$4" "$loop" loop
+  for d in "${devices[@]}"; do run "$1" "$2" "$3" "$4" "${d#*=}" "${d%%=*}"; done
 done
 losetup -d "$loop"
-$CLDD remove bench >&2
+for mode in $MODES; do $CLDD remove "bench-$mode" >&2; done
