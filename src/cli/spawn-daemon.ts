@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { CldError } from '../errors.js';
 import type { Paths } from '../daemon/paths.js';
+import type { DeviceLayout } from '../daemon/pair-service.js';
 import { CLDD_HOME } from '../daemon/systemd-unit.js';
 
 export interface ReadyMessage {
@@ -11,6 +12,9 @@ export interface ReadyMessage {
   slave: string | null;
   pid: number;
   state: string;
+  /** The devices of a daemon that died, taken over (user recovery). */
+  recovered: boolean;
+  layout: DeviceLayout | null;
 }
 
 /**

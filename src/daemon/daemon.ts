@@ -13,7 +13,7 @@ import { ControlServer } from './control-server.js';
 import { DeviceLinks } from './device-links.js';
 import type { Freezer } from './freeze.js';
 import type { Logger } from './logger.js';
-import { type EnableParams, type PairDevices, PairService } from './pair-service.js';
+import { type DeviceLayout, type EnableParams, type PairDevices, PairService } from './pair-service.js';
 import { defaultPaths, type Paths, socketPath } from './paths.js';
 import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from './state-file.js';
 
@@ -174,8 +174,9 @@ export class Daemon {
     return daemon;
   }
 
-  get devicesInfo(): { master: string; slave: string | null } | null {
-    return this.devices ? { master: this.devices.master.path, slave: this.devices.slave?.path ?? null } : null;
+  get devicesInfo(): { master: string; slave: string | null; recovered: boolean; layout: DeviceLayout } | null {
+    const d = this.devices;
+    return d ? { master: d.master.path, slave: d.slave?.path ?? null, recovered: d.recovered, layout: d.layout } : null;
   }
 
   /**

@@ -16,9 +16,19 @@ export interface DeviceInfo {
  * a fresh device for each snapshot (no page cache of an older snapshot can be served from it),
  * added after enable and removed before disable.
  */
+export interface DeviceLayout {
+  queues: number;
+  depth: number;
+  zeroCopy: boolean;
+}
+
 export interface PairDevices {
   readonly master: DeviceInfo;
   readonly slave: DeviceInfo | null;
+  /** Whether these are a dead daemon's devices, taken over (user recovery). */
+  readonly recovered: boolean;
+  /** What the kernel serves the master with (a recovered device keeps its original layout). */
+  readonly layout: DeviceLayout;
   addSlave(): Promise<DeviceInfo>;
   /** Stops and deletes the slave; EBUSY while it is in use. */
   removeSlave(): Promise<void>;

@@ -5,7 +5,7 @@ import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/de
 import { ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
-import type { DeviceInfo, PairDevices } from './pair-service.js';
+import type { DeviceInfo, DeviceLayout, PairDevices } from './pair-service.js';
 
 /** The daemon's real backend: io_uring store, ublk devices, fsfreeze, sd_notify. */
 export async function ublkBackend(log: Logger): Promise<Backend> {
@@ -38,6 +38,7 @@ class UblkPair implements PairDevices {
     private readonly masterDevice: UblkDevice,
     private readonly queueOptions: QueueOptions,
     private readonly flags: number,
+    readonly recovered: boolean,
   ) {}
 
   static async start(volume: Volume, store: NativeStore, options: StartDevicesOptions): Promise<UblkPair> {
@@ -46,7 +47,9 @@ class UblkPair implements PairDevices {
     try {
       if (options.recover) {
         const master = await UblkDevice.recover(control, volume, store.fd, 'master', options.recover.master);
-        const pair = new UblkPair(control, volume, store, master, queueOptions, master.info.flags);
+        // The kernel keeps the layout the devices were created with; a slave added later matches it.
+        const layout = { ...queueOptions, queues: master.info.queues, depth: master.info.depth };
+        const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true);
         options.log.info(`reattached the master ${master.path} (user recovery)`);
         if (options.recover.slave !== null) {
           const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', options.recover.slave);
@@ -58,11 +61,16 @@ class UblkPair implements PairDevices {
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
       if ((master.info.flags & ZERO_COPY) === ZERO_COPY) options.log.info('zero copy: large requests are read and written in place');
-      return new UblkPair(control, volume, store, master, queueOptions, flags);
+      return new UblkPair(control, volume, store, master, queueOptions, flags, false);
     } catch (err) {
       control.close();
       throw err;
     }
+  }
+
+  get layout(): DeviceLayout {
+    const { queues, depth, flags } = this.masterDevice.info;
+    return { queues, depth, zeroCopy: (flags & ZERO_COPY) === ZERO_COPY };
   }
 
   get master(): DeviceInfo {

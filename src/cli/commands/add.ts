@@ -88,10 +88,22 @@ export const addCommand: CommandModule<object, Args> = {
       slave: ready.slave,
       links: { master: `/dev/cldd/${name}/master`, slave: `/dev/cldd/${name}/slave` },
       pid: ready.pid,
+      recovered: ready.recovered,
+      layout: ready.layout,
       unit,
     };
+    // A recovered device keeps the layout it was created with, whatever this command asked for.
+    const l = ready.layout;
+    if (ready.recovered && l && (l.queues !== args.queues || l.depth !== args.depth || (l.zeroCopy && !args['zero-copy']))) {
+      process.stderr.write(
+        `cldd: note: the live devices keep their layout (${l.queues} queue(s), depth ${l.depth}${l.zeroCopy ? ', zero copy' : ''}); ` +
+          `--queues, --depth and --zero-copy apply when the devices are created again (cldd remove, then cldd add)\n`,
+      );
+    }
     if (args.json) return printJson(result);
-    const what = { created: 'created and formatted', formatted: 'formatted', existing: 'reattached' }[prepared.how];
+    const what = ready.recovered
+      ? 'took over the live devices of'
+      : { created: 'created and formatted', formatted: 'formatted', existing: 'reattached' }[prepared.how];
     console.log(`${name}: ${what} ${backing} (${formatBytes(prepared.capacity)} usable, state ${ready.state})`);
     console.log(`master  ${ready.master}  (/dev/cldd/${name}/master)`);
     console.log(`slave   ${ready.slave ?? `appears on enable as /dev/cldd/${name}/slave`}`);

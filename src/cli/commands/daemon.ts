@@ -70,7 +70,16 @@ export const daemonCommand: CommandModule<object, Args> = {
       throw err;
     }
     const info = daemon.devicesInfo;
-    report({ ready: { master: info?.master ?? null, slave: info?.slave ?? null, pid: process.pid, state: daemon.service.status().state } });
+    report({
+      ready: {
+        master: info?.master ?? null,
+        slave: info?.slave ?? null,
+        pid: process.pid,
+        state: daemon.service.status().state,
+        recovered: info?.recovered ?? false,
+        layout: info?.layout ?? null,
+      },
+    });
     const stop = () => void daemon.stop();
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
