@@ -2,7 +2,7 @@ import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
 import { UblkControl, ZERO_COPY } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { ioctlFreezer, sdNotify } from '../ublk/system.js';
+import { disableScheduler, ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
 import type { DeviceInfo, DeviceLayout, PairDevices } from './pair-service.js';
@@ -39,6 +39,7 @@ class UblkPair implements PairDevices {
     private readonly queueOptions: QueueOptions,
     private readonly flags: number,
     readonly recovered: boolean,
+    private readonly log: Logger,
   ) {}
 
   static async start(volume: Volume, store: NativeStore, options: StartDevicesOptions): Promise<UblkPair> {
@@ -49,7 +50,7 @@ class UblkPair implements PairDevices {
         const master = await UblkDevice.recover(control, volume, store.fd, 'master', options.recover.master);
         // The kernel keeps the layout the devices were created with; a slave added later matches it.
         const layout = { ...queueOptions, queues: master.info.queues, depth: master.info.depth };
-        const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true);
+        const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true, options.log);
         options.log.info(`reattached the master ${master.path} (user recovery)`);
         if (options.recover.slave !== null) {
           const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', options.recover.slave);
@@ -61,7 +62,8 @@ class UblkPair implements PairDevices {
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
       if ((master.info.flags & ZERO_COPY) === ZERO_COPY) options.log.info('zero copy: large requests are read and written in place');
-      return new UblkPair(control, volume, store, master, queueOptions, flags, false);
+      await withoutScheduler(master, options.log);
+      return new UblkPair(control, volume, store, master, queueOptions, flags, false, options.log);
     } catch (err) {
       control.close();
       throw err;
@@ -82,7 +84,10 @@ class UblkPair implements PairDevices {
   }
 
   async addSlave(): Promise<DeviceInfo> {
-    this.slaveDevice ??= await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags });
+    if (!this.slaveDevice) {
+      this.slaveDevice = await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags });
+      await withoutScheduler(this.slaveDevice, this.log);
+    }
     return this.slave!;
   }
 
@@ -99,4 +104,11 @@ class UblkPair implements PairDevices {
     this.control.close();
     if (failures.length) throw failures[0];
   }
+}
+
+/** A device keeps working with the kernel's scheduler, only slower: say so, do not fail. */
+async function withoutScheduler(device: UblkDevice, log: Logger): Promise<void> {
+  await disableScheduler(device.path).catch((err: unknown) =>
+    log.warn(`${device.path}: could not turn off the I/O scheduler: ${err instanceof Error ? err.message : String(err)}`),
+  );
 }

@@ -1,4 +1,6 @@
-/** The addon's system calls for the daemon: sd_notify and filesystem freeze/thaw. */
+/** The daemon's system calls: sd_notify, filesystem freeze/thaw, block queue settings. */
+import { writeFile } from 'node:fs/promises';
+import { basename } from 'node:path';
 import type { Freezer } from '../daemon/freeze.js';
 import { addon, nativeError } from './addon.js';
 
@@ -10,6 +12,16 @@ export function sdNotify(message: string, socket = process.env.NOTIFY_SOCKET): v
   } catch (err) {
     throw nativeError(err);
   }
+}
+
+/**
+ * Turns off the block layer's I/O scheduler of a device this process serves, as the loop driver
+ * does for its own: requests are scheduled again on the backing file's device. The kernel gives
+ * a single-queue ublk device mq-deadline, which in the VM cost 4 KiB random I/O at QD32 about
+ * 45% of its rate and dispatched through kblockd workers (Linux 7.3).
+ */
+export async function disableScheduler(devicePath: string): Promise<void> {
+  await writeFile(`/sys/block/${basename(devicePath)}/queue/scheduler`, 'none');
 }
 
 /**
