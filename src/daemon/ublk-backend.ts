@@ -1,6 +1,6 @@
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
-import { UblkControl, ZERO_COPY } from '../ublk/control.js';
+import { hasZeroCopy, UblkControl } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { disableScheduler, ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
@@ -61,7 +61,7 @@ class UblkPair implements PairDevices {
       }
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
-      if ((master.info.flags & ZERO_COPY) === ZERO_COPY) options.log.info('zero copy: large requests are read and written in place');
+      if (hasZeroCopy(master.info.flags)) options.log.info('zero copy: large requests are read and written in place');
       await withoutScheduler(master, options.log);
       return new UblkPair(control, volume, store, master, queueOptions, flags, false, options.log);
     } catch (err) {
@@ -72,7 +72,7 @@ class UblkPair implements PairDevices {
 
   get layout(): DeviceLayout {
     const { queues, depth, flags } = this.masterDevice.info;
-    return { queues, depth, zeroCopy: (flags & ZERO_COPY) === ZERO_COPY };
+    return { queues, depth, zeroCopy: hasZeroCopy(flags) };
   }
 
   get master(): DeviceInfo {

@@ -26,7 +26,12 @@ export const UBLK_F = {
 } as const;
 
 /** What cldd's zero copy needs of a device. */
-export const ZERO_COPY = UBLK_F.AUTO_BUF_REG | UBLK_F.USER_COPY;
+const ZERO_COPY = UBLK_F.AUTO_BUF_REG | UBLK_F.USER_COPY;
+
+/** Whether device (or feature) flags have everything cldd's zero copy needs. */
+export function hasZeroCopy(flags: number): boolean {
+  return (flags & ZERO_COPY) === ZERO_COPY;
+}
 
 export const UBLK_ATTR = { READ_ONLY: 1 << 0, ROTATIONAL: 1 << 1, VOLATILE_CACHE: 1 << 2, FUA: 1 << 3 } as const;
 
@@ -136,7 +141,7 @@ export class UblkControl {
     }
     if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
     if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
-    if (options.zeroCopy && (features & ZERO_COPY) === ZERO_COPY) flags |= ZERO_COPY;
+    if (options.zeroCopy && hasZeroCopy(features)) flags |= ZERO_COPY;
     return flags;
   }
 

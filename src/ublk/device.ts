@@ -25,7 +25,7 @@ import { CldError } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { addon, nativeError } from './addon.js';
-import { UBLK_ATTR, UBLK_F, ZERO_COPY, type DeviceInfo, type UblkControl } from './control.js';
+import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
 import type { NativeDeviceHandle } from './native.js';
 
 /** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
@@ -188,7 +188,7 @@ export class UblkDevice {
           bufferBytes: this.info.bufferBytes,
           backingFd,
           ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
-          zeroCopy: (this.info.flags & ZERO_COPY) === ZERO_COPY,
+          zeroCopy: hasZeroCopy(this.info.flags),
           onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
           events: this.events,
         });
