@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNTIME=${CLDD_BENCH_RUNTIME:-15}
 SIZE=${CLDD_BENCH_SIZE:-1G}
-# Both backing files live on one file system. In the VM that is ext4 on a RAM disk (brd, loaded
+# All backing files live on one file system. In the VM that is ext4 on a RAM disk (brd, loaded
 # by scripts/bench/device.ts): a real file system, unlike tmpfs, where io_uring hands every
 # buffered read and write to a worker thread (shmem has no non-blocking I/O on 6.12).
 if [ -z "${CLDD_BENCH_WORK:-}" ] && [ -b /dev/ram0 ] && [ "$(blockdev --getsize64 /dev/ram0)" -ge $((1536 << 20)) ]; then

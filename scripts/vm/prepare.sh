@@ -6,7 +6,8 @@
 #
 # The kernel is Debian's (the host kernel has no ublk driver): linux-image-amd64 from
 # bookworm-backports (CLDD_VM_SUITE picks another suite, e.g. trixie-backports), fetched with
-# apt-get using private state inside the cache so the system's apt configuration stays untouched. The initramfs is busybox-static, the modules the guest needs
+# apt-get using private state inside the cache so the system's apt configuration stays untouched.
+# The initramfs is busybox-static, the modules the guest needs
 # (decompressed, in load order) and guest-init.sh as /init.
 set -euo pipefail
 
