@@ -47,7 +47,7 @@ export const DEFAULT_QUEUE_OPTIONS: QueueOptions = {
   depth: 64,
   // 1 MiB, like loop's 1280 KiB: a 1 MiB request is not split in two. Splitting cost more than
   // the second round trip: a profile showed fio's 1 MiB O_DIRECT requests, which the block layer
-  // had to split, going through an io_uring worker of fio's (split bios cannot be NOWAIT). In
+  // had to split, going through an io_uring worker of fio's (gone with 1 MiB requests). In
   // one VM run against 512 KiB, 1 MiB sequential writes went 627-788 -> 1015-1394 MiB/s with
   // zero copy (7.3) and 292-336 -> 392-412 MiB/s copying (6.12); reads +20-70%. Copying, the tag
   // buffers this touches cost up to depth x 1 MiB of memory per queue.
