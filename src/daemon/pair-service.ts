@@ -11,17 +11,18 @@ export interface DeviceInfo {
   path: string;
 }
 
-/**
- * The kernel devices that serve a volume. The master lives as long as the daemon; the slave is
- * a fresh device for each snapshot (no page cache of an older snapshot can be served from it),
- * added after enable and removed before disable.
- */
+/** How the kernel serves a device: fixed when it is created. */
 export interface DeviceLayout {
   queues: number;
   depth: number;
   zeroCopy: boolean;
 }
 
+/**
+ * The kernel devices that serve a volume. The master lives as long as the daemon; the slave is
+ * a fresh device for each snapshot (no page cache of an older snapshot can be served from it),
+ * added after enable and removed before disable.
+ */
 export interface PairDevices {
   readonly master: DeviceInfo;
   readonly slave: DeviceInfo | null;
