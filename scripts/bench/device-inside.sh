@@ -1,13 +1,18 @@
 #!/bin/bash
 # Runs inside a VM with ublk (scripts/vm/run.sh) or on a host with ublk, as root: fio on the cldd
 # master and on a kernel loop device over an identical backing file, one after the other in the
-# same machine. Prints one JSON line per job and device: {"job", "device", "iops", "bw", "lat_us"}.
+# same machine, in CLDD_BENCH_ROUNDS rounds. Prints one JSON line per round, job and device:
+# {"round", "job", "device", "iops", "bw", "lat_us"}.
 # There is one pair per mode in CLDD_BENCH_MODES ("zero-copy", the default, and
 # "no-zero-copy"), reported as devices "cldd" and "cldd-copy"; {"zeroCopy":true} is printed when
 # the kernel gave the first one zero copy.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RUNTIME=${CLDD_BENCH_RUNTIME:-15}
+RUNTIME=${CLDD_BENCH_RUNTIME:-10}
+# The same job on the same device varies by up to 2x between runs in the TCG VM (loop's 4 KiB
+# writes at QD32 ranged from 7k to 21k IOPS in one session): each job runs on every device in
+# turn, in several rounds, and the report takes the median of each round's ratio.
+ROUNDS=${CLDD_BENCH_ROUNDS:-3}
 SIZE=${CLDD_BENCH_SIZE:-1G}
 # All backing files live on one file system. In the VM that is ext4 on a RAM disk (brd, loaded
 # by scripts/bench/device.ts): a real file system, unlike tmpfs, where io_uring hands every
@@ -55,20 +60,26 @@ for d in "${devices[@]}"; do
 done
 sync
 
-run() { # name rw bs iodepth dev
+run() { # name rw bs iodepth dev device-label round
   fio --name="$1" --filename="$5" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=io_uring --direct=1 \
     --runtime="$RUNTIME" --time_based --ramp_time=2 --group_reporting --output-format=json 2>/dev/null |
     node -e '
       let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => {
         const j = JSON.parse(s).jobs[0]; const io = j.read.io_bytes > 0 ? j.read : j.write;
-        console.log(JSON.stringify({ job: process.argv[1], device: process.argv[2], iops: io.iops, bw: io.bw_bytes, lat_us: io.clat_ns.mean / 1000 }));
-      });' "$1" "$6"
+        console.log(JSON.stringify({ round: Number(process.argv[3]), job: process.argv[1], device: process.argv[2], iops: io.iops, bw: io.bw_bytes, lat_us: io.clat_ns.mean / 1000 }));
+      });' "$1" "$6" "$7"
 }
 
-for job in "randread-4k-qd1 randread 4k 1" "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd1 randwrite 4k 1" \
-           "randwrite-4k-qd32 randwrite 4k 32" "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
-  set -- $job
-  for d in "${devices[@]}"; do run "$1" "$2" "$3" "$4" "${d#*=}" "${d%%=*}"; done
+for round in $(seq "$ROUNDS"); do
+  for job in "randread-4k-qd1 randread 4k 1" "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd1 randwrite 4k 1" \
+             "randwrite-4k-qd32 randwrite 4k 32" "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
+    set -- $job
+    # Each round starts with another device, so none always follows the same job's writeback.
+    for ((i = 0; i < ${#devices[@]}; i++)); do
+      d=${devices[(i + round - 1) % ${#devices[@]}]}
+      run "$1" "$2" "$3" "$4" "${d#*=}" "${d%%=*}" "$round"
+    done
+  done
 done
 losetup -d "$loop"
 for mode in $MODES; do $CLDD remove "bench-$mode" >&2; done

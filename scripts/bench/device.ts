@@ -11,6 +11,7 @@ import { existsSync } from 'node:fs';
 import { writeSection } from './report.js';
 
 interface Row {
+  round: number;
   job: string;
   device: 'cldd' | 'cldd-copy' | 'loop';
   iops: number;
@@ -75,21 +76,51 @@ async function measure(run: Run): Promise<{ rows: Row[]; fs: string; zeroCopy: b
   };
 }
 
+function median(values: number[]): number {
+  const v = [...values].sort((a, b) => a - b);
+  const mid = v.length >> 1;
+  return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
+}
+
+/**
+ * One line per job. A device's figure is its median over the rounds; a ratio is the median of
+ * the rounds' own ratios (each cldd figure against loop's in the same round, measured minutes
+ * apart at most), with their range beside it.
+ */
 function table(rows: Row[]): string[] {
   const jobs = [...new Set(rows.map((r) => r.job))];
   const copy = rows.some((r) => r.device === 'cldd-copy');
+  const rounds = new Set(rows.map((r) => r.round)).size;
+  const head = `| fio job | cldd | loop | ratio | ${rounds} rounds | target | |`;
   const lines = copy
-    ? ['| fio job | cldd | loop | ratio | target | | cldd --no-zero-copy | ratio |', '|---|---:|---:|---:|---:|---|---:|---:|']
-    : ['| fio job | cldd | loop | ratio | target | |', '|---|---:|---:|---:|---:|---|'];
+    ? [`${head} cldd --no-zero-copy | ratio | ${rounds} rounds |`, '|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
+    : [head, '|---|---:|---:|---:|---:|---:|---|'];
   for (const job of jobs) {
-    const get = (device: Row['device']) => rows.find((r) => r.job === job && r.device === device)!;
     const seq = job.includes('1m');
-    const fmt = (r: Row) => (seq ? `${(r.bw / 1048576).toFixed(1)} MiB/s` : `${Math.round(r.iops)} IOPS, ${r.lat_us.toFixed(0)} µs`);
-    const ratio = (r: Row) => (seq ? r.bw / get('loop').bw : r.iops / get('loop').iops);
-    const c = get('cldd');
+    const value = (r: Row) => (seq ? r.bw : r.iops);
+    const of = (device: Row['device']) => rows.filter((r) => r.job === job && r.device === device);
+    const loop = of('loop');
+    const fmt = (device: Row['device']) => {
+      const rs = of(device);
+      if (seq) return `${(median(rs.map((r) => r.bw)) / 1048576).toFixed(1)} MiB/s`;
+      return `${Math.round(median(rs.map((r) => r.iops)))} IOPS, ${median(rs.map((r) => r.lat_us)).toFixed(0)} µs`;
+    };
+    const ratios = (device: Row['device']) =>
+      of(device).flatMap((r) => {
+        const l = loop.find((x) => x.round === r.round);
+        return l ? [value(r) / value(l)] : [];
+      });
+    const summary = (device: Row['device']): [number, string] => {
+      const rs = ratios(device);
+      return [median(rs), `${Math.min(...rs).toFixed(2)}-${Math.max(...rs).toFixed(2)}`];
+    };
+    const [ratio, range] = summary('cldd');
     const target = TARGETS[job];
-    let line = `| ${job} | ${fmt(c)} | ${fmt(get('loop'))} | ${ratio(c).toFixed(2)}x | ${target}x | ${ratio(c) >= target ? 'met' : 'missed'} |`;
-    if (copy) line += ` ${fmt(get('cldd-copy'))} | ${ratio(get('cldd-copy')).toFixed(2)}x |`;
+    let line = `| ${job} | ${fmt('cldd')} | ${fmt('loop')} | ${ratio.toFixed(2)}x | ${range} | ${target}x | ${ratio >= target ? 'met' : 'missed'} |`;
+    if (copy) {
+      const [copyRatio, copyRange] = summary('cldd-copy');
+      line += ` ${fmt('cldd-copy')} | ${copyRatio.toFixed(2)}x | ${copyRange} |`;
+    }
     lines.push(line);
   }
   return lines;
@@ -103,9 +134,10 @@ async function main(): Promise<void> {
         { suite: 'bookworm-backports', modes: 'zero-copy' },
         { suite: 'trixie-backports', modes: 'zero-copy no-zero-copy' },
       ];
-  const seconds = process.env.CLDD_BENCH_RUNTIME ?? 15;
+  const seconds = process.env.CLDD_BENCH_RUNTIME ?? 10;
   const text: string[] = [
-    `Measured ${new Date().toISOString().slice(0, 10)}: fio (io_uring, O_DIRECT, ${seconds} s per job) on the cldd master and on a kernel loop device over an identical backing file on the same file system, each job on every device in turn in the same machine.`,
+    `Measured ${new Date().toISOString().slice(0, 10)}: fio (io_uring, O_DIRECT, ${seconds} s per job) on the cldd master and on a kernel loop device over an identical backing file on the same file system, each job on every device in turn in the same machine, in ${process.env.CLDD_BENCH_ROUNDS ?? 3} rounds.`,
+    "Figures are medians over the rounds; a ratio is the median of each round's ratio to loop, with their range beside it.",
     'Software emulation inflates user-space cost, so only the ratios within one table mean anything.',
   ];
   for (const run of runs) {
