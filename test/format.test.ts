@@ -199,8 +199,8 @@ describe('superblock', () => {
         const v = decodeSuperblock(bad);
         expect(v.ok, `bit ${bit} of byte ${offset}`).toBe(false);
         if (v.ok) continue;
-        // Only a hit on the magic makes the copy look foreign; anything else is damage.
-        expect(v.foreign, `byte ${offset}: ${v.reason}`).toBe(offset < 8);
+        // Only a hit on the magic makes the copy look foreign; anything else is a torn copy.
+        expect(v.kind, `byte ${offset}: ${v.reason}`).toBe(offset < 8 ? 'foreign' : 'torn');
         if (offset >= 8) expect(v.reason).toBe('checksum mismatch');
         checked++;
       }
@@ -238,7 +238,7 @@ describe('superblock', () => {
       const v = reseal(edit);
       expect(v.ok, what).toBe(false);
       if (!v.ok) {
-        expect(v.foreign, what).toBe(false);
+        expect(v.kind, what).toBe('damaged');
         expect(v.reason, what).toMatch(reason);
       }
     }
@@ -276,10 +276,10 @@ describe('superblock', () => {
 
   test('short_zero_and_foreign_buffers_are_foreign', () => {
     const short = decodeSuperblock(encodeSuperblock(sampleSuperblock()).subarray(0, SUPERBLOCK_BYTES - 1));
-    expect(short).toMatchObject({ ok: false, foreign: true });
-    expect(decodeSuperblock(new Uint8Array(4096))).toMatchObject({ ok: false, foreign: true, reason: 'no cldd signature' });
+    expect(short).toMatchObject({ ok: false, kind: 'foreign' });
+    expect(decodeSuperblock(new Uint8Array(4096))).toMatchObject({ ok: false, kind: 'foreign', reason: 'no cldd signature' });
     const mapSlot = encodeMapSlot(computeLayout(64 * MiB, 4096), newUuid(), 0, 1, null);
-    expect(decodeSuperblock(mapSlot)).toMatchObject({ ok: false, foreign: true });
+    expect(decodeSuperblock(mapSlot)).toMatchObject({ ok: false, kind: 'foreign' });
   });
 });
 
@@ -325,9 +325,11 @@ describe('map slot', () => {
       bad[offset] ^= 0x10;
       const v = decodeMapSlot(l, uuid, 0, bad);
       checked++;
-      // A hit on the magic loses the signature; a hit anywhere else breaks the checksum.
+      // A hit on the magic loses the signature; a hit anywhere else breaks the checksum. Either
+      // way the slot is torn, never unused: a damaged newest slot must not pass as never written.
       if (v.ok) missed.push(`byte ${offset}: accepted`);
       else if (!(offset < 8 ? /signature/ : /^checksum mismatch$/).test(v.reason)) missed.push(`byte ${offset}: ${v.reason}`);
+      else if (v.kind !== 'torn') missed.push(`byte ${offset}: kind ${v.kind}`);
     }
     expect(missed).toEqual([]);
     expect(checked).toBeGreaterThanOrEqual(blockSize === 4096 ? 4096 : MAP_SLOT_HEADER);
@@ -347,20 +349,20 @@ describe('map slot', () => {
   test('a_slot_of_another_store_is_rejected', () => {
     const other = newUuid();
     const v = decodeMapSlot(layout, uuid, 0, encodeMapSlot(layout, other, 0, 3, payloadFor(4)));
-    expect(v).toEqual({ ok: false, reason: 'belongs to another store' });
+    expect(v).toEqual({ ok: false, kind: 'unused', reason: 'belongs to another store' });
   });
 
   test('a_slot_labelled_with_another_page_is_rejected', () => {
     const v = decodeMapSlot(layout, uuid, 4, encodeMapSlot(layout, uuid, 5, 3, payloadFor(5)));
-    expect(v).toEqual({ ok: false, reason: 'labelled page 5' });
+    expect(v).toEqual({ ok: false, kind: 'damaged', reason: 'labelled page 5' });
   });
 
   test('a_slot_of_the_wrong_size_or_without_magic_is_rejected', () => {
     const image = encodeMapSlot(layout, uuid, 0, 1, null);
-    expect(decodeMapSlot(layout, uuid, 0, image.subarray(0, 2048))).toMatchObject({ ok: false, reason: 'slot of 2048 bytes' });
-    expect(decodeMapSlot(layout, uuid, 0, new Uint8Array(layout.blockSize))).toEqual({ ok: false, reason: 'no map signature' });
+    expect(decodeMapSlot(layout, uuid, 0, image.subarray(0, 2048))).toMatchObject({ ok: false, kind: 'damaged', reason: 'slot of 2048 bytes' });
+    expect(decodeMapSlot(layout, uuid, 0, new Uint8Array(layout.blockSize))).toEqual({ ok: false, kind: 'unused', reason: 'no map signature' });
     const superblock = encodeSuperblock(sampleSuperblock());
-    expect(decodeMapSlot(layout, uuid, 0, superblock)).toMatchObject({ ok: false, reason: expect.stringMatching(/signature/) });
+    expect(decodeMapSlot(layout, uuid, 0, superblock)).toMatchObject({ ok: false, kind: 'torn', reason: expect.stringMatching(/signature/) });
   });
 
   test('a_sequence_beyond_safe_integers_is_rejected', () => {
@@ -368,7 +370,7 @@ describe('map slot', () => {
     const v = new DataView(image.buffer);
     v.setBigUint64(16, 1n << 60n, true);
     v.setUint32(8, crc32c(image, 12, image.length), true);
-    expect(decodeMapSlot(layout, uuid, 0, image)).toEqual({ ok: false, reason: 'sequence out of range' });
+    expect(decodeMapSlot(layout, uuid, 0, image)).toEqual({ ok: false, kind: 'damaged', reason: 'sequence out of range' });
   });
 });
 

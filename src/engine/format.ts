@@ -142,18 +142,24 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
   return buf;
 }
 
-export type SuperblockVerdict =
-  | { ok: true; sb: Superblock }
-  | { ok: false; foreign: boolean; reason: string };
+/**
+ * Why a superblock copy is not valid:
+ *   foreign  no cldd signature: never written by cldd (or wiped);
+ *   torn     the checksum does not match: a write interrupted by a crash, or damage;
+ *   damaged  a complete write whose fields are impossible: damage, or a newer cldd.
+ */
+export type SuperblockFault = 'foreign' | 'torn' | 'damaged';
+
+export type SuperblockVerdict = { ok: true; sb: Superblock } | { ok: false; kind: SuperblockFault; reason: string };
 
 /** Decodes one superblock copy; says why it is not valid. */
 export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
-  if (buf.length < SUPERBLOCK_BYTES) return { ok: false, foreign: true, reason: 'shorter than a superblock' };
+  if (buf.length < SUPERBLOCK_BYTES) return { ok: false, kind: 'foreign', reason: 'shorter than a superblock' };
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const magic = Buffer.from(buf.subarray(0, 8)).toString('latin1');
-  if (magic !== SUPERBLOCK_MAGIC) return { ok: false, foreign: true, reason: 'no cldd signature' };
-  const bad = (reason: string): SuperblockVerdict => ({ ok: false, foreign: false, reason });
-  if (v.getUint32(8, true) !== crc32c(buf, 12, SUPERBLOCK_BYTES)) return bad('checksum mismatch');
+  if (magic !== SUPERBLOCK_MAGIC) return { ok: false, kind: 'foreign', reason: 'no cldd signature' };
+  const bad = (reason: string): SuperblockVerdict => ({ ok: false, kind: 'damaged', reason });
+  if (v.getUint32(8, true) !== crc32c(buf, 12, SUPERBLOCK_BYTES)) return { ok: false, kind: 'torn', reason: 'checksum mismatch' };
   const version = v.getUint32(12, true);
   if (version !== FORMAT_VERSION) return bad(`format version ${version} (this cldd reads version ${FORMAT_VERSION})`);
   const u64 = (off: number) => {
@@ -221,20 +227,29 @@ export function encodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, se
   return buf;
 }
 
-export type MapSlotVerdict = { ok: true; header: MapSlotHeader } | { ok: false; reason: string };
+/**
+ * Why a map slot holds no version of its page:
+ *   unused   never written for this store: all zero as format leaves it, or another store's;
+ *   torn     an incomplete write: a crash while it was written, or damage;
+ *   damaged  a complete write that cannot be this slot (another page's, impossible fields).
+ */
+export type MapSlotFault = 'unused' | 'torn' | 'damaged';
+
+export type MapSlotVerdict = { ok: true; header: MapSlotHeader } | { ok: false; kind: MapSlotFault; reason: string };
 
 export function decodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, buf: Uint8Array): MapSlotVerdict {
-  if (buf.length !== layout.blockSize) return { ok: false, reason: `slot of ${buf.length} bytes` };
+  const bad = (kind: MapSlotFault, reason: string): MapSlotVerdict => ({ ok: false, kind, reason });
+  if (buf.length !== layout.blockSize) return bad('damaged', `slot of ${buf.length} bytes`);
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   if (Buffer.from(buf.subarray(0, 8)).toString('latin1') !== MAP_SLOT_MAGIC) {
-    // Format leaves unused slots all zero; anything else without the magic is damage.
-    return { ok: false, reason: buf.every((b) => b === 0) ? 'no map signature' : 'damaged signature' };
+    // Format leaves unused slots all zero; anything else without the magic is a torn write or damage.
+    return buf.every((b) => b === 0) ? bad('unused', 'no map signature') : bad('torn', 'damaged signature');
   }
-  if (v.getUint32(8, true) !== crc32c(buf, 12, buf.length)) return { ok: false, reason: 'checksum mismatch' };
-  if (!Buffer.from(buf.subarray(32, 48)).equals(Buffer.from(uuid))) return { ok: false, reason: 'belongs to another store' };
-  const slotPage = Number(v.getBigUint64(24, true));
-  if (slotPage !== page) return { ok: false, reason: `labelled page ${slotPage}` };
+  if (v.getUint32(8, true) !== crc32c(buf, 12, buf.length)) return bad('torn', 'checksum mismatch');
+  if (!Buffer.from(buf.subarray(32, 48)).equals(Buffer.from(uuid))) return bad('unused', 'belongs to another store');
+  const slotPage = v.getBigUint64(24, true);
+  if (slotPage !== BigInt(page)) return bad('damaged', `labelled page ${slotPage}`);
   const sequence = v.getBigUint64(16, true);
-  if (sequence > BigInt(Number.MAX_SAFE_INTEGER)) return { ok: false, reason: 'sequence out of range' };
+  if (sequence > BigInt(Number.MAX_SAFE_INTEGER)) return bad('damaged', 'sequence out of range');
   return { ok: true, header: { sequence: Number(sequence), page } };
 }

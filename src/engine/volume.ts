@@ -30,7 +30,9 @@ import {
   SUPERBLOCK_COPIES,
   superblockOffset,
   type Layout,
+  type MapSlotFault,
   type Superblock,
+  type SuperblockVerdict,
   type VolumeState,
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
@@ -778,9 +780,9 @@ export async function readSuperblocks(store: BlockStore): Promise<FoundSuperbloc
     return buf;
   };
   const first = await readAt(0);
-  const v0 = first ? decodeSuperblock(first) : { ok: false as const, foreign: true, reason: 'store too small' };
+  const v0: SuperblockVerdict = first ? decodeSuperblock(first) : { ok: false, kind: 'foreign', reason: 'store too small' };
   if (v0.ok) valid.push({ sb: v0.sb, copy: 0 });
-  else sawSignature ||= !v0.foreign;
+  else sawSignature ||= v0.kind !== 'foreign';
   reports.push({ copy: 0, offset: 0, valid: v0.ok, generation: v0.ok ? v0.sb.generation : undefined, reason: v0.ok ? undefined : v0.reason });
 
   const candidates = v0.ok ? [v0.sb.layout.blockSize] : [];
@@ -795,7 +797,7 @@ export async function readSuperblocks(store: BlockStore): Promise<FoundSuperbloc
       copy1 = { copy: 1, offset: bs, valid: true, generation: v.sb.generation };
       break;
     }
-    if (!v.ok && !v.foreign) {
+    if (!v.ok && v.kind !== 'foreign') {
       sawSignature = true;
       copy1 ??= { copy: 1, offset: bs, valid: false, reason: v.reason };
     }
@@ -817,12 +819,9 @@ export async function readSuperblocks(store: BlockStore): Promise<FoundSuperbloc
   return { sb: best.sb, copy: best.copy, otherCurrent, reports };
 }
 
-/** Reasons that mean a slot was never written for this store, as opposed to torn or damaged. */
-const UNUSED_SLOT_REASONS = new Set(['no map signature', 'belongs to another store']);
-
 export interface MapPageReport {
   page: number;
-  slots: { valid: boolean; sequence?: number; reason?: string }[];
+  slots: { valid: boolean; sequence?: number; kind?: MapSlotFault; reason?: string }[];
 }
 
 /**
@@ -848,7 +847,7 @@ export async function readMap(
       for (let slot = 0; slot < 2; slot++) {
         const image = chunk.subarray((2 * i + slot) * bs, (2 * i + slot + 1) * bs);
         const v = decodeMapSlot(layout, sb.uuid, page, image);
-        report.slots.push(v.ok ? { valid: true, sequence: v.header.sequence } : { valid: false, reason: v.reason });
+        report.slots.push(v.ok ? { valid: true, sequence: v.header.sequence } : { valid: false, kind: v.kind, reason: v.reason });
         if (v.ok && (!best || v.header.sequence > best.sequence)) best = { slot, sequence: v.header.sequence };
       }
       if (!best) {
@@ -860,7 +859,7 @@ export async function readMap(
         throw new CldError('CLDD_CORRUPT', `${store.description}: map page ${page} has no valid copy (${why})`);
       }
       const image = chunk.subarray((2 * i + best.slot) * bs, (2 * i + best.slot + 1) * bs);
-      const otherTorn = report.slots.some((s) => !s.valid && !UNUSED_SLOT_REASONS.has(s.reason ?? ''));
+      const otherTorn = report.slots.some((s) => !s.valid && s.kind !== 'unused');
       use(page, best.slot, best.sequence, image.subarray(MAP_SLOT_HEADER), otherTorn);
       if (onDamaged && otherTorn) onDamaged(report);
     }
