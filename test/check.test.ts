@@ -6,6 +6,7 @@ import { describe, expect, test } from 'vitest';
 import { check, type CheckReport } from '../src/engine/check.js';
 import { Disk } from '../src/engine/executor.js';
 import { encodeMapSlot, encodeSuperblock, MAP_SLOT_HEADER, mapSlotOffset, superblockOffset } from '../src/engine/format.js';
+import { crc32c } from '../src/engine/crc32c.js';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { rng, seedFromEnv } from './helpers/random.js';
@@ -187,6 +188,30 @@ describe('check', () => {
     flipByte(store, mapSlotOffset(volume.layout, 0, 1) + 3); // slot 1 holds sequence 2
     const report = await checkReadOnly(store);
     expect(report.findings.map((f) => f.message).join('\n')).toMatch(/map page 0/);
+  });
+
+  test('a_timestamp_past_2^53_in_a_checksummed_superblock_is_damage_not_NaN', async () => {
+    // Once such a copy decoded to NaN: check said clean, and open failed converting NaN to a BigInt.
+    const { store } = await withRedirects();
+    const reseal = (copy: number) => {
+      const buf = new Uint8Array(512);
+      store.readSync(buf, superblockOffset(copy, BS));
+      const v = new DataView(buf.buffer);
+      v.setBigUint64(104, 1n << 60n, true);
+      v.setUint32(8, crc32c(buf, 12, 512), true);
+      store.writeSync(buf, superblockOffset(copy, BS));
+    };
+    reseal(0);
+    let report = await checkReadOnly(store);
+    expect(errors(report)).toEqual([]);
+    expect(warnings(report)).toEqual([`superblock copy 0 at offset 0 is invalid (stateChangedAt out of range); the next open rewrites it`]);
+    reseal(1);
+    report = await checkReadOnly(store);
+    expect(report.clean).toBe(false);
+    expect(errors(report).join('\n')).toMatch(/both superblock copies are damaged \(copy 0: stateChangedAt out of range; copy 1: stateChangedAt out of range\)/);
+    const recorder = new MutationRecorder(store);
+    await expect(Volume.open(recorder)).rejects.toMatchObject({ code: 'CLDD_CORRUPT' });
+    expect(recorder.mutations).toEqual([]);
   });
 
   test('both_superblock_copies_damaged_is_an_error', async () => {

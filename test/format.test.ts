@@ -231,8 +231,16 @@ describe('superblock', () => {
       ['change offset', (v) => v.setBigUint64(88, 0n, true), /layout fields disagree/],
       ['name length', (v) => v.setUint32(124, 65, true), /name length 65/],
       ['name bytes', (_v, b) => b.set([0xff, 0xfe], 128), /not UTF-8/],
-      ['generation', (v) => v.setBigUint64(32, 1n << 60n, true), /counter out of range/],
-      ['epoch', (v) => v.setBigUint64(96, 1n << 60n, true), /counter out of range/],
+      ['generation', (v) => v.setBigUint64(32, 1n << 60n, true), /generation out of range/],
+      ['generation 0', (v) => v.setBigUint64(32, 0n, true), /generation 0/],
+      ['epoch', (v) => v.setBigUint64(96, 1n << 60n, true), /epoch out of range/],
+      // Timestamps past 2^53 once decoded to NaN: check said clean, then open failed on BigInt(NaN).
+      ['state change time', (v) => v.setBigUint64(104, 1n << 53n, true), /stateChangedAt out of range/],
+      ['format time', (v) => v.setBigUint64(112, 0xffffffffffffffffn, true), /createdAt out of range/],
+      ['store size', (v) => v.setBigUint64(48, 1n << 62n, true), /storeSize out of range/],
+      ['blocks', (v) => v.setBigUint64(56, 1n << 63n, true), /blocks out of range/],
+      ['name padding', (_v, b) => (b[128 + Buffer.byteLength('pair-α') + 3] = 1), /bytes after the name are not zero/],
+      ['reserved', (_v, b) => (b[511] = 1), /reserved bytes .* are not zero/],
     ];
     for (const [what, edit, reason] of cases) {
       const v = reseal(edit);
@@ -363,6 +371,20 @@ describe('map slot', () => {
     expect(decodeMapSlot(layout, uuid, 0, new Uint8Array(layout.blockSize))).toEqual({ ok: false, kind: 'unused', reason: 'no map signature' });
     const superblock = encodeSuperblock(sampleSuperblock());
     expect(decodeMapSlot(layout, uuid, 0, superblock)).toMatchObject({ ok: false, kind: 'torn', reason: expect.stringMatching(/signature/) });
+  });
+
+  test('a_slot_with_impossible_header_fields_is_damaged', () => {
+    const reseal = (edit: (v: DataView, b: Uint8Array) => void) => {
+      const image = encodeMapSlot(layout, uuid, 0, 3, payloadFor(6));
+      edit(new DataView(image.buffer), image);
+      new DataView(image.buffer).setUint32(8, crc32c(image, 12, image.length), true);
+      return decodeMapSlot(layout, uuid, 0, image);
+    };
+    expect(reseal((v) => v.setBigUint64(16, 0n, true))).toEqual({ ok: false, kind: 'damaged', reason: 'sequence 0' });
+    expect(reseal((v) => v.setBigUint64(24, 1n << 63n, true))).toEqual({ ok: false, kind: 'damaged', reason: `labelled page ${1n << 63n}` });
+    for (const at of [12, 15, 48, MAP_SLOT_HEADER - 1]) {
+      expect(reseal((_v, b) => (b[at] = 1)), `byte ${at}`).toEqual({ ok: false, kind: 'damaged', reason: 'reserved header bytes are not zero' });
+    }
   });
 
   test('a_sequence_beyond_safe_integers_is_rejected', () => {

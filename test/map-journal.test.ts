@@ -110,5 +110,15 @@ describe('map journal', () => {
     bad.writeDoubleLE(3, 8); // end before start
     await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), uuid, Buffer.alloc(8), bad]));
     await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT' });
+    // Every byte of a record is decoded: padding that is not zero is damage too.
+    const padded = Buffer.alloc(24);
+    padded.writeDoubleLE(2, 0);
+    padded.writeDoubleLE(3, 8);
+    padded[16] = 1;
+    padded[23] = 9;
+    await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), uuid, Buffer.alloc(8), padded]));
+    await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(/record at byte 32/) });
+    await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), uuid, Buffer.alloc(8, 1)]));
+    await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(/its header/) });
   });
 });

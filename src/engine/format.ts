@@ -162,23 +162,31 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   if (v.getUint32(8, true) !== crc32c(buf, 12, SUPERBLOCK_BYTES)) return { ok: false, kind: 'torn', reason: 'checksum mismatch' };
   const version = v.getUint32(12, true);
   if (version !== FORMAT_VERSION) return bad(`format version ${version} (this cldd reads version ${FORMAT_VERSION})`);
-  const u64 = (off: number) => {
+  // Every u64 field must fit a JavaScript number exactly; a larger one is damage, not NaN.
+  const u64 = (off: number): number | null => {
     const x = v.getBigUint64(off, true);
-    return x > BigInt(Number.MAX_SAFE_INTEGER) ? NaN : Number(x);
+    return x > BigInt(Number.MAX_SAFE_INTEGER) ? null : Number(x);
   };
+  const fields: Record<string, number> = {};
+  for (const [name, off] of U64_FIELDS) {
+    const x = u64(off);
+    if (x === null) return bad(`${name} out of range`);
+    fields[name] = x;
+  }
+  if (fields.generation < 1) return bad('generation 0');
   const blockSize = v.getUint32(40, true);
   if (!isValidBlockSize(blockSize)) return bad(`block size ${blockSize}`);
   const stateCode = v.getUint32(44, true);
   const state = STATE_NAMES[stateCode];
   if (!state) return bad(`state code ${stateCode}`);
-  const storeSize = u64(48);
+  const { storeSize } = fields;
   let expected: Layout;
   try {
     expected = computeLayout(storeSize, blockSize);
   } catch {
     return bad(`recorded store size ${storeSize}`);
   }
-  const recorded = [u64(56), u64(64), u64(72), u64(80), u64(88)];
+  const recorded = [fields.blocks, fields.mapOffset, fields.mapPages, fields.dataOffset, fields.changeOffset];
   const computed = [expected.blocks, expected.mapOffset, expected.mapPages, expected.dataOffset, expected.changeOffset];
   if (recorded.some((x, i) => x !== computed[i])) return bad('layout fields disagree with the recorded store size');
   const flags = v.getUint32(120, true);
@@ -191,22 +199,42 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   } catch {
     return bad('name is not UTF-8');
   }
-  const generation = u64(32);
-  const epoch = u64(96);
-  if (Number.isNaN(generation) || Number.isNaN(epoch)) return bad('counter out of range');
+  if (!isZero(buf, 128 + nameLength, SUPERBLOCK_RESERVED)) return bad('bytes after the name are not zero');
+  if (!isZero(buf, SUPERBLOCK_RESERVED, SUPERBLOCK_BYTES)) return bad(`reserved bytes ${SUPERBLOCK_RESERVED}..${SUPERBLOCK_BYTES - 1} are not zero`);
   return {
     ok: true,
     sb: {
       uuid: buf.slice(16, 32),
-      generation,
+      generation: fields.generation,
       state,
-      epoch,
-      stateChangedAt: u64(104),
-      createdAt: u64(112),
+      epoch: fields.epoch,
+      stateChangedAt: fields.stateChangedAt,
+      createdAt: fields.createdAt,
       name,
       layout: expected,
     },
   };
+}
+
+/** The superblock's u64 fields and their offsets. */
+const U64_FIELDS: [string, number][] = [
+  ['generation', 32],
+  ['storeSize', 48],
+  ['blocks', 56],
+  ['mapOffset', 64],
+  ['mapPages', 72],
+  ['dataOffset', 80],
+  ['changeOffset', 88],
+  ['epoch', 96],
+  ['stateChangedAt', 104],
+  ['createdAt', 112],
+];
+/** Where the superblock's zero bytes begin. */
+const SUPERBLOCK_RESERVED = 192;
+
+function isZero(buf: Uint8Array, start: number, end: number): boolean {
+  for (let i = start; i < end; i++) if (buf[i] !== 0) return false;
+  return true;
 }
 
 export interface MapSlotHeader {
@@ -251,5 +279,7 @@ export function decodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, bu
   if (slotPage !== BigInt(page)) return bad('damaged', `labelled page ${slotPage}`);
   const sequence = v.getBigUint64(16, true);
   if (sequence > BigInt(Number.MAX_SAFE_INTEGER)) return bad('damaged', 'sequence out of range');
+  if (sequence === 0n) return bad('damaged', 'sequence 0');
+  if (!isZero(buf, 12, 16) || !isZero(buf, 48, MAP_SLOT_HEADER)) return bad('damaged', 'reserved header bytes are not zero');
   return { ok: true, header: { sequence: Number(sequence), page } };
 }

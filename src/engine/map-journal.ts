@@ -53,7 +53,12 @@ export class MapJournal {
         bytes.length >= HEADER &&
         bytes.subarray(0, 8).toString('latin1') === MAGIC &&
         Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid));
-      if (sameStore) leftover = parseRecords(bytes, path, blocks);
+      if (sameStore) {
+        if (bytes.subarray(24, HEADER).some((b) => b !== 0)) {
+          throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (its header); the daemon cannot tell which blocks were redirected`);
+        }
+        leftover = parseRecords(bytes, path, blocks);
+      }
     }
     const fd = openSync(path, 'w', 0o600);
     const header = new Uint8Array(HEADER);
@@ -103,7 +108,8 @@ function parseRecords(bytes: Uint8Array, path: string, blocks: number): MapChang
     const start = view.getFloat64(at, true);
     const end = view.getFloat64(at + 8, true);
     const flag = bytes[at + 16];
-    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end <= start || end > blocks || flag > 1) {
+    const padding = bytes.subarray(at + 17, at + RECORD).some((b) => b !== 0);
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end <= start || end > blocks || flag > 1 || padding) {
       throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (record at byte ${at}); the daemon cannot tell which blocks were redirected`);
     }
     changes.push({ start, end, redirected: flag === 1 });
