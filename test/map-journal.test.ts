@@ -4,7 +4,7 @@
  * process. The map journal on tmpfs brings them back. A MemoryStore plays the page cache here:
  * a volume is abandoned without close, as a killed process would leave it.
  */
-import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
@@ -97,6 +97,58 @@ describe('map journal', () => {
     expect((await stat(journalPath)).size).toBe(32);
     await v.close();
     await expect(stat(journalPath)).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
+  /** Refuses the open, and proves that neither the store nor the journal changed. */
+  async function expectStaleJournalRefused(message: RegExp): Promise<void> {
+    const image = Buffer.alloc(store.size);
+    store.readSync(image, 0);
+    const journal = await readFile(journalPath);
+    await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(message) });
+    const after = Buffer.alloc(store.size);
+    store.readSync(after, 0);
+    expect(after.equals(image), 'the store is unchanged').toBe(true);
+    expect((await readFile(journalPath)).equals(journal), 'the journal is unchanged').toBe(true);
+  }
+
+  test('a journal redirecting blocks of a plain store is refused, not replayed', async () => {
+    // The daemon dies in snapshot with an unflushed redirect; the store is then opened without the
+    // journal, disabled and resynced to plain. The journal left behind belongs to that older history.
+    const v = await Volume.open(store, { journalPath });
+    await new Disk(v).write(2 * BS, fill(2));
+    const other = await Volume.open(store);
+    await other.disable();
+    await new ResyncScheduler(other, new StoreExecutor(store)).start();
+    expect(other.state).toBe('plain');
+    await other.close();
+    await expectStaleJournalRefused(/map journal .*pair\.mapjournal .*record 1 redirects blocks 2\.\.2, but a plain store has no redirected blocks/);
+  });
+
+  test('a journal giving a store in resync new redirected blocks is refused', async () => {
+    const v = await Volume.open(store, { journalPath });
+    await new Disk(v).write(6 * BS, fill(2));
+    const other = await Volume.open(store);
+    await new Disk(other).write(3 * BS, fill(3));
+    await other.disable();
+    await other.close();
+    await expectStaleJournalRefused(/record 1 redirects blocks 6\.\.6, but a store in resync gains no redirected blocks/);
+  });
+
+  test('a journal taking redirected blocks from a snapshot is refused', async () => {
+    let v = await Volume.open(store);
+    await new Disk(v).write(2 * BS, fill(2, 2));
+    await v.disable();
+    await v.close();
+    // In resync, a master write to block 2 clears its bit; the daemon dies before committing it.
+    v = await Volume.open(store, { journalPath });
+    await new Disk(v).write(2 * BS, fill(5));
+    // Opened without the journal: resynced, enabled again, block 2 redirected anew.
+    const other = await Volume.open(store);
+    await new ResyncScheduler(other, new StoreExecutor(store)).start();
+    await other.enable();
+    await new Disk(other).write(2 * BS, fill(7));
+    await other.close();
+    await expectStaleJournalRefused(/record 1 unredirects blocks 2\.\.2, but a store in snapshot loses no redirected blocks/);
   });
 
   test("another store's journal is ignored; a damaged one is refused", async () => {

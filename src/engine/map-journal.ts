@@ -34,39 +34,40 @@ export class MapJournal {
     readonly path: string,
     private fd: number,
     length: number,
-    /** Changes a previous process recorded and did not commit. */
-    readonly leftover: MapChange[],
   ) {
     this.length = length;
   }
 
   /**
-   * Opens the journal of the store with `uuid`, keeping the records a previous process left.
-   * A journal of another store is discarded; a damaged one is an error (the daemon must not
-   * guess which blocks are redirected).
+   * The changes a previous process recorded for the store with `uuid` and did not commit; none
+   * when there is no journal or it is another store's. A damaged one is an error (the daemon must
+   * not guess which blocks are redirected). Reads only: the caller validates before it replays.
    */
-  static open(path: string, uuid: Uint8Array, blocks: number): MapJournal {
-    let leftover: MapChange[] = [];
-    if (existsSync(path)) {
-      const bytes = readFileSync(path);
-      const sameStore =
-        bytes.length >= HEADER &&
-        bytes.subarray(0, 8).toString('latin1') === MAGIC &&
-        Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid));
-      if (sameStore) {
-        if (bytes.subarray(24, HEADER).some((b) => b !== 0)) {
-          throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (its header); the daemon cannot tell which blocks were redirected`);
-        }
-        leftover = parseRecords(bytes, path, blocks);
-      }
+  static leftover(path: string, uuid: Uint8Array, blocks: number): MapChange[] {
+    if (!existsSync(path)) return [];
+    const bytes = readFileSync(path);
+    const sameStore =
+      bytes.length >= HEADER &&
+      bytes.subarray(0, 8).toString('latin1') === MAGIC &&
+      Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid));
+    if (!sameStore) return [];
+    if (bytes.subarray(24, HEADER).some((b) => b !== 0)) {
+      throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (its header); the daemon cannot tell which blocks were redirected`);
     }
+    return parseRecords(bytes, path, blocks);
+  }
+
+  /**
+   * Starts the journal of the store with `uuid` anew, holding `leftover`: until the replayed
+   * changes are committed they must survive another death too.
+   */
+  static create(path: string, uuid: Uint8Array, leftover: MapChange[]): MapJournal {
     const fd = openSync(path, 'w', 0o600);
     const header = new Uint8Array(HEADER);
     header.set(Buffer.from(MAGIC, 'latin1'), 0);
     header.set(uuid, 8);
     writeSync(fd, header, 0, HEADER, 0);
-    const journal = new MapJournal(path, fd, HEADER, leftover);
-    // Until the replayed changes are committed they must survive another death too.
+    const journal = new MapJournal(path, fd, HEADER);
     for (const c of leftover) journal.record(c.start, c.end, c.redirected);
     return journal;
   }

@@ -36,7 +36,7 @@ import {
   type VolumeState,
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
-import { MapJournal } from './map-journal.js';
+import { MapJournal, type MapChange } from './map-journal.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 
 export type { VolumeState } from './format.js';
@@ -227,8 +227,9 @@ export class Volume {
     volume.takeDirtyPagesFromLoad();
     if (options.journalPath) {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
-      volume.journal = MapJournal.open(options.journalPath, sb.uuid, layout.blocks);
-      for (const c of volume.journal.leftover) map.assign(c.start, c.end, c.redirected);
+      const leftover = MapJournal.leftover(options.journalPath, sb.uuid, layout.blocks);
+      replayJournal(map, sb.state, leftover, options.journalPath);
+      volume.journal = MapJournal.create(options.journalPath, sb.uuid, leftover);
     }
     // Rewrite pages whose older slot was torn, so both slots are valid again.
     for (const page of tornPages) volume.map.markDirty(page);
@@ -742,6 +743,30 @@ export class Volume {
     this.plainWaiters = [];
     for (const w of waiters) w.reject(this.failure);
   }
+}
+
+/**
+ * Replays a dead process's map changes, refusing any the state cannot have made: a plain store
+ * has no redirected blocks, a resync store gains none, a snapshot store loses none. Such a journal
+ * belongs to another history of the store (a stale file); replaying it would serve the wrong
+ * blocks and commit a map that contradicts the state. Refuses before anything is written.
+ */
+function replayJournal(map: BlockMap, state: VolumeState, changes: readonly MapChange[], path: string): void {
+  changes.forEach((c, i) => {
+    let wrong = false;
+    map.forEachRun(c.start, c.end, (_s, _e, redirected) => {
+      // Snapshot only sets bits; plain and resync only clear them.
+      if (state === 'snapshot' ? redirected && !c.redirected : !redirected && c.redirected) wrong = true;
+    });
+    if (wrong) {
+      const rule = { plain: 'a plain store has no redirected blocks', resync: 'a store in resync gains no redirected blocks', snapshot: 'a store in snapshot loses no redirected blocks' }[state];
+      throw new CldError(
+        'CLDD_CORRUPT',
+        `the map journal ${path} does not belong to this store's history: record ${i + 1} ${c.redirected ? 'redirects' : 'unredirects'} blocks ${c.start}..${c.end - 1}, but ${rule}; nothing was replayed or written`,
+      );
+    }
+    map.assign(c.start, c.end, c.redirected);
+  });
 }
 
 function noSlave(): CldError {
