@@ -2,7 +2,7 @@ import { CldError } from '../errors.js';
 import type { BlockStore } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
 import { uuidString, type Superblock } from './format.js';
-import { readMap, readSuperblocks } from './volume.js';
+import { readMap, readSuperblocks } from './recovery.js';
 
 export interface Finding {
   severity: 'error' | 'warning';
