@@ -29,6 +29,9 @@ constexpr uint32_t kInPlaceWriteBytes = 256u << 10;
 // How long completed plans may wait to ride along with the next delivery to JS. Their finish()
 // is bookkeeping (the kernel has the result already); a drain or a lock waits at most this long.
 constexpr uint64_t kDoneDelayMs = 2;
+// Rounds of reap-and-deliver in one wake-up before the event loop gets a turn (timers, the
+// control socket, merges). What is left over is delivered from a zero-delay timer.
+constexpr int kServeRounds = 16;
 // Doubles per request record in the events buffer; ordered and done entries are pairs.
 constexpr size_t kRequestFields = 5;
 
@@ -42,7 +45,7 @@ Napi::Function Device::Define(Napi::Env env) {
                          InstanceMethod<&Device::Submit>("submit"),
                          InstanceMethod<&Device::Complete>("complete"),
                          InstanceMethod<&Device::Close>("close"),
-                         InstanceAccessor<&Device::LiveQueues>("liveQueues"),
+                         InstanceMethod<&Device::Inspect>("inspect"),
                          InstanceAccessor<&Device::LastError>("lastError"),
                      });
 }
@@ -107,10 +110,10 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   }
   uv_loop_t* loop = nullptr;
   napi_get_uv_event_loop(env, &loop);
-  doneTimer_ = new uv_timer_t;
-  uv_timer_init(loop, doneTimer_);
-  doneTimer_->data = this;
-  uv_unref(reinterpret_cast<uv_handle_t*>(doneTimer_));
+  deliverTimer_ = new uv_timer_t;
+  uv_timer_init(loop, deliverTimer_);
+  deliverTimer_->data = this;
+  uv_unref(reinterpret_cast<uv_handle_t*>(deliverTimer_));
   cleanup_.Add(env, [](void* self) { static_cast<Device*>(self)->Shutdown(); }, this);
 }
 
@@ -269,6 +272,9 @@ Napi::Value Device::Submit(const Napi::CallbackInfo& info) {
   std::string error = ApplySubmit(q, r, n);
   if (!error.empty()) throw CodeError(env, "EINVAL", error);
   q.ring.Submit();
+  // Called from a promise reaction (a plan that waited for a state change or a lock) rather than
+  // from inside Serve: extents that finished in the direct calls above must still reach JS.
+  if (!q.serving) ScheduleDelivery(q);
   return env.Undefined();
 }
 
@@ -326,6 +332,7 @@ Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
   size_t n = std::min<size_t>(pairs.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
   std::string error = ApplyComplete(q, pairs.Data(), n);
   q.ring.Submit();
+  if (!q.serving) ScheduleDelivery(q);
   if (!error.empty()) throw CodeError(env, "EINVAL", error);
   return env.Undefined();
 }
@@ -345,25 +352,43 @@ std::string Device::ApplyComplete(Queue& q, const int32_t* pairs, size_t n) {
 }
 
 void Device::OnCompletions(Queue& q) {
-  Napi::Env env = Env();
-  RunFromLoop(env, *context_, [&] {
-    // The engine's answers are submitted while JS runs; backing reads that hit the page cache
-    // complete inside that submit. Reaping again after each call into JS commits those requests
-    // in the same wake-up instead of paying another trip through the event loop. Bounded, so
-    // a busy queue cannot starve the rest of the loop (the ring fd stays readable).
-    for (int round = 0; round < 16 && q.ring.open(); round++) {
-      bool stopped = false;
-      Reap(q, &stopped);
-      if (!q.ring.open()) return;
-      // Commits of plans that needed no engine go to the kernel before the engine hears of them.
-      q.ring.Submit();
-      if (q.requests.empty() && q.ordered.empty() && !stopped) {
-        if (!q.done.empty()) DeferDone();
-        return;
-      }
-      DeliverEvents(q, stopped);
-    }
-  });
+  RunFromLoop(Env(), *context_, [&] { Serve(q, false); });
+}
+
+// Reaps the ring and delivers to JS until nothing is left to deliver. The engine's answers are
+// submitted while JS runs, and backing I/O done by direct calls (writes, cached reads) finishes
+// inside that submit without any completion on the ring: what it leaves in `ordered` would never
+// wake the ring's poll. So every exit either has delivered everything that needs JS or arms the
+// delivery timer; that is the invariant that keeps a tag from waiting for the engine forever.
+// `withDone` delivers completed-plan bookkeeping too instead of deferring it.
+void Device::Serve(Queue& q, bool withDone) {
+  q.serving = true;
+  for (int round = 0; round < kServeRounds && q.ring.open(); round++) {
+    bool stopped = false;
+    Reap(q, &stopped);
+    if (!q.ring.open()) break;
+    // Commits of plans that needed no engine go to the kernel before the engine hears of them.
+    q.ring.Submit();
+    if (q.requests.empty() && q.ordered.empty() && !stopped && (!withDone || q.done.empty())) break;
+    DeliverEvents(q, stopped);
+    withDone = false;
+  }
+  q.serving = false;
+  ScheduleDelivery(q);
+}
+
+// Arms the delivery timer for what a queue still holds for JS: at once for requests and
+// ordered completions (a tag waits on them), after kDoneDelayMs for bookkeeping only.
+void Device::ScheduleDelivery(Queue& q) {
+  if (!deliverTimer_ || !q.ring.open()) return;
+  uint64_t delay;
+  if (!q.requests.empty() || !q.ordered.empty()) delay = 0;
+  else if (!q.done.empty()) delay = kDoneDelayMs;
+  else return;
+  uv_timer_t* timer = deliverTimer_;
+  if (uv_is_active(reinterpret_cast<uv_handle_t*>(timer)) && timerDue_ <= uv_now(timer->loop) + delay) return;
+  timerDue_ = uv_now(timer->loop) + delay;
+  uv_timer_start(timer, &Device::OnDeliverTimer, delay, 0);
 }
 
 // Handles every completion waiting on the ring.
@@ -399,21 +424,14 @@ void Device::DeliverEvents(Queue& q, bool stopped) {
                            Napi::Boolean::New(env, stopped)});
 }
 
-void Device::DeferDone() {
-  if (doneTimer_ && !uv_is_active(reinterpret_cast<uv_handle_t*>(doneTimer_))) {
-    uv_timer_start(doneTimer_, &Device::OnDoneTimer, kDoneDelayMs, 0);
-  }
-}
-
-void Device::OnDoneTimer(uv_timer_t* timer) {
+void Device::OnDeliverTimer(uv_timer_t* timer) {
   auto* self = static_cast<Device*>(timer->data);
   if (!self) return;
-  Napi::Env env = self->Env();
-  RunFromLoop(env, *self->context_, [self] {
+  RunFromLoop(self->Env(), *self->context_, [self] {
     // Delivering may run JS that closes the device: index, do not iterate the vector.
     for (size_t i = 0; i < self->queues_.size(); i++) {
       Queue& q = *self->queues_[i];
-      if (q.ring.open() && !q.done.empty()) self->DeliverEvents(q, false);
+      if (q.ring.open()) self->Serve(q, true);
     }
   });
 }
@@ -502,7 +520,7 @@ Napi::Value Device::Close(const Napi::CallbackInfo& info) {
 }
 
 void Device::Shutdown() {
-  CloseHandle(doneTimer_);
+  CloseHandle(deliverTimer_);
   for (auto& q : queues_) {
     if (!q->ring.open()) continue;
     // Backing reads land in the tag buffers or the requests' pages: let them finish before the
@@ -524,10 +542,21 @@ void Device::Shutdown() {
   events_ = nullptr;
 }
 
-Napi::Value Device::LiveQueues(const Napi::CallbackInfo& info) {
-  uint32_t live = 0;
-  for (auto& q : queues_) live += q->ring.open() && (!q->started || q->live > 0);
-  return Napi::Number::New(info.Env(), live);
+// inspect(queue): where each tag is and what the queue holds for JS, for the daemon's report of
+// a request outstanding far too long. Cheap, but only called when one is.
+Napi::Value Device::Inspect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Queue& q = QueueArg(env, info[0]);
+  Napi::Uint8Array states = Napi::Uint8Array::New(env, depth_);
+  for (uint32_t tag = 0; tag < depth_; tag++) states[tag] = uint8_t(q.tags[tag].state);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("states", states);
+  out.Set("requests", double(q.requests.size() / kRequestFields));
+  out.Set("ordered", double(q.ordered.size() / 2));
+  out.Set("done", double(q.done.size() / 2));
+  out.Set("backingInFlight", double(q.backingInFlight));
+  out.Set("deliveryArmed", deliverTimer_ != nullptr && uv_is_active(reinterpret_cast<uv_handle_t*>(deliverTimer_)) != 0);
+  return out;
 }
 
 Napi::Value Device::LastError(const Napi::CallbackInfo& info) {

@@ -33,6 +33,7 @@ class Device : public Napi::ObjectWrap<Device> {
     uint32_t bufferOffset;
     uint32_t done;
   };
+  // The numbers are read by src/ublk/device.ts (TAG_STATES) through inspect().
   enum class TagState : uint8_t { kIdle, kFetching, kEngine, kRunning, kWaiting, kDead };
   struct Tag {
     TagState state = TagState::kIdle;
@@ -52,6 +53,8 @@ class Device : public Napi::ObjectWrap<Device> {
     uint32_t live = 0;
     uint32_t backingInFlight = 0;
     bool started = false;
+    // Inside Serve: its loop delivers what JS's submits and completions leave behind.
+    bool serving = false;
     std::vector<double> requests;
     std::vector<int32_t> ordered;
     std::vector<int32_t> done;
@@ -61,9 +64,9 @@ class Device : public Napi::ObjectWrap<Device> {
   Napi::Value Submit(const Napi::CallbackInfo& info);
   Napi::Value Complete(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
-  Napi::Value LiveQueues(const Napi::CallbackInfo& info);
+  Napi::Value Inspect(const Napi::CallbackInfo& info);
   Napi::Value LastError(const Napi::CallbackInfo& info);
-  static void OnDoneTimer(uv_timer_t* timer);
+  static void OnDeliverTimer(uv_timer_t* timer);
 
   Queue& QueueArg(Napi::Env env, const Napi::Value& value);
   void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
@@ -71,11 +74,12 @@ class Device : public Napi::ObjectWrap<Device> {
   int CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, uint32_t length, bool toRequest);
   void Commit(Queue& q, uint16_t tag, int32_t result);
   void OnCompletions(Queue& q);
+  void Serve(Queue& q, bool withDone);
+  void ScheduleDelivery(Queue& q);
   void DeliverEvents(Queue& q, bool stopped);
   void Reap(Queue& q, bool* stopped);
   std::string ApplySubmit(Queue& q, const double* r, size_t n);
   std::string ApplyComplete(Queue& q, const int32_t* pairs, size_t n);
-  void DeferDone();
   void OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void ExtentsFinished(Queue& q, uint16_t tag);
@@ -98,9 +102,11 @@ class Device : public Napi::ObjectWrap<Device> {
   // requests at [0, 5 x depth), ordered pairs at [5 x depth, 7 x depth), done pairs after that.
   Napi::Reference<Napi::Float64Array> eventsRef_;
   double* events_ = nullptr;
-  // Completed plans whose finish() only does bookkeeping wait for the next delivery instead of a
-  // call into JS of their own; this timer bounds the wait when no further request comes.
-  uv_timer_t* doneTimer_ = nullptr;
+  // Delivers what a queue holds for JS when no ring completion will: completed plans whose
+  // finish() is bookkeeping (after kDoneDelayMs, unless a delivery takes them along earlier),
+  // and at once whatever direct calls outside Serve, or Serve's round limit, left behind.
+  uv_timer_t* deliverTimer_ = nullptr;
+  uint64_t timerDue_ = 0;
   std::unique_ptr<Napi::AsyncContext> context_;
   CleanupHook cleanup_;
   std::string lastError_;
