@@ -139,6 +139,7 @@ export class Daemon {
     let daemon: Daemon | null = null;
     const control = new ControlServer(socketPath(paths, name), name, {
       status: async () => service.status(),
+      requests: async () => ({ devices: service.requests() }),
       enable: async (p) => service.enable(p as EnableParams),
       disable: async () => service.disable(),
       progress: async () => service.progress(),

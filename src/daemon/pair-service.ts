@@ -4,6 +4,7 @@ import type { Volume } from '../engine/volume.js';
 import { deviceNumber, deviceOfPath, mountsOf, usersOf } from './device-users.js';
 import type { Freezer } from './freeze.js';
 import type { Logger } from './logger.js';
+import type { OutstandingRequest } from '../ublk/device.js';
 
 export interface DeviceInfo {
   /** ublk device id (N of /dev/ublkbN). */
@@ -35,6 +36,8 @@ export interface PairDevices {
   removeSlave(): Promise<void>;
   /** Stops and deletes every device (I/O in flight completes first). */
   stop(): Promise<void>;
+  /** Requests each device has not completed yet, oldest first (for a stall's diagnosis). */
+  outstanding(): { device: string; requests: OutstandingRequest[] }[];
 }
 
 /** Keeps the stable names in step with the devices. */
@@ -99,6 +102,11 @@ export class PairService {
       counters: s.counters,
       failed: s.failed,
     };
+  }
+
+  /** Requests the devices have not completed, oldest first: what a stall waits for. */
+  requests(): { device: string; requests: OutstandingRequest[] }[] {
+    return this.devices?.outstanding() ?? [];
   }
 
   async enable(params: EnableParams = {}): Promise<EnableResult> {

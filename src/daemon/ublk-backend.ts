@@ -1,7 +1,7 @@
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
-import { DEFAULT_QUEUE_OPTIONS, type QueueOptions, UblkDevice } from '../ublk/device.js';
+import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { disableScheduler, ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
@@ -27,6 +27,12 @@ export async function ublkBackend(log: Logger): Promise<Backend> {
   };
 }
 
+/**
+ * How old a request may get before the daemon reports it (CLDD_STALL_REPORT_MS overrides it).
+ * A flush of a busy backing disk can take seconds; nothing healthy takes half a minute.
+ */
+const STALL_REPORT_MS = 30_000;
+
 /** Master and slave as ublk devices, with user recovery so that a restart keeps them. */
 class UblkPair implements PairDevices {
   private slaveDevice: UblkDevice | null = null;
@@ -40,7 +46,21 @@ class UblkPair implements PairDevices {
     private readonly flags: number,
     readonly recovered: boolean,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.watch(masterDevice);
+  }
+
+  /** Logs requests outstanding far too long, with where they wait (UblkDevice.watch). */
+  private watch(device: UblkDevice): UblkDevice {
+    const stallMs = Number(process.env.CLDD_STALL_REPORT_MS) > 0 ? Number(process.env.CLDD_STALL_REPORT_MS) : STALL_REPORT_MS;
+    device.watch({ stallMs, report: (message) => this.log.warn(`stalled requests: ${message}`) });
+    return device;
+  }
+
+  outstanding(): { device: string; requests: OutstandingRequest[] }[] {
+    const devices = [this.masterDevice, ...(this.slaveDevice ? [this.slaveDevice] : [])];
+    return devices.map((d) => ({ device: d.path, requests: d.outstanding() }));
+  }
 
   static async start(volume: Volume, store: NativeStore, options: StartDevicesOptions): Promise<UblkPair> {
     const queueOptions = { ...DEFAULT_QUEUE_OPTIONS, queues: options.queues, depth: options.depth };
@@ -54,7 +74,7 @@ class UblkPair implements PairDevices {
         options.log.info(`reattached the master ${master.path} (user recovery)`);
         if (options.recover.slave !== null) {
           const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', options.recover.slave);
-          if (volume.state === 'snapshot') pair.slaveDevice = slave;
+          if (volume.state === 'snapshot') pair.slaveDevice = pair.watch(slave);
           else await slave.stop(); // the old daemon died while disabling: nothing left to show
         }
         return pair;
@@ -85,7 +105,9 @@ class UblkPair implements PairDevices {
 
   async addSlave(): Promise<DeviceInfo> {
     if (!this.slaveDevice) {
-      this.slaveDevice = await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags });
+      this.slaveDevice = this.watch(
+        await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags }),
+      );
       await withoutScheduler(this.slaveDevice, this.log);
     }
     return this.slave!;

@@ -26,7 +26,7 @@ import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { addon, nativeError } from './addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
-import type { NativeDeviceHandle } from './native.js';
+import type { NativeDeviceHandle, NativeQueueState } from './native.js';
 
 /** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
 const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
@@ -77,8 +77,43 @@ class Batch<T extends Float64Array | Int32Array> {
   }
 }
 
+/** Where the daemon holds a request, per tag (for outstanding() and the stall watchdog). */
+const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
+const STAGE_NAMES = ['', 'waiting to be planned (a state change or a merge of its blocks)', 'its backing I/O or the engine finishing it', 'the map commit'];
+/** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
+const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead'];
+const OP_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
+
+/** A request the device has not completed yet, as `outstanding()` reports it. */
+export interface OutstandingRequest {
+  queue: number;
+  tag: number;
+  op: string;
+  offset: number;
+  length: number;
+  ageMs: number;
+  /** Where the daemon has it. */
+  stage: string;
+  /** Where the addon has the tag. */
+  native: string;
+}
+
+/** Reports requests outstanding longer than `stallMs`, each once. */
+export interface StallWatch {
+  stallMs: number;
+  report(message: string): void;
+}
+
 interface QueueBridge {
   plans: (Plan | undefined)[];
+  stage: Uint8Array;
+  /** performance.now() when the request arrived; the op, offset and length it asked for. */
+  since: Float64Array;
+  op: Uint8Array;
+  offset: Float64Array;
+  length: Float64Array;
+  /** The `since` of the request last reported as stalled on this tag. */
+  reported: Float64Array;
   submits: Batch<Float64Array>;
   completes: Batch<Int32Array>;
   flushQueued: boolean;
@@ -92,6 +127,7 @@ export class UblkDevice {
   /** Where the native side writes each delivery (see QueueEventHandler). */
   private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
+  private watchdog: NodeJS.Timeout | null = null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;
 
@@ -104,6 +140,12 @@ export class UblkDevice {
     this.path = `/dev/ublkb${info.id}`;
     this.bridges = Array.from({ length: info.queues }, () => ({
       plans: new Array<Plan | undefined>(info.depth),
+      stage: new Uint8Array(info.depth),
+      since: new Float64Array(info.depth),
+      op: new Uint8Array(info.depth),
+      offset: new Float64Array(info.depth),
+      length: new Float64Array(info.depth),
+      reported: new Float64Array(info.depth),
       submits: new Batch(new Float64Array(64 * info.depth)),
       completes: new Batch(new Int32Array(2 * info.depth)),
       flushQueued: false,
@@ -228,6 +270,7 @@ export class UblkDevice {
     const bridge = this.bridges[q];
     const plan = bridge.plans[tag];
     bridge.plans[tag] = undefined;
+    bridge.stage[tag] = STAGE.none;
     try {
       plan?.finish(errno === 0);
     } catch {
@@ -236,6 +279,11 @@ export class UblkDevice {
   }
 
   private plan(q: number, tag: number, opCode: number, flags: number, offset: number, length: number): void {
+    const bridge = this.bridges[q];
+    bridge.since[tag] = performance.now();
+    bridge.op[tag] = opCode;
+    bridge.offset[tag] = offset;
+    bridge.length[tag] = length;
     const op = REQUEST_OPS[opCode];
     if (!op) {
       this.answer(q, tag, -osConstants.errno.EOPNOTSUPP);
@@ -250,6 +298,7 @@ export class UblkDevice {
       return;
     }
     if (planned instanceof Promise) {
+      bridge.stage[tag] = STAGE.planning;
       planned.then(
         (plan) => this.execute(q, tag, plan),
         (err) => this.answer(q, tag, -errnoOf(err)),
@@ -272,6 +321,7 @@ export class UblkDevice {
   private executePlan(q: number, tag: number, plan: Plan): void {
     const bridge = this.bridges[q];
     bridge.plans[tag] = plan;
+    bridge.stage[tag] = STAGE.running;
     const needsEngine = plan.orderedFinish || plan.commit;
     if (plan.ops.length === 0) {
       // A flush: nothing to run here; its commit is the engine's.
@@ -315,6 +365,7 @@ export class UblkDevice {
     if (errno !== 0) {
       this.answer(q, tag, -errno);
     } else if (plan.commit) {
+      this.bridges[q].stage[tag] = STAGE.commit;
       this.volume.commit().then(
         () => this.answer(q, tag, 0),
         () => this.answer(q, tag, -osConstants.errno.EIO),
@@ -325,6 +376,7 @@ export class UblkDevice {
   }
 
   private answer(q: number, tag: number, result: number): void {
+    this.bridges[q].stage[tag] = STAGE.none;
     const c = this.bridges[q].completes;
     const a = c.reserve(2);
     a[c.length++] = tag;
@@ -375,6 +427,71 @@ export class UblkDevice {
     }
   }
 
+  /** The requests not completed yet (or completed but not yet told to the engine), oldest first. */
+  outstanding(): OutstandingRequest[] {
+    const now = performance.now();
+    const out: OutstandingRequest[] = [];
+    this.bridges.forEach((bridge, q) => {
+      let native: NativeQueueState | null = null;
+      for (let tag = 0; tag < bridge.stage.length; tag++) {
+        if (bridge.stage[tag] === STAGE.none) continue;
+        native ??= this.inspectQueue(q);
+        out.push({
+          queue: q,
+          tag,
+          op: OP_NAMES[bridge.op[tag]] ?? `op ${bridge.op[tag]}`,
+          offset: bridge.offset[tag],
+          length: bridge.length[tag],
+          ageMs: Math.round(now - bridge.since[tag]),
+          stage: STAGE_NAMES[bridge.stage[tag]],
+          native: native ? (TAG_STATES[native.states[tag]] ?? `state ${native.states[tag]}`) : 'closed',
+        });
+      }
+    });
+    return out.sort((a, b) => b.ageMs - a.ageMs);
+  }
+
+  private inspectQueue(q: number): NativeQueueState | null {
+    try {
+      return this.native?.inspect(q) ?? null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Reports every request outstanding longer than `watch.stallMs`, once each, with where the
+   * daemon and the addon hold it and what the engine is doing: a server that hangs its users
+   * must at least say where. Checks every stallMs / 4 (at most every 5 s).
+   */
+  watch(watch: StallWatch): void {
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = setInterval(() => this.reportStalls(watch), Math.min(5000, Math.max(100, watch.stallMs / 4)));
+    this.watchdog.unref();
+  }
+
+  private reportStalls(watch: StallWatch): void {
+    const stalled = this.outstanding().filter((r) => r.ageMs >= watch.stallMs);
+    const fresh = stalled.filter((r) => this.bridges[r.queue].reported[r.tag] !== this.bridges[r.queue].since[r.tag]);
+    if (fresh.length === 0) return;
+    for (const r of fresh) this.bridges[r.queue].reported[r.tag] = this.bridges[r.queue].since[r.tag];
+    const queues = [...new Set(fresh.map((r) => r.queue))].map((q) => {
+      const n = this.inspectQueue(q);
+      return n
+        ? `queue ${q} holds ${n.requests} new, ${n.ordered} finished and ${n.done} completed requests for the engine, ${n.backingInFlight} backing I/Os in flight, delivery timer ${n.deliveryArmed ? 'armed' : 'idle'}`
+        : `queue ${q} is closed`;
+    });
+    const v = this.volume.status();
+    const shown = fresh.slice(0, 8).map(
+      (r) => `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}, ${(r.ageMs / 1000).toFixed(1)} s, waiting for ${r.stage} (addon: ${r.native})`,
+    );
+    watch.report(
+      `${this.target} ${this.path}: ${stalled.length} request(s) outstanding for more than ${(watch.stallMs / 1000).toFixed(0)} s: ` +
+        `${shown.join('; ')}${fresh.length > shown.length ? `; and ${fresh.length - shown.length} more` : ''}. ` +
+        `${queues.join('; ')}. Engine: ${v.state}, ${v.inFlight} requests in flight, ${v.dirtyMapPages} dirty map pages${v.failed ? `, failed: ${v.failed}` : ''}`,
+    );
+  }
+
   /**
    * Orderly stop: STOP_DEV while the queues still serve (the kernel drains what is in flight
    * and then aborts every fetch), close rings and mappings, DEL_DEV. Safe to call twice.
@@ -410,6 +527,8 @@ export class UblkDevice {
   }
 
   private closeNative(): void {
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = null;
     const native = this.native;
     this.native = null;
     const pending = native?.close();

@@ -68,6 +68,22 @@ export interface NativeDeviceOptions {
   events: Float64Array;
 }
 
+/**
+ * One queue as the native side holds it. `states[tag]`: 0 idle, 1 fetching (the kernel has the
+ * tag; no request), 2 engine (handed to JS to plan), 3 running (its backing I/O), 4 waiting
+ * (its I/O is done; the engine must finish it and complete it), 5 dead (out of service).
+ */
+export interface NativeQueueState {
+  states: Uint8Array;
+  /** Entries gathered for the next delivery to JS. */
+  requests: number;
+  ordered: number;
+  done: number;
+  backingInFlight: number;
+  /** Whether the delivery timer is armed (it delivers what no ring completion will). */
+  deliveryArmed: boolean;
+}
+
 /** The serving side of one ublk device: /dev/ublkcN, its descriptor mappings and queue rings. */
 export declare class NativeDeviceHandle {
   /** Opens /dev/ublkcN, maps every queue's descriptors and sets up the rings. */
@@ -81,8 +97,8 @@ export declare class NativeDeviceHandle {
   submit(queue: number, plans: Float64Array, length: number): void;
   /** Completes requests to the kernel: (tag, result) pairs, result 0 for success or -errno. */
   complete(queue: number, results: Int32Array, length: number): void;
-  /** Queues whose tags have not all been aborted yet. */
-  readonly liveQueues: number;
+  /** Where every tag of a queue is (a stuck request's report); see NativeQueueState. */
+  inspect(queue: number): NativeQueueState;
   /** The last error that took a tag out of service (other than the kernel's abort), or null. */
   readonly lastError: string | null;
   /**
