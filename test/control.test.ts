@@ -13,10 +13,14 @@ describe('control socket', () => {
   let server: ControlServer;
   let path: string;
 
+  let enabled: number;
+
   beforeEach(async () => {
     dir = await mkdtemp(join(tmpdir(), 'cldd-control-'));
     path = join(dir, 'run', 'pair.sock');
+    enabled = 0;
     server = new ControlServer(path, 'pair', {
+      enable: async () => ++enabled,
       echo: async (params) => params,
       fail: async () => {
         throw new CldError('CLDD_STATE', 'the slave is not enabled');
@@ -61,6 +65,35 @@ describe('control socket', () => {
       socket.write('{"hello": 99}\n');
     });
     expect(JSON.parse(reply)).toMatchObject({ error: { code: 'CLDD_VERSION' } });
+  });
+
+  /** Sends `text` in one write; resolves with everything the daemon sent until it closed. */
+  const exchange = (text: string) =>
+    new Promise<string>((resolve) => {
+      const socket = connect(path);
+      socket.setEncoding('utf8');
+      let reply = '';
+      socket.on('data', (d: string) => (reply += d));
+      socket.on('close', () => resolve(reply));
+      socket.on('error', () => {});
+      socket.write(text);
+    });
+
+  test('after refusing a protocol version, the daemon ignores the rest of the write and closes', async () => {
+    const reply = await exchange('{"hello":2}\n{"hello":1}\n{"id":5,"method":"enable"}\n');
+    expect(reply.trim().split('\n').map((l) => JSON.parse(l))).toEqual([
+      { id: 0, error: { code: 'CLDD_VERSION', message: 'the daemon speaks protocol 1, the client 2' } },
+    ]);
+    expect(enabled).toBe(0);
+  });
+
+  test('after a line that is not JSON, nothing later in the write is served', async () => {
+    const reply = await exchange('{"hello":1}\nnot json\n{"id":5,"method":"enable"}\n');
+    const lines = reply.trim().split('\n').map((l) => JSON.parse(l));
+    expect(lines).toHaveLength(2);
+    expect(lines[0]).toMatchObject({ hello: 1 });
+    expect(lines[1]).toMatchObject({ id: 0, error: { code: 'EINVAL' } });
+    expect(enabled).toBe(0);
   });
 
   test('no daemon: a clear error naming the pair', async () => {

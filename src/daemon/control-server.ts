@@ -47,15 +47,24 @@ export class ControlServer {
     this.sockets.add(socket);
     socket.setEncoding('utf8');
     let greeted = false;
+    // Once the daemon has refused the connection, nothing more from it counts: not the rest of
+    // the chunk being parsed (a client that sends its hello and its requests in one write), nor
+    // anything that arrives before the close.
+    let refused = false;
     const send = (message: unknown) => {
-      if (!socket.destroyed) socket.write(`${JSON.stringify(message)}\n`);
+      if (!socket.destroyed && !socket.writableEnded) socket.write(`${JSON.stringify(message)}\n`);
+    };
+    const refuse = (message: unknown) => {
+      refused = true;
+      send(message);
+      socket.end();
     };
     const reader = new LineReader((value) => {
+      if (refused) return;
       if (!greeted) {
         const version = (value as { hello?: unknown })?.hello;
         if (version !== PROTOCOL_VERSION) {
-          send({ id: 0, error: { code: 'CLDD_VERSION', message: `the daemon speaks protocol ${PROTOCOL_VERSION}, the client ${String(version)}` } });
-          socket.end();
+          refuse({ id: 0, error: { code: 'CLDD_VERSION', message: `the daemon speaks protocol ${PROTOCOL_VERSION}, the client ${String(version)}` } });
           return;
         }
         greeted = true;
@@ -66,11 +75,12 @@ export class ControlServer {
       void this.dispatch(req).then(send);
     });
     socket.on('data', (chunk: string) => {
+      if (refused) return;
       try {
         reader.push(chunk);
       } catch (err) {
-        send({ id: 0, error: { code: 'EINVAL', message: `bad request: ${(err as Error).message}` } });
-        socket.destroy();
+        // Lines before the bad one were handled; nothing after it is.
+        refuse({ id: 0, error: { code: 'EINVAL', message: `bad request: ${(err as Error).message}` } });
       }
     });
     socket.on('error', () => socket.destroy());
