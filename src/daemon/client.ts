@@ -38,6 +38,7 @@ export class DaemonClient {
           clearTimeout(timer);
           const v = value as Partial<HelloReply> & ReplyMessage;
           if (v.error) {
+            socket.destroy();
             reject(new CldError(v.error.code, v.error.message));
             return;
           }
