@@ -17,6 +17,8 @@ const DATA_CHECKS = {
     'the slave shows the enable-time image while the master takes raw writes; read-only; disable refused (EBUSY) while the slave is held open; resync; plain after remove + add',
   fio: 'fio --verify=crc32c on the raw master, mixed sizes, iodepth 32, two queues',
   zero_copy: 'zero copy exactly where the kernel has it and it is not turned off; fio verify passes with and without it',
+  stall:
+    'QD32 random writes never stall through enable/disable cycles: plain, with fsync, held across the enable, first touches, into the resync',
 };
 
 describe('ublk devices in the kernel', () => {
@@ -37,7 +39,8 @@ describe('ublk devices in a kernel with zero copy (Linux 6.16+)', () => {
     'test/fixtures/ublk-vm-checks.sh',
     {
       ...DATA_CHECKS,
-      recovery: 'SIGKILL of the daemon under fio at QD32 on a mounted ext4; cldd add reattaches (user recovery); verify and e2fsck pass',
+      recovery:
+        'SIGKILL of the daemon with fio writes in flight on a mounted ext4; cldd add reattaches (user recovery); every write verifies and e2fsck passes',
     },
     'cldd-ublk-vm-zc.log',
     { vmEnv: { CLDD_VM_SUITE: 'trixie-backports' } },

@@ -94,6 +94,8 @@ export interface OutstandingRequest {
   ageMs: number;
   /** Where the daemon has it. */
   stage: string;
+  /** The engine's plan for it: its backing extents and what it needs after them; null before planning. */
+  plan: string | null;
   /** Where the addon has the tag. */
   native: string;
 }
@@ -444,6 +446,7 @@ export class UblkDevice {
           length: bridge.length[tag],
           ageMs: Math.round(now - bridge.since[tag]),
           stage: STAGE_NAMES[bridge.stage[tag]],
+          plan: describePlan(bridge.plans[tag]),
           native: native ? (TAG_STATES[native.states[tag]] ?? `state ${native.states[tag]}`) : 'closed',
         });
       }
@@ -483,7 +486,9 @@ export class UblkDevice {
     });
     const v = this.volume.status();
     const shown = fresh.slice(0, 8).map(
-      (r) => `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}, ${(r.ageMs / 1000).toFixed(1)} s, waiting for ${r.stage} (addon: ${r.native})`,
+      (r) =>
+        `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}, ${(r.ageMs / 1000).toFixed(1)} s, ` +
+        `waiting for ${r.stage} (plan: ${r.plan ?? 'none yet'}; addon: ${r.native})`,
     );
     watch.report(
       `${this.target} ${this.path}: ${stalled.length} request(s) outstanding for more than ${(watch.stallMs / 1000).toFixed(0)} s: ` +
@@ -543,6 +548,12 @@ export class UblkDevice {
       }
     }
   }
+}
+
+function describePlan(plan: Plan | undefined): string | null {
+  if (!plan) return null;
+  const ops = plan.ops.map((op) => `${op.kind} ${op.length} at ${op.offset}`).join(', ') || 'no I/O';
+  return `${ops}${plan.orderedFinish ? ', finish before completion' : ''}${plan.commit ? ', commit' : ''}`;
 }
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
