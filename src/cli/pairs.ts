@@ -1,17 +1,23 @@
 import { readdir, realpath } from 'node:fs/promises';
 import { basename } from 'node:path';
-import { CldError } from '../errors.js';
+import { CldError, ioError } from '../errors.js';
 import { DaemonClient } from '../daemon/client.js';
 import { checkName, defaultPaths, socketPath, type Paths } from '../daemon/paths.js';
 import { isAlive, listStates, readState } from '../daemon/state-file.js';
 
-/** Names of the pairs that have a control socket under the run directory. */
+/**
+ * Names of the pairs that have a control socket under the run directory. No run directory means
+ * no pairs; one that cannot be read (it is root's, mode 0700) is an error, not an empty list.
+ */
 export async function pairNames(paths: Paths = defaultPaths()): Promise<string[]> {
   let entries: string[];
   try {
     entries = await readdir(paths.runDir);
-  } catch {
-    return [];
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code === 'ENOENT') return [];
+    if (code === 'EACCES' || code === 'EPERM') throw new CldError('EACCES', `permission denied on ${paths.runDir} (are you root?)`, { cause: err });
+    throw ioError(`read ${paths.runDir}`, err);
   }
   return entries.filter((e) => e.endsWith('.sock')).map((e) => e.slice(0, -5)).sort();
 }

@@ -1,4 +1,5 @@
 import type { Argv, CommandModule } from 'yargs';
+import { CldError } from '../../errors.js';
 import { formatBytes, printJson, table } from '../output.js';
 import { connectPair, pairNames, resolvePair } from '../pairs.js';
 
@@ -23,9 +24,12 @@ interface Args {
   json: boolean;
 }
 
-/** Asks every named pair's daemon for its status; a pair whose daemon is gone shows as such. */
+/**
+ * Asks every named pair's daemon for its status; a pair whose daemon is gone shows as such.
+ * Permission denied is not a pair's state but the caller's: it fails the whole command.
+ */
 export async function collect(names: string[]): Promise<(PairStatus | { name: string; error: string })[]> {
-  return Promise.all(
+  const all = await Promise.all(
     names.map(async (name) => {
       try {
         const client = await connectPair(name);
@@ -35,10 +39,14 @@ export async function collect(names: string[]): Promise<(PairStatus | { name: st
           client.close();
         }
       } catch (err) {
+        if (err instanceof CldError && err.code === 'EACCES') return err;
         return { name, error: err instanceof Error ? err.message : String(err) };
       }
     }),
   );
+  const denied = all.find((s) => s instanceof CldError);
+  if (denied) throw denied;
+  return all as (PairStatus | { name: string; error: string })[];
 }
 
 function describe(s: PairStatus): string {

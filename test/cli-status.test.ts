@@ -1,0 +1,77 @@
+/**
+ * cldd status and list against a stand-in daemon (a ControlServer in this process), through the
+ * command line as a user runs it: who may ask.
+ */
+import { chmod, mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { ControlServer } from '../src/daemon/control-server.js';
+import { type Cli, buildCli } from './helpers/cli.js';
+
+/** What a daemon could answer about a store whose name and paths were crafted. */
+const CRAFTED = {
+  name: 'evil\nevil: plain\x1b[2J',
+  backing: '/srv/x.img\n  master      /dev/sda\x1b]0;owned\x07',
+  pid: 4242,
+  state: 'plain',
+  master: '/dev/ublkb0\r',
+  slave: null,
+  capacity: 1 << 30,
+  blockSize: 4096,
+  redirected: 0,
+  snapshot: 0,
+  resync: null,
+  counters: { reads: 0, writes: 0, flushes: 0, discards: 0, bytesRead: 0, bytesWritten: 0, errors: 0 },
+  failed: 'boom\x9b31m\u202e',
+};
+
+describe('cldd status and list', () => {
+  let cli: Cli;
+  let dir: string;
+  let runDir: string;
+  let server: ControlServer;
+
+  beforeAll(async () => {
+    cli = await buildCli();
+    dir = await mkdtemp(join(tmpdir(), 'cldd-status-'));
+    await chmod(dir, 0o755);
+    runDir = join(dir, 'run');
+    server = new ControlServer(join(runDir, 'evil.sock'), 'evil', { status: async () => CRAFTED });
+    await server.listen();
+  });
+
+  afterAll(async () => {
+    await server.close();
+    await rm(dir, { recursive: true, force: true });
+    await cli.remove();
+  });
+
+  const env = () => ({ CLDD_RUN_DIR: runDir });
+
+  test('as a user who cannot read the run directory, list and status say permission denied', async () => {
+    await chmod(runDir, 0o700);
+    for (const args of [['list'], ['list', '--json'], ['status'], ['status', '--json']]) {
+      const r = await cli.run(args, { env: env(), unprivileged: true });
+      expect(r.stderr).toBe(`cldd: permission denied on ${runDir} (are you root?) [EACCES]\n`);
+      expect(r.code).not.toBe(0);
+      expect(r.stdout).toBe('');
+    }
+  });
+
+  test('as a user who can list the sockets but not connect, list says permission denied too', async () => {
+    await chmod(runDir, 0o755);
+    try {
+      const r = await cli.run(['list'], { env: env(), unprivileged: true });
+      expect(r.stderr).toBe(`cldd: permission denied on ${join(runDir, 'evil.sock')} (are you root?) [EACCES]\n`);
+      expect(r.code).not.toBe(0);
+    } finally {
+      await chmod(runDir, 0o700);
+    }
+  });
+
+  test('no run directory at all: no pairs are running', async () => {
+    const r = await cli.run(['list'], { env: { CLDD_RUN_DIR: join(dir, 'none') }, unprivileged: true });
+    expect(r).toMatchObject({ code: 0, stdout: 'no cldd pairs are running\n', stderr: '' });
+  });
+});
