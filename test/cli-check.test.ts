@@ -1,31 +1,21 @@
-import { execFile } from 'node:child_process';
 import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Disk } from '../src/engine/executor.js';
 import { Volume } from '../src/engine/volume.js';
 import { FileStore } from '../src/store/file-store.js';
+import { type Cli, buildCli } from './helpers/cli.js';
 
-const run = promisify(execFile);
-const CLI = join(__dirname, '..', 'bin', 'cldd.js');
-
-async function cldd(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await run(process.execPath, [CLI, ...args]);
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code: number; stdout: string; stderr: string };
-    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
-  }
-}
+let cli: Cli;
+const cldd = (...args: string[]) => cli.run(args);
 
 describe('cldd check', () => {
   let dir: string;
   let path: string;
 
   beforeAll(async () => {
+    cli = await buildCli();
     dir = await mkdtemp(join(tmpdir(), 'cldd-cli-'));
     path = join(dir, 'store.img');
     const fh = await open(path, 'w');
@@ -41,6 +31,7 @@ describe('cldd check', () => {
 
   afterAll(async () => {
     await rm(dir, { recursive: true, force: true });
+    await cli.remove();
   });
 
   test('a clean store: exit 0 and a summary', async () => {
@@ -82,6 +73,29 @@ describe('cldd check', () => {
     r = await cldd('check', join(dir, 'missing.img'));
     expect(r.code).toBe(2);
     expect(r.stderr).toBe(`cldd: ${join(dir, 'missing.img')} does not exist [ENOENT]\n`);
+  });
+
+  test('a crafted store name cannot forge output lines or send escape sequences', async () => {
+    const crafted = join(dir, 'crafted.img');
+    const fh = await open(crafted, 'w');
+    await fh.truncate(16 << 20);
+    await fh.close();
+    const store = await FileStore.open(crafted);
+    await (await Volume.format(store, { name: 'x"\nclean\x1b[2J\x9b1m' })).close();
+    await store.close();
+    const r = await cldd('check', crafted);
+    expect(r.code).toBe(0);
+    expect(r.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f]/);
+    const lines = r.stdout.trimEnd().split('\n');
+    expect(lines).toHaveLength(3);
+    expect(lines[0]).toContain('name "x"\\nclean\\x1b[2J\\x9b1m"');
+    expect(lines[2]).toBe('clean');
+  });
+
+  test('a path with a newline is escaped in the one line of an error', async () => {
+    const r = await cldd('check', join(dir, 'no\nsuch.img'));
+    expect(r.code).toBe(2);
+    expect(r.stderr).toBe(`cldd: ${join(dir, 'no\\nsuch.img')} does not exist [ENOENT]\n`);
   });
 
   test('usage errors exit 2 with one line', async () => {

@@ -1,6 +1,6 @@
 /**
  * cldd status and list against a stand-in daemon (a ControlServer in this process), through the
- * command line as a user runs it: who may ask.
+ * command line as a user runs it: who may ask, and what reaches the terminal.
  */
 import { chmod, mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -25,6 +25,8 @@ const CRAFTED = {
   counters: { reads: 0, writes: 0, flushes: 0, discards: 0, bytesRead: 0, bytesWritten: 0, errors: 0 },
   failed: 'boom\x9b31m\u202e',
 };
+
+const RAW_CONTROL = /[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]/;
 
 describe('cldd status and list', () => {
   let cli: Cli;
@@ -73,5 +75,36 @@ describe('cldd status and list', () => {
   test('no run directory at all: no pairs are running', async () => {
     const r = await cli.run(['list'], { env: { CLDD_RUN_DIR: join(dir, 'none') }, unprivileged: true });
     expect(r).toMatchObject({ code: 0, stdout: 'no cldd pairs are running\n', stderr: '' });
+  });
+
+  test('a crafted name, path or message cannot forge lines or send escape sequences', async () => {
+    const one = await cli.run(['status', 'evil'], { env: env() });
+    expect(one.code).toBe(0);
+    const all = await cli.run(['status'], { env: env() });
+    expect(all.code).toBe(0);
+    for (const out of [one.stdout, all.stdout]) {
+      expect(out).not.toMatch(RAW_CONTROL);
+      const lines = out.trimEnd().split('\n');
+      expect(lines).toHaveLength(7);
+      expect(lines[0]).toBe('evil\\nevil: plain\\x1b[2J: plain (FAILED: boom\\x9b31m\\u202e)');
+      expect(lines[1]).toBe('  backing     /srv/x.img\\n  master      /dev/sda\\x1b]0;owned\\x07');
+      expect(lines[2]).toMatch(/^ {2}master {6}\/dev\/ublkb0\\r {2}\(/);
+    }
+    const list = await cli.run(['list'], { env: env() });
+    expect(list.code).toBe(0);
+    expect(list.stdout).not.toMatch(RAW_CONTROL);
+    expect(list.stdout.trimEnd().split('\n')).toHaveLength(2);
+    expect(list.stdout).toContain('evil\\nevil: plain\\x1b[2J');
+  });
+
+  test('--json keeps the values, JSON-escaped, with C1 and bidirectional controls as \\u escapes', async () => {
+    for (const args of [['status', 'evil', '--json'], ['list', '--json']]) {
+      const r = await cli.run(args, { env: env() });
+      expect(r.code).toBe(0);
+      expect(r.stdout).not.toMatch(RAW_CONTROL);
+      expect(r.stdout).toContain('boom\\u009b31m\\u202e');
+      const parsed = JSON.parse(r.stdout);
+      expect(Array.isArray(parsed) ? parsed[0] : parsed).toEqual(CRAFTED);
+    }
   });
 });

@@ -15,14 +15,17 @@ const USAGE = `usage: clddsetup -m /dev/cldmN BACKING | -e /dev/cldsN | -d /dev/
   -d SLAVE            disable the slave: merge the changes back
   DEVICE              show the pair's status`;
 
+/** The usage's first line, for errors: an error is one line. */
+const SHORT_USAGE = USAGE.split('\n')[0];
+
 export function translate(argv: string[]): string[] {
   const [flag, ...rest] = argv;
   const need = (n: number) => {
-    if (rest.length !== n) throw new Error(`${flag} takes ${n === 1 ? 'one device' : 'a master device and a backing store'}\n${USAGE}`);
+    if (rest.length !== n) throw new Error(`${flag} takes ${n === 1 ? 'one device' : 'a master device and a backing store'} (${SHORT_USAGE})`);
   };
   switch (flag) {
     case undefined:
-      throw new Error(USAGE);
+      throw new Error(SHORT_USAGE);
     case '-h':
     case '--help':
       return ['--help-clddsetup'];
@@ -39,7 +42,7 @@ export function translate(argv: string[]): string[] {
       need(1);
       return ['disable', rest[0]];
     default:
-      if (flag.startsWith('-') || rest.length) throw new Error(`unknown arguments: ${argv.join(' ')}\n${USAGE}`);
+      if (flag.startsWith('-') || rest.length) throw new Error(`unknown arguments: ${argv.join(' ')} (${SHORT_USAGE})`);
       return ['status', flag];
   }
 }

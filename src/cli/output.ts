@@ -1,4 +1,5 @@
 import { CldError } from '../errors.js';
+import { printable } from '../printable.js';
 
 /** Thrown by command handlers to end the process with a code after printing their output. */
 export class ExitCode extends Error {
@@ -7,15 +8,22 @@ export class ExitCode extends Error {
   }
 }
 
-/** One line on stderr, prefixed with the program name. */
+/** One line on stderr, prefixed with the program name; a newline in the message is escaped. */
 export function printError(program: string, err: unknown): void {
   const message = err instanceof Error ? err.message : String(err);
-  const code = err instanceof CldError ? ` [${err.code}]` : '';
-  process.stderr.write(`${program}: ${message.split('\n')[0]}${code}\n`);
+  const code = err instanceof CldError ? ` [${printable(err.code)}]` : '';
+  process.stderr.write(`${program}: ${printable(message)}${code}\n`);
 }
 
+/**
+ * JSON.stringify escapes C0 controls in strings but leaves DEL, the C1 controls, the line
+ * separators and the bidirectional controls raw (see printable); \u escapes keep the same JSON
+ * value and keep them off the terminal. They can only occur inside strings, so replacing them
+ * anywhere in the text is safe.
+ */
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  const json = JSON.stringify(value, null, 2).replace(/[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  process.stdout.write(`${json}\n`);
 }
 
 export function formatBytes(n: number): string {
@@ -39,8 +47,9 @@ export function parseSize(text: string): number {
   return bytes;
 }
 
-/** Renders rows as an aligned text table. */
+/** Renders rows as an aligned text table; every cell is made printable first. */
 export function table(rows: string[][]): string {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ')).join('\n');
+  const cells = rows.map((r) => r.map((cell) => printable(cell)));
+  const widths = cells[0].map((_, c) => Math.max(...cells.map((r) => (r[c] ?? '').length)));
+  return cells.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ')).join('\n');
 }

@@ -1,3 +1,4 @@
+import { printable } from '../printable.js';
 import type { LogLevel } from './config.js';
 
 const RANK: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
@@ -11,11 +12,12 @@ export interface Logger {
   debug(message: string): void;
 }
 
-/** Logs to stderr, one line per message: the journal under systemd. */
+/** Logs to stderr, one line per message (a newline in one is escaped): the journal under systemd. */
 export function stderrLogger(level: LogLevel, name: string, journal = !!process.env.JOURNAL_STREAM): Logger {
   const write = (l: LogLevel, message: string) => {
     if (RANK[l] > RANK[level]) return;
-    const line = journal ? `<${PRIORITY[l]}>${message}` : `${new Date().toISOString()} cldd[${name}] ${l}: ${message}`;
+    const text = printable(message);
+    const line = journal ? `<${PRIORITY[l]}>${text}` : `${new Date().toISOString()} cldd[${name}] ${l}: ${text}`;
     process.stderr.write(`${line}\n`);
   };
   return {

@@ -7,6 +7,7 @@ import { refuseIfAttached, refuseIfRunning } from '../../daemon/daemon.js';
 import { checkName, defaultPaths } from '../../daemon/paths.js';
 import { persist } from '../../daemon/persist.js';
 import { nameFromBacking, prepareBacking } from '../backing.js';
+import { text } from '../../printable.js';
 import { formatBytes, parseSize, printJson } from '../output.js';
 import { requireRoot } from '../root.js';
 import { spawnDaemon } from '../spawn-daemon.js';
@@ -96,7 +97,7 @@ export const addCommand: CommandModule<object, Args> = {
     const l = ready.layout;
     if (ready.recovered && l && (l.queues !== args.queues || l.depth !== args.depth || (l.zeroCopy && !args['zero-copy']))) {
       process.stderr.write(
-        `cldd: note: the live devices keep their layout (${l.queues} queue(s), depth ${l.depth}${l.zeroCopy ? ', zero copy' : ''}); ` +
+        text`cldd: note: the live devices keep their layout (${l.queues} queue(s), depth ${l.depth}${l.zeroCopy ? ', zero copy' : ''}); ` +
           `--queues, --depth and --zero-copy apply when the devices are created again (cldd remove, then cldd add)\n`,
       );
     }
@@ -104,10 +105,10 @@ export const addCommand: CommandModule<object, Args> = {
     const what = ready.recovered
       ? 'took over the live devices of'
       : { created: 'created and formatted', formatted: 'formatted', existing: 'reattached' }[prepared.how];
-    console.log(`${name}: ${what} ${backing} (${formatBytes(prepared.capacity)} usable, state ${ready.state})`);
-    console.log(`master  ${ready.master}  (/dev/cldd/${name}/master)`);
-    console.log(`slave   ${ready.slave ?? `appears on enable as /dev/cldd/${name}/slave`}`);
-    if (unit) console.log(`enabled ${unit} for boot`);
+    console.log(text`${name}: ${what} ${backing} (${formatBytes(prepared.capacity)} usable, state ${ready.state})`);
+    console.log(text`master  ${ready.master}  (/dev/cldd/${name}/master)`);
+    console.log(text`slave   ${ready.slave ?? `appears on enable as /dev/cldd/${name}/slave`}`);
+    if (unit) console.log(text`enabled ${unit} for boot`);
   },
 };
 

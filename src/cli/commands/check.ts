@@ -2,6 +2,7 @@ import type { Argv, CommandModule } from 'yargs';
 import { check, describeSuperblock } from '../../engine/check.js';
 import { FileStore } from '../../store/file-store.js';
 import { CldError } from '../../errors.js';
+import { printable, text } from '../../printable.js';
 import { ExitCode, printError, printJson } from '../output.js';
 
 interface Args {
@@ -40,9 +41,9 @@ export const checkCommand: CommandModule<object, Args> = {
         findings: report.findings,
       });
     } else {
-      if (report.superblock) console.log(`${args.backing}: ${describeSuperblock(report.superblock)}`);
+      if (report.superblock) console.log(text`${args.backing}: ${describeSuperblock(report.superblock)}`);
       if (report.redirected !== null) console.log(`${report.redirected} blocks redirected`);
-      for (const f of report.findings) console.log(`${f.severity}: ${f.message}`);
+      for (const f of report.findings) console.log(`${f.severity}: ${printable(f.message)}`);
       console.log(report.clean ? 'clean' : 'damaged');
     }
     if (!report.clean) throw new ExitCode(1);

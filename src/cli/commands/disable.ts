@@ -1,4 +1,5 @@
 import type { Argv, CommandModule } from 'yargs';
+import { text } from '../../printable.js';
 import { printJson } from '../output.js';
 import { withPair } from '../pairs.js';
 import { followResync } from '../progress.js';
@@ -23,7 +24,7 @@ export const disableCommand: CommandModule<object, Args> = {
     await withPair(args.pair, async (client, name) => {
       const result = await client.call<{ state: string; blocks: number }>('disable');
       if (args.json && !args.wait) return printJson(result);
-      if (!args.json) console.log(`${name}: slave disabled; ${result.blocks} blocks to merge back`);
+      if (!args.json) console.log(text`${name}: slave disabled; ${result.blocks} blocks to merge back`);
       if (args.wait) {
         await followResync(client, result.blocks, args.json ? process.stderr : process.stdout);
         if (args.json) printJson({ ...result, state: 'plain' });

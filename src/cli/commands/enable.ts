@@ -1,4 +1,5 @@
 import type { Argv, CommandModule } from 'yargs';
+import { text } from '../../printable.js';
 import type { EnableResult } from '../../daemon/pair-service.js';
 import { printJson } from '../output.js';
 import { withPair } from '../pairs.js';
@@ -28,7 +29,7 @@ export const enableCommand: CommandModule<object, Args> = {
       client.call<EnableResult>('enable', { freeze: args.freeze ?? '', noFreeze: args['no-freeze'], wait: args.wait }),
     );
     if (args.json) return printJson(result);
-    const frozen = result.frozen ? `; ${result.frozen} was frozen for ${result.frozenMs!.toFixed(1)} ms` : '';
-    console.log(`snapshot ${result.epoch} taken${frozen}`);
+    const frozen = result.frozen ? text`; ${result.frozen} was frozen for ${result.frozenMs!.toFixed(1)} ms` : '';
+    console.log(text`snapshot ${result.epoch} taken` + frozen);
   },
 };

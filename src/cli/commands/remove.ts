@@ -1,4 +1,5 @@
 import type { Argv, CommandModule } from 'yargs';
+import { text } from '../../printable.js';
 import { CldError } from '../../errors.js';
 import { defaultPaths } from '../../daemon/paths.js';
 import { unpersist } from '../../daemon/persist.js';
@@ -35,6 +36,6 @@ export const removeCommand: CommandModule<object, Args> = {
       await new Promise((r) => setTimeout(r, 100));
     }
     await unpersist(defaultPaths(), name);
-    console.log(`${name}: removed`);
+    console.log(text`${name}: removed`);
   },
 };

@@ -1,5 +1,6 @@
 import type { Argv, CommandModule } from 'yargs';
 import { CldError } from '../../errors.js';
+import { text } from '../../printable.js';
 import { formatBytes, printJson, table } from '../output.js';
 import { connectPair, pairNames, resolvePair } from '../pairs.js';
 
@@ -51,20 +52,20 @@ export async function collect(names: string[]): Promise<(PairStatus | { name: st
 
 function describe(s: PairStatus): string {
   const lines = [
-    `${s.name}: ${s.state}${s.failed ? ` (FAILED: ${s.failed})` : ''}`,
-    `  backing     ${s.backing}`,
-    `  master      ${s.master ?? '-'}  (${formatBytes(s.capacity)}, ${s.blockSize}-byte blocks)`,
-    `  slave       ${s.state === 'snapshot' ? `${s.slave} (snapshot ${s.snapshot})` : 'disabled'}`,
-    `  redirected  ${s.redirected} blocks (${formatBytes(s.redirected * s.blockSize)})`,
+    text`${s.name}: ${s.state}` + (s.failed ? text` (FAILED: ${s.failed})` : ''),
+    text`  backing     ${s.backing}`,
+    text`  master      ${s.master ?? '-'}  (${formatBytes(s.capacity)}, ${s.blockSize}-byte blocks)`,
+    s.state === 'snapshot' ? text`  slave       ${s.slave} (snapshot ${s.snapshot})` : '  slave       disabled',
+    text`  redirected  ${s.redirected} blocks (${formatBytes(s.redirected * s.blockSize)})`,
   ];
   if (s.resync) {
     const eta = s.resync.secondsLeft === null ? 'unknown' : `${Math.ceil(s.resync.secondsLeft)} s`;
-    lines.push(`  resync      ${s.resync.blocksLeft} blocks left, ${formatBytes(s.resync.rate)}/s, ${eta} left`);
+    lines.push(text`  resync      ${s.resync.blocksLeft} blocks left, ${formatBytes(s.resync.rate)}/s, ${eta} left`);
   }
   const c = s.counters;
   lines.push(
-    `  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors`,
-    `  daemon      pid ${s.pid}`,
+    text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors`,
+    text`  daemon      pid ${s.pid}`,
   );
   return lines.join('\n');
 }
@@ -90,7 +91,7 @@ export const statusCommand: CommandModule<object, Args> = {
     const all = await collect(await pairNames());
     if (args.json) return printJson(all);
     if (all.length === 0) return console.log('no cldd pairs are running');
-    console.log(all.map((s) => ('error' in s ? `${s.name}: ${s.error}` : describe(s))).join('\n\n'));
+    console.log(all.map((s) => ('error' in s ? text`${s.name}: ${s.error}` : describe(s))).join('\n\n'));
   },
 };
 
