@@ -75,6 +75,7 @@ function sampleSuperblock(blockSize = 4096, storeSize = 64 * MiB): Superblock {
     createdAt: 1_600_000_000_456,
     name: 'pair-α',
     layout: computeLayout(storeSize, blockSize),
+    map: { commit: 987654321, digest: 0xdeadbeef },
   };
 }
 
@@ -219,7 +220,9 @@ describe('superblock', () => {
       return decodeSuperblock(b);
     };
     const cases: [string, (v: DataView, b: Uint8Array) => void, RegExp][] = [
-      ['version', (v) => v.setUint32(12, 2, true), /format version 2/],
+      ['version', (v) => v.setUint32(12, 3, true), /format version 3 \(this cldd reads versions 1 to 2\)/],
+      ['version 0', (v) => v.setUint32(12, 0, true), /format version 0/],
+      ['map commit', (v) => v.setBigUint64(192, 1n << 53n, true), /mapCommit out of range/],
       ['block size', (v) => v.setUint32(40, 6000, true), /block size 6000/],
       ['state', (v) => v.setUint32(44, 3, true), /state code 3/],
       ['store size too small', (v) => v.setBigUint64(48, 4096n, true), /store size/],
@@ -307,10 +310,10 @@ describe('map slot', () => {
       [3, 2 ** 40],
       [7, Number.MAX_SAFE_INTEGER],
     ]) {
-      const image = encodeMapSlot(layout, uuid, page, sequence, payload);
+      const image = encodeMapSlot(layout, uuid, page, sequence, payload, sequence - 1, 0xfedcba98);
       expect(image.length).toBe(layout.blockSize);
       const v = decodeMapSlot(layout, uuid, page, image);
-      expect(v).toEqual({ ok: true, header: { sequence, page } });
+      expect(v).toEqual({ ok: true, header: { sequence, page, commit: sequence - 1, mapDigest: 0xfedcba98 } });
       expect(Buffer.from(image.subarray(MAP_SLOT_HEADER)).equals(Buffer.from(payload))).toBe(true);
     }
     // An empty page is all-zero payload.
@@ -382,7 +385,8 @@ describe('map slot', () => {
     };
     expect(reseal((v) => v.setBigUint64(16, 0n, true))).toEqual({ ok: false, kind: 'damaged', reason: 'sequence 0' });
     expect(reseal((v) => v.setBigUint64(24, 1n << 63n, true))).toEqual({ ok: false, kind: 'damaged', reason: `labelled page ${1n << 63n}` });
-    for (const at of [12, 15, 48, MAP_SLOT_HEADER - 1]) {
+    expect(reseal((v) => v.setBigUint64(48, 1n << 53n, true))).toEqual({ ok: false, kind: 'damaged', reason: 'commit out of range' });
+    for (const at of [12, 15, 60, MAP_SLOT_HEADER - 1]) {
       expect(reseal((_v, b) => (b[at] = 1)), `byte ${at}`).toEqual({ ok: false, kind: 'damaged', reason: 'reserved header bytes are not zero' });
     }
   });
@@ -408,6 +412,7 @@ test('a superblock with feature flags this version does not know is refused', as
     createdAt: 0,
     name: '',
     layout: computeLayout(8 << 20, 4096),
+    map: { commit: 0, digest: 0 },
   });
   const v = new DataView(buf.buffer);
   v.setUint32(120, 4, true);

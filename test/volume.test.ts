@@ -6,7 +6,7 @@ import { describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
 import { check } from '../src/engine/check.js';
 import { Disk, StoreExecutor } from '../src/engine/executor.js';
-import { decodeSuperblock, encodeMapSlot, mapSlotOffset, MAP_SLOT_HEADER, superblockOffset } from '../src/engine/format.js';
+import { decodeSuperblock, mapSlotOffset, MAP_SLOT_HEADER, superblockOffset } from '../src/engine/format.js';
 import type { IoOp, Plan, Request } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
@@ -16,6 +16,7 @@ import { between, rng, seedFromEnv } from './helpers/random.js';
 import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
 import { MutationRecorder } from './helpers/mutation-recorder.js';
 import { digest } from './helpers/digest.js';
+import { commitPage, downgradeToVersion1 } from './helpers/forge.js';
 
 const MiB = 1 << 20;
 const BS = 4096;
@@ -827,28 +828,29 @@ describe('format and open', () => {
       { state: 'plain', generation: 2 },
       { state: 'plain', generation: 2 },
     ]);
-    // Enable writes both copies (generation 3); damage copy 1.
+    // Enable writes both copies (generation 3); the close's map commit writes one, copy 0
+    // (generation 4). Damage copy 1, one map commit behind.
     const v1 = await Volume.open(store);
     await v1.enable();
     await put(new Disk(v1), 2, 4, 2);
     await v1.close();
     expect(superblockCopies(store)).toEqual([
-      { state: 'snapshot', generation: 3 },
+      { state: 'snapshot', generation: 4 },
       { state: 'snapshot', generation: 3 },
     ]);
     flipByte(store, superblockOffset(1, BS) + 300);
     await (await Volume.open(store)).close();
     expect(superblockCopies(store)).toEqual([
-      { state: 'snapshot', generation: 4 },
-      { state: 'snapshot', generation: 4 },
+      { state: 'snapshot', generation: 5 },
+      { state: 'snapshot', generation: 5 },
     ]);
     // Either copy may be damaged: damage copy 0.
     flipByte(store, superblockOffset(0, BS) + 20);
     const reopened = await Volume.open(store);
     expect(reopened.state).toBe('snapshot');
     expect(superblockCopies(store)).toEqual([
-      { state: 'snapshot', generation: 5 },
-      { state: 'snapshot', generation: 5 },
+      { state: 'snapshot', generation: 6 },
+      { state: 'snapshot', generation: 6 },
     ]);
     expect(await get(new Disk(reopened), 0, 8)).toEqual([1, 1, 2, 2, 1, 1, 1, 1]);
     expect(await get(new Disk(reopened), 0, 8, 'slave')).toEqual(new Array(8).fill(1));
@@ -891,10 +893,195 @@ describe('format and open', () => {
     await expectRefusedUntouched(truncated, 'CLDD_CORRUPT', /was truncated/);
     const payload = new Uint8Array(BS - MAP_SLOT_HEADER);
     payload[3] = 1;
-    store.writeSync(encodeMapSlot(volume.layout, volume.superblock.uuid, 0, 2, payload), mapSlotOffset(volume.layout, 0, 1));
+    await commitPage(store, 0, payload);
     await expectRefusedUntouched(store, 'CLDD_CORRUPT', /the state is plain but 1 blocks are marked redirected/);
   });
 });
+
+// ------------------------------------------------------------------ the committed map
+
+describe('committed map', () => {
+  const slotOf = (store: MemoryStore, volume: Volume, page: number, slot: number) => {
+    const buf = new Uint8Array(BS);
+    store.readSync(buf, mapSlotOffset(volume.layout, page, slot));
+    return buf;
+  };
+
+  /** Block 0 written and flushed, enabled, written again and flushed: page 0's newest slot is 1. */
+  async function snapshotOverwritten(): Promise<Pair> {
+    const pair = await setup();
+    await put(pair.disk, 0, 1, 1);
+    await pair.disk.flush();
+    await pair.volume.enable();
+    await put(pair.disk, 0, 1, 2);
+    await pair.disk.flush();
+    await pair.volume.close();
+    return pair;
+  }
+
+  test.each([
+    ['zeroed', (store: MemoryStore, at: number) => store.writeSync(new Uint8Array(BS), at)],
+    ['with_a_flipped_payload_byte', (store: MemoryStore, at: number) => flipByte(store, at + MAP_SLOT_HEADER + 1)],
+    ['with_a_flipped_magic_byte', (store: MemoryStore, at: number) => flipByte(store, at + 2)],
+  ])('a_newest_map_slot_%s_at_rest_is_damage_not_a_rollback', async (_what, damage) => {
+    // Once check called it clean, and open went back to the older slot: the master served the
+    // pre-snapshot block 0.
+    const { store, volume } = await snapshotOverwritten();
+    damage(store, mapSlotOffset(volume.layout, 0, 1));
+    const report = await check(store);
+    expect(report.clean).toBe(false);
+    expect(report.findings.filter((f) => f.severity === 'error').map((f) => f.message).join('\n')).toMatch(
+      /the map is not the one the superblock records for map commit 1 .*map page 0 (looks damaged|may have lost its newest slot)/,
+    );
+    await expectRefusedUntouched(store, 'CLDD_CORRUPT', /map page 0 (looks damaged|may have lost its newest slot)/);
+  });
+
+  test('a_store_in_resync_with_a_damaged_newest_slot_is_refused_not_moved_to_plain', async () => {
+    const { store, volume, disk } = await setup();
+    await put(disk, 0, 4, 1);
+    await volume.enable();
+    await put(disk, 0, 4, 2);
+    await volume.disable();
+    await volume.close();
+    expect(superblockState(store)).toBe('resync');
+    // The disable's commit wrote page 0's bits into slot 1; without it page 0 looks empty.
+    store.writeSync(new Uint8Array(BS), mapSlotOffset(volume.layout, 0, 1));
+    await expectRefusedUntouched(store, 'CLDD_CORRUPT', /map page 0 may have lost its newest slot/);
+    expect(superblockState(store)).toBe('resync');
+  });
+
+  test('map_slots_swapped_between_pages_are_damage', async () => {
+    const store = new MemoryStore(600 * MiB);
+    const volume = await Volume.format(store, { blockSize: BS });
+    const { bitsPerPage, mapPages } = volume.layout;
+    expect(mapPages).toBe(3);
+    const disk = new Disk(volume);
+    await volume.enable();
+    await put(disk, 5, 6, 1);
+    await put(disk, bitsPerPage + 5, bitsPerPage + 6, 1);
+    await disk.flush();
+    await volume.close();
+    const page0 = slotOf(store, volume, 0, 1);
+    const page1 = slotOf(store, volume, 1, 1);
+    // Exchanged, and page 1's written over page 0's (a misdirected write).
+    for (const [what, writes] of [
+      ['exchanged', [[page1, 0], [page0, 1]]],
+      ['misdirected', [[page1, 0]]],
+    ] as const) {
+      const image = MemoryStore.copyOf(store);
+      for (const [slot, page] of writes) image.writeSync(slot, mapSlotOffset(volume.layout, page, 1));
+      const report = await check(image);
+      expect(report.clean, what).toBe(false);
+      expect(report.findings.map((f) => f.message).join('\n'), what).toMatch(/map page 0 looks damaged \(slot 0: sequence 1; slot 1: labelled page 1\)/);
+      await expectRefusedUntouched(image, 'CLDD_CORRUPT', /map page 0 looks damaged/);
+    }
+  });
+
+  test('a_lost_write_of_the_newest_superblock_copy_rolls_the_complete_commit_forward', async () => {
+    // Enable writes both copies; each map commit then writes one. Losing the newest (here, its
+    // write never reached the disk) leaves a copy one map commit behind, and that commit is
+    // complete on disk: open adopts it rather than serving the map before it.
+    const { store, volume, disk } = await setup();
+    await volume.enable();
+    const before = new Uint8Array(BS);
+    await put(disk, 0, 2, 1);
+    await disk.flush();
+    store.readSync(before, superblockOffset(1, BS));
+    await put(disk, 2, 4, 2);
+    await disk.flush(); // map commit 2 wrote copy 1
+    await volume.close();
+    store.writeSync(before, superblockOffset(1, BS));
+    const report = await check(store);
+    expect(report.clean).toBe(true);
+    expect(report.findings.map((f) => f.message)).toEqual([
+      'map commit 2 is complete but the newest valid superblock copy records map commit 1 (an interrupted commit, or a lost superblock write); the next open records it',
+    ]);
+    expect(report.redirected).toBe(4);
+    const reopened = await Volume.open(store);
+    expect(await get(new Disk(reopened), 0, 5)).toEqual([1, 1, 2, 2, 0]);
+    await reopened.close();
+    expect((await check(store)).findings).toEqual([]);
+  });
+
+  test('an_uncommitted_slot_is_not_adopted_and_open_overwrites_it', async () => {
+    // A commit wrote page 0 but its superblock write never happened, and another of its pages is
+    // missing: that commit is not complete, so the map of the recorded commit is served, and open
+    // rewrites the stale slot so that no later commit can pick it up.
+    const store = new MemoryStore(600 * MiB);
+    const volume = await Volume.format(store, { blockSize: BS });
+    const { bitsPerPage } = volume.layout;
+    await volume.enable();
+    const disk = new Disk(volume);
+    await put(disk, 1, 2, 1);
+    await disk.flush();
+    const saved = MemoryStore.copyOf(store);
+    await put(disk, 2, 3, 2);
+    await put(disk, bitsPerPage + 1, bitsPerPage + 2, 2);
+    await disk.flush();
+    // Keep the new slot of page 0 only: as if the power failed during the commit's page writes.
+    const page0 = slotOf(store, volume, 0, 0);
+    const image = MemoryStore.copyOf(saved);
+    image.writeSync(page0, mapSlotOffset(volume.layout, 0, 0));
+    const report = await check(image);
+    expect(report.clean).toBe(true);
+    expect(report.findings.map((f) => f.message)).toEqual([
+      'map page 0 holds a version that was never committed (slot 0: sequence 3 of map commit 2, after the committed 1; slot 1: sequence 2); the next open rewrites it',
+    ]);
+    const reopened = await Volume.open(image);
+    expect((await check(image)).findings).toEqual([]);
+    const d = new Disk(reopened);
+    expect(await get(d, 0, 4)).toEqual([0, 1, 0, 0]);
+    expect(reopened.map.count).toBe(1);
+    // A later commit of another page only: page 0's stale slot must not come back.
+    await put(d, bitsPerPage + 3, bitsPerPage + 4, 3);
+    await d.flush();
+    await reopened.close();
+    const again = await Volume.open(image);
+    expect(await get(new Disk(again), 0, 4)).toEqual([0, 1, 0, 0]);
+    expect(await get(new Disk(again), bitsPerPage + 1, bitsPerPage + 4)).toEqual([0, 0, 3]);
+    expect(again.map.count).toBe(2);
+    expect((await check(image)).findings).toEqual([]);
+  });
+
+  test('a_version_1_store_opens_is_upgraded_and_check_says_its_map_is_unverified', async () => {
+    const { store, volume, disk } = await setup();
+    await put(disk, 0, 2, 1);
+    await volume.enable();
+    await put(disk, 1, 3, 2);
+    await volume.close();
+    await downgradeToVersion1(store);
+    const v1 = await check(store);
+    expect(v1.clean).toBe(true);
+    expect(v1.findings).toEqual([
+      {
+        severity: 'warning',
+        message: 'format version 1: the superblock records no map digest, so the map cannot be verified; the next open upgrades the store to version 2',
+      },
+    ]);
+    const reopened = await Volume.open(store);
+    expect(reopened.superblock.map).not.toBeNull();
+    expect(await get(new Disk(reopened), 0, 4)).toEqual([1, 2, 2, 0]);
+    expect(await get(new Disk(reopened), 0, 4, 'slave')).toEqual([1, 1, 0, 0]);
+    await reopened.close();
+    const buf = new Uint8Array(BS);
+    for (const copy of [0, 1]) {
+      store.readSync(buf, superblockOffset(copy, BS));
+      const v = decodeSuperblock(buf);
+      expect(v.ok && v.sb.map !== null, `copy ${copy} is version 2`).toBe(true);
+    }
+    expect((await check(store)).findings).toEqual([]);
+    // Upgraded, the store's newest slot is verified like any other.
+    flipByte(store, mapSlotOffset(volume.layout, 0, 1) + 100);
+    await expectRefusedUntouched(store, 'CLDD_CORRUPT', /map page 0 looks damaged/);
+  });
+});
+
+function superblockState(store: MemoryStore): string {
+  const buf = new Uint8Array(BS);
+  store.readSync(buf, 0);
+  const v = decodeSuperblock(buf);
+  return v.ok ? v.sb.state : `invalid: ${v.reason}`;
+}
 
 // ------------------------------------------------------------------ I/O errors
 

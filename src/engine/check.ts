@@ -2,12 +2,9 @@ import { CldError } from '../errors.js';
 import type { BlockStore } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
 import { uuidString, type Superblock } from './format.js';
-import { readMap, readSuperblocks } from './recovery.js';
+import { readMap, readSuperblocks, type Finding } from './recovery.js';
 
-export interface Finding {
-  severity: 'error' | 'warning';
-  message: string;
-}
+export type { Finding } from './recovery.js';
 
 export interface CheckReport {
   /** True when the store can be opened and every guarantee holds. */
@@ -21,8 +18,9 @@ export interface CheckReport {
 
 /**
  * Verifies a store offline without writing to it, and reports every inconsistency it finds.
- * Errors make the store damaged; warnings are traces of an interrupted write that the next open
- * repairs (a torn superblock copy or map slot next to a valid one).
+ * Errors make the store damaged, and exactly those make open refuse it; warnings are traces of
+ * an interrupted write that the next open repairs (a torn superblock copy or map slot next to a
+ * valid one, a complete commit whose superblock write is missing), or a version 1 store.
  */
 export async function check(store: BlockStore): Promise<CheckReport> {
   const findings: Finding[] = [];
@@ -41,14 +39,12 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   for (const r of reports) {
     if (!r.valid) warning(`superblock copy ${r.copy} at offset ${r.offset} is invalid (${r.reason}); the next open rewrites it`);
   }
-  const [c0, c1] = reports;
-  if (c0.valid && c1.valid && !found.otherCurrent) {
-    if (c0.generation === c1.generation) error('the two superblock copies belong to different stores (uuids differ)');
-    else {
-      warning(
-        `the superblock copies have generations ${c0.generation} and ${c1.generation}: a state change was interrupted; the next open rewrites the older`,
-      );
-    }
+  if (found.other === 'other-store') error('the two superblock copies belong to different stores (uuids differ)');
+  if (found.other === 'older-state') {
+    const [c0, c1] = reports;
+    warning(
+      `the superblock copies have generations ${c0.generation} and ${c1.generation}: a state change was interrupted; the next open rewrites the older`,
+    );
   }
   if (store.size < layout.storeSize) {
     error(`the store has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`);
@@ -56,23 +52,14 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   }
 
   const map = new BlockMap(layout.blocks, layout.blockSize);
-  await readMap(
-    store,
-    sb,
-    (page, _slot, _sequence, payload) => {
-      try {
-        map.load(page, payload);
-      } catch (err) {
-        error(err instanceof CldError ? err.message : String(err));
-      }
-    },
-    (report) => {
-      const valid = report.slots.filter((s) => s.valid);
-      const describe = report.slots.map((s, k) => `slot ${k}: ${s.valid ? `sequence ${s.sequence}` : s.reason}`).join('; ');
-      if (valid.length === 0) error(`map page ${report.page} has no valid copy (${describe})`);
-      else warning(`map page ${report.page} has one torn copy (${describe}); the newest valid copy is used`);
-    },
-  );
+  const recovered = await readMap(store, sb, (page, payload) => {
+    try {
+      map.load(page, payload);
+    } catch (err) {
+      error(err instanceof CldError ? err.message : String(err));
+    }
+  });
+  findings.push(...recovered.findings);
   if (sb.state === 'plain' && map.count > 0) {
     error(`the state is plain but ${map.count} blocks are marked redirected`);
   }

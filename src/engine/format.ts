@@ -7,7 +7,9 @@ import { randomBytes } from 'node:crypto';
 import { CldError } from '../errors.js';
 import { crc32c } from './crc32c.js';
 
-export const FORMAT_VERSION = 1;
+/** The version this cldd writes. Version 1 stores are read, and upgraded by their first commit. */
+export const FORMAT_VERSION = 2;
+export const OLDEST_FORMAT_VERSION = 1;
 export const SUPERBLOCK_MAGIC = 'cldd-sb\0';
 export const MAP_SLOT_MAGIC = 'cldd-map';
 export const SUPERBLOCK_COPIES = 2;
@@ -49,6 +51,17 @@ export interface Superblock {
   createdAt: number;
   name: string;
   layout: Layout;
+  /** The map of the last completed map commit; null in a version 1 superblock, which has none. */
+  map: MapRecord | null;
+}
+
+/**
+ * What a superblock records of the map: the number of the last map commit whose superblock
+ * write completed, and the digest of the map that commit left (mapDigestTerm).
+ */
+export interface MapRecord {
+  commit: number;
+  digest: number;
 }
 
 const alignUp = (n: number, a: number) => Math.ceil(n / a) * a;
@@ -115,12 +128,13 @@ export function mapSlotOffset(layout: Layout, page: number, slot: number): numbe
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
+/** Encodes a superblock copy: version 2, or version 1 when it has no map record (tests make those). */
 export function encodeSuperblock(sb: Superblock): Uint8Array {
   const { layout } = sb;
   const buf = new Uint8Array(layout.blockSize);
   const v = new DataView(buf.buffer);
   buf.set(encoder.encode(SUPERBLOCK_MAGIC), 0);
-  v.setUint32(12, FORMAT_VERSION, true);
+  v.setUint32(12, sb.map ? FORMAT_VERSION : 1, true);
   buf.set(sb.uuid, 16);
   v.setBigUint64(32, BigInt(sb.generation), true);
   v.setUint32(40, layout.blockSize, true);
@@ -138,6 +152,10 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
   if (name.length > NAME_BYTES) throw new CldError('EINVAL', `name "${sb.name}" is longer than ${NAME_BYTES} bytes`);
   v.setUint32(124, name.length, true);
   buf.set(name, 128);
+  if (sb.map) {
+    v.setBigUint64(192, BigInt(sb.map.commit), true);
+    v.setUint32(200, sb.map.digest, true);
+  }
   v.setUint32(8, crc32c(buf, 12, SUPERBLOCK_BYTES), true);
   return buf;
 }
@@ -161,14 +179,16 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   const bad = (reason: string): SuperblockVerdict => ({ ok: false, kind: 'damaged', reason });
   if (v.getUint32(8, true) !== crc32c(buf, 12, SUPERBLOCK_BYTES)) return { ok: false, kind: 'torn', reason: 'checksum mismatch' };
   const version = v.getUint32(12, true);
-  if (version !== FORMAT_VERSION) return bad(`format version ${version} (this cldd reads version ${FORMAT_VERSION})`);
+  if (version < OLDEST_FORMAT_VERSION || version > FORMAT_VERSION) {
+    return bad(`format version ${version} (this cldd reads versions ${OLDEST_FORMAT_VERSION} to ${FORMAT_VERSION})`);
+  }
   // Every u64 field must fit a JavaScript number exactly; a larger one is damage, not NaN.
   const u64 = (off: number): number | null => {
     const x = v.getBigUint64(off, true);
     return x > BigInt(Number.MAX_SAFE_INTEGER) ? null : Number(x);
   };
   const fields: Record<string, number> = {};
-  for (const [name, off] of U64_FIELDS) {
+  for (const [name, off] of version >= 2 ? [...U64_FIELDS, MAP_COMMIT_FIELD] : U64_FIELDS) {
     const x = u64(off);
     if (x === null) return bad(`${name} out of range`);
     fields[name] = x;
@@ -199,8 +219,9 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   } catch {
     return bad('name is not UTF-8');
   }
-  if (!isZero(buf, 128 + nameLength, SUPERBLOCK_RESERVED)) return bad('bytes after the name are not zero');
-  if (!isZero(buf, SUPERBLOCK_RESERVED, SUPERBLOCK_BYTES)) return bad(`reserved bytes ${SUPERBLOCK_RESERVED}..${SUPERBLOCK_BYTES - 1} are not zero`);
+  if (!isZero(buf, 128 + nameLength, 192)) return bad('bytes after the name are not zero');
+  const reserved = version >= 2 ? 204 : 192;
+  if (!isZero(buf, reserved, SUPERBLOCK_BYTES)) return bad(`reserved bytes ${reserved}..${SUPERBLOCK_BYTES - 1} are not zero`);
   return {
     ok: true,
     sb: {
@@ -212,6 +233,7 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
       createdAt: fields.createdAt,
       name,
       layout: expected,
+      map: version >= 2 ? { commit: fields.mapCommit, digest: v.getUint32(200, true) } : null,
     },
   };
 }
@@ -229,8 +251,7 @@ const U64_FIELDS: [string, number][] = [
   ['stateChangedAt', 104],
   ['createdAt', 112],
 ];
-/** Where the superblock's zero bytes begin. */
-const SUPERBLOCK_RESERVED = 192;
+const MAP_COMMIT_FIELD: [string, number] = ['mapCommit', 192];
 
 function isZero(buf: Uint8Array, start: number, end: number): boolean {
   for (let i = start; i < end; i++) if (buf[i] !== 0) return false;
@@ -240,16 +261,30 @@ function isZero(buf: Uint8Array, start: number, end: number): boolean {
 export interface MapSlotHeader {
   sequence: number;
   page: number;
+  /** The map commit that wrote the slot (0: format, or a version 1 store). */
+  commit: number;
+  /** The digest of the whole map as that commit left it. */
+  mapDigest: number;
 }
 
 /** Builds a map page slot image from the page's bitmap payload. */
-export function encodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, sequence: number, payload: Uint8Array | null): Uint8Array {
+export function encodeMapSlot(
+  layout: Layout,
+  uuid: Uint8Array,
+  page: number,
+  sequence: number,
+  payload: Uint8Array | null,
+  commit = 0,
+  mapDigest = 0,
+): Uint8Array {
   const buf = new Uint8Array(layout.blockSize);
   const v = new DataView(buf.buffer);
   buf.set(encoder.encode(MAP_SLOT_MAGIC), 0);
   v.setBigUint64(16, BigInt(sequence), true);
   v.setBigUint64(24, BigInt(page), true);
   buf.set(uuid, 32);
+  v.setBigUint64(48, BigInt(commit), true);
+  v.setUint32(56, mapDigest, true);
   if (payload) buf.set(payload, MAP_SLOT_HEADER);
   v.setUint32(8, crc32c(buf, 12, buf.length), true);
   return buf;
@@ -280,6 +315,23 @@ export function decodeMapSlot(layout: Layout, uuid: Uint8Array, page: number, bu
   const sequence = v.getBigUint64(16, true);
   if (sequence > BigInt(Number.MAX_SAFE_INTEGER)) return bad('damaged', 'sequence out of range');
   if (sequence === 0n) return bad('damaged', 'sequence 0');
-  if (!isZero(buf, 12, 16) || !isZero(buf, 48, MAP_SLOT_HEADER)) return bad('damaged', 'reserved header bytes are not zero');
-  return { ok: true, header: { sequence: Number(sequence), page } };
+  const commit = v.getBigUint64(48, true);
+  if (commit > BigInt(Number.MAX_SAFE_INTEGER)) return bad('damaged', 'commit out of range');
+  if (!isZero(buf, 12, 16) || !isZero(buf, 60, MAP_SLOT_HEADER)) return bad('damaged', 'reserved header bytes are not zero');
+  return { ok: true, header: { sequence: Number(sequence), page, commit: Number(commit), mapDigest: v.getUint32(56, true) } };
+}
+
+const termBytes = new Uint8Array(24);
+const termView = new DataView(termBytes.buffer);
+
+/**
+ * A map page's term of the map digest: CRC-32C of (page, sequence, commit) as three u64. The
+ * digest of a map is the sum of its pages' terms mod 2^32, so a commit updates it page by page.
+ * A commit number is never reused, so the term names one write of the page.
+ */
+export function mapDigestTerm(page: number, sequence: number, commit: number): number {
+  termView.setBigUint64(0, BigInt(page), true);
+  termView.setBigUint64(8, BigInt(sequence), true);
+  termView.setBigUint64(16, BigInt(commit), true);
+  return crc32c(termBytes);
 }

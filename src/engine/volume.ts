@@ -24,7 +24,9 @@ import {
   newUuid,
   SUPERBLOCK_COPIES,
   superblockOffset,
+  mapDigestTerm,
   type Layout,
+  type MapRecord,
   type Superblock,
   type VolumeState,
 } from './format.js';
@@ -96,12 +98,18 @@ export interface Merge {
 export class Volume {
   readonly layout: Layout;
   readonly map: BlockMap;
-  private sb: Superblock;
+  /** The committed superblock; `map` is never null here (a version 1 store is upgraded). */
+  private sb: Superblock & { map: MapRecord };
   /** The superblock copy holding `sb`; the next write goes to the other one. */
   private sbCopy: number;
+  /** Both superblock copies must be rewritten: the state changed, or a copy is invalid or behind. */
   private sbDirty = false;
+  /** Per map page: the slot holding its committed version, that version's sequence and commit. */
   private readonly pageSlot: Uint8Array;
   private readonly pageSeq: Float64Array;
+  private readonly pageCommit: Float64Array;
+  /** The number of the next map commit: above every commit number on disk. */
+  private nextCommit: number;
   private readonly locks = new RangeLocks();
   private readonly now: () => number;
 
@@ -133,19 +141,20 @@ export class Volume {
 
   private constructor(
     readonly store: BlockStore,
-    sb: Superblock,
+    sb: Superblock & { map: MapRecord },
     sbCopy: number,
     map: BlockMap,
-    pageSlot: Uint8Array,
-    pageSeq: Float64Array,
+    pages: { slot: Uint8Array; sequence: Float64Array; slotCommit: Float64Array; nextCommit: number },
     now: () => number,
   ) {
     this.sb = sb;
     this.layout = sb.layout;
     this.sbCopy = sbCopy;
     this.map = map;
-    this.pageSlot = pageSlot;
-    this.pageSeq = pageSeq;
+    this.pageSlot = pages.slot;
+    this.pageSeq = pages.sequence;
+    this.pageCommit = pages.slotCommit;
+    this.nextCommit = pages.nextCommit;
     this.now = now;
   }
 
@@ -161,15 +170,19 @@ export class Volume {
     const layout = computeLayout(store.size, blockSize);
     const name = options.name ?? '';
     const uuid = newUuid();
-    const sb: Superblock = {
+    // Format is map commit 0: every page empty, sequence 1.
+    let digest = 0;
+    for (let p = 0; p < layout.mapPages; p++) digest = (digest + mapDigestTerm(p, 1, 0)) >>> 0;
+    const sb = {
       uuid,
       generation: 1,
-      state: 'plain',
+      state: 'plain' as const,
       epoch: 0,
       stateChangedAt: now(),
       createdAt: now(),
       name,
       layout,
+      map: { commit: 0, digest },
     };
     const sbImage = encodeSuperblock(sb); // validates the name before anything is written
     await store.zero(0, SUPERBLOCK_COPIES * blockSize);
@@ -178,24 +191,32 @@ export class Volume {
     for (let first = 0; first < layout.mapPages; first += MAP_IO_PAGES) {
       const count = Math.min(MAP_IO_PAGES, layout.mapPages - first);
       const chunk = new Uint8Array(2 * count * blockSize);
-      for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null), 2 * i * blockSize);
+      for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null, 0, digest), 2 * i * blockSize);
       await store.write(chunk, mapSlotOffset(layout, first, 0));
     }
     await store.flush();
     for (let copy = 0; copy < SUPERBLOCK_COPIES; copy++) await store.write(sbImage, superblockOffset(copy, blockSize));
     await store.flush();
     const map = new BlockMap(layout.blocks, blockSize);
-    return new Volume(store, sb, 0, map, new Uint8Array(layout.mapPages), new Float64Array(layout.mapPages).fill(1), now);
+    const pages = {
+      slot: new Uint8Array(layout.mapPages),
+      sequence: new Float64Array(layout.mapPages).fill(1),
+      slotCommit: new Float64Array(layout.mapPages),
+      nextCommit: 1,
+    };
+    return new Volume(store, sb, 0, map, pages, now);
   }
 
   /**
-   * Opens a formatted store and recovers it: the newest valid superblock copy and, for every map
-   * page, the newest valid slot win; a half-written commit is thereby discarded. A foreign or
-   * damaged store is refused before anything is written.
+   * Opens a formatted store and recovers it (recovery.ts): the newest valid superblock copy and,
+   * for every map page, the newest slot of a completed commit win; a half-written commit is
+   * thereby discarded, a complete one whose superblock write is missing adopted. A foreign or
+   * damaged store (a committed map slot that is gone included) is refused before anything is
+   * written.
    */
   static async open(store: BlockStore, options: OpenOptions = {}): Promise<Volume> {
     const found = await readSuperblocks(store);
-    const { sb, copy, otherCurrent } = found;
+    const { sb, copy, other } = found;
     const { layout } = sb;
     if (store.size < layout.storeSize) {
       throw new CldError(
@@ -204,19 +225,14 @@ export class Volume {
       );
     }
     const map = new BlockMap(layout.blocks, layout.blockSize);
-    const pageSlot = new Uint8Array(layout.mapPages);
-    const pageSeq = new Float64Array(layout.mapPages);
-    const tornPages: number[] = [];
-    await readMap(store, sb, (page, slot, sequence, payload, otherTorn) => {
-      pageSlot[page] = slot;
-      pageSeq[page] = sequence;
-      map.load(page, payload);
-      if (otherTorn) tornPages.push(page);
-    });
+    const recovered = await readMap(store, sb, (page, payload) => map.load(page, payload));
+    const errors = recovered.findings.filter((f) => f.severity === 'error');
+    if (errors.length) throw new CldError('CLDD_CORRUPT', `${store.description}: ${errors.map((f) => f.message).join('; ')}`);
     if (sb.state === 'plain' && map.count > 0) {
       throw new CldError('CLDD_CORRUPT', `${store.description}: the state is plain but ${map.count} blocks are marked redirected`);
     }
-    const volume = new Volume(store, sb, copy, map, pageSlot, pageSeq, options.now ?? Date.now);
+    const committed = { ...sb, map: { commit: recovered.commit, digest: recovered.digest } };
+    const volume = new Volume(store, committed, copy, map, recovered, options.now ?? Date.now);
     volume.takeDirtyPagesFromLoad();
     if (options.journalPath) {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
@@ -224,12 +240,14 @@ export class Volume {
       replayJournal(map, sb.state, leftover, options.journalPath);
       volume.journal = MapJournal.create(options.journalPath, sb.uuid, leftover);
     }
-    // Rewrite pages whose older slot was torn, so both slots are valid again.
-    for (const page of tornPages) volume.map.markDirty(page);
+    // Rewrite pages whose other slot is torn or holds an uncommitted version: so both slots are
+    // valid again, and a later commit never finds a stale version above its own.
+    for (const page of recovered.rewrite) volume.map.markDirty(page);
     // A crash between the last merge's commit and the superblock's move to plain.
     if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
-    // Restore the superblock copy that a crash (or damage) left invalid or behind.
-    if (!otherCurrent) volume.sbDirty = true;
+    // Both copies: to restore one that a crash (or damage) left invalid or with an older state,
+    // to record a commit rolled forward, or to upgrade a version 1 store.
+    if (other !== 'same' || recovered.rolledForward || sb.map === null) volume.sbDirty = true;
     if (volume.sbDirty || volume.map.dirtyPages > 0) await volume.commit();
     return volume;
   }
@@ -653,9 +671,12 @@ export class Volume {
    * Concurrent calls share commits (group commit); a call made during a commit waits for the next.
    *
    * Order: (1) flush the store, so the data of every captured map change is durable; (2) write
-   * each dirty map page to its older slot with sequence + 1; (3) flush; (4) if the state changed,
-   * write the superblock to its older copy with generation + 1; (5) flush. A crash before (3)
-   * completes leaves the previous slot of each page valid; before (5), the previous superblock.
+   * each dirty map page to its older slot with sequence + 1 and the commit's number; (3) flush;
+   * (4) if pages were written or the state changed, write the superblock (generation + 1, the
+   * map commit and its digest) to its older copy; (5) flush; after a state change, (4) and (5)
+   * again for the other copy. A crash before (3) completes leaves the previous slot of each page
+   * valid and recorded; before (5), the previous superblock, and a complete commit that open
+   * rolls forward.
    */
   commit(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
@@ -689,12 +710,16 @@ export class Volume {
     const { layout, store } = this;
     // Capture: the map as it is now reflects exactly the writes that have completed.
     const pages = this.map.takeDirty();
-    const images = pages.map((p) =>
-      encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, this.map.payload(p)),
-    );
-    const sbWrite = this.sbDirty;
-    const nextSb = { ...this.sb, generation: this.sb.generation + 1 };
+    const bothCopies = this.sbDirty;
     this.sbDirty = false;
+    // A commit that writes pages gets a new number; the digest follows page by page.
+    const mapCommit = pages.length ? this.nextCommit : this.sb.map.commit;
+    let digest = this.sb.map.digest;
+    for (const p of pages) {
+      digest = (digest - mapDigestTerm(p, this.pageSeq[p], this.pageCommit[p]) + mapDigestTerm(p, this.pageSeq[p] + 1, mapCommit)) >>> 0;
+    }
+    const images = pages.map((p) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, this.map.payload(p), mapCommit, digest));
+    const nextSb = { ...this.sb, generation: this.sb.generation + 1, map: { commit: mapCommit, digest } };
     const journalMark = this.journal?.mark();
     await store.flush();
     if (pages.length) {
@@ -703,20 +728,24 @@ export class Volume {
       for (const p of pages) {
         this.pageSlot[p] = 1 - this.pageSlot[p];
         this.pageSeq[p] += 1;
+        this.pageCommit[p] = mapCommit;
       }
+      this.nextCommit = mapCommit + 1;
     }
-    if (sbWrite) {
-      // Both copies get the new superblock, one after the other: a crash between them leaves
-      // one of each generation (the newer wins), and later damage to either copy still leaves
-      // the current state, never the previous one.
+    if (pages.length || bothCopies) {
+      // The superblock records the commit, so a damaged slot of it is found out, not replaced by
+      // the older slot. After a state change both copies get it, one after the other: a crash
+      // between them leaves one of each generation (the newer wins), and later damage to either
+      // copy leaves the current state. A map-only commit writes one copy, the older: damage to
+      // it leaves the other, one commit behind, and open rolls that commit forward.
       const image = encodeSuperblock(nextSb);
       const first = 1 - this.sbCopy;
-      for (const copy of [first, 1 - first]) {
+      for (const copy of bothCopies ? [first, this.sbCopy] : [first]) {
         await store.write(image, superblockOffset(copy, layout.blockSize));
         await store.flush();
       }
       this.sbCopy = first;
-      this.sb = { ...this.sb, generation: nextSb.generation };
+      this.sb = { ...this.sb, generation: nextSb.generation, map: nextSb.map };
     }
     if (journalMark !== undefined) this.journal?.trim(journalMark);
     this.counters.commits++;
