@@ -288,7 +288,12 @@ class Trial {
     expect(errors, 'check on a crashed image').toEqual([]);
 
     this.store = new FaultStore(image, { random: this.random, maxLatency: 2, scrambleBelow: this.metadataEnd() });
-    this.volume = await Volume.open(this.store);
+    try {
+      this.volume = await Volume.open(this.store);
+    } catch (err) {
+      // Never CLDD_CORRUPT (or anything else) from a crash alone.
+      throw new Error(`open after a crash failed (${(err as { code?: string }).code}): ${(err as Error).message}`);
+    }
     this.attach();
     const state = this.volume.state;
     if (!this.model.durableStates.has(state)) {
