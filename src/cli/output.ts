@@ -37,16 +37,6 @@ export function formatBytes(n: number): string {
   return i === 0 ? `${n} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
 }
 
-/** Parses sizes such as 512M, 10G, 1.5T, 4096 (bytes), with binary units. */
-export function parseSize(text: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$/i.exec(text);
-  if (!m) throw new CldError('EINVAL', `"${text}" is not a size (examples: 4096, 512M, 20G, 1T)`);
-  const power = ' kmgtp'.indexOf((m[2] || ' ').toLowerCase());
-  const bytes = Math.floor(Number(m[1]) * 1024 ** power);
-  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CldError('EINVAL', `size "${text}" is out of range`);
-  return bytes;
-}
-
 /** Renders rows as an aligned text table; every cell is made printable first. */
 export function table(rows: string[][]): string {
   const cells = rows.map((r) => r.map((cell) => printable(cell)));

@@ -27,6 +27,14 @@ export const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'
 
 export const DEFAULT_CONFIG: Omit<PairConfig, 'backing'> = { queues: 1, depth: 128, logLevel: 'info', resyncRate: 0, zeroCopy: true };
 
+/** The allowed ranges, the same in a configuration file and on the command line. */
+export const LIMITS = {
+  queues: { min: 1, max: 64 },
+  /** ublk's maximum queue depth. */
+  depth: { min: 1, max: 4096 },
+  resyncRate: { min: 0, max: Number.MAX_SAFE_INTEGER },
+} as const;
+
 export function parseConfig(text: string, source: string): PairConfig {
   const values = new Map<string, string>();
   text.split('\n').forEach((raw, i) => {
@@ -57,10 +65,10 @@ export function parseConfig(text: string, source: string): PairConfig {
   if (zeroCopy !== 'yes' && zeroCopy !== 'no') throw new CldError('EINVAL', `${source}: ZERO_COPY must be yes or no`);
   return {
     backing,
-    queues: int('QUEUES', DEFAULT_CONFIG.queues, 1, 64),
-    depth: int('DEPTH', DEFAULT_CONFIG.depth, 1, 4096),
+    queues: int('QUEUES', DEFAULT_CONFIG.queues, LIMITS.queues.min, LIMITS.queues.max),
+    depth: int('DEPTH', DEFAULT_CONFIG.depth, LIMITS.depth.min, LIMITS.depth.max),
     logLevel,
-    resyncRate: int('RESYNC_RATE', DEFAULT_CONFIG.resyncRate, 0, Number.MAX_SAFE_INTEGER),
+    resyncRate: int('RESYNC_RATE', DEFAULT_CONFIG.resyncRate, LIMITS.resyncRate.min, LIMITS.resyncRate.max),
     zeroCopy: zeroCopy === 'yes',
   };
 }

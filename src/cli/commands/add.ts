@@ -2,23 +2,26 @@ import { access, rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { CldError } from '../../errors.js';
 import type { Argv, CommandModule } from 'yargs';
-import { DEFAULT_CONFIG, type PairConfig } from '../../daemon/config.js';
+import { computeLayout } from '../../engine/format.js';
+import { DEFAULT_CONFIG, LIMITS, type PairConfig } from '../../daemon/config.js';
 import { refuseIfAttached, refuseIfRunning } from '../../daemon/daemon.js';
 import { checkName, defaultPaths } from '../../daemon/paths.js';
 import { persist } from '../../daemon/persist.js';
 import { nameFromBacking, prepareBacking } from '../backing.js';
 import { text } from '../../printable.js';
-import { formatBytes, parseSize, printJson } from '../output.js';
+import { DEFAULT_BLOCK_SIZE, MAX_DEVICE_BLOCK_SIZE, optionalString, parseBlockSize, parseCount, parsePath, parseSize } from '../options.js';
+import { formatBytes, printJson } from '../output.js';
 import { requireRoot } from '../root.js';
 import { spawnDaemon } from '../spawn-daemon.js';
 
+/** Options that take a value are strings here and parsed in the handler, with messages that quote them. */
 interface Args {
   backing: string;
   name?: string;
   size?: string;
-  'block-size'?: number;
-  queues: number;
-  depth: number;
+  'block-size'?: string;
+  queues: string;
+  depth: string;
   'zero-copy': boolean;
   force: boolean;
   persist: boolean;
@@ -31,11 +34,17 @@ export const addCommand: CommandModule<object, Args> = {
   builder: (y: Argv) =>
     y
       .positional('backing', { type: 'string', demandOption: true, describe: 'backing file or block device' })
-      .option('name', { type: 'string', describe: 'pair name (default: from the backing file name)' })
-      .option('size', { type: 'string', describe: 'create the backing file with this size (e.g. 20G)' })
-      .option('block-size', { type: 'number', describe: 'block size for a new store: 4096 (default) to 65536' })
-      .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues, describe: 'ublk queues' })
-      .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth, describe: 'queue depth' })
+      // nargs: 1 takes the next word as the value even when it starts with "-" (--size -5G is
+      // then refused as a size, not parsed as the flags -5 and -G).
+      .option('name', { type: 'string', nargs: 1, describe: 'pair name (default: from the backing file name)' })
+      .option('size', { type: 'string', nargs: 1, describe: 'create the backing file with this size (e.g. 20G)' })
+      .option('block-size', {
+        type: 'string',
+        nargs: 1,
+        describe: `block size for a new store: ${DEFAULT_BLOCK_SIZE}, the page size (a block device's blocks are at most ${MAX_DEVICE_BLOCK_SIZE} bytes on x86-64)`,
+      })
+      .option('queues', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.queues), describe: `ublk queues, ${LIMITS.queues.min} to ${LIMITS.queues.max}` })
+      .option('depth', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.depth), describe: `queue depth, ${LIMITS.depth.min} to ${LIMITS.depth.max}` })
       .option('zero-copy', {
         type: 'boolean',
         default: DEFAULT_CONFIG.zeroCopy,
@@ -45,32 +54,33 @@ export const addCommand: CommandModule<object, Args> = {
       .option('persist', { type: 'boolean', default: false, describe: 'write /etc/cldd/NAME.conf and enable cldd@NAME at boot' })
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
   handler: async (args) => {
+    // Every option is checked before anything is looked at, created or written.
+    const backing = resolve(parsePath('the backing store', args.backing));
+    const name = checkName(optionalString('--name', args.name) ?? nameFromBacking(backing));
+    const size = args.size === undefined ? undefined : parseSize('--size', args.size);
+    const blockSize = args['block-size'] === undefined ? undefined : parseBlockSize('--block-size', args['block-size']);
+    const queues = parseCount('--queues', args.queues, LIMITS.queues);
+    const depth = parseCount('--depth', args.depth, LIMITS.depth);
+    if (size !== undefined) computeLayout(size, blockSize ?? DEFAULT_BLOCK_SIZE); // too small for a store
     requireRoot('cldd add');
     const paths = defaultPaths();
-    const backing = resolve(args.backing);
-    const name = checkName(args.name ?? nameFromBacking(backing));
     await requireUblkDriver();
     await refuseIfRunning(paths, name);
     await refuseIfAttached(paths, name, backing).catch((err) => {
       // A backing file that does not exist yet cannot be attached; prepareBacking explains.
       if (err.code !== 'ENOENT') throw err;
     });
-    const prepared = await prepareBacking(backing, {
-      size: args.size === undefined ? undefined : parseSize(args.size),
-      blockSize: args['block-size'],
-      name,
-      force: args.force,
-    });
-    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues: args.queues, depth: args.depth, zeroCopy: args['zero-copy'] };
+    const prepared = await prepareBacking(backing, { size, blockSize, name, force: args.force });
+    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues, depth, zeroCopy: args['zero-copy'] };
     let ready;
     try {
       ready = await spawnDaemon(paths, name, [
         '--backing',
         backing,
         '--queues',
-        String(args.queues),
+        String(queues),
         '--depth',
-        String(args.depth),
+        String(depth),
         args['zero-copy'] ? '--zero-copy' : '--no-zero-copy',
       ]);
     } catch (err) {
@@ -95,7 +105,7 @@ export const addCommand: CommandModule<object, Args> = {
     };
     // A recovered device keeps the layout it was created with, whatever this command asked for.
     const l = ready.layout;
-    if (ready.recovered && l && (l.queues !== args.queues || l.depth !== args.depth || (l.zeroCopy && !args['zero-copy']))) {
+    if (ready.recovered && l && (l.queues !== queues || l.depth !== depth || (l.zeroCopy && !args['zero-copy']))) {
       process.stderr.write(
         text`cldd: note: the live devices keep their layout (${l.queues} queue(s), depth ${l.depth}${l.zeroCopy ? ', zero copy' : ''}); ` +
           `--queues, --depth and --zero-copy apply when the devices are created again (cldd remove, then cldd add)\n`,

@@ -2,20 +2,21 @@ import { writeSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
 import { CldError } from '../../errors.js';
-import { DEFAULT_CONFIG, LOG_LEVELS, type LogLevel, type PairConfig, readConfig } from '../../daemon/config.js';
+import { DEFAULT_CONFIG, LIMITS, LOG_LEVELS, type LogLevel, type PairConfig, readConfig } from '../../daemon/config.js';
 import { Daemon } from '../../daemon/daemon.js';
 import { stderrLogger } from '../../daemon/logger.js';
 import { checkName, configPath, defaultPaths } from '../../daemon/paths.js';
+import { parseCount, parsePath } from '../options.js';
 import { requireRoot } from '../root.js';
 
 interface Args {
   name: string;
   backing?: string;
-  queues: number;
-  depth: number;
+  queues: string;
+  depth: string;
   'zero-copy': boolean;
   'log-level': LogLevel;
-  'resync-rate': number;
+  'resync-rate': string;
   'ready-fd'?: number;
 }
 
@@ -29,12 +30,12 @@ export const daemonCommand: CommandModule<object, Args> = {
   builder: (y: Argv) =>
     y
       .positional('name', { type: 'string', demandOption: true })
-      .option('backing', { type: 'string', describe: 'backing store (default: from /etc/cldd/NAME.conf)' })
-      .option('queues', { type: 'number', default: DEFAULT_CONFIG.queues })
-      .option('depth', { type: 'number', default: DEFAULT_CONFIG.depth })
+      .option('backing', { type: 'string', nargs: 1, describe: 'backing store (default: from /etc/cldd/NAME.conf)' })
+      .option('queues', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.queues) })
+      .option('depth', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.depth) })
       .option('zero-copy', { type: 'boolean', default: DEFAULT_CONFIG.zeroCopy })
       .option('log-level', { choices: LOG_LEVELS, default: DEFAULT_CONFIG.logLevel })
-      .option('resync-rate', { type: 'number', default: 0, describe: 'resync rate limit, bytes per second' })
+      .option('resync-rate', { type: 'string', nargs: 1, default: '0', describe: 'resync rate limit, bytes per second' })
       .option('ready-fd', { type: 'number', describe: 'write one JSON line here when ready (or failed)' }) as unknown as Argv<Args>,
   handler: async (args) => {
     const report = (message: unknown) => {
@@ -51,16 +52,17 @@ export const daemonCommand: CommandModule<object, Args> = {
     let config: PairConfig;
     try {
       requireRoot('cldd daemon');
-      config = args.backing
-        ? {
-            backing: resolve(args.backing),
-            queues: args.queues,
-            depth: args.depth,
-            logLevel: args['log-level'],
-            resyncRate: args['resync-rate'],
-            zeroCopy: args['zero-copy'],
-          }
-        : await readConfig(configPath(paths, name));
+      config =
+        args.backing !== undefined
+          ? {
+              backing: resolve(parsePath('--backing', args.backing)),
+              queues: parseCount('--queues', args.queues, LIMITS.queues),
+              depth: parseCount('--depth', args.depth, LIMITS.depth),
+              logLevel: args['log-level'],
+              resyncRate: parseCount('--resync-rate', args['resync-rate'], LIMITS.resyncRate),
+              zeroCopy: args['zero-copy'],
+            }
+          : await readConfig(configPath(paths, name));
       const log = stderrLogger(config.logLevel, name);
       const { ublkBackend } = await import('../../daemon/ublk-backend.js');
       daemon = await Daemon.start({ ...config, name }, await ublkBackend(log), log, paths);
