@@ -3,18 +3,23 @@
  * a file is created or written, and what is on a backing store decides whether it is reattached,
  * formatted, or refused. A refusal leaves the store byte for byte as it was.
  */
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, open, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { prepareBacking } from '../src/cli/backing.js';
+import { listSignatures } from '../src/daemon/probe.js';
 import { Volume, readSuperblocks } from '../src/engine/volume.js';
 import { FileStore } from '../src/store/file-store.js';
 import { type Cli, buildCli } from './helpers/cli.js';
 
+const run = promisify(execFile);
 const MiB = 1 << 20;
+const SBIN = { PATH: `${process.env.PATH}:/usr/sbin:/sbin` };
 
 let dir: string;
 
@@ -119,6 +124,31 @@ describe('what is on the backing store decides', () => {
     const before = await digest(path);
     expect(await prepareBacking(path, { name: 'x', force: false })).toMatchObject({ how: 'existing', state: 'plain' });
     expect(await prepareBacking(path, { name: 'x', force: true })).toMatchObject({ how: 'existing' });
+    expect(await digest(path)).toBe(before);
+  });
+
+  test('mkswap over a cldd store: the swap signature wins, and only --force formats it', async () => {
+    const path = await cldStore('swapped.img', { enable: true });
+    await run('mkswap', [path], { env: { ...process.env, ...SBIN } });
+    // mkswap leaves copy 1 of the cldd superblock: cldd still reads the store as valid.
+    expect(await storeName(path)).toMatchObject({ name: 'old' });
+    const before = await digest(path);
+    await expect(prepareBacking(path, { name: 'new', force: false })).rejects.toMatchObject({
+      code: 'CLDD_FOREIGN',
+      message: `${path} is a cldd store with a swap signature at byte 4086, in the superblocks: another program wrote over it; cldd add --force formats it anew, destroying its contents`,
+    });
+    expect(await digest(path)).toBe(before);
+
+    expect(await prepareBacking(path, { name: 'new', force: true })).toMatchObject({ how: 'formatted', state: 'plain' });
+    expect(await storeName(path)).toMatchObject({ name: 'new' });
+    expect(await listSignatures(path)).toEqual([]);
+  });
+
+  test('a filesystem made over the whole file is refused as before', async () => {
+    const path = await cldStore('ext4.img');
+    await run('mkfs.ext4', ['-q', '-F', path], { env: { ...process.env, ...SBIN } });
+    const before = await digest(path);
+    await expect(prepareBacking(path, { name: 'x', force: false })).rejects.toMatchObject({ code: 'CLDD_FOREIGN' });
     expect(await digest(path)).toBe(before);
   });
 

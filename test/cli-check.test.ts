@@ -1,12 +1,15 @@
-import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { copyFile, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Disk } from '../src/engine/executor.js';
 import { Volume } from '../src/engine/volume.js';
 import { FileStore } from '../src/store/file-store.js';
 import { type Cli, buildCli } from './helpers/cli.js';
 
+const run = promisify(execFile);
 let cli: Cli;
 const cldd = (...args: string[]) => cli.run(args);
 
@@ -73,6 +76,24 @@ describe('cldd check', () => {
     r = await cldd('check', join(dir, 'missing.img'));
     expect(r.code).toBe(2);
     expect(r.stderr).toBe(`cldd: ${join(dir, 'missing.img')} does not exist [ENOENT]\n`);
+  });
+
+  test('mkswap over a store: the swap signature is damage, exit 1, and check writes nothing', async () => {
+    const swapped = join(dir, 'swapped.img');
+    await copyFile(path, swapped);
+    await run('mkswap', [swapped], { env: { ...process.env, PATH: `${process.env.PATH}:/usr/sbin:/sbin` } });
+    const bytes = await readFile(swapped);
+    const r = await cldd('check', swapped);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^error: a swap signature at byte 4086, in the superblocks: another program wrote over this store$/m);
+    expect(r.stdout.trim().endsWith('damaged')).toBe(true);
+    const json = await cldd('check', '--json', swapped);
+    expect(json.code).toBe(1);
+    expect(JSON.parse(json.stdout)).toMatchObject({
+      clean: false,
+      findings: expect.arrayContaining([{ severity: 'error', message: expect.stringContaining('a swap signature at byte 4086') }]),
+    });
+    expect(Buffer.compare(await readFile(swapped), bytes)).toBe(0);
   });
 
   test('a crafted store name cannot forge output lines or send escape sequences', async () => {

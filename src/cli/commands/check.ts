@@ -1,5 +1,6 @@
 import type { Argv, CommandModule } from 'yargs';
-import { check, describeSuperblock } from '../../engine/check.js';
+import { check, describeSuperblock, type Finding } from '../../engine/check.js';
+import { describeForeignSignature, listSignatures, signaturesOverStore } from '../../daemon/probe.js';
 import { FileStore } from '../../store/file-store.js';
 import { CldError } from '../../errors.js';
 import { printable, text } from '../../printable.js';
@@ -19,6 +20,7 @@ export const checkCommand: CommandModule<object, Args> = {
       .option('json', { type: 'boolean', default: false, describe: 'print the report as JSON' }) as Argv<Args>,
   handler: async (args) => {
     let report;
+    const findings: Finding[] = [];
     try {
       const store = await FileStore.open(args.backing, { readOnly: true });
       try {
@@ -27,25 +29,34 @@ export const checkCommand: CommandModule<object, Args> = {
         await store.close();
       }
       if (report.foreign) throw new CldError('CLDD_FOREIGN', `${args.backing} is not a cldd store (no cldd signature)`);
+      findings.push(...report.findings);
+      // Another program's signature over cldd's metadata: the store was overwritten since, and
+      // cldd add refuses it without --force. libblkid does not know cldd, so it is not ambiguous.
+      if (report.superblock) {
+        for (const f of signaturesOverStore(report.superblock.layout, await listSignatures(args.backing))) {
+          findings.push({ severity: 'error', message: `${describeForeignSignature(f)}: another program wrote over this store` });
+        }
+      }
     } catch (err) {
       // Exit 1 means damaged; a store that could not be checked at all is 2.
       printError('cldd', err);
       throw new ExitCode(2);
     }
+    const clean = !findings.some((f) => f.severity === 'error');
     if (args.json) {
       printJson({
         backing: args.backing,
-        clean: report.clean,
+        clean,
         state: report.superblock?.state ?? null,
         redirected: report.redirected,
-        findings: report.findings,
+        findings,
       });
     } else {
       if (report.superblock) console.log(text`${args.backing}: ${describeSuperblock(report.superblock)}`);
       if (report.redirected !== null) console.log(`${report.redirected} blocks redirected`);
-      for (const f of report.findings) console.log(`${f.severity}: ${printable(f.message)}`);
-      console.log(report.clean ? 'clean' : 'damaged');
+      for (const f of findings) console.log(`${f.severity}: ${printable(f.message)}`);
+      console.log(clean ? 'clean' : 'damaged');
     }
-    if (!report.clean) throw new ExitCode(1);
+    if (!clean) throw new ExitCode(1);
   },
 };

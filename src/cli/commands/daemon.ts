@@ -6,6 +6,7 @@ import { DEFAULT_CONFIG, LIMITS, LOG_LEVELS, type LogLevel, type PairConfig, rea
 import { Daemon } from '../../daemon/daemon.js';
 import { stderrLogger } from '../../daemon/logger.js';
 import { checkName, configPath, defaultPaths } from '../../daemon/paths.js';
+import { refuseUnattachable } from '../backing.js';
 import { parseCount, parsePath } from '../options.js';
 import { requireRoot } from '../root.js';
 
@@ -63,6 +64,7 @@ export const daemonCommand: CommandModule<object, Args> = {
               zeroCopy: args['zero-copy'],
             }
           : await readConfig(configPath(paths, name));
+      await refuseUnattachable(config.backing);
       const log = stderrLogger(config.logLevel, name);
       const { ublkBackend } = await import('../../daemon/ublk-backend.js');
       daemon = await Daemon.start({ ...config, name }, await ublkBackend(log), log, paths);
