@@ -13,7 +13,8 @@ describe('cldd on real devices', () => {
         'add, mkfs, mount, enable with freeze under a writer, slave shows the enable-time files, disable --wait, fsck, remove, re-add',
       unmount_sequence: "the original's sequence: unmount, enable, mount master and slave, disable",
       clddsetup: 'clddsetup -m, status, -e, -d with /dev/cldmN and /dev/cldsN',
-      refusals: 'foreign data, missing, too small, attached, running, mounted, enabled twice, wrong name, not root',
+      refusals:
+        'foreign data, missing, too small, bad options and block size (nothing created), swap over a store, attached, running, mounted, enabled twice, wrong name, not root (enable, list)',
       restart: 'SIGKILL of the daemon under a writer; cldd add again reattaches the same live device, nothing lost',
       restart_raw:
         'raw writes acknowledged but never flushed survive SIGKILL of the daemon, in snapshot and mid-resync (map journal); O_DIRECT read-back',
