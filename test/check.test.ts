@@ -243,6 +243,10 @@ describe('check', () => {
     const report = await checkReadOnly(store);
     expect(report.clean).toBe(false);
     expect(errors(report).join('\n')).toMatch(/belong to different stores/);
+    // Open agrees: which store this is needs a person, not a guess; it writes nothing.
+    const recorder = new MutationRecorder(store);
+    await expect(Volume.open(recorder)).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(/belong to different stores/) });
+    expect(recorder.mutations).toEqual([]);
   });
 
   test('a_map_page_with_no_valid_slot_is_an_error_naming_it', async () => {

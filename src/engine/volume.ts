@@ -218,6 +218,9 @@ export class Volume {
     const found = await readSuperblocks(store);
     const { sb, copy, other } = found;
     const { layout } = sb;
+    if (other === 'other-store') {
+      throw new CldError('CLDD_CORRUPT', `${store.description}: the two superblock copies belong to different stores (uuids differ)`);
+    }
     if (store.size < layout.storeSize) {
       throw new CldError(
         'CLDD_CORRUPT',
