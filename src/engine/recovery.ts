@@ -133,8 +133,6 @@ export interface RecoveredMap {
   digest: number;
   /** A complete commit newer than the superblock's record was adopted; open records it. */
   rolledForward: boolean;
-  /** False for a version 1 store: its superblock records nothing to check the map against. */
-  verified: boolean;
   /** Above every commit number on disk, uncommitted ones included: the next commit's. */
   nextCommit: number;
   /** Per page: the chosen slot, its sequence and its commit. */
@@ -143,7 +141,6 @@ export interface RecoveredMap {
   slotCommit: Float64Array;
   /** Pages whose other slot is torn, damaged or uncommitted: open recommits them. */
   rewrite: number[];
-  pages: MapPageReport[];
   /** Errors make the store damaged (open refuses it); warnings are traces a crash leaves. */
   findings: Finding[];
 }
@@ -291,13 +288,11 @@ export async function readMap(store: BlockStore, sb: Superblock, load: (page: nu
     commit,
     digest,
     rolledForward: adopted !== null,
-    verified: expected !== null,
     nextCommit: maxCommit + 1,
     slot,
     sequence,
     slotCommit,
     rewrite,
-    pages,
     findings,
   };
 }
