@@ -4,13 +4,9 @@
  */
 import { CldError } from '../errors.js';
 import { MIN_BLOCK_SIZE } from '../engine/format.js';
+import { MAX_DEVICE_BLOCK_SIZE } from '../ublk/control.js';
 
-/**
- * The largest block size a ublk device takes: the kernel refuses logical blocks larger than the
- * page size, and src/ublk/control.ts refuses above 4096 (x86-64's page size). cldd's format
- * allows up to 65536, but a store with larger blocks could never be attached here.
- */
-export const MAX_DEVICE_BLOCK_SIZE = 4096;
+export { MAX_DEVICE_BLOCK_SIZE };
 export const DEFAULT_BLOCK_SIZE = 4096;
 
 /** yargs makes an array of an option given twice: refuse that rather than pick one. */

@@ -10,6 +10,12 @@ import { CldError } from '../errors.js';
 import { addon, nativeError } from './addon.js';
 import type { NativeControlHandle } from './native.js';
 
+/**
+ * The largest logical block a ublk device takes: the kernel refuses blocks larger than the page
+ * size (4096 on x86-64). cldd's format allows larger blocks, but such a store cannot be served.
+ */
+export const MAX_DEVICE_BLOCK_SIZE = 4096;
+
 /** Device feature flags (UBLK_F_*), the ones cldd asks for or reports. */
 export const UBLK_F = {
   URING_CMD_COMP_IN_TASK: 1 << 1,
@@ -202,8 +208,8 @@ export class UblkControl {
 
   async setParams(id: number, p: DeviceParams): Promise<void> {
     const shift = Math.log2(p.blockSize);
-    if (!Number.isInteger(shift) || shift < 9 || shift > 12) {
-      throw new CldError('EINVAL', `block size ${p.blockSize} is not a power of two from 512 to the page size (4096)`);
+    if (!Number.isInteger(shift) || shift < 9 || p.blockSize > MAX_DEVICE_BLOCK_SIZE) {
+      throw new CldError('EINVAL', `block size ${p.blockSize} is not a power of two from 512 to the page size (${MAX_DEVICE_BLOCK_SIZE})`);
     }
     const buf = new Uint8Array(PARAMS_SIZE);
     const v = new DataView(buf.buffer);
