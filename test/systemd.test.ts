@@ -32,6 +32,9 @@ test('pair configuration round trip and refusals', () => {
   expect(() => parseConfig('QUEUES=1\n', 'x.conf')).toThrow('x.conf: BACKING must be an absolute path');
   expect(() => parseConfig('BACKING=rel/path\n', 'x.conf')).toThrow(/absolute/);
   expect(() => parseConfig('BACKING=/a\nDEPTH=0\n', 'x.conf')).toThrow('x.conf: DEPTH=0 is not a whole number from 1 to 4096');
+  for (const bad of ['0x10', '1e2', '8.0', '+8', '']) {
+    expect(() => parseConfig(`BACKING=/a\nQUEUES=${bad}\n`, 'x.conf')).toThrow(`x.conf: QUEUES=${bad} is not a whole number`);
+  }
   expect(() => parseConfig('BACKING=/a\nCOLOUR=red\n', 'x.conf')).toThrow('x.conf:2: unknown key COLOUR');
   expect(() => parseConfig('BACKING=/a\njunk\n', 'x.conf')).toThrow('x.conf:2: expected KEY=value');
   expect(() => parseConfig('BACKING=/a\nLOG_LEVEL=loud\n', 'x.conf')).toThrow(/LOG_LEVEL/);

@@ -55,8 +55,9 @@ export function parseConfig(text: string, source: string): PairConfig {
   const int = (key: string, fallback: number, min: number, max: number) => {
     const v = values.get(key);
     if (v === undefined) return fallback;
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < min || n > max) throw new CldError('EINVAL', `${source}: ${key}=${v} is not a whole number from ${min} to ${max}`);
+    // Decimal digits only: Number() would also take 0x10, 1e2 and " 8 ".
+    const n = /^\d{1,16}$/.test(v) ? Number(v) : NaN;
+    if (!(n >= min && n <= max)) throw new CldError('EINVAL', `${source}: ${key}=${v} is not a whole number from ${min} to ${max}`);
     return n;
   };
   const logLevel = (values.get('LOG_LEVEL') ?? DEFAULT_CONFIG.logLevel) as LogLevel;
