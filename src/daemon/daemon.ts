@@ -242,6 +242,24 @@ export async function refuseIfAttached(paths: Paths, name: string, backing: stri
   return backingId;
 }
 
+/**
+ * Refuses to format (`--force`) a backing store whose pair's daemon died with its devices still
+ * up: they wait for a daemon to take them over (user recovery), and the filesystem on them would
+ * find a reformatted store under it.
+ */
+export async function refuseIfRecoverable(paths: Paths, backing: string): Promise<void> {
+  const backingId = await fileId(backing);
+  for (const s of await listStates(paths)) {
+    if (s.backingId === backingId && !isAlive(s.pid) && s.master && (await deviceExists(s.master.path))) {
+      throw new CldError(
+        'EBUSY',
+        `${backing} is the store of pair "${s.name}", whose daemon died while ${s.master.path} stayed up waiting for it: ` +
+          `cldd add ${backing} --name ${s.name} (without --force) takes the devices over; cldd remove --force ${s.name} drops them`,
+      );
+    }
+  }
+}
+
 async function fileId(path: string): Promise<string> {
   try {
     const st = await stat(path);

@@ -4,7 +4,7 @@ import { CldError } from '../../errors.js';
 import type { Argv, CommandModule } from 'yargs';
 import { computeLayout } from '../../engine/format.js';
 import { DEFAULT_CONFIG, LIMITS, type PairConfig } from '../../daemon/config.js';
-import { refuseIfAttached, refuseIfRunning } from '../../daemon/daemon.js';
+import { refuseIfAttached, refuseIfRecoverable, refuseIfRunning } from '../../daemon/daemon.js';
 import { checkName, defaultPaths } from '../../daemon/paths.js';
 import { persist } from '../../daemon/persist.js';
 import { nameFromBacking, prepareBacking } from '../backing.js';
@@ -70,6 +70,11 @@ export const addCommand: CommandModule<object, Args> = {
       // A backing file that does not exist yet cannot be attached; prepareBacking explains.
       if (err.code !== 'ENOENT') throw err;
     });
+    if (args.force) {
+      await refuseIfRecoverable(paths, backing).catch((err) => {
+        if (err.code !== 'ENOENT') throw err;
+      });
+    }
     const prepared = await prepareBacking(backing, { size, blockSize, name, force: args.force });
     const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues, depth, zeroCopy: args['zero-copy'] };
     let ready;
