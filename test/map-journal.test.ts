@@ -11,6 +11,7 @@ import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { Disk, StoreExecutor } from '../src/engine/executor.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
+import { mapJournalPath } from '../src/daemon/daemon.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 
 const BS = 4096;
@@ -172,5 +173,40 @@ describe('map journal', () => {
     await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(/record at byte 32/) });
     await writeFile(journalPath, Buffer.concat([Buffer.from('cldd-mj1'), uuid, Buffer.alloc(8, 1)]));
     await expect(Volume.open(store, { journalPath })).rejects.toMatchObject({ code: 'CLDD_CORRUPT', message: expect.stringMatching(/its header/) });
+  });
+  test('the journal is named after the store: a store reopened under another pair name replays it, and none is left to replay later over a newer snapshot', async () => {
+    const paths = { runDir: dir, configDir: dir };
+    const as = (name: string) => ({ journalPath: (uuid: Uint8Array) => mapJournalPath(paths, name, uuid) });
+    const killed = await Volume.open(store, as('a'));
+    await new Disk(killed).write(2 * BS, fill(2)); // in snapshot 1, not flushed; pair "a" dies
+    // The administrator brings the store back as pair "b": the change is there.
+    const b = await Volume.open(store, as('b'));
+    const disk = new Disk(b);
+    expect(await valueOf(disk, 2)).toBe(2);
+    // "b" moves on: resync, plain, a new snapshot in which block 2 is not redirected.
+    await b.disable();
+    await new ResyncScheduler(b, new StoreExecutor(store)).start();
+    await b.untilPlain();
+    await disk.write(2 * BS, fill(3));
+    await b.enable();
+    await b.close();
+    // Opened as "a" again: no journal of the first snapshot points block 2 at stale change data.
+    const a = new Disk(await Volume.open(store, as('a')));
+    expect(await valueOf(a, 2)).toBe(3);
+    expect(await valueOf(a, 2, 'slave')).toBe(3);
+  });
+
+  test('a journal an older cldd kept under the pair name is taken over for its store only', async () => {
+    const paths = { runDir: dir, configDir: dir };
+    const killed = await Volume.open(store, { journalPath: join(dir, 'old.mapjournal') }); // an older cldd, pair "old"
+    await new Disk(killed).write(3 * BS, fill(4));
+    const other = new MemoryStore(8 << 20);
+    await (await Volume.format(other)).close();
+    // Another store opened as "old" leaves that journal alone; its own store, opened as "old", replays it.
+    await (await Volume.open(other, { journalPath: (uuid) => mapJournalPath(paths, 'old', uuid) })).close();
+    expect((await stat(join(dir, 'old.mapjournal'))).size).toBeGreaterThan(32);
+    const v = await Volume.open(store, { journalPath: (uuid) => mapJournalPath(paths, 'old', uuid) });
+    expect(await valueOf(new Disk(v), 3)).toBe(4);
+    await expect(stat(join(dir, 'old.mapjournal'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 });

@@ -1,9 +1,12 @@
+import { existsSync, renameSync } from 'node:fs';
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CldError } from '../errors.js';
 import { StoreExecutor } from '../engine/executor.js';
 import type { Executor } from '../engine/plan.js';
 import { ResyncScheduler } from '../engine/resync.js';
+import { uuidString } from '../engine/format.js';
+import { MapJournal } from '../engine/map-journal.js';
 import { Volume } from '../engine/volume.js';
 import type { BlockStore } from '../store/block-store.js';
 import { FileStore } from '../store/file-store.js';
@@ -85,7 +88,7 @@ export class Daemon {
     let volume: Volume;
     try {
       // The map journal lives on tmpfs beside the socket: it survives this process, not a reboot.
-      volume = await Volume.open(store, { journalPath: join(paths.runDir, `${name}.mapjournal`) });
+      volume = await Volume.open(store, { journalPath: (uuid) => mapJournalPath(paths, name, uuid) });
     } catch (err) {
       await store.close();
       throw err;
@@ -240,6 +243,19 @@ export async function refuseIfAttached(paths: Paths, name: string, backing: stri
     }
   }
   return backingId;
+}
+
+/**
+ * The map journal of the store with `uuid`, named after the store rather than the pair: a daemon
+ * killed as pair "a" and reopened as pair "b" must find it, or "a"'s journal, replayed when the
+ * store is next opened as "a", would bring back redirections of an older snapshot. A journal an
+ * older cldd kept under the pair's name is moved to the store's name first.
+ */
+export function mapJournalPath(paths: Paths, name: string, uuid: Uint8Array): string {
+  const path = join(paths.runDir, `${uuidString(uuid)}.mapjournal`);
+  const legacy = join(paths.runDir, `${name}.mapjournal`);
+  if (!existsSync(path) && MapJournal.belongsTo(legacy, uuid)) renameSync(legacy, path);
+  return path;
 }
 
 /**

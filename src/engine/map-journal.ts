@@ -46,15 +46,20 @@ export class MapJournal {
   static leftover(path: string, uuid: Uint8Array, blocks: number): MapChange[] {
     if (!existsSync(path)) return [];
     const bytes = readFileSync(path);
-    const sameStore =
-      bytes.length >= HEADER &&
-      bytes.subarray(0, 8).toString('latin1') === MAGIC &&
-      Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid));
-    if (!sameStore) return [];
+    if (!isOf(bytes, uuid)) return [];
     if (bytes.subarray(24, HEADER).some((b) => b !== 0)) {
       throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (its header); the daemon cannot tell which blocks were redirected`);
     }
     return parseRecords(bytes, path, blocks);
+  }
+
+  /** Whether the file at `path` is a journal of the store with `uuid`. */
+  static belongsTo(path: string, uuid: Uint8Array): boolean {
+    try {
+      return isOf(readFileSync(path), uuid);
+    } catch {
+      return false;
+    }
   }
 
   /**
@@ -99,6 +104,14 @@ export class MapJournal {
     this.fd = -1;
     if (remove) unlinkSync(this.path);
   }
+}
+
+function isOf(bytes: Uint8Array, uuid: Uint8Array): boolean {
+  return (
+    bytes.length >= HEADER &&
+    Buffer.from(bytes.subarray(0, 8)).toString('latin1') === MAGIC &&
+    Buffer.from(bytes.subarray(8, 24)).equals(Buffer.from(uuid))
+  );
 }
 
 function parseRecords(bytes: Uint8Array, path: string, blocks: number): MapChange[] {

@@ -49,9 +49,11 @@ export interface OpenOptions {
   now?: () => number;
   /**
    * The map journal's path (on tmpfs, see map-journal.ts): map changes are appended there before
-   * their requests complete, so a daemon that dies is followed by one that knows them.
+   * their requests complete, so a daemon that dies is followed by one that knows them. A
+   * function gets the store's uuid: a journal named after the store is found by whichever pair
+   * name opens it next, so none is left behind to be replayed later over newer commits.
    */
-  journalPath?: string;
+  journalPath?: string | ((uuid: Uint8Array) => string);
 }
 
 export interface VolumeCounters {
@@ -239,9 +241,10 @@ export class Volume {
     volume.takeDirtyPagesFromLoad();
     if (options.journalPath) {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
-      const leftover = MapJournal.leftover(options.journalPath, sb.uuid, layout.blocks);
-      replayJournal(map, sb.state, leftover, options.journalPath);
-      volume.journal = MapJournal.create(options.journalPath, sb.uuid, leftover);
+      const path = typeof options.journalPath === 'string' ? options.journalPath : options.journalPath(sb.uuid);
+      const leftover = MapJournal.leftover(path, sb.uuid, layout.blocks);
+      replayJournal(map, sb.state, leftover, path);
+      volume.journal = MapJournal.create(path, sb.uuid, leftover);
     }
     // Rewrite pages whose other slot is torn or holds an uncommitted version: so both slots are
     // valid again, and a later commit never finds a stale version above its own.
