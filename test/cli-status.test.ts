@@ -33,6 +33,7 @@ describe('cldd status and list', () => {
   let dir: string;
   let runDir: string;
   let server: ControlServer;
+  let stuck: ControlServer;
 
   beforeAll(async () => {
     cli = await buildCli();
@@ -41,10 +42,15 @@ describe('cldd status and list', () => {
     runDir = join(dir, 'run');
     server = new ControlServer(join(runDir, 'evil.sock'), 'evil', { status: async () => CRAFTED });
     await server.listen();
+    stuck = new ControlServer(join(runDir, 'stuck.sock'), 'stuck', {
+      status: async () => ({ ...CRAFTED, name: 'stuck', backing: '/srv/s.img', failed: null, requests: { outstanding: 32, oldestMs: 45_300 } }),
+    });
+    await stuck.listen();
   });
 
   afterAll(async () => {
     await server.close();
+    await stuck.close();
     await rm(dir, { recursive: true, force: true });
     await cli.remove();
   });
@@ -82,7 +88,7 @@ describe('cldd status and list', () => {
     expect(one.code).toBe(0);
     const all = await cli.run(['status'], { env: env() });
     expect(all.code).toBe(0);
-    for (const out of [one.stdout, all.stdout]) {
+    for (const out of [one.stdout, all.stdout.split('\n\n').find((p) => p.startsWith('evil'))!]) {
       expect(out).not.toMatch(RAW_CONTROL);
       const lines = out.trimEnd().split('\n');
       expect(lines).toHaveLength(7);
@@ -93,8 +99,16 @@ describe('cldd status and list', () => {
     const list = await cli.run(['list'], { env: env() });
     expect(list.code).toBe(0);
     expect(list.stdout).not.toMatch(RAW_CONTROL);
-    expect(list.stdout.trimEnd().split('\n')).toHaveLength(2);
+    expect(list.stdout.trimEnd().split('\n')).toHaveLength(3);
     expect(list.stdout).toContain('evil\\nevil: plain\\x1b[2J');
+  });
+
+  test('requests outstanding far too long show in status, with where to look', async () => {
+    const out = await cli.run(['status', 'stuck'], { env: env() });
+    expect(out.code).toBe(0);
+    expect(out.stdout).toContain("  requests    32 outstanding, the oldest for 45 s (the daemon's log says where they wait)\n");
+    const healthy = await cli.run(['status', 'evil'], { env: env() });
+    expect(healthy.stdout).not.toContain('requests');
   });
 
   test('--json keeps the values, JSON-escaped, with C1 and bidirectional controls as \\u escapes', async () => {

@@ -101,7 +101,14 @@ export class PairService {
       resync: s.state === 'resync' || p.running ? p : null,
       counters: s.counters,
       failed: s.failed,
+      requests: this.requestSummary(),
     };
+  }
+
+  /** How many requests the devices hold and how old the oldest is (a stall shows here first). */
+  private requestSummary(): { outstanding: number; oldestMs: number | null } {
+    const all = this.requests().flatMap((d) => d.requests);
+    return { outstanding: all.length, oldestMs: all.length ? Math.max(...all.map((r) => r.ageMs)) : null };
   }
 
   /** Requests the devices have not completed, oldest first: what a stall waits for. */

@@ -18,7 +18,12 @@ export interface PairStatus {
   resync: { blocksLeft: number; rate: number; secondsLeft: number | null; running: boolean } | null;
   counters: { reads: number; writes: number; flushes: number; discards: number; bytesRead: number; bytesWritten: number; errors: number };
   failed: string | null;
+  /** Requests the devices have not completed yet, and the age of the oldest (ms). */
+  requests?: { outstanding: number; oldestMs: number | null };
 }
+
+/** A request older than this is worth a line: a healthy one takes milliseconds. */
+const SLOW_REQUEST_MS = 10_000;
 
 interface Args {
   pair?: string;
@@ -61,6 +66,10 @@ function describe(s: PairStatus): string {
   if (s.resync) {
     const eta = s.resync.secondsLeft === null ? 'unknown' : `${Math.ceil(s.resync.secondsLeft)} s`;
     lines.push(text`  resync      ${s.resync.blocksLeft} blocks left, ${formatBytes(s.resync.rate)}/s, ${eta} left`);
+  }
+  const r = s.requests;
+  if (r && r.oldestMs !== null && r.oldestMs >= SLOW_REQUEST_MS) {
+    lines.push(`  requests    ${r.outstanding} outstanding, the oldest for ${(r.oldestMs / 1000).toFixed(0)} s (the daemon's log says where they wait)`);
   }
   const c = s.counters;
   lines.push(
