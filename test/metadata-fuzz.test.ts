@@ -160,10 +160,11 @@ async function build(config: Config, state: VolumeState): Promise<Image> {
   return { label: `${config.label}, ${state}`, store, layout, state, master: expectMaster, slave: expectSlave, metadata, history };
 }
 
-type Fault = 'flip' | 'zero' | 'tail' | 'garbage' | 'swap-pages' | 'swap-slots' | 'swap-superblocks' | 'lost-write' | 'truncate';
+type Fault = 'flip' | 'zero' | 'zero-span' | 'tail' | 'garbage' | 'swap-pages' | 'swap-slots' | 'swap-superblocks' | 'lost-write' | 'truncate';
 const FAULTS: [Fault, number][] = [
   ['flip', 24],
   ['zero', 10],
+  ['zero-span', 6],
   ['tail', 8],
   ['garbage', 8],
   ['swap-pages', 10],
@@ -218,6 +219,14 @@ function mutate(random: () => number, image: Image): { store: MemoryStore; fault
       const i = anyBlock();
       store.writeSync(new Uint8Array(bs), metadata[i]);
       return { store, fault, what: `${name(i)} zeroed` };
+    }
+    case 'zero-span': {
+      // One misdirected or zeroed write of 2-3 blocks: the metadata blocks lie side by side, so
+      // it can take a superblock copy and the slot after it (the newest of the last commit).
+      const n = between(random, 2, 3);
+      const i = between(random, 0, metadata.length - n);
+      store.writeSync(new Uint8Array(n * bs), metadata[i]);
+      return { store, fault, what: `${name(i)} to ${name(i + n - 1)} zeroed` };
     }
     case 'tail': {
       const i = anyBlock();

@@ -936,6 +936,46 @@ describe('committed map', () => {
     await expectRefusedUntouched(store, 'CLDD_CORRUPT', /map page 0 (looks damaged|may have lost its newest slot)/);
   });
 
+  test('zeros_over_superblock_copy_1_and_the_newest_slot_next_to_it_are_damage_not_a_rollback', async () => {
+    // One 8 KiB span took the newest superblock copy (1, at B) and page 0's newest slot (0, at
+    // 2B): the other copy's record is one commit behind and its digest matched the older slot,
+    // so check said clean and open served the previous commit. A slot both commits wrote cannot
+    // be blank after a crash: with a superblock copy gone too, that is damage.
+    const { store, volume, disk } = await setup();
+    await volume.enable();
+    await put(disk, 0, 1, 1);
+    await disk.flush(); // commit 1: page 0 slot 1
+    await put(disk, 1, 2, 2);
+    await disk.flush(); // commit 2: page 0 slot 0, superblock copy 1 (acknowledged)
+    await volume.close();
+    const before = new Uint8Array(BS);
+    store.readSync(before, mapSlotOffset(volume.layout, 0, 0));
+    expect(before.some((b) => b !== 0)).toBe(true);
+    store.writeSync(new Uint8Array(2 * BS), BS);
+    const report = await check(store);
+    expect(report.clean).toBe(false);
+    expect(report.findings.filter((f) => f.severity === 'error').map((f) => f.message).join('\n')).toMatch(/map page 0 has a blank slot although both were written/);
+    await expectRefusedUntouched(store, 'CLDD_CORRUPT', /map page 0 has a blank slot/);
+  });
+
+  test('a_blank_older_slot_with_both_superblock_copies_intact_is_repaired', async () => {
+    const { store, volume, disk } = await setup();
+    await volume.enable();
+    await put(disk, 0, 1, 1);
+    await disk.flush(); // page 0 slot 1 (sequence 2) is the newest; slot 0 holds sequence 1
+    await put(disk, 1, 2, 2);
+    await disk.flush(); // page 0 slot 0 (sequence 3) the newest, slot 1 the older
+    await volume.close();
+    store.writeSync(new Uint8Array(BS), mapSlotOffset(volume.layout, 0, 1));
+    const report = await check(store);
+    expect(report.findings.map((f) => f.message).join('\n')).toMatch(/map page 0 has a blank slot although both were written .*newest version is intact/);
+    expect(report.clean).toBe(true);
+    const reopened = await Volume.open(store);
+    expect(await get(new Disk(reopened), 0, 2)).toEqual([1, 2]);
+    await reopened.close();
+    expect((await check(store)).findings).toEqual([]);
+  });
+
   test('a_store_in_resync_with_a_damaged_newest_slot_is_refused_not_moved_to_plain', async () => {
     const { store, volume, disk } = await setup();
     await put(disk, 0, 4, 1);

@@ -52,13 +52,18 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   }
 
   const map = new BlockMap(layout.blocks, layout.blockSize);
-  const recovered = await readMap(store, sb, (page, payload) => {
-    try {
-      map.load(page, payload);
-    } catch (err) {
-      error(err instanceof CldError ? err.message : String(err));
-    }
-  });
+  const recovered = await readMap(
+    store,
+    sb,
+    (page, payload) => {
+      try {
+        map.load(page, payload);
+      } catch (err) {
+        error(err instanceof CldError ? err.message : String(err));
+      }
+    },
+    found.other === 'same',
+  );
   findings.push(...recovered.findings);
   if (sb.state === 'plain' && map.count > 0) {
     error(`the state is plain but ${map.count} blocks are marked redirected`);

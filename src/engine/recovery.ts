@@ -157,7 +157,13 @@ interface Candidate {
  * commit's. Hands each chosen payload to `load`, possibly twice for a page when rolling forward.
  * Never throws for damage: it is reported in `findings`.
  */
-export async function readMap(store: BlockStore, sb: Superblock, load: (page: number, payload: Uint8Array) => void): Promise<RecoveredMap> {
+export async function readMap(
+  store: BlockStore,
+  sb: Superblock,
+  load: (page: number, payload: Uint8Array) => void,
+  /** Both superblock copies are valid ('same' from readSuperblocks): the digest's record is the newest. */
+  superblocksIntact = false,
+): Promise<RecoveredMap> {
   const { layout } = sb;
   const bs = layout.blockSize;
   const pageCount = layout.mapPages;
@@ -245,6 +251,21 @@ export async function readMap(store: BlockStore, sb: Superblock, load: (page: nu
     } else if (other.kind === 'torn' || other.kind === 'damaged') {
       rewrite.push(r.page);
       torn.push(r.page);
+    } else if (other.kind === 'unused' && sequence[r.page] > 1) {
+      // Both slots were written (format writes slot 0, the first commit slot 1), and no crash
+      // turns a written slot back into zeros: damage at rest. With both superblock copies
+      // intact, the digest check below proves the blank slot did not hold the newest committed
+      // version. Without them it may have: the damage that took a superblock copy (say, 8 KiB
+      // zeroed over copy 1 and page 0's slot 0) can take the last commit's page and its record.
+      rewrite.push(r.page);
+      if (superblocksIntact) {
+        findings.push({ severity: 'warning', message: `map page ${r.page} has a blank slot although both were written (${describe(r)}); the newest version is intact and the next open rewrites it` });
+      } else {
+        findings.push({
+          severity: 'error',
+          message: `map page ${r.page} has a blank slot although both were written (${describe(r)}), and a superblock copy is invalid too: the newest committed version of the page may be lost with it`,
+        });
+      }
     }
   }
   let digest = 0;

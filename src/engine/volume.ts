@@ -230,7 +230,7 @@ export class Volume {
       );
     }
     const map = new BlockMap(layout.blocks, layout.blockSize);
-    const recovered = await readMap(store, sb, (page, payload) => map.load(page, payload));
+    const recovered = await readMap(store, sb, (page, payload) => map.load(page, payload), other === 'same');
     const errors = recovered.findings.filter((f) => f.severity === 'error');
     if (errors.length) throw new CldError('CLDD_CORRUPT', `${store.description}: ${errors.map((f) => f.message).join('; ')}`);
     if (sb.state === 'plain' && map.count > 0) {
