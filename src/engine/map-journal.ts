@@ -7,8 +7,10 @@
  * the journal can never outlive the data it describes, and after a power loss the store's own
  * commit protocol is all that counts.
  *
- * Layout: a 32-byte header (magic "cldd-mj1", the store uuid, 8 zero bytes), then 24-byte
- * records: first block (f64), end block (f64), 1 = redirected / 0 = not (u8), 7 zero bytes.
+ * Layout: a 32-byte header (magic "cldd-mj1", the store uuid, u64 snapshot epoch the records
+ * belong to plus one, 0 where an older cldd did not record it), then 24-byte records: first block
+ * (f64), end block (f64), 1 = redirected / 0 = not (u8), 7 zero bytes. The epoch is rewritten
+ * whenever the journal is emptied; a state change empties it (its commits capture everything).
  * Records are assignments, so replaying them in order over the committed map gives the map the
  * process had, however many of them a commit already covered.
  */
@@ -18,6 +20,12 @@ import { CldError } from '../errors.js';
 const MAGIC = 'cldd-mj1';
 const HEADER = 32;
 const RECORD = 24;
+
+/** What a previous process left: its changes, and the snapshot epoch they belong to (null: not recorded). */
+export interface Leftover {
+  epoch: number | null;
+  changes: MapChange[];
+}
 
 export interface MapChange {
   start: number;
@@ -43,14 +51,15 @@ export class MapJournal {
    * when there is no journal or it is another store's. A damaged one is an error (the daemon must
    * not guess which blocks are redirected). Reads only: the caller validates before it replays.
    */
-  static leftover(path: string, uuid: Uint8Array, blocks: number): MapChange[] {
-    if (!existsSync(path)) return [];
+  static leftover(path: string, uuid: Uint8Array, blocks: number): Leftover {
+    if (!existsSync(path)) return { epoch: null, changes: [] };
     const bytes = readFileSync(path);
-    if (!isOf(bytes, uuid)) return [];
-    if (bytes.subarray(24, HEADER).some((b) => b !== 0)) {
+    if (!isOf(bytes, uuid)) return { epoch: null, changes: [] };
+    const stored = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getBigUint64(24, true);
+    if (stored > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw new CldError('CLDD_CORRUPT', `the map journal ${path} is damaged (its header); the daemon cannot tell which blocks were redirected`);
     }
-    return parseRecords(bytes, path, blocks);
+    return { epoch: stored === 0n ? null : Number(stored) - 1, changes: parseRecords(bytes, path, blocks) };
   }
 
   /** Whether the file at `path` is a journal of the store with `uuid`. */
@@ -66,13 +75,14 @@ export class MapJournal {
    * Starts the journal of the store with `uuid` anew, holding `leftover`: until the replayed
    * changes are committed they must survive another death too.
    */
-  static create(path: string, uuid: Uint8Array, leftover: MapChange[]): MapJournal {
+  static create(path: string, uuid: Uint8Array, epoch: number, leftover: MapChange[]): MapJournal {
     const fd = openSync(path, 'w', 0o600);
     const header = new Uint8Array(HEADER);
     header.set(Buffer.from(MAGIC, 'latin1'), 0);
     header.set(uuid, 8);
     writeSync(fd, header, 0, HEADER, 0);
     const journal = new MapJournal(path, fd, HEADER);
+    journal.setEpoch(epoch);
     for (const c of leftover) journal.record(c.start, c.end, c.redirected);
     return journal;
   }
@@ -90,11 +100,24 @@ export class MapJournal {
     return this.length;
   }
 
-  /** After the commit that captured at `mark`: drop the records when none came after. */
-  trim(mark: number): void {
-    if (this.length !== mark || mark === HEADER) return;
-    ftruncateSync(this.fd, HEADER);
+  /**
+   * After the commit that captured at `mark`: drop the records when none came after, and record
+   * the `epoch` the next ones will belong to.
+   */
+  trim(mark: number, epoch: number): void {
+    if (this.length !== mark) return;
+    if (mark !== HEADER) ftruncateSync(this.fd, HEADER);
     this.length = HEADER;
+    if (epoch !== this.epoch) this.setEpoch(epoch);
+  }
+
+  private epoch = -1;
+
+  private setEpoch(epoch: number): void {
+    const field = new Uint8Array(8);
+    new DataView(field.buffer).setBigUint64(0, BigInt(epoch) + 1n, true);
+    writeSync(this.fd, field, 0, 8, 24);
+    this.epoch = epoch;
   }
 
   /** Closes the journal; `remove` after a clean close, when everything is committed. */

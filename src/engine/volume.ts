@@ -31,7 +31,7 @@ import {
   type VolumeState,
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
-import { MapJournal, type MapChange } from './map-journal.js';
+import { type Leftover, MapJournal } from './map-journal.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 import { MAP_IO_PAGES, readMap, readSuperblocks } from './recovery.js';
 
@@ -243,8 +243,8 @@ export class Volume {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
       const path = typeof options.journalPath === 'string' ? options.journalPath : options.journalPath(sb.uuid);
       const leftover = MapJournal.leftover(path, sb.uuid, layout.blocks);
-      replayJournal(map, sb.state, leftover, path);
-      volume.journal = MapJournal.create(path, sb.uuid, leftover);
+      replayJournal(map, sb, leftover, path);
+      volume.journal = MapJournal.create(path, sb.uuid, sb.epoch, leftover.changes);
     }
     // Rewrite pages whose other slot is torn or holds an uncommitted version: so both slots are
     // valid again, and a later commit never finds a stale version above its own.
@@ -753,7 +753,7 @@ export class Volume {
       this.sbCopy = first;
       this.sb = { ...this.sb, generation: nextSb.generation, map: nextSb.map };
     }
-    if (journalMark !== undefined) this.journal?.trim(journalMark);
+    if (journalMark !== undefined) this.journal?.trim(journalMark, this.sb.epoch);
     this.counters.commits++;
   }
 
@@ -779,8 +779,17 @@ export class Volume {
  * belongs to another history of the store (a stale file); replaying it would serve the wrong
  * blocks and commit a map that contradicts the state. Refuses before anything is written.
  */
-function replayJournal(map: BlockMap, state: VolumeState, changes: readonly MapChange[], path: string): void {
-  changes.forEach((c, i) => {
+function replayJournal(map: BlockMap, sb: Superblock, leftover: Leftover, path: string): void {
+  const { state } = sb;
+  // Records of another snapshot's period: the store was opened without this journal and moved on
+  // (the state check below cannot tell one snapshot from the next).
+  if (leftover.changes.length > 0 && leftover.epoch !== null && leftover.epoch !== sb.epoch) {
+    throw new CldError(
+      'CLDD_CORRUPT',
+      `the map journal ${path} does not belong to this store's history: its ${leftover.changes.length} records are of snapshot ${leftover.epoch}'s period, but the store is at snapshot ${sb.epoch}; nothing was replayed or written`,
+    );
+  }
+  leftover.changes.forEach((c, i) => {
     let wrong = false;
     map.forEachRun(c.start, c.end, (_s, _e, redirected) => {
       // Snapshot only sets bits; plain and resync only clear them.
