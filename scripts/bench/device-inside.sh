@@ -3,6 +3,9 @@
 # master and on a kernel loop device over an identical backing file, one after the other in the
 # same machine, in CLDD_BENCH_ROUNDS rounds. Prints one JSON line per round, job and device:
 # {"round", "job", "device", "iops", "bw", "lat_us"}.
+# Each round then measures first touch after enable on the first cldd pair and on dm-snapshot
+# (lines with "phase": "before" or "after"), the first pair's resync against dd ({"resync"}), and
+# after the last round each daemon's memory ({"rss"}).
 # There is one pair per mode in CLDD_BENCH_MODES ("zero-copy", the default, and
 # "no-zero-copy"), reported as devices "cldd" and "cldd-copy"; {"zeroCopy":true} is printed when
 # the kernel gave the first one zero copy.
@@ -17,7 +20,7 @@ SIZE=${CLDD_BENCH_SIZE:-1G}
 # All backing files live on one file system. In the VM that is ext4 on a RAM disk (brd, loaded
 # by scripts/bench/device.ts): a real file system, unlike tmpfs, where io_uring hands every
 # buffered read and write to a worker thread (shmem has no non-blocking I/O on 6.12).
-if [ -z "${CLDD_BENCH_WORK:-}" ] && [ -b /dev/ram0 ] && [ "$(blockdev --getsize64 /dev/ram0)" -ge $((1536 << 20)) ]; then
+if [ -z "${CLDD_BENCH_WORK:-}" ] && [ -b /dev/ram0 ] && [ "$(blockdev --getsize64 /dev/ram0)" -ge $((3 << 30)) ]; then
   mkfs.ext4 -q -F /dev/ram0
   mkdir -p /mnt/cldd-bench
   mount /dev/ram0 /mnt/cldd-bench
@@ -38,7 +41,8 @@ devices=()
 for mode in $MODES; do
   name=bench-$mode
   rm -f "/run/cldd/$name.log"
-  $CLDD add "$WORK/$name.img" --size "$SIZE" --name "$name" --queues "${CLDD_BENCH_QUEUES:-1}" --depth 64 "--$mode" >&2
+  # The defaults (queues, depth) but for the mode: the daemon's memory is measured too.
+  $CLDD add "$WORK/$name.img" --size "$SIZE" --name "$name" "--$mode" >&2
   dev=$(readlink -f "/dev/cldd/$name/master")
   if [ "$mode" = zero-copy ]; then
     devices+=("cldd=$dev")
@@ -60,26 +64,101 @@ for d in "${devices[@]}"; do
 done
 sync
 
-run() { # name rw bs iodepth dev device-label round
+run() { # name rw bs iodepth dev device-label round [fio options...]; $PHASE tags first-touch jobs
+  # A first-touch job makes one pass at most (no --time_based): fio's random map then writes
+  # each block once, so none is written twice in one snapshot.
+  local loop_on=--time_based
+  [ -n "${PHASE:-}" ] && loop_on=""
   fio --name="$1" --filename="$5" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=io_uring --direct=1 \
-    --runtime="$RUNTIME" --time_based --ramp_time=2 --group_reporting --output-format=json 2>/dev/null |
+    --runtime="$RUNTIME" $loop_on --ramp_time=2 --group_reporting --output-format=json "${@:8}" 2>/dev/null |
     node -e '
       let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => {
         const j = JSON.parse(s).jobs[0]; const io = j.read.io_bytes > 0 ? j.read : j.write;
-        console.log(JSON.stringify({ round: Number(process.argv[3]), job: process.argv[1], device: process.argv[2], iops: io.iops, bw: io.bw_bytes, lat_us: io.clat_ns.mean / 1000 }));
-      });' "$1" "$6" "$7"
+        const phase = process.argv[4] ? { phase: process.argv[4] } : {};
+        console.log(JSON.stringify({ round: Number(process.argv[3]), job: process.argv[1], device: process.argv[2], ...phase, iops: io.iops, bw: io.bw_bytes, lat_us: io.clat_ns.mean / 1000 }));
+      });' "$1" "$6" "$7" "${PHASE:-}"
+}
+
+# First touch: the same two write jobs before and right after a snapshot is taken, so that every
+# write after it lands on a block not yet redirected (one pass of fio's random map at most, see
+# run). Each "after" gets a snapshot of its own.
+FIRST_TOUCH=("first-touch-randwrite-4k-qd32 randwrite 4k 32" "first-touch-randwrite-4k-qd1-fsync randwrite 4k 1 --fsync=1")
+first_touch_cldd() { # round
+  local name=bench-${MODES%% *} job
+  for job in "${FIRST_TOUCH[@]}"; do
+    set -- $job
+    PHASE=before run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
+  done
+  for job in "${FIRST_TOUCH[@]}"; do
+    set -- $job
+    $CLDD enable "$name" --no-freeze >&2
+    PHASE=after run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
+    # The first resync (the QD32 job's blocks) is timed against dd copying as many bytes.
+    if [ "$4" = 32 ]; then
+      resync=$(node scripts/bench/resync-time.mjs "$name")
+      resync_bytes=$(node -e 'console.log(JSON.parse(process.argv[1]).bytes)' "$resync")
+      # The source is the loop device's backing file, in the page cache like the change area that
+      # the resync read (and no second copy of it on the RAM disk).
+      sync
+      t0=$(date +%s.%N)
+      dd if="$WORK/loop.img" of="$WORK/dd-dst" bs=1M iflag=count_bytes count="$resync_bytes" conv=fsync status=none
+      t1=$(date +%s.%N)
+      rm -f "$WORK/dd-dst"
+      echo "{\"round\":$round,\"resync\":$resync,\"dd_seconds\":$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')}"
+    else
+      $CLDD disable "$name" --wait >&2
+    fi
+  done
+}
+
+# dm-snapshot beside it: a persistent snapshot with 4 KiB chunks (8 sectors) of the loop device,
+# its exception store on another loop device over a fresh file on the same file system. No udev in
+# the VM: dmsetup neither waits for it nor needs it (devtmpfs makes /dev/dm-N).
+dm() { dmsetup --noudevsync "$@"; }
+dm_dev() { echo "/dev/dm-$(dm info -c --noheadings -o minor "$1" | tr -d ' ')"; }
+first_touch_dm() { # round
+  local sectors=$((bytes / 512)) job origin cow
+  dm create cldd-bench-origin --table "0 $sectors snapshot-origin $loop"
+  origin=$(dm_dev cldd-bench-origin)
+  for job in "${FIRST_TOUCH[@]}"; do
+    set -- $job
+    PHASE=before run "$1" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
+  done
+  for job in "${FIRST_TOUCH[@]}"; do
+    set -- $job
+    truncate -s "$bytes" "$WORK/dm-cow.img"
+    cow=$(losetup --find --show "$WORK/dm-cow.img")
+    dm suspend cldd-bench-origin
+    dm create cldd-bench-snap --table "0 $sectors snapshot $loop $cow P 8"
+    dm resume cldd-bench-origin
+    PHASE=after run "$1" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
+    dm remove cldd-bench-snap
+    losetup -d "$cow"
+    rm -f "$WORK/dm-cow.img"
+  done
+  dm remove cldd-bench-origin
 }
 
 for round in $(seq "$ROUNDS"); do
   for job in "randread-4k-qd1 randread 4k 1" "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd1 randwrite 4k 1" \
-             "randwrite-4k-qd32 randwrite 4k 32" "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
+             "randwrite-4k-qd32 randwrite 4k 32" "randwrite-4k-qd1-fsync randwrite 4k 1 --fsync=1" \
+             "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
     set -- $job
     # Each round starts with another device, so none always follows the same job's writeback.
     for ((i = 0; i < ${#devices[@]}; i++)); do
       d=${devices[(i + round - 1) % ${#devices[@]}]}
-      run "$1" "$2" "$3" "$4" "${d#*=}" "${d%%=*}" "$round"
+      run "$1" "$2" "$3" "$4" "${d#*=}" "${d%%=*}" "$round" "${@:5}"
     done
   done
+  # Alternately first, like the devices above.
+  if [ $((round % 2)) = 1 ]; then first_touch_cldd; first_touch_dm; else first_touch_dm; first_touch_cldd; fi
+  df -h "$WORK" >&2
+done
+# Each daemon's memory after all of the above: resident now and at its peak.
+for mode in $MODES; do
+  pid=$($CLDD status "bench-$mode" --json | node -e 'let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => { const j = JSON.parse(s); console.log((Array.isArray(j) ? j[0] : j).pid); });')
+  [ "$mode" = zero-copy ] && label=cldd || label=cldd-copy
+  awk -v d="$label" '/^VmRSS:/ { rss = $2 } /^VmHWM:/ { hwm = $2 } END { printf "{\"rss\":{\"device\":\"%s\",\"rss_kib\":%d,\"hwm_kib\":%d}}\n", d, rss, hwm }' "/proc/$pid/status"
 done
 losetup -d "$loop"
 for mode in $MODES; do $CLDD remove "bench-$mode" >&2; done

@@ -1,32 +1,59 @@
 /**
  * Device benchmark: runs scripts/bench/device-inside.sh where the kernel has ublk (natively, or
- * in the test VM) and writes the cldd/loop ratios to docs/benchmarks.md. In the VM it runs twice:
- * on the harness's 6.12 kernel, where every request is copied through the daemon, and on a
+ * in the test VM) and writes the cldd/loop ratios to docs/benchmarks.md, each against issue 12's
+ * target: fio jobs against loop, first touch after enable against the same jobs before it (with
+ * dm-snapshot's own ratio beside), resync against dd, and the daemon's memory. In the VM it runs
+ * twice: on the harness's 6.12 kernel, where every request is copied through the daemon, and on a
  * 6.16+ kernel (trixie-backports), where the master uses zero copy and a second pair without it
  * is measured beside it. Only ratios from one run count: software emulation inflates user-space
  * cost.
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { BlockMap } from '../../src/engine/block-map.js';
 import { writeSection } from './report.js';
 
 interface Row {
   round: number;
   job: string;
-  device: 'cldd' | 'cldd-copy' | 'loop';
+  device: 'cldd' | 'cldd-copy' | 'loop' | 'dm-snapshot';
+  /** First-touch jobs only: measured before or right after a snapshot was taken. */
+  phase?: 'before' | 'after';
   iops: number;
   bw: number;
   lat_us: number;
 }
 
+/** One round's resync of the first pair, and dd copying as many bytes on the same file system. */
+interface Resync {
+  round: number;
+  resync: { blocks: number; bytes: number; seconds: number };
+  dd_seconds: number;
+}
+
+interface Rss {
+  rss: { device: Row['device']; rss_kib: number; hwm_kib: number };
+}
+
+/**
+ * Issue 12's targets: ratios to loop in one run, the same job after enable to before it, resync
+ * to dd. The 1 MiB ones hold where the kernel has zero copy; on 6.12, which copies every request
+ * through the daemon, the issue measured 0.57x and 0.55x and asks for no less.
+ */
 const TARGETS: Record<string, number> = {
-  'randread-4k-qd1': 0.7,
-  'randwrite-4k-qd1': 0.7,
+  'randread-4k-qd1': 0.9,
   'randread-4k-qd32': 0.9,
-  'randwrite-4k-qd32': 0.9,
+  'randwrite-4k-qd1': 0.6,
+  'randwrite-4k-qd32': 0.8,
+  'randwrite-4k-qd1-fsync': 0.6,
   'read-1m-seq': 0.9,
   'write-1m-seq': 0.9,
+  'first-touch-randwrite-4k-qd32': 0.6,
+  'first-touch-randwrite-4k-qd1-fsync': 0.3,
+  resync: 0.8,
 };
+const COPYING_TARGETS: Record<string, number> = { 'read-1m-seq': 0.57, 'write-1m-seq': 0.55 };
+const RSS_LIMIT_MIB = 80;
 
 interface Run {
   /** Debian suite of the VM's kernel; null natively. */
@@ -34,12 +61,23 @@ interface Run {
   modes: string;
 }
 
-async function measure(run: Run): Promise<{ rows: Row[]; fs: string; zeroCopy: boolean; kernel: string }> {
+interface Measured {
+  rows: Row[];
+  resyncs: Resync[];
+  rss: Rss['rss'][];
+  fs: string;
+  zeroCopy: boolean;
+  kernel: string;
+}
+
+async function measure(run: Run): Promise<Measured> {
   const script = 'scripts/bench/device-inside.sh';
   const [cmd, args] = run.suite
-    ? ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '6144', '--', 'bash', '-c', `uname -r >&2 && exec bash ${script}`]]
+    ? ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '8192', '--', 'bash', '-c', `uname -r >&2 && exec bash ${script}`]]
     : ['bash', ['-c', `uname -r >&2 && exec bash ${script}`]];
-  // A 2 GiB RAM disk in the VM for the backing files (device-inside.sh puts ext4 on it).
+  // A 3 GiB RAM disk in the VM for the backing files (device-inside.sh puts ext4 on it): two
+  // stores of 1 GiB (a 511 MiB master and its change area, which first touch fills), the loop
+  // device's file, dm-snapshot's exception store and dd's copy of the resync's bytes.
   // Without ERMS the guest kernel copies to and from user memory with rep movsq instead of
   // rep movsb, which qemu's TCG emulates a byte at a time: that one copy took 70% of the
   // server's time on 1 MiB reads, a cost no real CPU has (loop's copies are kernel memcpy).
@@ -49,7 +87,9 @@ async function measure(run: Run): Promise<{ rows: Row[]; fs: string; zeroCopy: b
     ...(run.suite
       ? {
           CLDD_VM_SUITE: run.suite,
-          CLDD_VM_MODULES: `${process.env.CLDD_VM_MODULES ?? ''} brd:rd_nr=1,rd_size=${2 << 20}`.trim(),
+          // dm-snapshot is the first-touch comparison (scripts/vm/prepare.sh adds dm_mod and
+          // dm_bufio, its dependencies).
+          CLDD_VM_MODULES: `${process.env.CLDD_VM_MODULES ?? ''} brd:rd_nr=1,rd_size=${3 << 20} dm_snapshot`.trim(),
           CLDD_VM_CPU: process.env.CLDD_VM_CPU ?? 'max,-erms',
         }
       : {}),
@@ -66,10 +106,15 @@ async function measure(run: Run): Promise<{ rows: Row[]; fs: string; zeroCopy: b
     child.on('close', (c) => resolve({ code: c, stdout: out, stderr: err }));
   });
   if (code !== 0) throw new Error(`${script}${run.suite ? ` in the ${run.suite} VM` : ''} failed (exit ${code})`);
-  const records = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Row & { fs?: string; zeroCopy?: boolean });
+  const records = stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Partial<Row & Resync & Rss> & { fs?: string; zeroCopy?: boolean });
   const kernel = /^\d+\.\d+\S*$/m.exec(stderr)?.[0] ?? 'unknown';
   return {
-    rows: records.filter((r) => r.job),
+    rows: records.filter((r): r is Row => r.job !== undefined),
+    resyncs: records.filter((r): r is Resync => r.resync !== undefined),
+    rss: records.flatMap((r) => (r.rss ? [r.rss] : [])),
     fs: records.find((r) => r.fs)?.fs ?? 'unknown',
     zeroCopy: records.some((r) => r.zeroCopy),
     kernel,
@@ -82,12 +127,25 @@ function median(values: number[]): number {
   return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
 }
 
+const fmtIops = (rs: Row[]) => `${Math.round(median(rs.map((r) => r.iops)))} IOPS, ${median(rs.map((r) => r.lat_us)).toFixed(0)} µs`;
+const fmtBw = (rs: Row[]) => `${(median(rs.map((r) => r.bw)) / 1048576).toFixed(1)} MiB/s`;
+
+/** The median of the rounds' ratios and their range, e.g. [0.85, "0.77-0.89"]. */
+function summary(ratios: number[]): [number, string] {
+  if (!ratios.length) return [NaN, 'none'];
+  return [median(ratios), `${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)}`];
+}
+
+function verdict(ratio: number, target: number): string {
+  return Number.isNaN(ratio) ? 'not measured' : ratio >= target ? 'met' : 'missed';
+}
+
 /**
  * One line per job. A device's figure is its median over the rounds; a ratio is the median of
  * the rounds' own ratios (each cldd figure against loop's in the same round, measured minutes
  * apart at most), with their range beside it.
  */
-function table(rows: Row[]): string[] {
+function table(rows: Row[], zeroCopy: boolean): string[] {
   const jobs = [...new Set(rows.map((r) => r.job))];
   const copy = rows.some((r) => r.device === 'cldd-copy');
   const rounds = new Set(rows.map((r) => r.round)).size;
@@ -100,25 +158,19 @@ function table(rows: Row[]): string[] {
     const value = (r: Row) => (seq ? r.bw : r.iops);
     const of = (device: Row['device']) => rows.filter((r) => r.job === job && r.device === device);
     const loop = of('loop');
-    const fmt = (device: Row['device']) => {
-      const rs = of(device);
-      if (seq) return `${(median(rs.map((r) => r.bw)) / 1048576).toFixed(1)} MiB/s`;
-      return `${Math.round(median(rs.map((r) => r.iops)))} IOPS, ${median(rs.map((r) => r.lat_us)).toFixed(0)} µs`;
-    };
+    const fmt = (device: Row['device']) => (seq ? fmtBw : fmtIops)(of(device));
     const ratios = (device: Row['device']) =>
       of(device).flatMap((r) => {
         const l = loop.find((x) => x.round === r.round);
         return l ? [value(r) / value(l)] : [];
       });
-    const summary = (device: Row['device']): [number, string] => {
-      const rs = ratios(device);
-      return [median(rs), `${Math.min(...rs).toFixed(2)}-${Math.max(...rs).toFixed(2)}`];
-    };
-    const [ratio, range] = summary('cldd');
-    const target = TARGETS[job];
-    let line = `| ${job} | ${fmt('cldd')} | ${fmt('loop')} | ${ratio.toFixed(2)}x | ${range} | ${target}x | ${ratio >= target ? 'met' : 'missed'} |`;
+    const [ratio, range] = summary(ratios('cldd'));
+    const copying = !zeroCopy && job in COPYING_TARGETS;
+    const target = copying ? COPYING_TARGETS[job] : TARGETS[job];
+    const note = seq ? (copying ? ' (copying kernel)' : ' (zero copy)') : '';
+    let line = `| ${job} | ${fmt('cldd')} | ${fmt('loop')} | ${ratio.toFixed(2)}x | ${range} | ${target}x${note} | ${verdict(ratio, target)} |`;
     if (copy) {
-      const [copyRatio, copyRange] = summary('cldd-copy');
+      const [copyRatio, copyRange] = summary(ratios('cldd-copy'));
       line += ` ${fmt('cldd-copy')} | ${copyRatio.toFixed(2)}x | ${copyRange} |`;
     }
     lines.push(line);
@@ -126,19 +178,78 @@ function table(rows: Row[]): string[] {
   return lines;
 }
 
+/**
+ * First touch: each device's job right after enable against the same job before it, in the
+ * same round; cldd's ratio is held to the target, dm-snapshot's is printed beside it.
+ */
+function firstTouchTable(rows: Row[]): string[] {
+  const jobs = [...new Set(rows.map((r) => r.job))];
+  const rounds = new Set(rows.map((r) => r.round)).size;
+  const lines = [
+    `| fio job | cldd before | cldd after | ratio | ${rounds} rounds | target | | dm-snapshot before | after | ratio | ${rounds} rounds |`,
+    '|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|',
+  ];
+  for (const job of jobs) {
+    const of = (device: Row['device'], phase: Row['phase']) => rows.filter((r) => r.job === job && r.device === device && r.phase === phase);
+    const ratios = (device: Row['device']) =>
+      of(device, 'after').flatMap((a) => {
+        const b = of(device, 'before').find((x) => x.round === a.round);
+        return b ? [a.iops / b.iops] : [];
+      });
+    const [ratio, range] = summary(ratios('cldd'));
+    const [dmRatio, dmRange] = summary(ratios('dm-snapshot'));
+    const target = TARGETS[job];
+    lines.push(
+      `| ${job} | ${fmtIops(of('cldd', 'before'))} | ${fmtIops(of('cldd', 'after'))} | ${ratio.toFixed(2)}x | ${range} | ${target}x | ${verdict(ratio, target)} |` +
+        ` ${fmtIops(of('dm-snapshot', 'before'))} | ${fmtIops(of('dm-snapshot', 'after'))} | ${dmRatio.toFixed(2)}x | ${dmRange} |`,
+    );
+  }
+  return lines;
+}
+
+/** Resync against dd of the same bytes, the daemons' memory, and the map's memory per TiB. */
+function otherTable(resyncs: Resync[], rss: Rss['rss'][], mapMiBPerTiB: number): string[] {
+  const MiB = 1048576;
+  const lines = ['| measurement | cldd | reference | ratio | range | target | |', '|---|---:|---:|---:|---:|---:|---|'];
+  const cldd = resyncs.map((r) => r.resync.bytes / MiB / r.resync.seconds);
+  const dd = resyncs.map((r) => r.resync.bytes / MiB / r.dd_seconds);
+  const [ratio, range] = summary(resyncs.map((r) => r.dd_seconds / r.resync.seconds));
+  const mib = median(resyncs.map((r) => r.resync.bytes / MiB));
+  lines.push(
+    `| resync of the QD32 first-touch job's blocks (median ${mib.toFixed(0)} MiB) | ${median(cldd).toFixed(1)} MiB/s | dd conv=fsync: ${median(dd).toFixed(1)} MiB/s | ${ratio.toFixed(2)}x | ${range} | ${TARGETS.resync}x | ${verdict(ratio, TARGETS.resync)} |`,
+  );
+  for (const r of rss) {
+    const name = r.device === 'cldd-copy' ? 'daemon memory, --no-zero-copy pair' : 'daemon memory';
+    const hwm = r.hwm_kib / 1024;
+    lines.push(
+      `| ${name}, defaults, after all jobs: VmRSS (VmHWM) | ${(r.rss_kib / 1024).toFixed(1)} MiB (${hwm.toFixed(1)} MiB) | | | | ≤ ${RSS_LIMIT_MIB} MiB at the peak | ${hwm <= RSS_LIMIT_MIB ? 'met' : 'missed'} |`,
+    );
+  }
+  lines.push(`| map memory per TiB of data area at 4 KiB blocks, every block redirected | ${mapMiBPerTiB.toFixed(1)} MiB | | | | | |`);
+  return lines;
+}
+
 async function main(): Promise<void> {
   const native = existsSync('/dev/ublk-control') && process.getuid?.() === 0;
+  // CLDD_BENCH_SUITES picks some of the VM's kernels (e.g. "trixie-backports") to try a change.
+  const suites = process.env.CLDD_BENCH_SUITES?.split(/\s+/).filter(Boolean);
   const runs: Run[] = native
     ? [{ suite: null, modes: 'zero-copy no-zero-copy' }]
     : [
         { suite: 'bookworm-backports', modes: 'zero-copy' },
         { suite: 'trixie-backports', modes: 'zero-copy no-zero-copy' },
-      ];
+      ].filter((r) => !suites || suites.includes(r.suite));
   const seconds = process.env.CLDD_BENCH_RUNTIME ?? 10;
+  const map = new BlockMap(2 ** 40 / 4096, 4096);
+  map.assign(0, map.blocks, true);
+  const mapMiBPerTiB = map.residentBytes / 1048576;
   const text: string[] = [
     `Measured ${new Date().toISOString().slice(0, 10)}: fio (io_uring, O_DIRECT, ${seconds} s per job) on the cldd master and on a kernel loop device over an identical backing file on the same file system, each job on every device in turn in the same machine, in ${process.env.CLDD_BENCH_ROUNDS ?? 3} rounds.`,
     "Figures are medians over the rounds; a ratio is the median of each round's ratio to loop, with their range beside it.",
     'Software emulation inflates user-space cost, so only the ratios within one table mean anything.',
+    "Targets are issue 12's. The 1 MiB rows' 0.9x applies where the kernel has zero copy (6.16+); on 6.12, which copies every request through the daemon, the target is the 0.57x (read) and 0.55x (write) that the issue measured there.",
+    'First touch: the same fio job on the same device right after a snapshot is taken (every write then lands on a block not yet redirected in it) against that job just before, in the same round; dm-snapshot (persistent, 4 KiB chunks, exception store on a loop device over a file on the same file system, origin the loop device above) measured the same way beside it.',
+    'Resync: disabling after the QD32 first-touch job until the resync is done, against dd (1 MiB blocks, conv=fsync) copying as many bytes between two files on the same file system.',
   ];
   for (const run of runs) {
     const r = await measure(run);
@@ -146,7 +257,20 @@ async function main(): Promise<void> {
       ? `In the test VM (qemu TCG, -cpu ${process.env.CLDD_VM_CPU ?? 'max,-erms'}, 2 vCPUs), Debian ${run.suite} kernel ${r.kernel}`
       : `Natively on this host, kernel ${r.kernel}`;
     const how = r.zeroCopy ? 'zero copy' : 'every request copied through the daemon (no zero copy in this kernel)';
-    text.push('', `${where}; backing files on ${r.fs}; cldd with ${how}:`, '', ...table(r.rows));
+    text.push(
+      '',
+      `${where}; backing files on ${r.fs}; cldd with ${how}:`,
+      '',
+      ...table(r.rows.filter((x) => !x.phase), r.zeroCopy),
+      '',
+      `First touch after enable, ${r.kernel}:`,
+      '',
+      ...firstTouchTable(r.rows.filter((x) => x.phase)),
+      '',
+      `Resync and memory, ${r.kernel}:`,
+      '',
+      ...otherTable(r.resyncs, r.rss, mapMiBPerTiB),
+    );
   }
   console.log(text.join('\n'));
   await writeSection('device', 'Devices: cldd master versus a loop device', text.join('\n'));
