@@ -12,6 +12,7 @@ export type ErrorCode =
   | 'EPERM'
   | 'EACCES'
   | 'ENOSPC'
+  | 'EPROTO'
   | 'CLDD_FOREIGN'
   | 'CLDD_CORRUPT'
   | 'CLDD_TOO_SMALL'

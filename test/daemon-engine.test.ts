@@ -9,7 +9,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Daemon, engineOnlyBackend } from '../src/daemon/daemon.js';
+import { DaemonClient } from '../src/daemon/client.js';
 import { DEFAULT_CONFIG } from '../src/daemon/config.js';
+import { socketPath } from '../src/daemon/paths.js';
 import type { Freezer } from '../src/daemon/freeze.js';
 import type { Logger } from '../src/daemon/logger.js';
 import { Disk } from '../src/engine/executor.js';
@@ -122,6 +124,22 @@ describe('daemon without devices', () => {
       }
     } finally {
       await removeState(paths(), 'gone');
+    }
+  });
+
+  test("the daemon's methods refuse params of the wrong type or range with EINVAL, and answer a result otherwise", async () => {
+    const client = await DaemonClient.connect(socketPath(paths(), 'work'), 'work');
+    try {
+      for (const bytesPerSecond of ['abc', -5, 1e-300, 1.5, null]) {
+        await expect(client.call('resync-rate', { bytesPerSecond }), String(bytesPerSecond)).rejects.toMatchObject({ code: 'EINVAL' });
+      }
+      await expect(client.call('enable', { wait: 'no' })).rejects.toMatchObject({ code: 'EINVAL', message: 'enable: params.wait must be true or false' });
+      await expect(client.call('stop', { force: 'yes' })).rejects.toMatchObject({ code: 'EINVAL' });
+      expect(await client.call('resync-rate', { bytesPerSecond: 1 << 20 })).toEqual({ bytesPerSecond: 1 << 20 });
+      expect(await client.call('resync-rate', { bytesPerSecond: 0 })).toEqual({ bytesPerSecond: 0 });
+      expect(await client.request('progress')).toMatchObject({ state: 'plain' });
+    } finally {
+      client.close();
     }
   });
 });

@@ -1,6 +1,7 @@
 import { connect, type Socket } from 'node:net';
 import { CldError } from '../errors.js';
-import { type HelloReply, LineReader, PROTOCOL_VERSION, type ReplyMessage } from './protocol.js';
+import { checkResult, isPlainObject, type Method, type Params, type Result } from './methods.js';
+import { type HelloReply, LineReader, PROTOCOL_VERSION } from './protocol.js';
 
 /** The CLI's end of a daemon's control socket. */
 export class DaemonClient {
@@ -11,6 +12,7 @@ export class DaemonClient {
   private constructor(
     private readonly socket: Socket,
     readonly hello: HelloReply,
+    private readonly name: string,
   ) {}
 
   /** Connects and shakes hands. ENOENT/ECONNREFUSED mean no daemon serves that pair. */
@@ -36,13 +38,18 @@ export class DaemonClient {
       const reader = new LineReader((value) => {
         if (!client) {
           clearTimeout(timer);
-          const v = value as Partial<HelloReply> & ReplyMessage;
-          if (v.error) {
+          const error = isPlainObject(value) ? value.error : undefined;
+          if (error !== undefined) {
             socket.destroy();
-            reject(new CldError(v.error.code, v.error.message));
+            reject(replyError(error, name));
             return;
           }
-          client = new DaemonClient(socket, v as HelloReply);
+          if (!isHelloReply(value)) {
+            socket.destroy();
+            reject(malformed(name, `a hello that is not {"hello":${PROTOCOL_VERSION},"pid":N,"name":S}`));
+            return;
+          }
+          client = new DaemonClient(socket, value, name);
           socket.off('error', fail);
           const lost = () => client!.shutdown(new CldError('EPIPE', `the daemon of "${name}" closed the connection`));
           socket.on('error', lost);
@@ -50,14 +57,32 @@ export class DaemonClient {
           resolve();
           return;
         }
-        client.receive(value as ReplyMessage);
+        client.receive(value);
       });
-      socket.on('data', (chunk: string) => reader.push(chunk));
+      socket.on('data', (chunk: string) => {
+        try {
+          reader.push(chunk);
+        } catch (err) {
+          const e = malformed(name, `a line that is not JSON (${(err as Error).message})`);
+          if (client) client.shutdown(e);
+          else {
+            clearTimeout(timer);
+            reject(e);
+          }
+          socket.destroy();
+        }
+      });
       socket.write(`${JSON.stringify({ hello: PROTOCOL_VERSION })}\n`);
     });
     return client!;
   }
 
+  /** Calls a method of the daemon and checks the reply's shape: EPROTO when it is malformed. */
+  async request<M extends Method>(method: M, ...params: {} extends Params<M> ? [Params<M>?] : [Params<M>]): Promise<Result<M>> {
+    return checkResult(method, await this.call(method, (params[0] ?? {}) as Record<string, unknown>), this.name);
+  }
+
+  /** Calls any method; the result is whatever the daemon sent. */
   call<T = unknown>(method: string, params: Record<string, unknown> = {}): Promise<T> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextId++;
@@ -71,12 +96,22 @@ export class DaemonClient {
     this.socket.end();
   }
 
-  private receive(reply: ReplyMessage): void {
-    const w = this.waiting.get(reply.id);
-    if (!w) return;
-    this.waiting.delete(reply.id);
-    if (reply.error) w.reject(new CldError(reply.error.code, reply.error.message));
-    else w.resolve(reply.result);
+  /** A reply has an id this client sent and exactly one of result and error. */
+  private receive(reply: unknown): void {
+    const w = isPlainObject(reply) && typeof reply.id === 'number' ? this.waiting.get(reply.id) : undefined;
+    if (!w || !isPlainObject(reply)) {
+      // Not an answer to any call: a refusal of the connection (id 0), or garbage. Either way
+      // no call can be answered any more.
+      const error = isPlainObject(reply) ? reply.error : undefined;
+      this.shutdown(error !== undefined ? replyError(error, this.name) : malformed(this.name, 'a reply to no request'));
+      this.socket.destroy();
+      return;
+    }
+    this.waiting.delete(reply.id as number);
+    const hasResult = Object.prototype.hasOwnProperty.call(reply, 'result');
+    if (reply.error !== undefined && !hasResult) w.reject(replyError(reply.error, this.name));
+    else if (hasResult && reply.error === undefined) w.resolve(reply.result);
+    else w.reject(malformed(this.name, 'a reply with neither or both of result and error'));
   }
 
   private shutdown(err: Error): void {
@@ -84,4 +119,18 @@ export class DaemonClient {
     for (const w of this.waiting.values()) w.reject(err);
     this.waiting.clear();
   }
+}
+
+function malformed(name: string, what: string): CldError {
+  return new CldError('EPROTO', `the daemon of "${name}" sent ${what}`);
+}
+
+/** The daemon's error as a CldError; an error without a string code and message is EPROTO. */
+function replyError(error: unknown, name: string): CldError {
+  if (isPlainObject(error) && typeof error.code === 'string' && typeof error.message === 'string') return new CldError(error.code, error.message);
+  return malformed(name, 'an error without a code and a message');
+}
+
+function isHelloReply(value: unknown): value is HelloReply {
+  return isPlainObject(value) && value.hello === PROTOCOL_VERSION && Number.isSafeInteger(value.pid) && (value.pid as number) > 0 && typeof value.name === 'string';
 }

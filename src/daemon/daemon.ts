@@ -16,7 +16,8 @@ import { ControlServer } from './control-server.js';
 import { DeviceLinks } from './device-links.js';
 import type { Freezer } from './freeze.js';
 import type { Logger } from './logger.js';
-import { type DeviceLayout, type EnableParams, type PairDevices, PairService } from './pair-service.js';
+import { checkedHandlers } from './methods.js';
+import { type DeviceLayout, type PairDevices, PairService } from './pair-service.js';
 import { defaultPaths, type Paths, socketPath } from './paths.js';
 import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from './state-file.js';
 
@@ -140,20 +141,27 @@ export class Daemon {
         : null;
     const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, keeper);
     let daemon: Daemon | null = null;
-    const control = new ControlServer(socketPath(paths, name), name, {
-      status: async () => service.status(),
-      requests: async () => ({ devices: service.requests() }),
-      enable: async (p) => service.enable(p as EnableParams),
-      disable: async () => service.disable(),
-      progress: async () => service.progress(),
-      'resync-rate': async (p) => service.setResyncRate(Number(p.bytesPerSecond)),
-      stop: async (p) => {
-        await service.checkStoppable(p.force === true);
-        // Answer first, then stop: the client is waiting for this reply on the socket we close.
-        setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
-        return { stopping: true };
-      },
-    });
+    const control = new ControlServer(
+      socketPath(paths, name),
+      name,
+      checkedHandlers({
+        status: async () => service.status(),
+        requests: async () => ({ devices: service.requests() }),
+        enable: async (p) => service.enable(p),
+        disable: async () => service.disable(),
+        progress: async () => service.progress(),
+        'resync-rate': async (p) => {
+          service.setResyncRate(p.bytesPerSecond);
+          return { bytesPerSecond: p.bytesPerSecond };
+        },
+        stop: async (p) => {
+          await service.checkStoppable(p.force === true);
+          // Answer first, then stop: the client is waiting for this reply on the socket we close.
+          setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
+          return { stopping: true as const };
+        },
+      }),
+    );
     try {
       // A daemon restarted in snapshot (not by recovery, which kept the slave) adds its slave.
       await service.attachSlave();

@@ -4,6 +4,7 @@ import type { Volume } from '../engine/volume.js';
 import { deviceNumber, deviceOfPath, mountsOf, usersOf } from './device-users.js';
 import type { Freezer } from './freeze.js';
 import type { Logger } from './logger.js';
+import type { PairStatus, Result } from './methods.js';
 import type { OutstandingRequest } from '../ublk/device.js';
 
 export interface DeviceInfo {
@@ -83,7 +84,7 @@ export class PairService {
     private readonly freezeLimitMs = FREEZE_LIMIT_MS,
   ) {}
 
-  status(): Record<string, unknown> {
+  status(): PairStatus {
     const s = this.volume.status();
     const p = this.scheduler.progress();
     return {
@@ -210,7 +211,7 @@ export class PairService {
     }
   }
 
-  progress(): Record<string, unknown> {
+  progress(): Result<'progress'> {
     return { state: this.volume.state, ...this.scheduler.progress() };
   }
 

@@ -1,0 +1,179 @@
+/**
+ * The control socket's methods: what each one takes and what it answers, checked in one place.
+ * The daemon checks every request's params here before a handler sees them (anything else is
+ * refused with EINVAL), and the CLI checks every reply here before it prints or acts on it (a
+ * malformed reply is EPROTO, never taken for success).
+ */
+import { CldError } from '../errors.js';
+import { LIMITS } from './config.js';
+
+/** Reads an untrusted JSON value as a T, or throws a message saying where it is wrong. */
+export type Check<T> = (value: unknown, at: string) => T;
+
+class ShapeError extends Error {}
+
+const fail = (at: string, what: string): never => {
+  throw new ShapeError(`${at} must be ${what}`);
+};
+
+export const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+const string: Check<string> = (v, at) => (typeof v === 'string' ? v : fail(at, 'a string'));
+const boolean: Check<boolean> = (v, at) => (typeof v === 'boolean' ? v : fail(at, 'true or false'));
+const literal =
+  <T extends string | number | boolean>(expected: T): Check<T> =>
+  (v, at) =>
+    v === expected ? expected : fail(at, JSON.stringify(expected));
+/** A whole number from min to max (no NaN, fractions or infinities). */
+const integer =
+  (min: number, max: number = Number.MAX_SAFE_INTEGER): Check<number> =>
+  (v, at) =>
+    typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max ? v : fail(at, `a whole number from ${min} to ${max}`);
+const count = integer(0);
+/** A finite number, not negative (rates, durations). */
+const amount: Check<number> = (v, at) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? v : fail(at, 'a number, not negative'));
+const nullable =
+  <T>(check: Check<T>): Check<T | null> =>
+  (v, at) =>
+    v === null ? null : check(v, at);
+const optional =
+  <T>(check: Check<T>): Check<T | undefined> =>
+  (v, at) =>
+    v === undefined ? undefined : check(v, at);
+const array =
+  <T>(check: Check<T>): Check<T[]> =>
+  (v, at) =>
+    Array.isArray(v) ? v.map((e, i) => check(e, `${at}[${i}]`)) : fail(at, 'an array');
+
+type Shape = Record<string, Check<unknown>>;
+type Checked<S extends Shape> = { [K in keyof S]: ReturnType<S[K]> };
+
+/**
+ * An object with these members. `strict` refuses members the shape does not name (requests: a
+ * misspelt option must not be ignored); replies may carry more than a client knows of.
+ */
+const object =
+  <S extends Shape>(shape: S, strict = false): Check<Checked<S>> =>
+  (v, at) => {
+    if (!isPlainObject(v)) return fail(at, 'an object');
+    if (strict) {
+      const unknown = Object.keys(v).find((k) => !Object.prototype.hasOwnProperty.call(shape, k));
+      if (unknown !== undefined) throw new ShapeError(`${at} has no member ${JSON.stringify(unknown)}`);
+    }
+    const out: Record<string, unknown> = strict ? {} : { ...v };
+    for (const key of Object.keys(shape)) {
+      const value = shape[key](Object.prototype.hasOwnProperty.call(v, key) ? v[key] : undefined, `${at}.${key}`);
+      if (value === undefined) delete out[key];
+      else out[key] = value;
+    }
+    return out as Checked<S>;
+  };
+
+const resyncProgress = {
+  running: boolean,
+  blocksLeft: count,
+  blocksMerged: count,
+  rate: amount,
+  secondsLeft: nullable(amount),
+  error: nullable(string),
+};
+
+const pairStatus = object({
+  name: string,
+  backing: string,
+  pid: integer(1),
+  state: string,
+  master: nullable(string),
+  slave: nullable(string),
+  capacity: count,
+  blockSize: integer(1),
+  redirected: count,
+  snapshot: count,
+  stateChangedAt: optional(nullable(amount)),
+  resync: nullable(object(resyncProgress)),
+  counters: object({
+    reads: count,
+    writes: count,
+    flushes: count,
+    discards: count,
+    bytesRead: count,
+    bytesWritten: count,
+    errors: count,
+  }),
+  failed: nullable(string),
+  /** Requests the devices have not completed yet, and the age of the oldest (ms). */
+  requests: optional(object({ outstanding: count, oldestMs: nullable(amount) })),
+});
+
+const none = object({}, true);
+
+/**
+ * Every method: a check of its params (absent params are {}) and of its result. The types the
+ * daemon's handlers and the CLI's calls use are derived from these checks.
+ */
+export const METHODS = {
+  status: { params: none, result: pairStatus },
+  requests: { params: none, result: object({ devices: array(object({ device: string, requests: array(object({})) })) }) },
+  enable: {
+    params: object(
+      {
+        /** Freeze this mountpoint; '' or absent: freeze wherever the master is mounted. */
+        freeze: optional(string),
+        /** Do not freeze even when the master is mounted. */
+        noFreeze: optional(boolean),
+        /** From resync, wait for the merge to finish instead of refusing. */
+        wait: optional(boolean),
+      },
+      true,
+    ),
+    result: object({ epoch: count, frozen: nullable(string), frozenMs: nullable(amount) }),
+  },
+  disable: { params: none, result: object({ state: string, blocks: count }) },
+  progress: { params: none, result: object({ state: string, ...resyncProgress }) },
+  'resync-rate': {
+    params: object({ bytesPerSecond: integer(LIMITS.resyncRate.min, LIMITS.resyncRate.max) }, true),
+    result: object({ bytesPerSecond: integer(LIMITS.resyncRate.min, LIMITS.resyncRate.max) }),
+  },
+  stop: { params: object({ force: optional(boolean) }, true), result: object({ stopping: literal(true) }) },
+} as const;
+
+export type Method = keyof typeof METHODS;
+export type Params<M extends Method> = ReturnType<(typeof METHODS)[M]['params']>;
+export type Result<M extends Method> = ReturnType<(typeof METHODS)[M]['result']>;
+export type PairStatus = Result<'status'>;
+export type ResyncRateParams = Params<'resync-rate'>;
+
+export const isMethod = (name: unknown): name is Method => typeof name === 'string' && Object.prototype.hasOwnProperty.call(METHODS, name);
+
+/** A request's params as the method takes them, or EINVAL saying what is wrong. */
+export function checkParams<M extends Method>(method: M, params: unknown): Params<M> {
+  try {
+    return METHODS[method].params(params === undefined ? {} : params, 'params') as Params<M>;
+  } catch (err) {
+    if (err instanceof ShapeError) throw new CldError('EINVAL', `${method}: ${err.message}`);
+    throw err;
+  }
+}
+
+/** A reply's result as the CLI uses it, or EPROTO saying what is wrong. */
+export function checkResult<M extends Method>(method: M, result: unknown, daemon: string): Result<M> {
+  try {
+    return METHODS[method].result(result, 'result') as Result<M>;
+  } catch (err) {
+    if (err instanceof ShapeError) throw new CldError('EPROTO', `the daemon of "${daemon}" answered ${method} with a malformed reply: ${err.message}`);
+    throw err;
+  }
+}
+
+/** The handlers a daemon serves: each gets its params checked and must give its result's type. */
+export type MethodHandlers = { [M in Method]: (params: Params<M>) => Promise<Result<M>> };
+
+/** Wraps typed handlers for the control server: params are checked before the handler runs. */
+export function checkedHandlers(handlers: MethodHandlers): Record<string, (params: unknown) => Promise<unknown>> {
+  const out: Record<string, (params: unknown) => Promise<unknown>> = {};
+  for (const method of Object.keys(METHODS) as Method[]) {
+    const handler = handlers[method] as (params: unknown) => Promise<unknown>;
+    out[method] = async (params) => handler(checkParams(method, params));
+  }
+  return out;
+}
