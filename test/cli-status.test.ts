@@ -3,8 +3,9 @@
  * command line as a user runs it: who may ask, and what reaches the terminal.
  */
 import { chmod, mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ControlServer } from '../src/daemon/control-server.js';
 import { type Cli, buildCli } from './helpers/cli.js';
@@ -119,6 +120,115 @@ describe('cldd status and list', () => {
       expect(r.stdout).toContain('boom\\u009b31m\\u202e');
       const parsed = JSON.parse(r.stdout);
       expect(Array.isArray(parsed) ? parsed[0] : parsed).toEqual(CRAFTED);
+    }
+  });
+});
+
+/**
+ * A stand-in daemon that answers every request with `reply(method, id)`, a raw JSON line: what a
+ * broken or foreign daemon could send.
+ */
+async function rawDaemon(path: string, reply: (method: string, id: number) => string): Promise<Server> {
+  await mkdir(dirname(path), { recursive: true });
+  const server = createServer((socket) => {
+    socket.setEncoding('utf8');
+    let text = '';
+    socket.on('error', () => {});
+    socket.on('data', (d: string) => {
+      text += d;
+      let nl;
+      while ((nl = text.indexOf('\n')) >= 0) {
+        const message = JSON.parse(text.slice(0, nl));
+        text = text.slice(nl + 1);
+        socket.write(`${'hello' in message ? JSON.stringify({ hello: 1, pid: 4242, name: 'x' }) : reply(message.method, message.id)}\n`);
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  return server;
+}
+
+describe('a daemon reply the CLI cannot use is EPROTO, never success', () => {
+  let cli: Cli;
+  let dir: string;
+  let runDir: string;
+  const servers: Server[] = [];
+  const GOOD = { ...CRAFTED, name: 'good', backing: '/srv/good.img', failed: null };
+  /** Results that are not what each method answers. */
+  const MALFORMED: Record<string, unknown> = {
+    str: 'just a string',
+    num: 5,
+    nul: null,
+    arr: [1],
+    nocounters: { name: 'n', state: 'plain', capacity: 1, blockSize: 4096, redirected: 0 },
+    nanrate: { ...GOOD, resync: { running: true, blocksLeft: 1, blocksMerged: 0, rate: 'fast', secondsLeft: null, error: null } },
+  };
+
+  beforeAll(async () => {
+    cli = await buildCli();
+    dir = await mkdtemp(join(tmpdir(), 'cldd-replies-'));
+    runDir = join(dir, 'run');
+    for (const [name, result] of Object.entries(MALFORMED)) {
+      servers.push(await rawDaemon(join(runDir, `${name}.sock`), (_method, id) => JSON.stringify({ id, result })));
+    }
+    // A reply with neither result nor error, and one with an error that has no code.
+    servers.push(await rawDaemon(join(runDir, 'bare.sock'), (_method, id) => JSON.stringify({ id })));
+    servers.push(await rawDaemon(join(runDir, 'baderror.sock'), (_method, id) => JSON.stringify({ id, error: 'no' })));
+  });
+
+  afterAll(async () => {
+    for (const s of servers) await new Promise((resolve) => s.close(resolve));
+    await rm(dir, { recursive: true, force: true });
+    await cli.remove();
+  });
+
+  const env = () => ({ CLDD_RUN_DIR: runDir });
+  const names = [...Object.keys(MALFORMED), 'bare', 'baderror'];
+
+  /** One line on stderr ending with [EPROTO], nothing on stdout, a non-zero exit. */
+  const refused = (r: { code: number; stdout: string; stderr: string }, what: string) => {
+    expect(r.stderr, what).toMatch(/^cldd: the daemon of "[a-zA-Z]+" [^\n]+ \[EPROTO\]\n$/);
+    expect(r.stdout, what).toBe('');
+    expect(r.code, what).toBe(1);
+  };
+
+  test('status of one pair', async () => {
+    for (const name of names) {
+      refused(await cli.run(['status', name], { env: env() }), name);
+      refused(await cli.run(['status', name, '--json'], { env: env() }), name);
+    }
+    const r = await cli.run(['status', 'nocounters'], { env: env() });
+    expect(r.stderr).toBe('cldd: the daemon of "nocounters" answered status with a malformed reply: result.backing must be a string [EPROTO]\n');
+  });
+
+  test('disable, enable, remove and disable --wait say the reply is malformed and exit non-zero', async () => {
+    for (const name of names) {
+      for (const args of [['disable', name], ['enable', name], ['remove', name]]) refused(await cli.run(args, { env: env() }), args.join(' '));
+    }
+    // A disable answered well whose progress is malformed.
+    const progress = await rawDaemon(join(runDir, 'progress.sock'), (method, id) =>
+      JSON.stringify({ id, result: method === 'disable' ? { state: 'resync', blocks: 3 } : { state: 'resync', blocksLeft: 'many' } }),
+    );
+    servers.push(progress);
+    const r = await cli.run(['disable', 'progress', '--wait'], { env: env() });
+    expect(r.stdout).toBe('progress: slave disabled; 3 blocks to merge back\n');
+    expect(r.stderr).toMatch(/^cldd: the daemon of "progress" answered progress with a malformed reply: result\.running must be true or false \[EPROTO\]\n$/);
+    expect(r.code).toBe(1);
+  });
+
+  test('list and status of all pairs show every pair, and fail when one answered malformed', async () => {
+    const good = new ControlServer(join(runDir, 'good.sock'), 'good', { status: async () => GOOD });
+    await good.listen();
+    try {
+      for (const args of [['list'], ['status'], ['list', '--json'], ['status', '--json']]) {
+        const r = await cli.run(args, { env: env() });
+        expect(r.code, args.join(' ')).toBe(1);
+        expect(r.stderr, args.join(' ')).toMatch(/^cldd: the daemon of "[a-zA-Z]+" [^\n]+ \[EPROTO\]\n$/);
+        expect(r.stdout).toContain('/srv/good.img');
+        expect(r.stdout).not.toMatch(/undefined|NaN/);
+      }
+    } finally {
+      await good.close();
     }
   });
 });

@@ -1,13 +1,6 @@
 import type { DaemonClient } from '../daemon/client.js';
+import { CldError } from '../errors.js';
 import { formatBytes } from './output.js';
-
-interface Progress {
-  state: string;
-  blocksLeft: number;
-  rate: number;
-  secondsLeft: number | null;
-  error: string | null;
-}
 
 function clock(seconds: number | null): string {
   if (seconds === null || !Number.isFinite(seconds)) return '--:--';
@@ -27,8 +20,8 @@ export async function followResync(client: DaemonClient, total: number, out: Nod
   let lastLine = 0;
   let lastPercent = -100;
   for (;;) {
-    const p = await client.call<Progress>('progress');
-    if (p.error) throw new Error(`resync failed: ${p.error}`);
+    const p = await client.request('progress');
+    if (p.error) throw new CldError('EIO', `resync failed: ${p.error}`);
     const done = p.state === 'plain';
     const left = done ? 0 : p.blocksLeft;
     const percent = total > 0 ? (100 * (total - left)) / total : 100;

@@ -22,7 +22,7 @@ export const disableCommand: CommandModule<object, Args> = {
   handler: async (args) => {
     requireRoot('cldd disable');
     await withPair(args.pair, async (client, name) => {
-      const result = await client.call<{ state: string; blocks: number }>('disable');
+      const result = await client.request('disable');
       if (args.json && !args.wait) return printJson(result);
       if (!args.json) console.log(text`${name}: slave disabled; ${result.blocks} blocks to merge back`);
       if (args.wait) {

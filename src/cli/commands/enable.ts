@@ -1,6 +1,6 @@
 import type { Argv, CommandModule } from 'yargs';
 import { text } from '../../printable.js';
-import type { EnableResult } from '../../daemon/pair-service.js';
+import { parsePath } from '../options.js';
 import { printJson } from '../output.js';
 import { withPair } from '../pairs.js';
 import { requireRoot } from '../root.js';
@@ -24,12 +24,12 @@ export const enableCommand: CommandModule<object, Args> = {
       .option('wait', { type: 'boolean', default: false, describe: 'if a resync is running, wait for it instead of refusing' })
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
   handler: async (args) => {
+    // An empty --freeze would resolve to the working directory: refused like any empty path.
+    const freeze = args.freeze === undefined ? '' : parsePath('--freeze', args.freeze);
     requireRoot('cldd enable');
-    const result = await withPair(args.pair, (client) =>
-      client.call<EnableResult>('enable', { freeze: args.freeze ?? '', noFreeze: args['no-freeze'], wait: args.wait }),
-    );
+    const result = await withPair(args.pair, (client) => client.request('enable', { freeze, noFreeze: args['no-freeze'], wait: args.wait }));
     if (args.json) return printJson(result);
-    const frozen = result.frozen ? text`; ${result.frozen} was frozen for ${result.frozenMs!.toFixed(1)} ms` : '';
+    const frozen = result.frozen ? text`; ${result.frozen} was frozen for ${(result.frozenMs ?? 0).toFixed(1)} ms` : '';
     console.log(text`snapshot ${result.epoch} taken` + frozen);
   },
 };

@@ -26,7 +26,7 @@ export const removeCommand: CommandModule<object, Args> = {
   handler: async (args) => {
     requireRoot('cldd remove');
     const { name, pid } = await withPair(args.pair, async (client, name) => {
-      await client.call('stop', { force: args.force });
+      await client.request('stop', { force: args.force });
       return { name, pid: client.hello.pid };
     });
     // The daemon answers before it stops; wait for it to be gone.

@@ -3,24 +3,9 @@ import { CldError } from '../../errors.js';
 import { text } from '../../printable.js';
 import { formatBytes, printJson, table } from '../output.js';
 import { connectPair, pairNames, resolvePair } from '../pairs.js';
+import type { PairStatus } from '../../daemon/methods.js';
 
-export interface PairStatus {
-  name: string;
-  backing: string;
-  pid: number;
-  state: string;
-  master: string | null;
-  slave: string | null;
-  capacity: number;
-  blockSize: number;
-  redirected: number;
-  snapshot: number;
-  resync: { blocksLeft: number; rate: number; secondsLeft: number | null; running: boolean } | null;
-  counters: { reads: number; writes: number; flushes: number; discards: number; bytesRead: number; bytesWritten: number; errors: number };
-  failed: string | null;
-  /** Requests the devices have not completed yet, and the age of the oldest (ms). */
-  requests?: { outstanding: number; oldestMs: number | null };
-}
+export type { PairStatus };
 
 /** A request older than this is worth a line: a healthy one takes milliseconds. */
 const SLOW_REQUEST_MS = 10_000;
@@ -30,29 +15,40 @@ interface Args {
   json: boolean;
 }
 
+type Unreachable = { name: string; error: string; code: string };
+
 /**
  * Asks every named pair's daemon for its status; a pair whose daemon is gone shows as such.
  * Permission denied is not a pair's state but the caller's: it fails the whole command.
  */
-export async function collect(names: string[]): Promise<(PairStatus | { name: string; error: string })[]> {
+export async function collect(names: string[]): Promise<(PairStatus | Unreachable)[]> {
   const all = await Promise.all(
     names.map(async (name) => {
       try {
         const client = await connectPair(name);
         try {
-          return await client.call<PairStatus>('status');
+          return await client.request('status');
         } finally {
           client.close();
         }
       } catch (err) {
         if (err instanceof CldError && err.code === 'EACCES') return err;
-        return { name, error: err instanceof Error ? err.message : String(err) };
+        return { name, error: err instanceof Error ? err.message : String(err), code: err instanceof CldError ? err.code : 'EIO' };
       }
     }),
   );
   const denied = all.find((s) => s instanceof CldError);
   if (denied) throw denied;
-  return all as (PairStatus | { name: string; error: string })[];
+  return all as (PairStatus | Unreachable)[];
+}
+
+/**
+ * After the table: a daemon that answered with a malformed reply fails the command (the other
+ * pairs were shown); one that is merely gone does not.
+ */
+function failIfMalformed(all: (PairStatus | Unreachable)[]): void {
+  const bad = all.find((s): s is Unreachable => 'error' in s && s.code === 'EPROTO');
+  if (bad) throw new CldError('EPROTO', bad.error);
 }
 
 function describe(s: PairStatus): string {
@@ -91,16 +87,17 @@ export const statusCommand: CommandModule<object, Args> = {
       const name = await resolvePair(args.pair);
       const client = await connectPair(name);
       try {
-        const s = await client.call<PairStatus>('status');
+        const s = await client.request('status');
         return args.json ? printJson(s) : console.log(describe(s));
       } finally {
         client.close();
       }
     }
     const all = await collect(await pairNames());
-    if (args.json) return printJson(all);
-    if (all.length === 0) return console.log('no cldd pairs are running');
-    console.log(all.map((s) => ('error' in s ? text`${s.name}: ${s.error}` : describe(s))).join('\n\n'));
+    if (args.json) printJson(all);
+    else if (all.length === 0) console.log('no cldd pairs are running');
+    else console.log(all.map((s) => ('error' in s ? text`${s.name}: ${s.error}` : describe(s))).join('\n\n'));
+    failIfMalformed(all);
   },
 };
 
@@ -110,7 +107,10 @@ export const listCommand: CommandModule<object, { json: boolean }> = {
   builder: (y: Argv) => y.option('json', { type: 'boolean', default: false }) as unknown as Argv<{ json: boolean }>,
   handler: async (args) => {
     const all = await collect(await pairNames());
-    if (args.json) return printJson(all);
+    if (args.json) {
+      printJson(all);
+      return failIfMalformed(all);
+    }
     if (all.length === 0) return console.log('no cldd pairs are running');
     const rows = [['NAME', 'STATE', 'MASTER', 'SLAVE', 'SIZE', 'REDIRECTED', 'PID', 'BACKING']];
     for (const s of all) {
@@ -129,5 +129,6 @@ export const listCommand: CommandModule<object, { json: boolean }> = {
       }
     }
     console.log(table(rows));
+    failIfMalformed(all);
   },
 };
