@@ -7,7 +7,7 @@
  *   clddsetup DEVICE                  cldd status
  */
 import { main as cldd } from './index.js';
-import { printError } from './output.js';
+import { printError, USAGE_EXIT, UsageError } from './output.js';
 
 const USAGE = `usage: clddsetup -m /dev/cldmN BACKING | -e /dev/cldsN | -d /dev/cldsN | DEVICE
   -m MASTER BACKING   attach BACKING as the pair whose master is MASTER (/dev/cldmN)
@@ -21,18 +21,18 @@ const SHORT_USAGE = USAGE.split('\n')[0];
 export function translate(argv: string[]): string[] {
   const [flag, ...rest] = argv;
   const need = (n: number) => {
-    if (rest.length !== n) throw new Error(`${flag} takes ${n === 1 ? 'one device' : 'a master device and a backing store'} (${SHORT_USAGE})`);
+    if (rest.length !== n) throw new UsageError(`${flag} takes ${n === 1 ? 'one device' : 'a master device and a backing store'} (${SHORT_USAGE})`);
   };
   switch (flag) {
     case undefined:
-      throw new Error(SHORT_USAGE);
+      throw new UsageError(SHORT_USAGE);
     case '-h':
     case '--help':
       return ['--help-clddsetup'];
     case '-m': {
       need(2);
       const m = /^\/dev\/cldm(\d+)$/.exec(rest[0]);
-      if (!m) throw new Error(`${rest[0]} is not a master device name (/dev/cldmN)`);
+      if (!m) throw new UsageError(`${rest[0]} is not a master device name (/dev/cldmN)`);
       return ['add', rest[1], '--name', `cld${m[1]}`];
     }
     case '-e':
@@ -42,7 +42,7 @@ export function translate(argv: string[]): string[] {
       need(1);
       return ['disable', rest[0]];
     default:
-      if (flag.startsWith('-') || rest.length) throw new Error(`unknown arguments: ${argv.join(' ')} (${SHORT_USAGE})`);
+      if (flag.startsWith('-') || rest.length) throw new UsageError(`unknown arguments: ${argv.join(' ')} (${SHORT_USAGE})`);
       return ['status', flag];
   }
 }
@@ -53,7 +53,7 @@ export async function main(argv: string[]): Promise<number> {
     args = translate(argv);
   } catch (err) {
     printError('clddsetup', err);
-    return 2;
+    return USAGE_EXIT;
   }
   if (args[0] === '--help-clddsetup') {
     console.log(USAGE);

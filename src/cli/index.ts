@@ -1,6 +1,7 @@
 /**
  * The cldd command line: one yargs command module per file under commands/, registered here.
- * Errors are one line on stderr and a non-zero exit status.
+ * Errors are one line on stderr ending with their code, and a non-zero exit status: 2 for a
+ * usage error (EINVAL: an unknown option, a missing value), 1 for the others.
  */
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
@@ -11,7 +12,7 @@ import { removeCommand } from './commands/remove.js';
 import { disableCommand } from './commands/disable.js';
 import { enableCommand } from './commands/enable.js';
 import { listCommand, statusCommand } from './commands/status.js';
-import { ExitCode, printError } from './output.js';
+import { ExitCode, printError, USAGE_EXIT, UsageError } from './output.js';
 
 export async function main(argv: string[]): Promise<number> {
   let failed = false;
@@ -35,19 +36,19 @@ export async function main(argv: string[]): Promise<number> {
       .wrap(process.stdout.isTTY ? Math.min(100, process.stdout.columns) : null)
       .fail((message, err) => {
         failed = true;
-        if (err) throw err;
-        throw new UsageError(message);
+        // yargs' own complaints (YError: "Not enough arguments following: size") are usage
+        // errors like those it passes as a message; a command's error is passed through.
+        if (err && err.name !== 'YError') throw err;
+        throw new UsageError(message ?? err.message);
       })
       .parseAsync();
   } catch (err) {
     if (err instanceof ExitCode) return err.code;
     printError('cldd', err);
-    return err instanceof UsageError ? 2 : 1;
+    return err instanceof UsageError ? USAGE_EXIT : 1;
   }
   return failed ? 1 : 0;
 }
-
-class UsageError extends Error {}
 
 if (import.meta.url === `file://${process.argv[1]}`) {
   main(hideBin(process.argv)).then((code) => process.exit(code));

@@ -8,11 +8,25 @@ export class ExitCode extends Error {
   }
 }
 
-/** One line on stderr, prefixed with the program name; a newline in the message is escaped. */
+/** The exit status of a command line that could not be understood. */
+export const USAGE_EXIT = 2;
+
+/** A command line that could not be understood: EINVAL, exit status USAGE_EXIT. */
+export class UsageError extends CldError {
+  constructor(message: string) {
+    super('EINVAL', message);
+  }
+}
+
+/**
+ * One line on stderr, prefixed with the program name and ending with the error's code (a system
+ * error's own, EIO for one that has none); a newline in the message is escaped.
+ */
 export function printError(program: string, err: unknown): void {
   const message = err instanceof Error ? err.message : String(err);
-  const code = err instanceof CldError ? ` [${printable(err.code)}]` : '';
-  process.stderr.write(`${program}: ${printable(message)}${code}\n`);
+  const own = (err as { code?: unknown } | null)?.code;
+  const code = typeof own === 'string' && own ? own : 'EIO';
+  process.stderr.write(`${program}: ${printable(message)} [${printable(code)}]\n`);
 }
 
 /**

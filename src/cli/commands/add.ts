@@ -9,7 +9,7 @@ import { checkName, defaultPaths } from '../../daemon/paths.js';
 import { persist } from '../../daemon/persist.js';
 import { nameFromBacking, prepareBacking } from '../backing.js';
 import { text } from '../../printable.js';
-import { DEFAULT_BLOCK_SIZE, MAX_DEVICE_BLOCK_SIZE, optionalString, parseBlockSize, parseCount, parsePath, parseSize } from '../options.js';
+import { DEFAULT_BLOCK_SIZE, MAX_DEVICE_BLOCK_SIZE, parseBlockSize, parseCount, parseName, parsePath, parseSize } from '../options.js';
 import { formatBytes, printJson } from '../output.js';
 import { requireRoot } from '../root.js';
 import { spawnDaemon } from '../spawn-daemon.js';
@@ -56,7 +56,7 @@ export const addCommand: CommandModule<object, Args> = {
   handler: async (args) => {
     // Every option is checked before anything is looked at, created or written.
     const backing = resolve(parsePath('the backing store', args.backing));
-    const name = checkName(optionalString('--name', args.name) ?? nameFromBacking(backing));
+    const name = args.name === undefined ? checkName(nameFromBacking(backing)) : parseName('--name', args.name);
     const size = args.size === undefined ? undefined : parseSize('--size', args.size);
     const blockSize = args['block-size'] === undefined ? undefined : parseBlockSize('--block-size', args['block-size']);
     const queues = parseCount('--queues', args.queues, LIMITS.queues);

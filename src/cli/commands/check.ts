@@ -4,6 +4,7 @@ import { describeForeignSignature, listSignatures, signaturesOverStore } from '.
 import { FileStore } from '../../store/file-store.js';
 import { CldError } from '../../errors.js';
 import { printable, text } from '../../printable.js';
+import { parsePath } from '../options.js';
 import { ExitCode, printError, printJson } from '../output.js';
 
 interface Args {
@@ -19,21 +20,22 @@ export const checkCommand: CommandModule<object, Args> = {
       .positional('backing', { type: 'string', demandOption: true, describe: 'backing file or block device' })
       .option('json', { type: 'boolean', default: false, describe: 'print the report as JSON' }) as Argv<Args>,
   handler: async (args) => {
+    const backing = parsePath('the backing store', args.backing);
     let report;
     const findings: Finding[] = [];
     try {
-      const store = await FileStore.open(args.backing, { readOnly: true });
+      const store = await FileStore.open(backing, { readOnly: true });
       try {
         report = await check(store);
       } finally {
         await store.close();
       }
-      if (report.foreign) throw new CldError('CLDD_FOREIGN', `${args.backing} is not a cldd store (no cldd signature)`);
+      if (report.foreign) throw new CldError('CLDD_FOREIGN', `${backing} is not a cldd store (no cldd signature)`);
       findings.push(...report.findings);
       // Another program's signature over cldd's metadata: the store was overwritten since, and
       // cldd add refuses it without --force. libblkid does not know cldd, so it is not ambiguous.
       if (report.superblock) {
-        for (const f of signaturesOverStore(report.superblock.layout, await listSignatures(args.backing))) {
+        for (const f of signaturesOverStore(report.superblock.layout, await listSignatures(backing))) {
           findings.push({ severity: 'error', message: `${describeForeignSignature(f)}: another program wrote over this store` });
         }
       }
@@ -45,14 +47,14 @@ export const checkCommand: CommandModule<object, Args> = {
     const clean = !findings.some((f) => f.severity === 'error');
     if (args.json) {
       printJson({
-        backing: args.backing,
+        backing,
         clean,
         state: report.superblock?.state ?? null,
         redirected: report.redirected,
         findings,
       });
     } else {
-      if (report.superblock) console.log(text`${args.backing}: ${describeSuperblock(report.superblock)}`);
+      if (report.superblock) console.log(text`${backing}: ${describeSuperblock(report.superblock)}`);
       if (report.redirected !== null) console.log(`${report.redirected} blocks redirected`);
       for (const f of findings) console.log(`${f.severity}: ${printable(f.message)}`);
       console.log(clean ? 'clean' : 'damaged');
