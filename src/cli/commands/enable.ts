@@ -25,9 +25,11 @@ export const enableCommand: CommandModule<object, Args> = {
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
   handler: async (args) => {
     // An empty --freeze would resolve to the working directory: refused like any empty path.
-    const freeze = args.freeze === undefined ? '' : parsePath('--freeze', args.freeze);
+    // yargs reads --no-freeze as the negation of --freeze (freeze = false), not as its own option.
+    const freeze = typeof args.freeze === 'string' ? parsePath('--freeze', args.freeze) : '';
+    const noFreeze = args['no-freeze'] || (args.freeze as unknown) === false;
     requireRoot('cldd enable');
-    const result = await withPair(args.pair, (client) => client.request('enable', { freeze, noFreeze: args['no-freeze'], wait: args.wait }));
+    const result = await withPair(args.pair, (client) => client.request('enable', { freeze, noFreeze, wait: args.wait }));
     if (args.json) return printJson(result);
     const frozen = result.frozen ? text`; ${result.frozen} was frozen for ${(result.frozenMs ?? 0).toFixed(1)} ms` : '';
     console.log(text`snapshot ${result.epoch} taken` + frozen);
