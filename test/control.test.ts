@@ -9,6 +9,20 @@ import { checkedHandlers } from '../src/daemon/methods.js';
 import { checkName } from '../src/daemon/paths.js';
 import { CldError } from '../src/errors.js';
 
+
+/** Sends `text` in one write; resolves with everything the daemon sent until it closed. */
+function exchangeAt(path: string, text: string): Promise<string> {
+  return new Promise<string>((resolve) => {
+    const socket = connect(path);
+    socket.setEncoding('utf8');
+    let reply = '';
+    socket.on('data', (d: string) => (reply += d));
+    socket.on('close', () => resolve(reply));
+    socket.on('error', () => {});
+    socket.write(text);
+  });
+}
+
 describe('control socket', () => {
   let dir: string;
   let server: ControlServer;
@@ -57,28 +71,11 @@ describe('control socket', () => {
   });
 
   test('a client speaking another protocol version is refused with CLDD_VERSION', async () => {
-    const socket = connect(path);
-    socket.setEncoding('utf8');
-    const reply = await new Promise<string>((resolve) => {
-      let text = '';
-      socket.on('data', (d: string) => (text += d));
-      socket.on('end', () => resolve(text));
-      socket.write('{"hello": 99}\n');
-    });
+    const reply = await exchange('{"hello": 99}\n');
     expect(JSON.parse(reply)).toMatchObject({ error: { code: 'CLDD_VERSION' } });
   });
 
-  /** Sends `text` in one write; resolves with everything the daemon sent until it closed. */
-  const exchange = (text: string) =>
-    new Promise<string>((resolve) => {
-      const socket = connect(path);
-      socket.setEncoding('utf8');
-      let reply = '';
-      socket.on('data', (d: string) => (reply += d));
-      socket.on('close', () => resolve(reply));
-      socket.on('error', () => {});
-      socket.write(text);
-    });
+  const exchange = (text: string) => exchangeAt(path, text);
 
   test('after refusing a protocol version, the daemon ignores the rest of the write and closes', async () => {
     const reply = await exchange('{"hello":2}\n{"hello":1}\n{"id":5,"method":"enable"}\n');
@@ -281,14 +278,7 @@ describe('control socket: what a request may be', () => {
   });
 
   test('a hello with the version as a string is refused, saying the version must be the number', async () => {
-    const socket = connect(path);
-    socket.setEncoding('utf8');
-    const reply = await new Promise<string>((resolve) => {
-      let text = '';
-      socket.on('data', (d: string) => (text += d));
-      socket.on('end', () => resolve(text));
-      socket.write('{"hello":"1"}\n{"id":1,"method":"progress"}\n');
-    });
+    const reply = await exchangeAt(path, '{"hello":"1"}\n{"id":1,"method":"progress"}\n');
     expect(JSON.parse(reply)).toEqual({
       id: 0,
       error: { code: 'CLDD_VERSION', message: 'the daemon speaks protocol 1: the hello must be {"hello":1}, with the number 1, not "1"' },
