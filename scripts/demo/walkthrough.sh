@@ -3,7 +3,9 @@
 # it in the test VM otherwise). Every step is a real command on real block devices.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CLDD="node $PWD/bin/cldd.js"
+# A function, not "node $PWD/..." in a variable: the checkout's path may hold spaces.
+CLDD_JS=$PWD/bin/cldd.js
+cldd() { node "$CLDD_JS" "$@"; }
 WORK=$(mktemp -d /tmp/cldd-demo.XXXXXX)
 export CLDD_START_TIMEOUT_MS=120000
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -11,14 +13,14 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 cleanup() {
   umount "$WORK/backup" 2>/dev/null || true
   umount "$WORK/home" 2>/dev/null || true
-  $CLDD remove --force demo >/dev/null 2>&1 || true
+  cldd remove --force demo >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 mkdir -p "$WORK/home" "$WORK/backup"
 
 say "Create a 256 MiB backing file and turn it into a cldd pair"
-run $CLDD add "$WORK/disk.img" --size 256M --name demo
+run cldd add "$WORK/disk.img" --size 256M --name demo
 
 say "Use the master like any disk: make a filesystem, mount it, put files on it"
 run mkfs.ext4 -q /dev/cldd/demo/master
@@ -31,7 +33,7 @@ say "A user keeps writing while we take the snapshot"
 writer=$!
 sleep 1
 say "Enable the slave: the mounted filesystem is frozen only for the switch"
-run $CLDD enable demo
+run cldd enable demo
 sleep 1
 echo "report 4, written after the snapshot" > "$WORK/home/report-4.txt"
 echo "report 1, changed after the snapshot" > "$WORK/home/report-1.txt"
@@ -42,7 +44,7 @@ run ls "$WORK/backup"
 run cat "$WORK/backup/report-1.txt"
 lines_then=$(wc -l < "$WORK/backup/journal.log")
 echo "the slave's journal.log has $lines_then lines, frozen at the snapshot"
-run $CLDD status demo
+run cldd status demo
 
 say "Back it up from the slave while the master stays in use"
 run tar -C "$WORK/backup" -czf "$WORK/backup.tgz" .
@@ -51,7 +53,7 @@ run tar -tzf "$WORK/backup.tgz"
 say "Done with the backup: unmount the slave and disable it; the changes merge back in the background"
 run umount "$WORK/backup"
 touch "$WORK/stop"; wait "$writer"
-run $CLDD disable demo --wait
+run cldd disable demo --wait
 lines_now=$(wc -l < "$WORK/home/journal.log")
 echo "the master's journal.log has $lines_now lines: every write kept ($lines_then at the snapshot)"
 run cat "$WORK/home/report-1.txt"
@@ -59,11 +61,11 @@ run cat "$WORK/home/report-1.txt"
 say "Check the filesystem, remove the pair, and verify the store offline"
 run umount "$WORK/home"
 run e2fsck -fn /dev/cldd/demo/master
-run $CLDD remove demo
-run $CLDD check "$WORK/disk.img"
+run cldd remove demo
+run cldd check "$WORK/disk.img"
 
 say "Reattach it: the data is still there"
-run $CLDD add "$WORK/disk.img" --name demo
+run cldd add "$WORK/disk.img" --name demo
 run mount /dev/cldd/demo/master "$WORK/home"
 run ls "$WORK/home"
 say "That is cldd."
