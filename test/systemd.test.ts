@@ -9,10 +9,19 @@ import { renderUnit } from '../src/daemon/systemd-unit.js';
 
 const run = promisify(execFile);
 
-test('cldd@.service passes systemd-analyze verify without a warning', async () => {
+test.each([
+  ['this checkout', undefined],
+  // A checkout may be anywhere: a space split ExecStart's script path in two, and a % in it is a
+  // systemd specifier.
+  ['a checkout whose path holds a space and a %', '/root/my disks/cldd 100%'],
+])('cldd@.service for %s passes systemd-analyze verify without a warning', async (_what, home) => {
   const dir = await mkdtemp(join(tmpdir(), 'cldd-unit-'));
   try {
-    const unit = await renderUnit();
+    const unit = await renderUnit(process.execPath, home);
+    if (home) {
+      expect(unit).toContain(`\nExecStart="${process.execPath}" "/root/my disks/cldd 100%%/bin/cldd.js" daemon %i\n`);
+      expect(unit).toContain('\nDocumentation=file:///root/my%%20disks/cldd%%20100%%25/README.md\n');
+    }
     expect(unit).not.toMatch(/@[A-Z_]+@/);
     expect(unit).toMatch(/^Type=notify$/m);
     expect(unit).toMatch(/^ExecStartPre=\/sbin\/modprobe ublk_drv$/m);

@@ -1,13 +1,25 @@
 import { readFile } from 'node:fs/promises';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const TEMPLATE = fileURLToPath(new URL('../../scripts/systemd/cldd@.service', import.meta.url));
 
 /** The project's directory (the one holding bin/ and dist/), from this module's place in dist/ or src/. */
 export const CLDD_HOME = fileURLToPath(new URL('../..', import.meta.url)).replace(/\/$/, '');
 
-/** cldd@.service with this installation's node and project paths filled in. */
+/**
+ * cldd@.service with this installation's node and project paths filled in: quoted for ExecStart
+ * (a checkout may be anywhere, "/root/my disks" included), a URL for Documentation.
+ */
 export async function renderUnit(nodePath = process.execPath, home = CLDD_HOME): Promise<string> {
   const template = await readFile(TEMPLATE, 'utf8');
-  return template.replaceAll('@NODE@', nodePath).replaceAll('@CLDD_HOME@', home);
+  return template
+    .replaceAll('@NODE@', execArgument(nodePath))
+    .replaceAll('@CLDD_JS@', execArgument(join(home, 'bin', 'cldd.js')))
+    .replaceAll('@README_URL@', pathToFileURL(join(home, 'README.md')).href.replace(/%/g, '%%')); // % is a specifier there too
+}
+
+/** One ExecStart argument, quoted as systemd.service(5) reads it: \\ and \" escaped, % doubled. */
+function execArgument(arg: string): string {
+  return `"${arg.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/%/g, '%%')}"`;
 }
