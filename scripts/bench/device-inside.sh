@@ -32,7 +32,9 @@ else
   echo "{\"fs\":\"$(stat -f -c %T "$WORK")\"}"
 fi
 export CLDD_START_TIMEOUT_MS=120000
-CLDD="node $PWD/bin/cldd.js"
+# A function, not "node $PWD/..." in a variable: the checkout's path may hold spaces.
+CLDD_JS=$PWD/bin/cldd.js
+cldd() { node "$CLDD_JS" "$@"; }
 
 MODES=${CLDD_BENCH_MODES:-zero-copy}
 rm -f "$WORK"/cldd*.img "$WORK/loop.img"
@@ -42,7 +44,7 @@ for mode in $MODES; do
   name=bench-$mode
   rm -f "/run/cldd/$name.log"
   # The defaults (queues, depth) but for the mode: the daemon's memory is measured too.
-  $CLDD add "$WORK/$name.img" --size "$SIZE" --name "$name" "--$mode" >&2
+  cldd add "$WORK/$name.img" --size "$SIZE" --name "$name" "--$mode" >&2
   dev=$(readlink -f "/dev/cldd/$name/master")
   if [ "$mode" = zero-copy ]; then
     devices+=("cldd=$dev")
@@ -91,7 +93,7 @@ first_touch_cldd() { # round
   done
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
-    $CLDD enable "$name" --no-freeze >&2
+    cldd enable "$name" --no-freeze >&2
     PHASE=after run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
     # The first resync (the QD32 job's blocks) is timed against dd copying as many bytes.
     if [ "$4" = 32 ]; then
@@ -106,7 +108,7 @@ first_touch_cldd() { # round
       rm -f "$WORK/dd-dst"
       echo "{\"round\":$round,\"resync\":$resync,\"dd_seconds\":$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')}"
     else
-      $CLDD disable "$name" --wait >&2
+      cldd disable "$name" --wait >&2
     fi
   done
 }
@@ -156,9 +158,9 @@ for round in $(seq "$ROUNDS"); do
 done
 # Each daemon's memory after all of the above: resident now and at its peak.
 for mode in $MODES; do
-  pid=$($CLDD status "bench-$mode" --json | node -e 'let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => { const j = JSON.parse(s); console.log((Array.isArray(j) ? j[0] : j).pid); });')
+  pid=$(cldd status "bench-$mode" --json | node -e 'let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => { const j = JSON.parse(s); console.log((Array.isArray(j) ? j[0] : j).pid); });')
   [ "$mode" = zero-copy ] && label=cldd || label=cldd-copy
   awk -v d="$label" '/^VmRSS:/ { rss = $2 } /^VmHWM:/ { hwm = $2 } END { printf "{\"rss\":{\"device\":\"%s\",\"rss_kib\":%d,\"hwm_kib\":%d}}\n", d, rss, hwm }' "/proc/$pid/status"
 done
 losetup -d "$loop"
-for mode in $MODES; do $CLDD remove "bench-$mode" >&2; done
+for mode in $MODES; do cldd remove "bench-$mode" >&2; done
