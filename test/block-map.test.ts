@@ -101,16 +101,12 @@ describe('BlockMap', () => {
         if (JSON.stringify(got) !== JSON.stringify(want)) {
           throw new Error(`[seed ${seed}] op ${i}: runs of [${qs}, ${qe}) are ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
         }
-        // nextSet and runEnd agree with the naive array.
+        // nextSet and lastSetBefore agree with the naive array.
         const from = between(random, 0, blocks - 1);
         const next = bits.indexOf(1, from);
         expect(map.nextSet(from), `[seed ${seed}] nextSet(${from})`).toBe(next);
-        if (next >= 0) {
-          const limit = Math.min(blocks, next + between(random, 1, 500));
-          let end = next;
-          while (end < limit && bits[end]) end++;
-          expect(map.runEnd(next, limit), `[seed ${seed}] runEnd(${next}, ${limit})`).toBe(end);
-        }
+        const limit = between(random, 0, blocks);
+        expect(map.lastSetBefore(limit), `[seed ${seed}] lastSetBefore(${limit})`).toBe(limit === 0 ? -1 : bits.lastIndexOf(1, limit - 1));
       }
       expectMatches(map, bits, `[seed ${seed}] block size ${blockSize}`);
       const all = runsOf(map, 0, blocks);
@@ -137,22 +133,25 @@ describe('BlockMap', () => {
     expect(runsOf(empty, 0, 3 * BITS_4K)).toEqual([[0, 3 * BITS_4K, false]]);
   });
 
-  test('nextSet_and_runEnd_at_the_edges', () => {
+  test('nextSet_and_lastSetBefore_at_the_edges', () => {
     const blocks = BITS_4K + 50;
     const map = new BlockMap(blocks, 4096);
     expect(map.nextSet(0)).toBe(-1);
     map.assign(blocks - 1, blocks, true);
     expect(map.nextSet(0)).toBe(blocks - 1);
     expect(map.nextSet(blocks - 1)).toBe(blocks - 1);
-    expect(map.runEnd(blocks - 1, blocks)).toBe(blocks);
+    expect(map.lastSetBefore(blocks)).toBe(blocks - 1);
+    expect(map.lastSetBefore(blocks - 1)).toBe(-1);
     map.assign(31, 32, true); // bit 31 of a word: the sign bit
     expect(map.nextSet(0)).toBe(31);
     expect(map.nextSet(31)).toBe(31);
     expect(map.nextSet(32)).toBe(blocks - 1);
     map.assign(40, 100, true);
-    expect(map.runEnd(40, 1000)).toBe(100);
-    expect(map.runEnd(40, 70)).toBe(70);
-    expect(map.runEnd(39, 1000)).toBe(39);
+    expect(map.lastSetBefore(1000)).toBe(99);
+    expect(map.lastSetBefore(70)).toBe(69);
+    expect(map.lastSetBefore(40)).toBe(31);
+    expect(map.lastSetBefore(31)).toBe(-1);
+    expect(map.lastSetBefore(0)).toBe(-1);
   });
 
   test('payload_and_load_round_trip', () => {

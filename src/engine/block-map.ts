@@ -157,11 +157,15 @@ export class BlockMap {
     return -1;
   }
 
-  /** The end of the run of redirected blocks starting at `from`, at most `limit`. */
-  runEnd(from: number, limit: number): number {
-    let b = from;
-    while (b < limit && this.test(b)) b++;
-    return b;
+  /** The last redirected block before `limit`, or -1. */
+  lastSetBefore(limit: number): number {
+    for (let b = Math.min(limit, this.blocks) - 1; b >= 0; b--) {
+      const page = this.pages[Math.floor(b / this.bitsPerPage)];
+      // A whole empty page is skipped at once.
+      if (!page) b = Math.floor(b / this.bitsPerPage) * this.bitsPerPage;
+      else if (this.test(b)) return b;
+    }
+    return -1;
   }
 
   /** The page's payload as it would be stored (a copy), or null when the page is all zero. */
