@@ -305,6 +305,8 @@ class Trial {
     for (let i = 0; ; i++) {
       await idle();
       if (this.failures.length) throw new Error(this.failures[0]);
+      // Draining takes far fewer steps than this; more means something spins without finishing.
+      if (i > actions + 100_000) throw new Error(`still not done after ${i} steps: ${this.stuck()}`);
       const starting = i < actions;
       if (!starting && !this.closing && (closeEarly || this.actors.size === 0)) {
         this.closing = true;
