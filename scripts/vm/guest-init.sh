@@ -83,6 +83,8 @@ out_relay=$!
 cat /stderr.fifo >>/share/stderr &
 err_relay=$!
 log "running the command"
+# From here on a failure is the command's, not the boot's (run.sh boots again only before this).
+: > /share/started
 env -i /bin/chroot $r /bin/sh /run/cldd-vm-cmd.sh </dev/null >/stdout.fifo 2>/stderr.fifo
 status=$?
 

@@ -110,37 +110,56 @@ qemu_args=(
 )
 [ -n "$verbose" ] && echo "vm: qemu-system-x86_64 ${qemu_args[*]}" >&2
 started=$SECONDS
-# pdeathsig: qemu (and the timer below) die with us even if we are killed without a chance to
-# clean up.
-setpriv --pdeathsig KILL -- qemu-system-x86_64 "${qemu_args[@]}" </dev/null >"$tmp/qemu.log" 2>&1 &
-qemu_pid=$!
-# The guest writes the command's output into the share (each write completes on the host before it
-# returns, so nothing is lost when the VM powers off); tail streams it out as it grows.
-follow() { tail -c +1 -s 0.1 -f --pid="$qemu_pid" "$1"; }
-follow "$share/stdout" & tail_pids+=($!)
-follow "$share/stderr" >&2 & tail_pids+=($!)
-[ -n "$verbose" ] && { follow "$tmp/console.log" >&2 & tail_pids+=($!); }
 
-# Wait for qemu or the timeout, whichever comes first.
-setpriv --pdeathsig KILL -- sleep "$timeout" </dev/null >/dev/null 2>&1 & timer_pid=$!
-finished=""
-while [ -z "$finished" ]; do
-  wait -n -p finished "$qemu_pid" "$timer_pid"
-  qemu_status=$?
-  [ "$qemu_status" -eq 127 ] && [ -z "$finished" ] && finished=$qemu_pid # nothing left to wait for
-done
-if [ "$finished" = "$timer_pid" ]; then
-  kill -KILL "$qemu_pid" 2>/dev/null
-  wait "$qemu_pid" 2>/dev/null
+# One boot: qemu until it exits or the timeout. Sets qemu_status.
+boot() {
+  : > "$tmp/console.log"
+  # pdeathsig: qemu (and the timer below) die with us even if we are killed without a chance to
+  # clean up.
+  setpriv --pdeathsig KILL -- qemu-system-x86_64 "${qemu_args[@]}" </dev/null >"$tmp/qemu.log" 2>&1 &
+  qemu_pid=$!
+  # The guest writes the command's output into the share (each write completes on the host before
+  # it returns, so nothing is lost when the VM powers off); tail streams it out as it grows.
+  follow "$share/stdout" & tail_pids+=($!)
+  follow "$share/stderr" >&2 & tail_pids+=($!)
+  [ -n "$verbose" ] && { follow "$tmp/console.log" >&2 & tail_pids+=($!); }
+
+  # Wait for qemu or the timeout, whichever comes first.
+  setpriv --pdeathsig KILL -- sleep "$timeout" </dev/null >/dev/null 2>&1 & timer_pid=$!
+  local finished=""
+  while [ -z "$finished" ]; do
+    wait -n -p finished "$qemu_pid" "$timer_pid"
+    qemu_status=$?
+    [ "$qemu_status" -eq 127 ] && [ -z "$finished" ] && finished=$qemu_pid # nothing left to wait for
+  done
+  if [ "$finished" = "$timer_pid" ]; then
+    kill -KILL "$qemu_pid" 2>/dev/null
+    wait "$qemu_pid" 2>/dev/null
+    qemu_pid=""
+    wait "${tail_pids[@]}" 2>/dev/null
+    fail "timed out after $timeout s (set --timeout or CLDD_VM_TIMEOUT); the command did not finish"
+  fi
+  kill "$timer_pid" 2>/dev/null
   qemu_pid=""
+  # The tails exit on their own once qemu is gone, after copying what is left.
   wait "${tail_pids[@]}" 2>/dev/null
-  fail "timed out after $timeout s (set --timeout or CLDD_VM_TIMEOUT); the command did not finish"
-fi
-kill "$timer_pid" 2>/dev/null
-qemu_pid=""
-# The tails exit on their own once qemu is gone, after copying what is left.
-wait "${tail_pids[@]}" 2>/dev/null
-tail_pids=()
+  tail_pids=()
+}
+follow() { tail -c +1 -s 0.1 -f --pid="$qemu_pid" "$1"; }
+
+# A guest kernel that panics while booting, before the command started, is the emulator's or the
+# guest kernel's failure, not the command's: seen once in CI under TCG ("Fatal exception in
+# interrupt" about 3 s into the boot). It gets one more boot, with a note; the command never
+# runs twice (the guest marks the share before it starts it).
+for attempt in 1 2; do
+  boot
+  [ -f "$share/status" ] || [ -f "$share/started" ] || [ -f "$share/error" ] && break
+  grep -q 'Kernel panic' "$tmp/console.log" || break
+  [ "$attempt" = 2 ] && break
+  echo "vm: note: the guest kernel panicked while booting ($(grep -m 1 'Kernel panic' "$tmp/console.log" \
+    | sed -E 's/^\[ *[0-9.]+\] //' | tr -d '\r')); booting again" >&2
+  cp "$tmp/console.log" "$tmp/console.1.log"
+done
 [ -n "$verbose" ] && echo "vm: the VM ran for $((SECONDS - started)) s" >&2
 
 if [ -f "$share/status" ]; then
@@ -156,4 +175,9 @@ fi
 reason=$(grep -m 1 'Kernel panic' "$tmp/console.log" || grep 'init: ' "$tmp/console.log" | tail -n 1 \
   || grep . "$tmp/console.log" | tail -n 1)
 reason=$(sed -E 's/^\[ *[0-9.]+\] //' <<<"$reason" | tr -d '\r')
+# A panic's oops is what anyone will need: the 40 lines before it, on stderr.
+if grep -q 'Kernel panic' "$tmp/console.log"; then
+  echo "vm: the guest console before the panic:" >&2
+  grep -B 40 -m 1 'Kernel panic' "$tmp/console.log" | tr -d '\r' | sed 's/^/vm:   /' >&2
+fi
 fail "the VM stopped without reporting the command's exit status${reason:+ (console: $reason)}; CLDD_VM_VERBOSE=1 shows the boot log"
