@@ -8,6 +8,7 @@
         "native/store.cc",
         "native/control.cc",
         "native/device.cc",
+        "native/serving.cc",
         "native/system.cc",
       ],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -3,6 +3,7 @@
 #include "common.h"
 #include "control.h"
 #include "device.h"
+#include "serving.h"
 #include "store.h"
 #include "system.h"
 
@@ -13,6 +14,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Control", cldd::Control::Define(env));
   exports.Set("Device", cldd::Device::Define(env));
   cldd::DefineSystem(env, exports);
+  cldd::DefineServing(env, exports);
   return exports;
 }
 

@@ -2,9 +2,12 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,9 +19,10 @@
 namespace cldd {
 
 namespace {
-enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2 };
-// user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index.
+// user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index;
+// the read of the wake eventfd is the one entry with the next bit.
 constexpr uint64_t kExtentBit = 1ULL << 63;
+constexpr uint64_t kWakeData = 1ULL << 62;
 constexpr uint32_t kMaxExtents = 1u << 16;
 // With zero copy, extents at least this long are read or written in place (see QueueExtent).
 // Measured in the VM on Linux 7.3 against copying: reads of 64 KiB and more a draw or better
@@ -26,16 +30,16 @@ constexpr uint32_t kMaxExtents = 1u << 16;
 // slower, 256 KiB a draw and 512 KiB twice as fast.
 constexpr uint32_t kInPlaceReadBytes = 16u << 10;
 constexpr uint32_t kInPlaceWriteBytes = 256u << 10;
-// How long completed plans may wait to ride along with the next delivery to JS. Their finish()
-// is bookkeeping (the kernel has the result already); a drain or a lock waits at most this long.
-constexpr uint64_t kDoneDelayMs = 2;
-// Rounds of reap-and-deliver in one wake-up before the event loop gets a turn (timers, the
-// control socket, merges). What is left over is delivered from a zero-delay timer.
-constexpr int kServeRounds = 16;
 // Doubles per request record in the events buffer; ordered and done entries are pairs.
 constexpr size_t kRequestFields = 5;
 
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000ULL + uint64_t(ts.tv_nsec);
+}
 }  // namespace
 
 Napi::Function Device::Define(Napi::Env env) {
@@ -46,6 +50,8 @@ Napi::Function Device::Define(Napi::Env env) {
                          InstanceMethod<&Device::Complete>("complete"),
                          InstanceMethod<&Device::Close>("close"),
                          InstanceMethod<&Device::Inspect>("inspect"),
+                         InstanceMethod<&Device::FastInFlight>("fastInFlight"),
+                         InstanceMethod<&Device::Stats>("stats"),
                          InstanceAccessor<&Device::LastError>("lastError"),
                      });
 }
@@ -60,6 +66,7 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   backingFd_ = options.Get("backingFd").As<Napi::Number>().Int32Value();
   encode_ = options.Get("ioctlEncode").ToBoolean();
   zeroCopy_ = options.Get("zeroCopy").ToBoolean();
+  target_ = options.Get("target").ToString().Utf8Value() == "slave" ? Target::kSlave : Target::kMaster;
   onEvents_ = Napi::Persistent(options.Get("onEvents").As<Napi::Function>());
   std::string name = "ublk device " + std::to_string(devId_);
   if (queues == 0 || depth_ == 0 || depth_ > kMaxDepth || bufferBytes_ == 0 || bufferBytes_ % 512) {
@@ -71,13 +78,31 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   }
   eventsRef_ = Napi::Persistent(events);
   events_ = events.Data();
+  // The engine's publication; without one every request goes to the engine.
+  Napi::Value pub = options.Get("published");
+  if (pub.IsObject()) {
+    Napi::Object p = pub.As<Napi::Object>();
+    Napi::Int32Array words = p.Get("words").As<Napi::Int32Array>();
+    Napi::Uint32Array bits = p.Get("bits").As<Napi::Uint32Array>();
+    uint32_t blockSize = p.Get("blockSize").As<Napi::Number>().Uint32Value();
+    double blocks = p.Get("blocks").As<Napi::Number>().DoubleValue();
+    if (words.ElementLength() < published::kWords || blockSize < 512 || (blockSize & (blockSize - 1)) ||
+        blocks < 0 || double(bits.ElementLength()) * 32 < blocks) {
+      throw CodeError(env, "EINVAL", name + ": a malformed publication (words, bits, block size or blocks)");
+    }
+    wordsRef_ = Napi::Persistent(words);
+    bitsRef_ = Napi::Persistent(bits);
+    published_.words = words.Data();
+    published_.bits = bits.Data();
+    published_.bitWords = bits.ElementLength();
+    published_.geometry.dataOffset = uint64_t(p.Get("dataOffset").As<Napi::Number>().DoubleValue());
+    published_.geometry.changeOffset = uint64_t(p.Get("changeOffset").As<Napi::Number>().DoubleValue());
+    published_.geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
+    published_.geometry.blocks = uint64_t(blocks);
+  }
   std::string path = "/dev/ublkc" + std::to_string(devId_);
   charFd_.Reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
   if (!charFd_.valid()) throw ErrnoError(env, errno, "open " + path);
-  // The thread that serves the queues writes to the backing file on behalf of the block layer:
-  // under memory pressure it must not be throttled like an ordinary writer. Best effort: it
-  // needs CAP_SYS_RESOURCE and only changes reclaim behaviour, not correctness.
-  ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
 
   size_t page = size_t(::sysconf(_SC_PAGESIZE));
   size_t stride = RoundUp(kMaxDepth * sizeof(IoDesc), page);
@@ -85,10 +110,10 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   for (uint32_t id = 0; id < queues; id++) {
     auto q = std::make_unique<Queue>();
     q->id = uint16_t(id);
-    q->tags.resize(depth_);
-    q->requests.reserve(kRequestFields * depth_);
-    q->ordered.reserve(2 * depth_);
-    q->done.reserve(2 * depth_);
+    q->tags.reset(new Tag[depth_]);
+    q->outRequests.reserve(kRequestFields * depth_);
+    q->outOrdered.reserve(2 * depth_);
+    q->outDone.reserve(2 * depth_);
     int err = q->descriptors.Map(RoundUp(depth_ * sizeof(IoDesc), page), PROT_READ, MAP_SHARED | MAP_POPULATE,
                                  charFd_.get(), off_t(id * stride));
     if (err) throw ErrnoError(env, err, name + ": map the descriptors of queue " + std::to_string(id));
@@ -101,24 +126,25 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (err) throw ErrnoError(env, err, name + ": allocate the buffers of queue " + std::to_string(id));
     ::madvise(q->buffers.data(), q->buffers.size(), MADV_NOHUGEPAGE);
+    q->wake.Reset(::eventfd(0, EFD_CLOEXEC));
+    if (!q->wake.valid()) throw ErrnoError(env, errno, name + ": eventfd for queue " + std::to_string(id));
+    // A command and a backing I/O per tag at most, the wake read and a flush's fdatasync.
     unsigned entries = 64;
-    while (entries < 2 * depth_) entries *= 2;
+    while (entries < 2 * depth_ + 2) entries *= 2;
     q->ring.Init(env, entries, 0, name + " queue " + std::to_string(id));
     if (zeroCopy_) {
       // One empty slot per tag: the kernel installs each request's pages at index = tag.
       int rc = io_uring_register_buffers_sparse(q->ring.get(), depth_);
       if (rc < 0) throw ErrnoError(env, -rc, name + ": register the buffer table of queue " + std::to_string(id));
     }
-    Queue* raw = q.get();
-    q->ring.Watch([this, raw] { OnCompletions(*raw); });
     queues_.push_back(std::move(q));
   }
   uv_loop_t* loop = nullptr;
   napi_get_uv_event_loop(env, &loop);
-  deliverTimer_ = new uv_timer_t;
-  uv_timer_init(loop, deliverTimer_);
-  deliverTimer_->data = this;
-  uv_unref(reinterpret_cast<uv_handle_t*>(deliverTimer_));
+  async_ = new uv_async_t;
+  uv_async_init(loop, async_, &Device::OnAsync);
+  async_->data = this;
+  uv_unref(reinterpret_cast<uv_handle_t*>(async_));
   cleanup_.Add(env, [](void* self) { static_cast<Device*>(self)->Shutdown(); }, this);
 }
 
@@ -130,12 +156,254 @@ Device::Queue& Device::QueueArg(Napi::Env env, const Napi::Value& value) {
   return *queues_[id];
 }
 
+void Device::SetLastError(const std::string& message) {
+  std::lock_guard<std::mutex> lock(errorMu_);
+  lastError_ = message;
+}
+
+// ---------------------------------------------------------------- the Node main thread
+
+Napi::Value Device::Start(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (started_) return env.Undefined();
+  started_ = true;
+  for (auto& q : queues_) {
+    Queue* raw = q.get();
+    try {
+      q->thread = std::thread([this, raw] { Run(*raw); });
+    } catch (const std::system_error& e) {
+      throw CodeError(env, "EAGAIN", "ublk device " + std::to_string(devId_) + ": start the thread of queue " +
+                                         std::to_string(q->id) + ": " + e.what());
+    }
+  }
+  // Serving queues keep the process alive until the kernel aborts their tags.
+  uv_ref(reinterpret_cast<uv_handle_t*>(async_));
+  return env.Undefined();
+}
+
+// submit(queue, records, n): the first n numbers of records are plans, each
+// (tag, needsEngine, count, count x (kind, offset, length, bufferOffset)).
+Napi::Value Device::Submit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Queue& q = QueueArg(env, info[0]);
+  Napi::Float64Array records = info[1].As<Napi::Float64Array>();
+  const double* r = records.Data();
+  size_t n = std::min<size_t>(records.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
+  std::string error = ValidateSubmit(q, r, n);
+  if (!error.empty()) throw CodeError(env, "EINVAL", error);
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.submits.insert(q.submits.end(), r, r + n);
+  }
+  Wake(q);
+  return env.Undefined();
+}
+
+// Validates every record before anything is queued, so a bad record leaves no tag half-started;
+// returns what was wrong, or nothing. A tag's bytes were written by its queue thread before the
+// request was delivered (under the queue's mutex), so they are safe to read here.
+std::string Device::ValidateSubmit(Queue& q, const double* r, size_t n) {
+  for (size_t i = 0; i < n;) {
+    if (i + 3 > n) return "submit: truncated plan record";
+    double tag = r[i], count = r[i + 2];
+    if (tag < 0 || tag >= depth_ || q.tags[size_t(tag)].state.load() != uint8_t(TagState::kEngine)) {
+      return "submit: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not being planned";
+    }
+    if (count < 1 || count > kMaxExtents || i + 3 + 4 * size_t(count) > n) {
+      return "submit: bad extent count for tag " + std::to_string(tag);
+    }
+    const Tag& t = q.tags[size_t(tag)];
+    for (size_t k = 0; k < size_t(count); k++) {
+      const double* e = r + i + 3 + 4 * k;
+      bool zero = e[0] == double(kZero);
+      // Data extents stay inside the request's buffer; zero extents only need to fit 32 bits.
+      if (e[0] < 0 || e[0] > 2 || e[1] < 0 || e[2] <= 0 || e[2] > double(UINT32_MAX) ||
+          (!zero && e[3] + e[2] > double(t.bytes))) {
+        return "submit: extent " + std::to_string(k) + " of tag " + std::to_string(tag) + " does not fit its request";
+      }
+    }
+    i += 3 + 4 * size_t(count);
+  }
+  return {};
+}
+
+// complete(queue, pairs, n): the first n numbers of pairs are (tag, result) with result 0 for
+// success or -errno.
+Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Queue& q = QueueArg(env, info[0]);
+  Napi::Int32Array pairs = info[1].As<Napi::Int32Array>();
+  size_t n = std::min<size_t>(pairs.ElementLength(), info[2].As<Napi::Number>().Uint32Value()) & ~size_t(1);
+  std::string error = ValidateComplete(q, pairs.Data(), n);
+  if (!error.empty()) throw CodeError(env, "EINVAL", error);
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.completes.insert(q.completes.end(), pairs.Data(), pairs.Data() + n);
+  }
+  Wake(q);
+  return env.Undefined();
+}
+
+std::string Device::ValidateComplete(Queue& q, const int32_t* pairs, size_t n) {
+  for (size_t i = 0; i + 1 < n; i += 2) {
+    int32_t tag = pairs[i];
+    uint8_t state = tag >= 0 && uint32_t(tag) < depth_ ? q.tags[tag].state.load() : uint8_t(TagState::kDead);
+    if (state != uint8_t(TagState::kEngine) && state != uint8_t(TagState::kWaiting)) {
+      return "complete: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not waiting for the engine";
+    }
+  }
+  return {};
+}
+
+// Wakes the queue thread for its inbox: once per batch, however many submits and completes.
+void Device::Wake(Queue& q) {
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    if (q.wakePending) return;
+    q.wakePending = true;
+  }
+  uint64_t one = 1;
+  ssize_t n;
+  do n = ::write(q.wake.get(), &one, sizeof one);
+  while (n < 0 && errno == EINTR);
+}
+
+void Device::OnAsync(uv_async_t* handle) {
+  auto* self = static_cast<Device*>(handle->data);
+  if (!self) return;
+  RunFromLoop(self->Env(), *self->context_, [self] { self->Deliver(); });
+}
+
+// Hands JS what the queue threads gathered, a queue at a time, in slices the events buffer holds.
+void Device::Deliver() {
+  Napi::Env env = Env();
+  std::vector<double> requests;
+  std::vector<int32_t> ordered, done;
+  // Delivering runs JS that may close the device: index, do not iterate the vector.
+  for (size_t i = 0; i < queues_.size(); i++) {
+    Queue* q = queues_[i].get();
+    bool stopped = false;
+    {
+      std::lock_guard<std::mutex> lock(q->mu);
+      requests.swap(q->requests);
+      ordered.swap(q->ordered);
+      done.swap(q->done);
+      if (q->stopped && !q->stoppedDelivered) stopped = q->stoppedDelivered = true;
+    }
+    size_t r = 0, o = 0, d = 0;
+    do {
+      size_t nr = std::min(requests.size() - r, kRequestFields * depth_);
+      size_t no = std::min(ordered.size() - o, size_t(2) * depth_);
+      size_t nd = std::min(done.size() - d, size_t(2) * depth_);
+      bool last = r + nr == requests.size() && o + no == ordered.size() && d + nd == done.size();
+      if (nr + no + nd == 0 && !(last && stopped)) break;
+      std::memcpy(events_, requests.data() + r, nr * sizeof(double));
+      double* out = events_ + kRequestFields * depth_;
+      for (size_t k = 0; k < no; k++) out[k] = ordered[o + k];
+      out += 2 * depth_;
+      for (size_t k = 0; k < nd; k++) out[k] = done[d + k];
+      r += nr, o += no, d += nd;
+      onEvents_.Call(Value(), {Napi::Number::New(env, q->id), Napi::Number::New(env, double(nr / kRequestFields)),
+                               Napi::Number::New(env, double(no / 2)), Napi::Number::New(env, double(nd / 2)),
+                               Napi::Boolean::New(env, last && stopped)});
+      if (last) break;
+    } while (events_ != nullptr && i < queues_.size() && queues_[i].get() == q);
+    requests.clear();
+    ordered.clear();
+    done.clear();
+  }
+  // Once every queue has stopped, nothing keeps the process alive for this device.
+  bool all = !queues_.empty();
+  for (auto& q : queues_) {
+    std::lock_guard<std::mutex> lock(q->mu);
+    all = all && q->stoppedDelivered;
+  }
+  if (all && async_) uv_unref(reinterpret_cast<uv_handle_t*>(async_));
+}
+
+// ---------------------------------------------------------------- the queue threads
+
+// One queue's thread: issues the fetches (which makes it the queue's daemon task), then submits
+// and waits in one io_uring_enter per round, until the kernel has aborted every tag (the device
+// stopped) or close() asks, and its backing I/O has finished.
+void Device::Run(Queue& q) {
+  std::string name = "cldd-" + std::to_string(devId_) + "q" + std::to_string(q.id);
+  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  // This thread writes to the backing file on behalf of the block layer: under memory pressure it
+  // must not be throttled like an ordinary writer. Best effort: it needs CAP_SYS_RESOURCE and
+  // only changes reclaim behaviour, not correctness.
+  ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+  for (uint32_t tag = 0; tag < depth_; tag++) {
+    q.tags[tag].state.store(uint8_t(TagState::kFetching));
+    QueueCommand(q, uint16_t(tag), kIoFetch, 0);
+  }
+  q.live = depth_;
+  ArmWake(q);
+  for (;;) {
+    int rc = io_uring_submit_and_wait(q.ring.get(), 1);
+    if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY && rc != -ETIME) {
+      // The ring itself failed: nothing this queue holds can complete any more.
+      std::string why = ErrnoMessage(-rc, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": io_uring_enter");
+      SetLastError(why);
+      std::lock_guard<std::mutex> lock(q.mu);
+      q.failure = why;
+      q.stopped = true;
+      break;
+    }
+    Reap(q);
+    PublishOutbox(q);
+    if ((q.exiting || q.live == 0) && q.backingInFlight.load() == 0) break;
+  }
+  PublishOutbox(q);
+  if (async_) uv_async_send(async_);
+}
+
+void Device::ArmWake(Queue& q) {
+  io_uring_sqe* sqe = q.ring.Sqe();
+  if (!sqe) return;
+  io_uring_prep_read(sqe, q.wake.get(), &q.wakeValue, sizeof q.wakeValue, 0);
+  sqe->user_data = kWakeData;
+}
+
+// JS's plans and results, and close's request, taken in one go.
+void Device::TakeInbox(Queue& q) {
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.takenSubmits.swap(q.submits);
+    q.takenCompletes.swap(q.completes);
+    q.wakePending = false;
+    if (q.closeRequested) q.exiting = true;
+  }
+  ApplySubmit(q, q.takenSubmits.data(), q.takenSubmits.size());
+  ApplyComplete(q, q.takenCompletes.data(), q.takenCompletes.size());
+  q.takenSubmits.clear();
+  q.takenCompletes.clear();
+}
+
+// Moves what this round gathered for JS into the outbox, and wakes the main thread for it.
+void Device::PublishOutbox(Queue& q) {
+  bool stopping = q.live == 0 && q.backingInFlight.load() == 0;
+  if (q.outRequests.empty() && q.outOrdered.empty() && q.outDone.empty() && !stopping) return;
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.requests.insert(q.requests.end(), q.outRequests.begin(), q.outRequests.end());
+    q.ordered.insert(q.ordered.end(), q.outOrdered.begin(), q.outOrdered.end());
+    q.done.insert(q.done.end(), q.outDone.begin(), q.outDone.end());
+    if (stopping) q.stopped = true;
+  }
+  q.outRequests.clear();
+  q.outOrdered.clear();
+  q.outDone.clear();
+  if (async_) uv_async_send(async_);
+}
+
 void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
   io_uring_sqe* sqe = q.ring.Sqe();
   if (!sqe) {
-    // The ring refused its queued entries: the queue cannot go on.
-    lastError_ = "queue " + std::to_string(q.id) + ": the ring refused submissions";
-    q.tags[tag].state = TagState::kDead;
+    // The ring refused its queued entries: the tag cannot go on.
+    SetLastError("ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": the ring refused submissions");
+    q.tags[tag].state.store(uint8_t(TagState::kDead));
+    if (q.live > 0) q.live--;
     return;
   }
   // liburing 2.3 has no URING_CMD helper: a zeroed SQE with the opcode and command filled in.
@@ -170,8 +438,8 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
 // to 7154-7569 at QD32. The loop driver writes synchronously from its worker too.
 // Reads try the page cache first, from this thread and without blocking (RWF_NOWAIT): a hit
 // lets the commit leave in the same io_uring_enter as the next submissions instead of a round
-// trip of its own through the ring. A miss, or a part of one, goes to the ring, where it cannot
-// block the event loop.
+// trip of its own through the ring. A miss, or a part of one, goes to the ring, so that one
+// request's miss does not hold up the queue's others. A flush's fdatasync goes to the ring too.
 void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   Extent& e = q.tags[tag].extents[index];
   uint32_t left = e.length - e.done;
@@ -179,7 +447,7 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   uint32_t within = e.bufferOffset + e.done;  // in the request
   uint8_t* mem = q.buffers.data() + size_t(tag) * bufferBytes_ + within;
   bool inPlace = zeroCopy_ && ((e.kind == kRead && left >= kInPlaceReadBytes) || (e.kind == kWrite && left >= kInPlaceWriteBytes));
-  if (e.kind == kRead && nowaitReads_ && !inPlace) {
+  if (e.kind == kRead && nowaitReads_.load(std::memory_order_relaxed) && !inPlace) {
     iovec iov{mem, left};
     ssize_t n;
     do n = ::preadv2(backingFd_, &iov, 1, off_t(at), RWF_NOWAIT);
@@ -190,7 +458,7 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
       OnExtentCompletion(q, tag, index, res);
       return;
     }
-    if (errno == EOPNOTSUPP) nowaitReads_ = false;  // this file system never can: stop asking
+    if (errno == EOPNOTSUPP) nowaitReads_.store(false, std::memory_order_relaxed);  // this file system never can
   }
   if (e.kind == kWrite && !inPlace) {
     int res = zeroCopy_ ? CopyRequest(q, tag, within, mem, left, false) : int(left);
@@ -221,13 +489,16 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
     case kWrite:  // only in place
       io_uring_prep_write_fixed(sqe, backingFd_, fixed, left, at, tag);
       break;
+    case kSync:
+      io_uring_prep_fsync(sqe, backingFd_, IORING_FSYNC_DATASYNC);
+      break;
     default:  // kZero
       io_uring_prep_fallocate(sqe, backingFd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, e.offset, e.length);
       break;
   }
   if (inPlace && e.kind == kWrite) sqe->flags |= IOSQE_ASYNC;
   sqe->user_data = kExtentBit | (uint64_t(tag) << 16) | index;
-  q.backingInFlight++;
+  q.backingInFlight.fetch_add(1, std::memory_order_relaxed);
 }
 
 // Copies between the tag buffer and the request's own pages (UBLK_F_USER_COPY): toRequest for
@@ -243,76 +514,45 @@ int Device::CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, u
 
 void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
   Tag& t = q.tags[tag];
-  t.state = TagState::kFetching;
+  t.state.store(uint8_t(TagState::kFetching));
   t.extents.clear();
   QueueCommand(q, tag, kIoCommitAndFetch, result);
 }
 
-Napi::Value Device::Start(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  for (auto& q : queues_) {
-    if (q->started || !q->ring.open()) continue;
-    for (uint32_t tag = 0; tag < depth_; tag++) {
-      q->tags[tag].state = TagState::kFetching;
-      QueueCommand(*q, uint16_t(tag), kIoFetch, 0);
+// Handles every completion waiting on the ring.
+void Device::Reap(Queue& q) {
+  io_uring_cqe* cqe;
+  while (io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
+    uint64_t data = cqe->user_data;
+    int res = cqe->res;
+    io_uring_cqe_seen(q.ring.get(), cqe);
+    if (data & kExtentBit) {
+      q.backingInFlight.fetch_sub(1, std::memory_order_relaxed);
+      OnExtentCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
+    } else if (data == kWakeData) {
+      TakeInbox(q);
+      if (!q.exiting) ArmWake(q);
+    } else {
+      OnCommandCompletion(q, uint16_t(data), res);
     }
-    q->live = depth_;
-    q->started = true;
-    int rc = q->ring.Submit();
-    if (rc < 0) throw ErrnoError(env, -rc, "ublk device " + std::to_string(devId_) + ": fetch on queue " + std::to_string(q->id));
-    // A serving queue keeps the process alive until the kernel aborts its tags.
-    q->ring.SetRef(true);
   }
-  return env.Undefined();
 }
 
-// submit(queue, records, n): the first n numbers of records are plans, each
-// (tag, needsEngine, count, count x (kind, offset, length, bufferOffset)).
-Napi::Value Device::Submit(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Queue& q = QueueArg(env, info[0]);
-  Napi::Float64Array records = info[1].As<Napi::Float64Array>();
-  const double* r = records.Data();
-  size_t n = std::min<size_t>(records.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
-  std::string error = ApplySubmit(q, r, n);
-  if (!error.empty()) throw CodeError(env, "EINVAL", error);
-  q.ring.Submit();
-  // Called from a promise reaction (a plan that waited for a state change or a lock) rather than
-  // from inside Serve: extents that finished in the direct calls above must still reach JS.
-  if (!q.serving) ScheduleDelivery(q);
-  return env.Undefined();
-}
-
-// Validates every record before anything is queued, so a bad record leaves no tag half-started;
-// returns what was wrong, or nothing.
-std::string Device::ApplySubmit(Queue& q, const double* r, size_t n) {
-  for (size_t i = 0; i < n;) {
-    if (i + 3 > n) return "submit: truncated plan record";
-    double tag = r[i], count = r[i + 2];
-    if (tag < 0 || tag >= depth_ || q.tags[size_t(tag)].state != TagState::kEngine) {
-      return "submit: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not being planned";
-    }
-    if (count < 1 || count > kMaxExtents || i + 3 + 4 * size_t(count) > n) {
-      return "submit: bad extent count for tag " + std::to_string(tag);
-    }
-    const Tag& t = q.tags[size_t(tag)];
-    for (size_t k = 0; k < size_t(count); k++) {
-      const double* e = r + i + 3 + 4 * k;
-      bool zero = e[0] == double(kZero);
-      // Data extents stay inside the request's buffer; zero extents only need to fit 32 bits.
-      if (e[0] < 0 || e[0] > 2 || e[1] < 0 || e[2] <= 0 || e[2] > double(UINT32_MAX) ||
-          (!zero && e[3] + e[2] > double(t.bytes))) {
-        return "submit: extent " + std::to_string(k) + " of tag " + std::to_string(tag) + " does not fit its request";
-      }
-    }
-    i += 3 + 4 * size_t(count);
-  }
-  for (size_t i = 0; i < n;) {
+// Records validated on the main thread; a tag whose state moved on since (a JS bug: the same tag
+// submitted twice) is skipped rather than run twice.
+void Device::ApplySubmit(Queue& q, const double* r, size_t n) {
+  for (size_t i = 0; i + 3 <= n;) {
     auto tag = uint16_t(r[i]);
     auto count = size_t(r[i + 2]);
     Tag& t = q.tags[tag];
+    if (t.state.load() != uint8_t(TagState::kEngine)) {
+      SetLastError("submit: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " was submitted twice");
+      i += 3 + 4 * count;
+      continue;
+    }
     t.needsEngine = r[i + 1] != 0;
-    t.state = TagState::kRunning;
+    t.fast = false;
+    t.state.store(uint8_t(TagState::kRunning));
     t.error = 0;
     // One extra count while queueing, so an extent failing at once cannot finish the tag early.
     t.pending = uint32_t(count) + 1;
@@ -325,149 +565,78 @@ std::string Device::ApplySubmit(Queue& q, const double* r, size_t n) {
     if (--t.pending == 0) ExtentsFinished(q, tag);
     i += 3 + 4 * count;
   }
-  return {};
 }
 
-// complete(queue, pairs, n): the first n numbers of pairs are (tag, result) with result 0 for
-// success or -errno.
-Napi::Value Device::Complete(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Queue& q = QueueArg(env, info[0]);
-  Napi::Int32Array pairs = info[1].As<Napi::Int32Array>();
-  size_t n = std::min<size_t>(pairs.ElementLength(), info[2].As<Napi::Number>().Uint32Value());
-  std::string error = ApplyComplete(q, pairs.Data(), n);
-  q.ring.Submit();
-  if (!q.serving) ScheduleDelivery(q);
-  if (!error.empty()) throw CodeError(env, "EINVAL", error);
-  return env.Undefined();
-}
-
-std::string Device::ApplyComplete(Queue& q, const int32_t* pairs, size_t n) {
+void Device::ApplyComplete(Queue& q, const int32_t* pairs, size_t n) {
   for (size_t i = 0; i + 1 < n; i += 2) {
     int32_t tag = pairs[i], result = pairs[i + 1];
-    if (tag < 0 || uint32_t(tag) >= depth_ ||
-        (q.tags[tag].state != TagState::kEngine && q.tags[tag].state != TagState::kWaiting)) {
-      return "complete: tag " + std::to_string(tag) + " of queue " + std::to_string(q.id) + " is not waiting for the engine";
-    }
     Tag& t = q.tags[tag];
+    uint8_t state = t.state.load();
+    if (state != uint8_t(TagState::kEngine) && state != uint8_t(TagState::kWaiting)) continue;
     // Reads and writes complete with their full byte count; flush, discard and zeroes with 0.
     Commit(q, uint16_t(tag), result < 0 ? result : int32_t(t.bytes));
   }
-  return {};
 }
 
-void Device::OnCompletions(Queue& q) {
-  RunFromLoop(Env(), *context_, [&] { Serve(q, false); });
-}
-
-// Reaps the ring and delivers to JS until nothing is left to deliver. The engine's answers are
-// submitted while JS runs, and backing I/O done by direct calls (writes, cached reads) finishes
-// inside that submit without any completion on the ring: what it leaves in `ordered` would never
-// wake the ring's poll. So every exit either has delivered everything that needs JS or arms the
-// delivery timer; that is the invariant that keeps a tag from waiting for the engine forever.
-// `withDone` delivers completed-plan bookkeeping too instead of deferring it.
-void Device::Serve(Queue& q, bool withDone) {
-  q.serving = true;
-  for (int round = 0; round < kServeRounds && q.ring.open(); round++) {
-    bool stopped = false;
-    Reap(q, &stopped);
-    if (!q.ring.open()) break;
-    // Commits of plans that needed no engine go to the kernel before the engine hears of them.
-    q.ring.Submit();
-    if (q.requests.empty() && q.ordered.empty() && !stopped && (!withDone || q.done.empty())) break;
-    DeliverEvents(q, stopped);
-    withDone = false;
-  }
-  q.serving = false;
-  ScheduleDelivery(q);
-}
-
-// Arms the delivery timer for what a queue still holds for JS: at once for requests and
-// ordered completions (a tag waits on them), after kDoneDelayMs for bookkeeping only.
-void Device::ScheduleDelivery(Queue& q) {
-  if (!deliverTimer_ || !q.ring.open()) return;
-  uint64_t delay;
-  if (!q.requests.empty() || !q.ordered.empty()) delay = 0;
-  else if (!q.done.empty()) delay = kDoneDelayMs;
-  else return;
-  uv_timer_t* timer = deliverTimer_;
-  if (uv_is_active(reinterpret_cast<uv_handle_t*>(timer)) && timerDue_ <= uv_now(timer->loop) + delay) return;
-  timerDue_ = uv_now(timer->loop) + delay;
-  uv_timer_start(timer, &Device::OnDeliverTimer, delay, 0);
-}
-
-// Handles every completion waiting on the ring.
-void Device::Reap(Queue& q, bool* stopped) {
-  io_uring_cqe* cqe;
-  while (q.ring.open() && io_uring_peek_cqe(q.ring.get(), &cqe) == 0) {
-    uint64_t data = cqe->user_data;
-    int res = cqe->res;
-    io_uring_cqe_seen(q.ring.get(), cqe);
-    if (data & kExtentBit) {
-      q.backingInFlight--;
-      OnExtentCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
-    } else {
-      OnCommandCompletion(q, uint16_t(data), res, stopped);
-    }
-  }
-}
-
-void Device::DeliverEvents(Queue& q, bool stopped) {
-  Napi::Env env = Env();
-  // Each tag is in at most one list at a time, so every list fits its part of the buffer.
-  size_t nRequests = q.requests.size() / kRequestFields, nOrdered = q.ordered.size() / 2, nDone = q.done.size() / 2;
-  std::memcpy(events_, q.requests.data(), q.requests.size() * sizeof(double));
-  double* ordered = events_ + kRequestFields * depth_;
-  for (size_t i = 0; i < q.ordered.size(); i++) ordered[i] = q.ordered[i];
-  double* done = ordered + 2 * depth_;
-  for (size_t i = 0; i < q.done.size(); i++) done[i] = q.done[i];
-  q.requests.clear();
-  q.ordered.clear();
-  q.done.clear();
-  onEvents_.Call(Value(), {Napi::Number::New(env, q.id), Napi::Number::New(env, double(nRequests)),
-                           Napi::Number::New(env, double(nOrdered)), Napi::Number::New(env, double(nDone)),
-                           Napi::Boolean::New(env, stopped)});
-}
-
-void Device::OnDeliverTimer(uv_timer_t* timer) {
-  auto* self = static_cast<Device*>(timer->data);
-  if (!self) return;
-  RunFromLoop(self->Env(), *self->context_, [self] {
-    // Delivering may run JS that closes the device: index, do not iterate the vector.
-    for (size_t i = 0; i < self->queues_.size(); i++) {
-      Queue& q = *self->queues_[i];
-      if (q.ring.open()) self->Serve(q, true);
-    }
-  });
-}
-
-void Device::OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped) {
+void Device::OnCommandCompletion(Queue& q, uint16_t tag, int res) {
   if (tag >= depth_) return;
   Tag& t = q.tags[tag];
   if (res == UBLK_IO_RES_OK) {
-    const IoDesc* d = reinterpret_cast<const IoDesc*>(q.descriptors.data()) + tag;
-    uint32_t opFlags = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
-    t.state = TagState::kEngine;
-    t.op = uint8_t(opFlags & 0xff);
-    // Descriptors count 512-byte sectors whatever the logical block size.
-    t.bytes = (t.op == UBLK_IO_OP_READ || t.op == UBLK_IO_OP_WRITE) ? d->nr_sectors * 512u : 0;
-    double record[5] = {double(tag), double(t.op), double(opFlags >> 8), double(d->start_sector) * 512.0,
-                        double(d->nr_sectors) * 512.0};
-    q.requests.insert(q.requests.end(), record, record + 5);
+    OnRequest(q, tag);
     return;
   }
-  if (t.state == TagState::kDead) return;
+  if (t.state.load() == uint8_t(TagState::kDead)) return;
   // -ENODEV: the device is going away (stop, or the ring is being torn down). Anything else
   // means this tag cannot be served any more either.
   if (res != UBLK_IO_RES_ABORT) {
-    lastError_ = ErrnoMessage(-res, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) +
-                                        " tag " + std::to_string(tag));
+    SetLastError(ErrnoMessage(-res, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) +
+                                        " tag " + std::to_string(tag)));
   }
-  t.state = TagState::kDead;
-  if (q.live > 0 && --q.live == 0) {
-    *stopped = true;
-    q.ring.SetRef(false);
+  t.state.store(uint8_t(TagState::kDead));
+  if (q.live > 0) q.live--;
+}
+
+void Device::OnRequest(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  const IoDesc* d = reinterpret_cast<const IoDesc*>(q.descriptors.data()) + tag;
+  uint32_t opFlags = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
+  t.op = uint8_t(opFlags & 0xff);
+  // Descriptors count 512-byte sectors whatever the logical block size.
+  t.bytes = (t.op == UBLK_IO_OP_READ || t.op == UBLK_IO_OP_WRITE) ? d->nr_sectors * 512u : 0;
+  t.offset = d->start_sector * 512;
+  t.since.store(NowNs(), std::memory_order_relaxed);
+  if (ServeFast(q, tag)) return;
+  t.state.store(uint8_t(TagState::kEngine));
+  double record[kRequestFields] = {double(tag), double(t.op), double(opFlags >> 8), double(t.offset),
+                                   double(d->nr_sectors) * 512.0};
+  q.outRequests.insert(q.outRequests.end(), record, record + kRequestFields);
+}
+
+// Serves the request here when the engine's publication decides it (serving.h). The count of
+// fast requests in flight goes up before the decision reads the mode, and down once the backing
+// I/O is done: the engine turns the mode off and then waits for the count to reach 0, so no fast
+// request decided under the old mode is still running when the state changes (docs/serving.md).
+bool Device::ServeFast(Queue& q, uint16_t tag) {
+  if (!published_.words) return false;
+  Tag& t = q.tags[tag];
+  const IoDesc* d = reinterpret_cast<const IoDesc*>(q.descriptors.data()) + tag;
+  q.fastInFlight.fetch_add(1, std::memory_order_seq_cst);
+  t.extents.clear();
+  uint64_t length = uint64_t(d->nr_sectors) * 512;
+  if (!PlanFast(published_, target_, __atomic_load_n(&d->op_flags, __ATOMIC_RELAXED), t.offset, length, &t.extents)) {
+    t.extents.clear();
+    q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+    return false;
   }
+  t.fast = true;
+  t.needsEngine = false;
+  t.error = 0;
+  t.state.store(uint8_t(TagState::kFast));
+  size_t count = t.extents.size();
+  t.pending = uint32_t(count) + 1;
+  for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+  if (--t.pending == 0) ExtentsFinished(q, tag);
+  return true;
 }
 
 void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res) {
@@ -476,7 +645,7 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
   Extent& e = t.extents[index];
   if (res < 0) {
     if (!t.error) t.error = -res;
-  } else if (e.kind != kZero) {
+  } else if (e.kind == kRead || e.kind == kWrite) {
     if (res == 0) {
       // End of file (or no progress): the backing file is shorter than the engine thinks.
       if (!t.error) t.error = EIO;
@@ -493,78 +662,133 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
 
 void Device::ExtentsFinished(Queue& q, uint16_t tag) {
   Tag& t = q.tags[tag];
-  if (t.needsEngine) {
-    t.state = TagState::kWaiting;
-    q.ordered.push_back(tag);
-    q.ordered.push_back(t.error);
+  if (t.fast) {
+    t.fast = false;
+    Counters& c = q.counters;
+    if (t.error) c.errors.fetch_add(1, std::memory_order_relaxed);
+    else if (t.op == UBLK_IO_OP_READ) c.reads.fetch_add(1, std::memory_order_relaxed), c.bytesRead.fetch_add(t.bytes, std::memory_order_relaxed);
+    else if (t.op == UBLK_IO_OP_WRITE) c.writes.fetch_add(1, std::memory_order_relaxed), c.bytesWritten.fetch_add(t.bytes, std::memory_order_relaxed);
+    else c.flushes.fetch_add(1, std::memory_order_relaxed);
+    Commit(q, tag, t.error ? -t.error : int32_t(t.bytes));
+    q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
     return;
   }
-  q.done.push_back(tag);
-  q.done.push_back(t.error);
+  if (t.needsEngine) {
+    t.state.store(uint8_t(TagState::kWaiting));
+    q.outOrdered.push_back(tag);
+    q.outOrdered.push_back(t.error);
+    return;
+  }
+  q.outDone.push_back(tag);
+  q.outDone.push_back(t.error);
   Commit(q, tag, t.error ? -t.error : int32_t(t.bytes));
 }
+
+// ---------------------------------------------------------------- close and reports
 
 // close() returns the completions not yet delivered, as (queue, tag, errno) triples: those
 // requests are finished in the kernel, and the engine must hear how they ended.
 Napi::Value Device::Close(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  size_t n = 0;
-  for (auto& q : queues_) n += q->done.size() / 2 * 3;
-  Napi::Int32Array pending = Napi::Int32Array::New(env, n);
-  size_t k = 0;
+  std::vector<int32_t> pending;
+  // The threads first: after they are gone, the outboxes are final.
+  StopThreads();
   for (auto& q : queues_) {
-    for (size_t i = 0; i + 1 < q->done.size(); i += 2) {
-      pending[k++] = q->id;
-      pending[k++] = q->done[i];
-      pending[k++] = q->done[i + 1];
-    }
+    std::lock_guard<std::mutex> lock(q->mu);
+    for (size_t i = 0; i + 1 < q->done.size(); i += 2) pending.insert(pending.end(), {int32_t(q->id), q->done[i], q->done[i + 1]});
     q->done.clear();
   }
   Shutdown();
-  return pending;
+  Napi::Int32Array out = Napi::Int32Array::New(env, pending.size());
+  std::copy(pending.begin(), pending.end(), out.Data());
+  return out;
+}
+
+// Asks every queue thread to stop serving and joins it. Each waits for its backing I/O to finish
+// first (file I/O always completes, so this is bounded): that I/O lands in the tag buffers or the
+// requests' pages, which must outlive it.
+void Device::StopThreads() {
+  for (auto& q : queues_) {
+    if (!q->thread.joinable()) continue;
+    {
+      std::lock_guard<std::mutex> lock(q->mu);
+      q->closeRequested = true;
+      q->wakePending = true;
+    }
+    uint64_t one = 1;
+    ssize_t n;
+    do n = ::write(q->wake.get(), &one, sizeof one);
+    while (n < 0 && errno == EINTR);
+    q->thread.join();
+  }
 }
 
 void Device::Shutdown() {
-  CloseHandle(deliverTimer_);
-  for (auto& q : queues_) {
-    if (!q->ring.open()) continue;
-    // Backing reads land in the tag buffers or the requests' pages: let them finish before the
-    // buffers are unmapped and the ring, which holds the requests' registrations, goes.
-    // File I/O always completes, so this wait is bounded.
-    while (q->backingInFlight > 0) {
-      io_uring_cqe* cqe;
-      if (io_uring_wait_cqe(q->ring.get(), &cqe) < 0) break;
-      if (cqe->user_data & kExtentBit) q->backingInFlight--;
-      io_uring_cqe_seen(q->ring.get(), cqe);
-    }
-    // Closing the ring cancels the outstanding FETCHes: the kernel sees the server go away.
-    q->ring.Close();
-  }
+  StopThreads();
+  CloseHandle(async_);
+  // Closing the rings cancels the outstanding FETCHes: the kernel sees the server go away.
+  for (auto& q : queues_) q->ring.Close();
   queues_.clear();  // unmaps descriptors and buffers
   charFd_.Reset();
   onEvents_.Reset();
   eventsRef_.Reset();
+  wordsRef_.Reset();
+  bitsRef_.Reset();
+  published_ = Published();
   events_ = nullptr;
 }
 
-// inspect(queue): where each tag is and what the queue holds for JS, for the daemon's report of
-// a request outstanding far too long. Cheap, but only called when one is.
+// inspect(queue): where each tag is, since when, and what the queue holds for JS, for the
+// daemon's report of a request outstanding far too long. Cheap, but only called when one is.
 Napi::Value Device::Inspect(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Queue& q = QueueArg(env, info[0]);
   Napi::Uint8Array states = Napi::Uint8Array::New(env, depth_);
-  for (uint32_t tag = 0; tag < depth_; tag++) states[tag] = uint8_t(q.tags[tag].state);
+  Napi::Float64Array ages = Napi::Float64Array::New(env, depth_);
+  uint64_t now = NowNs();
+  for (uint32_t tag = 0; tag < depth_; tag++) {
+    Tag& t = q.tags[tag];
+    states[tag] = t.state.load();
+    uint64_t since = t.since.load(std::memory_order_relaxed);
+    ages[tag] = since && now > since ? double(now - since) / 1e6 : 0;
+  }
   Napi::Object out = Napi::Object::New(env);
   out.Set("states", states);
-  out.Set("requests", double(q.requests.size() / kRequestFields));
-  out.Set("ordered", double(q.ordered.size() / 2));
-  out.Set("done", double(q.done.size() / 2));
-  out.Set("backingInFlight", double(q.backingInFlight));
-  out.Set("deliveryArmed", deliverTimer_ != nullptr && uv_is_active(reinterpret_cast<uv_handle_t*>(deliverTimer_)) != 0);
+  out.Set("ages", ages);
+  {
+    std::lock_guard<std::mutex> lock(q.mu);
+    out.Set("requests", double(q.requests.size() / kRequestFields));
+    out.Set("ordered", double(q.ordered.size() / 2));
+    out.Set("done", double(q.done.size() / 2));
+    out.Set("failure", q.failure.empty() ? env.Null() : Napi::String::New(env, q.failure));
+  }
+  out.Set("backingInFlight", double(q.backingInFlight.load()));
+  out.Set("fastInFlight", double(q.fastInFlight.load()));
+  return out;
+}
+
+// fastInFlight(): the fast-path requests of every queue between their decision and the end of
+// their backing I/O (the engine waits for 0 after turning the fast path off).
+Napi::Value Device::FastInFlight(const Napi::CallbackInfo& info) {
+  uint64_t n = 0;
+  for (auto& q : queues_) n += q->fastInFlight.load(std::memory_order_seq_cst);
+  return Napi::Number::New(info.Env(), double(n));
+}
+
+// stats(): what the fast path served, summed over the queues: reads, writes, flushes, bytes
+// read, bytes written, errors.
+Napi::Value Device::Stats(const Napi::CallbackInfo& info) {
+  Napi::Float64Array out = Napi::Float64Array::New(info.Env(), 6);
+  for (auto& q : queues_) {
+    const Counters& c = q->counters;
+    out[0] += double(c.reads.load()), out[1] += double(c.writes.load()), out[2] += double(c.flushes.load());
+    out[3] += double(c.bytesRead.load()), out[4] += double(c.bytesWritten.load()), out[5] += double(c.errors.load());
+  }
   return out;
 }
 
 Napi::Value Device::LastError(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::mutex> lock(errorMu_);
   if (lastError_.empty()) return info.Env().Null();
   return Napi::String::New(info.Env(), lastError_);
 }

@@ -1,21 +1,29 @@
 // The serving side of one ublk device: /dev/ublkcN, each queue's descriptor mapping, per-tag
-// I/O buffers and one io_uring per queue that carries the ublk commands, the backing file's
-// discards and uncached reads, and with zero copy its large reads and writes (small writes and
-// cached reads are direct calls: see QueueExtent in device.cc).
-// Every queue is served from the Node main thread (see src/ublk/device.ts for why): it issues
-// every FETCH_REQ and every later command, so it is the daemon task of all queues.
+// I/O buffers, and per queue one native thread that owns the queue's io_uring: it issues every
+// ublk command of that queue (so it is the queue's daemon task), blocks in io_uring_enter
+// (submit and wait in one call), and runs the backing file's I/O.
 //
-// Per tag: the kernel hands a request over (FETCH completes) -> the engine plans it -> the
-// plan's extents run here -> either the tag is committed at once (the engine is told after, in
-// a batch) or, for plans that need ordering, the engine is told first and commits through
-// complete(). Only plans, never extents, cross into JS.
+// Per request, the queue thread first asks the fast path (serving.h): a request whose plan is a
+// pure function of what the engine publishes (reads, plain writes, writes to blocks already
+// redirected, flushes with nothing to commit) is served there and then, with no JS at all.
+// Every other request goes to the engine as before: the kernel hands it over (FETCH completes)
+// -> the engine plans it on the Node main thread -> the plan's extents run on the queue thread
+// -> either the tag is committed at once (the engine is told after, in a batch) or, for plans
+// that need ordering, the engine is told first and commits through complete(). Only plans,
+// never extents, cross into JS. Between the threads: a mutex-guarded inbox per queue (JS's plans
+// and results, woken through an eventfd read on the ring) and outbox (requests and completions
+// for JS, woken through a uv_async).
 #pragma once
 
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
+#include "serving.h"
 
 namespace cldd {
 
@@ -26,38 +34,60 @@ class Device : public Napi::ObjectWrap<Device> {
   ~Device() override { Shutdown(); }
 
  private:
-  struct Extent {
-    uint8_t kind;
-    uint64_t offset;
-    uint32_t length;
-    uint32_t bufferOffset;
-    uint32_t done;
-  };
   // The numbers are read by src/ublk/device.ts (TAG_STATES) through inspect().
-  enum class TagState : uint8_t { kIdle, kFetching, kEngine, kRunning, kWaiting, kDead };
+  enum class TagState : uint8_t { kIdle, kFetching, kEngine, kRunning, kWaiting, kDead, kFast };
   struct Tag {
-    TagState state = TagState::kIdle;
+    std::atomic<uint8_t> state{uint8_t(TagState::kIdle)};
     uint8_t op = 0;
-    uint32_t bytes = 0;
     bool needsEngine = false;
+    bool fast = false;
+    uint32_t bytes = 0;
     uint32_t pending = 0;
     int error = 0;
+    uint64_t offset = 0;
+    // CLOCK_MONOTONIC nanoseconds when the request arrived (for inspect's ages).
+    std::atomic<uint64_t> since{0};
     std::vector<Extent> extents;
+  };
+  // Requests served by the fast path, by kind; added into the engine's counters by device.ts.
+  struct Counters {
+    std::atomic<uint64_t> reads{0}, writes{0}, flushes{0}, bytesRead{0}, bytesWritten{0}, errors{0};
   };
   struct Queue {
     uint16_t id = 0;
     Ring ring;
     Mapping descriptors;
     Mapping buffers;
-    std::vector<Tag> tags;
+    std::unique_ptr<Tag[]> tags;
+    Fd wake;  // eventfd: written by JS's submit/complete and by close; read through the ring
+    uint64_t wakeValue = 0;
+    std::thread thread;
+    // Owned by the queue thread.
     uint32_t live = 0;
-    uint32_t backingInFlight = 0;
-    bool started = false;
-    // Inside Serve: its loop delivers what JS's submits and completions leave behind.
-    bool serving = false;
+    bool exiting = false;
+    std::vector<double> outRequests;
+    std::vector<int32_t> outOrdered;
+    std::vector<int32_t> outDone;
+    std::vector<double> takenSubmits;
+    std::vector<int32_t> takenCompletes;
+    // Read by inspect() from the main thread.
+    std::atomic<uint32_t> backingInFlight{0};
+    // Fast-path requests between their decision and the end of their backing I/O: the engine
+    // turns the fast path off and waits for this to reach 0 before it changes state.
+    std::atomic<uint32_t> fastInFlight{0};
+    Counters counters;
+    // Guarded by mu: the inbox (JS -> thread) and the outbox (thread -> JS).
+    std::mutex mu;
+    std::vector<double> submits;
+    std::vector<int32_t> completes;
+    bool closeRequested = false;
+    bool wakePending = false;
     std::vector<double> requests;
     std::vector<int32_t> ordered;
     std::vector<int32_t> done;
+    bool stopped = false;         // every tag is dead: told to JS with the next delivery
+    bool stoppedDelivered = false;
+    std::string failure;          // why the thread stopped serving early, if it did
   };
 
   Napi::Value Start(const Napi::CallbackInfo& info);
@@ -65,24 +95,36 @@ class Device : public Napi::ObjectWrap<Device> {
   Napi::Value Complete(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Inspect(const Napi::CallbackInfo& info);
+  Napi::Value FastInFlight(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value LastError(const Napi::CallbackInfo& info);
-  static void OnDeliverTimer(uv_timer_t* timer);
+  static void OnAsync(uv_async_t* handle);
 
   Queue& QueueArg(Napi::Env env, const Napi::Value& value);
+  std::string ValidateSubmit(Queue& q, const double* r, size_t n);
+  std::string ValidateComplete(Queue& q, const int32_t* pairs, size_t n);
+  void Wake(Queue& q);
+  void Deliver();
+
+  // The queue thread.
+  void Run(Queue& q);
+  void ArmWake(Queue& q);
+  void TakeInbox(Queue& q);
+  void PublishOutbox(Queue& q);
   void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
   void QueueExtent(Queue& q, uint16_t tag, uint16_t index);
   int CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, uint32_t length, bool toRequest);
   void Commit(Queue& q, uint16_t tag, int32_t result);
-  void OnCompletions(Queue& q);
-  void Serve(Queue& q, bool withDone);
-  void ScheduleDelivery(Queue& q);
-  void DeliverEvents(Queue& q, bool stopped);
-  void Reap(Queue& q, bool* stopped);
-  std::string ApplySubmit(Queue& q, const double* r, size_t n);
-  std::string ApplyComplete(Queue& q, const int32_t* pairs, size_t n);
-  void OnCommandCompletion(Queue& q, uint16_t tag, int res, bool* stopped);
+  void Reap(Queue& q);
+  void ApplySubmit(Queue& q, const double* r, size_t n);
+  void ApplyComplete(Queue& q, const int32_t* pairs, size_t n);
+  void OnRequest(Queue& q, uint16_t tag);
+  bool ServeFast(Queue& q, uint16_t tag);
+  void OnCommandCompletion(Queue& q, uint16_t tag, int res);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void ExtentsFinished(Queue& q, uint16_t tag);
+  void SetLastError(const std::string& message);
+  void StopThreads();
   void Shutdown();
 
   uint32_t devId_ = 0;
@@ -94,21 +136,25 @@ class Device : public Napi::ObjectWrap<Device> {
   // side copies small requests itself (UBLK_F_USER_COPY); see QueueExtent.
   bool zeroCopy_ = false;
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
-  bool nowaitReads_ = true;
+  std::atomic<bool> nowaitReads_{true};
+  Target target_ = Target::kMaster;
+  // What the engine publishes; words and bits stay referenced below while the queues serve.
+  Published published_;
+  Napi::Reference<Napi::Int32Array> wordsRef_;
+  Napi::Reference<Napi::Uint32Array> bitsRef_;
   Fd charFd_;
   std::vector<std::unique_ptr<Queue>> queues_;
+  bool started_ = false;
   Napi::FunctionReference onEvents_;
   // The one buffer every delivery to JS goes through (JS reads it inside onEvents, synchronously):
   // requests at [0, 5 x depth), ordered pairs at [5 x depth, 7 x depth), done pairs after that.
   Napi::Reference<Napi::Float64Array> eventsRef_;
   double* events_ = nullptr;
-  // Delivers what a queue holds for JS when no ring completion will: completed plans whose
-  // finish() is bookkeeping (after kDoneDelayMs, unless a delivery takes them along earlier),
-  // and at once whatever direct calls outside Serve, or Serve's round limit, left behind.
-  uv_timer_t* deliverTimer_ = nullptr;
-  uint64_t timerDue_ = 0;
+  // Woken by the queue threads when their outbox gains something for JS.
+  uv_async_t* async_ = nullptr;
   std::unique_ptr<Napi::AsyncContext> context_;
   CleanupHook cleanup_;
+  std::mutex errorMu_;
   std::string lastError_;
 };
 

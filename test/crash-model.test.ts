@@ -20,6 +20,7 @@ import { FaultStore } from '../src/store/fault-store.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { ReferenceModel } from './helpers/model.js';
 import { between, pick, rng, seedFromEnv } from './helpers/random.js';
+import { FastPathDisk } from './helpers/fast-path.js';
 import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
 
 interface Config {
@@ -29,12 +30,14 @@ interface Config {
   /** Block ranges the workload uses (all blocks when absent). */
   windows?: [number, number][];
   maxRequestBlocks: number;
+  /** Requests go through the queue threads' fast path where it decides them (helpers/fast-path.ts). */
+  fastPath: boolean;
 }
 
 class Trial {
   store!: FaultStore;
   volume!: Volume;
-  disk!: Disk;
+  disk!: Disk | FastPathDisk;
   model!: ReferenceModel;
   private version = 0;
   private blocks = 0;
@@ -59,8 +62,19 @@ class Trial {
     return computeLayout(this.config.storeSize, this.config.blockSize).dataOffset;
   }
 
+  fastServed = 0;
+  fastDeclined = 0;
+
+  /** Adds up what the fast path of the volume being left behind served. */
+  private tally(): void {
+    if (!(this.disk instanceof FastPathDisk)) return;
+    this.fastServed += this.disk.fast.served;
+    this.fastDeclined += this.disk.fast.declined;
+  }
+
   private attach(): void {
-    this.disk = new Disk(this.volume, new StoreExecutor(this.store));
+    this.tally();
+    this.disk = this.config.fastPath ? new FastPathDisk(this.volume, this.store) : new Disk(this.volume, new StoreExecutor(this.store));
   }
 
   // ------------------------------------------------------------ workload
@@ -345,6 +359,7 @@ class Trial {
     expect(this.volume.state).toBe('plain');
     const windows = this.config.windows ?? [[0, this.blocks]];
     for (const [lo, hi] of windows) await this.readMaster(lo, hi);
+    this.tally();
     await this.volume.close();
     const report = await check(this.store);
     expect(report.findings).toEqual([]);
@@ -363,7 +378,7 @@ async function expectCode(promise: Promise<unknown>, code: string): Promise<void
 }
 
 const MiB = 1 << 20;
-const CONFIGS: { weight: number; make: (random: () => number) => Config }[] = [
+const CONFIGS: { weight: number; make: (random: () => number) => Omit<Config, 'fastPath'> }[] = [
   {
     weight: 0.7,
     make: (random) => ({
@@ -404,20 +419,28 @@ const CONFIGS: { weight: number; make: (random: () => number) => Config }[] = [
 ];
 
 describe('crash model', () => {
-  test('random workloads with power loss keep the three guarantees', async () => {
+  // Each workload twice: every request planned by the engine, and the requests the queue threads
+  // serve by themselves (reads, plain writes, writes to redirected blocks, flushes with nothing to
+  // commit) through the native fast path's own decisions.
+  test.each([
+    { fastPath: false, label: 'every request planned by the engine', points: 2400 },
+    { fastPath: true, label: 'through the fast path', points: 1600 },
+  ])('random workloads with power loss keep the three guarantees: $label', async ({ fastPath, label, points }) => {
     const seed = seedFromEnv();
-    const target = Number(process.env.CLDD_CRASH_POINTS ?? 2400);
-    console.log(`crash model seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const target = Number(process.env.CLDD_CRASH_POINTS ?? points);
+    console.log(`crash model (${label}) seed: ${seed} (replay with CLDD_SEED=${seed})`);
     const random = rng(seed);
     let crashPoints = 0;
     let trials = 0;
     let steps = 0;
+    let fastServed = 0;
+    let fastDeclined = 0;
     const started = performance.now();
     try {
       while (crashPoints < target) {
         let roll = random();
         const cfg = CONFIGS.find((c) => (roll -= c.weight) < 0) ?? CONFIGS[0];
-        const trial = new Trial(random, cfg.make(random));
+        const trial = new Trial(random, { ...cfg.make(random), fastPath });
         await trial.start();
         trials++;
         const crashes = between(random, 1, 4);
@@ -428,6 +451,8 @@ describe('crash model', () => {
           await trial.runUntilCrash(between(random, 1, 80), 200);
         }
         await trial.finish();
+        fastServed += trial.fastServed;
+        fastDeclined += trial.fastDeclined;
         crashPoints += trial.crashPoints;
         steps += trial.steps;
       }
@@ -437,7 +462,12 @@ describe('crash model', () => {
     }
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     console.log(`crash points: ${crashPoints}`);
-    console.log(`crash model: ${trials} volumes, ${steps} steps, ${seconds} s, seed ${seed}`);
+    console.log(`crash model (${label}): ${trials} volumes, ${steps} steps, ${seconds} s, seed ${seed}`);
+    if (fastPath) {
+      // The fast path must really take part: most reads and writes of a workload are its.
+      expect(fastServed, 'requests the fast path served').toBeGreaterThan(fastDeclined);
+      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine`);
+    }
     expect(crashPoints).toBeGreaterThanOrEqual(target);
   }, 600_000);
 });

@@ -6,11 +6,19 @@ import { MAP_SLOT_HEADER } from './format.js';
  * Paged like the on-disk map (one page per map slot payload); an all-zero page holds no memory,
  * so a plain volume of any size costs almost nothing and a 1 TiB area at 4 KiB blocks costs at
  * most 34 MB. Pages whose bits changed since the last commit are marked dirty.
+ *
+ * The bits live in one flat array, `bits` (block b is bit b & 31 of word b >>> 5), that the
+ * native queue threads read to serve requests without the engine (docs/serving.md); each page is
+ * a view of it. A page that was never set costs address space only (the allocator hands out
+ * untouched zero pages).
  */
 export class BlockMap {
   readonly pageCount: number;
   readonly bitsPerPage: number;
   private readonly wordsPerPage: number;
+  /** Every page's words, back to back; a page never set is all zero. */
+  readonly bits: Uint32Array;
+  /** A page's view of `bits`, or null while the page is all zero. */
   private readonly pages: (Uint32Array | null)[];
   private readonly pageCounts: Uint32Array;
   private readonly dirtyFlags: Uint8Array;
@@ -24,6 +32,7 @@ export class BlockMap {
     this.bitsPerPage = (blockSize - MAP_SLOT_HEADER) * 8;
     this.wordsPerPage = this.bitsPerPage / 32;
     this.pageCount = Math.ceil(blocks / this.bitsPerPage);
+    this.bits = new Uint32Array(this.pageCount * this.wordsPerPage);
     this.pages = new Array(this.pageCount).fill(null);
     this.pageCounts = new Uint32Array(this.pageCount);
     this.dirtyFlags = new Uint8Array(this.pageCount);
@@ -65,7 +74,7 @@ export class BlockMap {
           b = stop;
           continue;
         }
-        page = this.pages[p] = new Uint32Array(this.wordsPerPage);
+        page = this.pages[p] = this.pageWords(p);
       }
       let changed = 0;
       for (let bit = b - pageStart; bit < stop - pageStart; ) {
@@ -171,7 +180,11 @@ export class BlockMap {
   /** The page's payload as it would be stored (a copy), or null when the page is all zero. */
   payload(p: number): Uint8Array | null {
     const page = this.pages[p];
-    return page ? new Uint8Array(page.buffer.slice(0)) : null;
+    return page ? new Uint8Array(page.buffer.slice(page.byteOffset, page.byteOffset + page.byteLength)) : null;
+  }
+
+  private pageWords(p: number): Uint32Array {
+    return this.bits.subarray(p * this.wordsPerPage, (p + 1) * this.wordsPerPage);
   }
 
   /** Loads a page's stored payload; rejects bits beyond the last block. */
@@ -192,7 +205,9 @@ export class BlockMap {
     }
     this.setCount += n - this.pageCounts[p];
     this.pageCounts[p] = n;
-    this.pages[p] = n ? words : null;
+    const page = this.pageWords(p);
+    page.set(words);
+    this.pages[p] = n ? page : null;
   }
 
   /** Takes the list of dirty pages and marks them clean. */

@@ -9,6 +9,12 @@
  *             their bits. A master write to a redirected block goes to the data area and clears
  *             the bit (range locks keep it off blocks being merged).
  *
+ * The requests whose plan is a pure function of the state and the redirect bitmap (reads, plain
+ * writes, writes to blocks already redirected, flushes with nothing to commit) may be served by
+ * the native queue threads without calling plan(): the volume publishes what they need
+ * (publication.ts) and turns that path off, and waits for it, around every state change
+ * (docs/serving.md).
+ *
  * Durability follows a disk with a volatile write cache: map changes are made in memory when a
  * write completes and committed by the next flush or FUA write (see commit() and
  * docs/format.md for why every crash point is safe).
@@ -32,6 +38,7 @@ import {
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
 import { type Leftover, MapJournal } from './map-journal.js';
+import { type FastPathCounters, type FastPathServer, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 import { MAP_IO_PAGES, readMap, readSuperblocks } from './recovery.js';
 
@@ -128,6 +135,9 @@ export class Volume {
   private failure: CldError | null = null;
   private closed = false;
   private journal: MapJournal | null = null;
+  /** What the native fast path reads, and the servers using it (drained around state changes). */
+  readonly publication: Publication;
+  private readonly fastServers = new Set<FastPathServer>();
 
   readonly counters: VolumeCounters = {
     reads: 0,
@@ -158,6 +168,7 @@ export class Volume {
     this.pageCommit = pages.slotCommit;
     this.nextCommit = pages.nextCommit;
     this.now = now;
+    this.publication = new Publication(map.bits, sb.state);
   }
 
   // ---------------------------------------------------------------- format and open
@@ -313,8 +324,25 @@ export class Volume {
       inFlight: this.inFlight,
       dirtyMapPages: this.map.dirtyPages,
       failed: this.failure?.message ?? null,
-      counters: { ...this.counters },
+      counters: [...this.fastServers].reduce((sum, server) => addCounters(sum, server.counters()), { ...this.counters }),
     };
+  }
+
+  /**
+   * Registers a server whose native threads serve through the fast path; the volume waits for
+   * its idle() around every state change and at close. Returns the function that removes it.
+   */
+  attachFastPath(server: FastPathServer): () => void {
+    this.fastServers.add(server);
+    return () => {
+      // What it served stays counted.
+      if (this.fastServers.delete(server)) addCounters(this.counters, server.counters());
+    };
+  }
+
+  /** Whether a flush now has something to commit; published for the fast path. */
+  private publishCommitPending(): void {
+    this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || this.commitRunning);
   }
 
   // ---------------------------------------------------------------- planning
@@ -452,6 +480,8 @@ export class Volume {
           if (ok) onSuccess();
           else this.counters.errors++;
         } finally {
+          // Before the request completes: a flush that follows it must find the map change.
+          this.publishCommitPending();
           always?.();
           this.leave(false);
         }
@@ -560,6 +590,7 @@ export class Volume {
               this.counters.errors++;
             }
           } finally {
+            this.publishCommitPending();
             this.locks.release(lock);
             this.leave(true);
           }
@@ -583,6 +614,8 @@ export class Volume {
   private setState(state: VolumeState): void {
     this.sb = { ...this.sb, state, stateChangedAt: this.now(), epoch: state === 'snapshot' ? this.sb.epoch + 1 : this.sb.epoch };
     this.sbDirty = true;
+    this.publishCommitPending();
+    this.publication.setState(state);
     if (state === 'plain') {
       const waiters = this.plainWaiters;
       this.plainWaiters = [];
@@ -649,11 +682,16 @@ export class Volume {
   private async withGateClosed(fn: () => Promise<void>): Promise<void> {
     let open!: () => void;
     this.gate = new Promise<void>((resolve) => (open = resolve));
+    // Requests the queue threads would serve now come to plan() and wait at the gate; those they
+    // serve already must finish first, as those planned here do.
+    this.publication.suspend();
     try {
+      if (this.fastServers.size) await Promise.all([...this.fastServers].map((s) => s.idle()));
       if (this.inFlight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
       await fn();
     } finally {
       this.gate = null;
+      this.publication.resume();
       open();
     }
   }
@@ -667,6 +705,7 @@ export class Volume {
       });
     }
     this.closed = true;
+    this.publication.stop();
     // Everything is committed after a clean close; after a failure the journal must stay.
     this.journal?.close(!this.failure);
     this.journal = null;
@@ -699,6 +738,7 @@ export class Volume {
 
   private async commitLoop(): Promise<void> {
     this.commitRunning = true;
+    this.publishCommitPending();
     try {
       while (this.commitWaiters.length) {
         const batch = this.commitWaiters;
@@ -714,6 +754,7 @@ export class Volume {
       }
     } finally {
       this.commitRunning = false;
+      this.publishCommitPending();
     }
   }
 
@@ -768,6 +809,7 @@ export class Volume {
    */
   private fail(err: unknown): void {
     if (this.failure) return;
+    this.publication.stop();
     const detail = err instanceof Error ? err.message : String(err);
     this.failure = new CldError('EIO', `metadata commit failed (${detail}); the volume stopped taking I/O until it is reopened`, {
       cause: err,
@@ -809,6 +851,16 @@ function replayJournal(map: BlockMap, sb: Superblock, leftover: Leftover, path: 
     }
     map.assign(c.start, c.end, c.redirected);
   });
+}
+
+function addCounters(sum: VolumeCounters, fast: FastPathCounters): VolumeCounters {
+  sum.reads += fast.reads;
+  sum.writes += fast.writes;
+  sum.flushes += fast.flushes;
+  sum.bytesRead += fast.bytesRead;
+  sum.bytesWritten += fast.bytesWritten;
+  sum.errors += fast.errors;
+  return sum;
 }
 
 function noSlave(): CldError {

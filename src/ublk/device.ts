@@ -1,24 +1,25 @@
 /**
  * One ublk device serving one target ('master' or 'slave') of a Volume. The native Device runs
- * the queues on the Node main thread; this class is the batched bridge to the engine:
+ * one thread per queue (native/device.h); this class is the batched bridge to the engine for the
+ * requests those threads do not serve themselves:
  *
- *   - every request a queue's wake-up brought is planned in one go (volume.plan), and the plans'
- *     extents go back to the native side in one submit() per queue and turn of the event loop;
- *   - a plan without ordering needs is completed to the kernel by the native side as soon as its
+ *   - a request whose plan is a pure function of what the engine publishes (reads, plain writes,
+ *     writes to blocks already redirected, flushes with nothing to commit) is served by its queue
+ *     thread without JS (the fast path, docs/serving.md); this class registers the device with
+ *     the volume, which turns that path off and waits for it to drain around state changes;
+ *   - every other request a queue's thread hands over is planned here (volume.plan), and the
+ *     plans' extents go back to the native side in one submit() per queue and turn of the event
+ *     loop;
+ *   - a plan without ordering needs is completed to the kernel by the queue thread as soon as its
  *     extents are done; its finish(ok) runs afterwards, batched with the next events;
  *   - a plan with orderedFinish or commit comes back once, after its extents: finish(ok), then
  *     volume.commit() when asked, then complete().
  *
- * Threading: the main thread owns every ring (uv_poll on the ring fd). Both models were built and
- * measured (commit 1b81199 has the other: a native thread per queue owning its ring, an eventfd
- * read on the ring for JS's answers, a thread-safe function for events). In one VM run (6.12,
- * TCG, three interleaved rounds each, fio against the master over tmpfs), the main thread won
- * 4 KiB random reads at QD1 by 13-50% (385-418 against 279-342 IOPS) and random writes at QD32 by
- * 15-35% (5393-5586 against 4119-4675 IOPS); 1 MiB sequential reads were a draw (88-163 against
- * 145-180 MiB/s). A threaded queue adds two cross-thread wake-ups per batch (queue thread to JS
- * and back), and every plan still goes through the one JS thread.
- * A wake-up handles ~13 completions at QD32, and a backing read that completes inside the
- * submit is committed in the same wake-up (native/device.cc reaps again after each JS call).
+ * Why threads now: with the rings on the main thread (uv_poll, every request planned in JS) the
+ * VM measured 4 KiB random reads at QD1 at a third of the reference C server's rate, and an
+ * earlier thread-per-queue model that still planned every request in JS was slower than that
+ * (commit 1b81199: two cross-thread wake-ups per batch). What pays is keeping the main thread off
+ * the path of ordinary requests altogether: see docs/benchmarks.md for the figures.
  */
 import { constants as osConstants } from 'node:os';
 import { CldError } from '../errors.js';
@@ -26,7 +27,8 @@ import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { addon, nativeError } from './addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
-import type { NativeDeviceHandle, NativeQueueState } from './native.js';
+import type { FastPathCounters, FastPathServer } from '../engine/publication.js';
+import type { NativeDeviceHandle, NativePublication, NativeQueueState } from './native.js';
 
 /** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
 const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
@@ -81,7 +83,10 @@ class Batch<T extends Float64Array | Int32Array> {
 const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
 const STAGE_NAMES = ['', 'waiting to be planned (a state change or a merge of its blocks)', 'its backing I/O or the engine finishing it', 'the map commit'];
 /** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
-const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead'];
+const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead', 'served by the queue thread'];
+const TAG_FAST = 6;
+/** How long a state change waits for the fast path's requests in flight before it gives up. */
+const FAST_DRAIN_MS = 30_000;
 const OP_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
 
 /** A request the device has not completed yet, as `outstanding()` reports it. */
@@ -129,6 +134,7 @@ export class UblkDevice {
   /** Where the native side writes each delivery (see QueueEventHandler). */
   private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
+  private detachFastPath: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;
@@ -239,6 +245,8 @@ export class UblkDevice {
           backingFd,
           ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
           zeroCopy: hasZeroCopy(this.info.flags),
+          target: this.target,
+          published: nativePublication(this.volume),
           onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
           events: this.events,
         });
@@ -251,8 +259,42 @@ export class UblkDevice {
         await sleep(20);
       }
     }
+    const fastPath: FastPathServer = { idle: () => this.fastPathIdle(), counters: () => this.fastPathCounters() };
+    this.detachFastPath = this.volume.attachFastPath(fastPath);
     this.native.start();
   }
+
+  /**
+   * Resolves once no request the queue threads serve by themselves is in flight (the volume has
+   * turned that path off first). They are backing I/O of at most a request each, so this is
+   * quick; a bound still names what it waited for.
+   */
+  private async fastPathIdle(): Promise<void> {
+    const deadline = performance.now() + FAST_DRAIN_MS;
+    for (let wait = 0; ; wait = Math.min(10, wait + 1)) {
+      const native = this.native;
+      if (!native || native.fastInFlight() === 0) return;
+      if (performance.now() > deadline) {
+        const fast = this.outstanding().filter((r) => r.native === TAG_STATES[TAG_FAST]);
+        throw new CldError(
+          'ETIMEDOUT',
+          `${this.target} ${this.path}: ${native.fastInFlight()} request(s) served by the queue threads still in flight after ${FAST_DRAIN_MS / 1000} s ` +
+            `(${fast.slice(0, 4).map((r) => `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}`).join('; ') || 'none found'})`,
+        );
+      }
+      await sleep(wait);
+    }
+  }
+
+  /** What the queue threads served without the engine (the volume adds it to its counters). */
+  private fastPathCounters(): FastPathCounters {
+    const s = this.native?.stats();
+    if (!s) return { ...this.lastFastCounters };
+    this.lastFastCounters = { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5] };
+    return { ...this.lastFastCounters };
+  }
+
+  private lastFastCounters = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
 
   private onEvents(q: number, requests: number, ordered: number, done: number, stopped: boolean): void {
     const ev = this.events;
@@ -435,9 +477,27 @@ export class UblkDevice {
     const out: OutstandingRequest[] = [];
     this.bridges.forEach((bridge, q) => {
       let native: NativeQueueState | null = null;
+      // Requests the queue thread serves by itself: the engine never saw them.
+      const fast = this.inspectQueue(q);
+      if (fast) {
+        for (let tag = 0; tag < fast.states.length; tag++) {
+          if (fast.states[tag] !== TAG_FAST || bridge.stage[tag] !== STAGE.none) continue;
+          out.push({
+            queue: q,
+            tag,
+            op: 'fast-path request',
+            offset: -1,
+            length: -1,
+            ageMs: Math.round(fast.ages[tag]),
+            stage: 'its backing I/O on the queue thread',
+            plan: null,
+            native: TAG_STATES[TAG_FAST],
+          });
+        }
+      }
       for (let tag = 0; tag < bridge.stage.length; tag++) {
         if (bridge.stage[tag] === STAGE.none) continue;
-        native ??= this.inspectQueue(q);
+        native ??= fast;
         out.push({
           queue: q,
           tag,
@@ -481,7 +541,7 @@ export class UblkDevice {
     const queues = [...new Set(fresh.map((r) => r.queue))].map((q) => {
       const n = this.inspectQueue(q);
       return n
-        ? `queue ${q} holds ${n.requests} new, ${n.ordered} finished and ${n.done} completed requests for the engine, ${n.backingInFlight} backing I/Os in flight, delivery timer ${n.deliveryArmed ? 'armed' : 'idle'}`
+        ? `queue ${q} holds ${n.requests} new, ${n.ordered} finished and ${n.done} completed requests for the engine, ${n.backingInFlight} backing I/Os and ${n.fastInFlight} fast-path requests in flight${n.failure ? `; its thread stopped: ${n.failure}` : ''}`
         : `queue ${q} is closed`;
     });
     const v = this.volume.status();
@@ -532,6 +592,9 @@ export class UblkDevice {
   }
 
   private closeNative(): void {
+    // The volume keeps what it served in its counters (detach reads them while native is open).
+    this.detachFastPath?.();
+    this.detachFastPath = null;
     if (this.watchdog) clearInterval(this.watchdog);
     this.watchdog = null;
     const native = this.native;
@@ -548,6 +611,12 @@ export class UblkDevice {
       }
     }
   }
+}
+
+/** What the volume publishes for the queue threads, with its geometry, as the addon takes it. */
+export function nativePublication(volume: Volume): NativePublication {
+  const { dataOffset, changeOffset, blockSize, blocks } = volume.layout;
+  return { words: volume.publication.words, bits: volume.map.bits, dataOffset, changeOffset, blockSize, blocks };
 }
 
 function describePlan(plan: Plan | undefined): string | null {

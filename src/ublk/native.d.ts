@@ -63,25 +63,43 @@ export interface NativeDeviceOptions {
   ioctlEncode: boolean;
   /** The device has UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (see native/device.cc). */
   zeroCopy: boolean;
+  /** Which of the volume's devices this is: the fast path serves each by its own rules. */
+  target: 'master' | 'slave';
+  /** What the engine publishes for the fast path (docs/serving.md); without it none is taken. */
+  published?: NativePublication;
   onEvents: QueueEventHandler;
   /** At least 9 x depth numbers; see QueueEventHandler. */
   events: Float64Array;
 }
 
+/** The engine's publication (src/engine/publication.ts) and the volume's geometry. */
+export interface NativePublication {
+  words: Int32Array;
+  bits: Uint32Array;
+  dataOffset: number;
+  changeOffset: number;
+  blockSize: number;
+  blocks: number;
+}
+
 /**
  * One queue as the native side holds it. `states[tag]`: 0 idle, 1 fetching (the kernel has the
  * tag; no request), 2 engine (handed to JS to plan), 3 running (its backing I/O), 4 waiting
- * (its I/O is done; the engine must finish it and complete it), 5 dead (out of service).
+ * (its I/O is done; the engine must finish it and complete it), 5 dead (out of service), 6 fast
+ * (served by the queue thread without the engine).
  */
 export interface NativeQueueState {
   states: Uint8Array;
+  /** Milliseconds since each tag's request arrived (0 for a tag that never had one). */
+  ages: Float64Array;
   /** Entries gathered for the next delivery to JS. */
   requests: number;
   ordered: number;
   done: number;
   backingInFlight: number;
-  /** Whether the delivery timer is armed (it delivers what no ring completion will). */
-  deliveryArmed: boolean;
+  fastInFlight: number;
+  /** Why the queue's thread stopped serving early (its ring failed), or null. */
+  failure: string | null;
 }
 
 /** The serving side of one ublk device: /dev/ublkcN, its descriptor mappings and queue rings. */
@@ -99,6 +117,10 @@ export declare class NativeDeviceHandle {
   complete(queue: number, results: Int32Array, length: number): void;
   /** Where every tag of a queue is (a stuck request's report); see NativeQueueState. */
   inspect(queue: number): NativeQueueState;
+  /** Fast-path requests in flight, over every queue (between their decision and their I/O's end). */
+  fastInFlight(): number;
+  /** What the fast path served: reads, writes, flushes, bytes read, bytes written, errors. */
+  stats(): Float64Array;
   /** The last error that took a tag out of service (other than the kernel's abort), or null. */
   readonly lastError: string | null;
   /**
@@ -118,4 +140,15 @@ export interface NativeAddon {
   freeze(mountpoint: string): Promise<void>;
   /** FITHAW, on a worker thread. */
   thaw(mountpoint: string): Promise<void>;
+  /**
+   * The fast path's decision for a request (native/serving.h), as the queue threads take it:
+   * (kind, offset, length, bufferOffset) records, or null when the engine must decide.
+   */
+  planFast(published: NativePublication, target: 'master' | 'slave', opFlags: number, offset: number, length: number): Float64Array | null;
+  /** The numbers the native side reads the publication with (test/publication.test.ts). */
+  serving: {
+    publishedWord: { mode: number; commitPending: number; generation: number; count: number };
+    fastMode: { off: number; plain: number; snapshot: number; resync: number };
+    extentKind: { read: number; write: number; zero: number; sync: number };
+  };
 }

@@ -1,0 +1,166 @@
+#include "serving.h"
+
+#include "ublk.h"
+
+namespace cldd {
+
+namespace {
+
+// Whether every block of [start, end) has its redirect bit equal to `value`.
+bool AllBits(const Published& p, uint64_t start, uint64_t end, bool value) {
+  for (uint64_t b = start; b < end;) {
+    if ((b & 31) == 0 && b + 32 <= end) {
+      uint32_t word = __atomic_load_n(&p.bits[b >> 5], __ATOMIC_RELAXED);
+      if (word != (value ? 0xffffffffu : 0u)) return false;
+      b += 32;
+      continue;
+    }
+    if (p.Bit(b) != value) return false;
+    b++;
+  }
+  return true;
+}
+
+Extent Area(const Published& p, uint8_t kind, bool change, uint64_t start, uint64_t end, uint64_t first) {
+  const Geometry& g = p.geometry;
+  uint64_t base = change ? g.changeOffset : g.dataOffset;
+  return Extent{kind, base + (start << g.blockShift), uint32_t((end - start) << g.blockShift),
+                uint32_t((start - first) << g.blockShift), 0};
+}
+
+}  // namespace
+
+// The rules (docs/serving.md): within one published mode the bits only move one way (snapshot
+// sets them, resync clears them), so a decision that holds when the bits are read still holds
+// when the I/O runs; the mode itself changes only while no fast request is in flight.
+bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
+              std::vector<Extent>* out) {
+  if (!p.words || !p.bits) return false;
+  int32_t mode = p.Word(published::kMode);
+  if (mode == kFastOff) return false;
+  uint8_t op = uint8_t(opFlags & 0xff);
+  if (op == UBLK_IO_OP_FLUSH) {
+    // A flush commits map changes when there are any; else it is an fdatasync.
+    if (target != Target::kMaster || p.Word(published::kCommitPending) != 0) return false;
+    out->push_back(Extent{kSync, 0, 0, 0, 0});
+    return true;
+  }
+  if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) return false;
+  // Anything malformed gets the engine's error.
+  const Geometry& g = p.geometry;
+  uint64_t mask = (uint64_t(1) << g.blockShift) - 1;
+  if (length == 0 || (offset & mask) || (length & mask)) return false;
+  uint64_t start = offset >> g.blockShift, end = start + (length >> g.blockShift);
+  if (end > g.blocks || end < start || ((end + 31) >> 5) > p.bitWords) return false;
+
+  if (op == UBLK_IO_OP_READ) {
+    if (target == Target::kSlave) {
+      if (mode != kFastSnapshot) return false;
+      out->push_back(Area(p, kRead, false, start, end, start));
+      return true;
+    }
+    // One extent per run of equal bits.
+    uint64_t runStart = start;
+    bool runValue = p.Bit(start);
+    for (uint64_t b = start + 1; b <= end; b++) {
+      bool v = b < end && p.Bit(b);
+      if (b == end || v != runValue) {
+        out->push_back(Area(p, kRead, runValue, runStart, b, start));
+        runStart = b;
+        runValue = v;
+      }
+    }
+    return true;
+  }
+  // Writes: FUA commits, the slave is read-only; both are the engine's.
+  if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return false;
+  switch (mode) {
+    case kFastPlain:
+      out->push_back(Area(p, kWrite, false, start, end, start));
+      return true;
+    case kFastSnapshot:
+      // Blocks already redirected; a first touch sets bits, which only the engine does.
+      if (!AllBits(p, start, end, true)) return false;
+      out->push_back(Area(p, kWrite, true, start, end, start));
+      return true;
+    case kFastResync:
+      // Blocks not redirected; a redirected one must be unredirected, under the engine's lock.
+      if (!AllBits(p, start, end, false)) return false;
+      out->push_back(Area(p, kWrite, false, start, end, start));
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace cldd
+
+namespace cldd {
+
+namespace {
+
+// planFast(publication, target, opFlags, offset, length): the extents PlanFast gives a request,
+// as (kind, offset, length, bufferOffset) records, or null when the engine must decide it. The
+// queue threads call PlanFast directly; this is how the engine's tests run their workloads
+// through the very same decisions.
+Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object p = info[0].As<Napi::Object>();
+  Napi::Int32Array words = p.Get("words").As<Napi::Int32Array>();
+  Napi::Uint32Array bits = p.Get("bits").As<Napi::Uint32Array>();
+  Published pub;
+  pub.words = words.Data();
+  pub.bits = bits.Data();
+  pub.bitWords = bits.ElementLength();
+  uint32_t blockSize = p.Get("blockSize").As<Napi::Number>().Uint32Value();
+  if (words.ElementLength() < published::kWords || blockSize < 512 || (blockSize & (blockSize - 1))) {
+    throw Napi::Error::New(env, "planFast: a malformed publication");
+  }
+  pub.geometry.dataOffset = uint64_t(p.Get("dataOffset").As<Napi::Number>().DoubleValue());
+  pub.geometry.changeOffset = uint64_t(p.Get("changeOffset").As<Napi::Number>().DoubleValue());
+  pub.geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
+  pub.geometry.blocks = uint64_t(p.Get("blocks").As<Napi::Number>().DoubleValue());
+  Target target = info[1].ToString().Utf8Value() == "slave" ? Target::kSlave : Target::kMaster;
+  uint32_t opFlags = info[2].As<Napi::Number>().Uint32Value();
+  uint64_t offset = uint64_t(info[3].As<Napi::Number>().DoubleValue());
+  uint64_t length = uint64_t(info[4].As<Napi::Number>().DoubleValue());
+  std::vector<Extent> extents;
+  if (!PlanFast(pub, target, opFlags, offset, length, &extents)) return env.Null();
+  Napi::Float64Array out = Napi::Float64Array::New(env, 4 * extents.size());
+  for (size_t i = 0; i < extents.size(); i++) {
+    out[4 * i] = extents[i].kind;
+    out[4 * i + 1] = double(extents[i].offset);
+    out[4 * i + 2] = extents[i].length;
+    out[4 * i + 3] = extents[i].bufferOffset;
+  }
+  return out;
+}
+
+}  // namespace
+
+void DefineServing(Napi::Env env, Napi::Object exports) {
+  exports.Set("planFast", Napi::Function::New(env, PlanFastJs, "planFast"));
+  // The numbers this side reads the publication with, for the test that both sides agree.
+  Napi::Object words = Napi::Object::New(env);
+  words.Set("mode", published::kMode);
+  words.Set("commitPending", published::kCommitPending);
+  words.Set("generation", published::kGeneration);
+  words.Set("count", double(published::kWords));
+  Napi::Object modes = Napi::Object::New(env);
+  modes.Set("off", int32_t(kFastOff));
+  modes.Set("plain", int32_t(kFastPlain));
+  modes.Set("snapshot", int32_t(kFastSnapshot));
+  modes.Set("resync", int32_t(kFastResync));
+  Napi::Object kinds = Napi::Object::New(env);
+  kinds.Set("read", int32_t(kRead));
+  kinds.Set("write", int32_t(kWrite));
+  kinds.Set("zero", int32_t(kZero));
+  kinds.Set("sync", int32_t(kSync));
+  Napi::Object wire = Napi::Object::New(env);
+  wire.Set("publishedWord", words);
+  wire.Set("fastMode", modes);
+  wire.Set("extentKind", kinds);
+  exports.Set("serving", wire);
+}
+
+}  // namespace cldd

@@ -1,0 +1,68 @@
+// The fast path's decisions: what a queue thread may serve without the engine, read from what the
+// engine publishes (src/engine/publication.ts; the protocol and why it is safe: docs/serving.md).
+// A pure function of the publication, so the engine's tests run it too (addon `planFast`).
+#pragma once
+
+#include <napi.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace cldd {
+
+// Indices of the engine's published words and the modes: src/engine/publication.ts holds the same
+// numbers (PUBLISHED_WORD, FAST_MODE) and test/publication.test.ts checks that they agree.
+namespace published {
+constexpr int kMode = 0;
+constexpr int kCommitPending = 1;
+constexpr int kGeneration = 2;
+constexpr size_t kWords = 4;
+}  // namespace published
+enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
+
+// How an extent's data moves (the engine's IoOp kinds, src/engine/plan.ts; kSync is the fast
+// path's own: an fdatasync of the backing file).
+enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kSync = 3 };
+
+struct Extent {
+  uint8_t kind;
+  uint64_t offset;
+  uint32_t length;
+  uint32_t bufferOffset;
+  uint32_t done;
+};
+
+enum class Target : uint8_t { kMaster = 0, kSlave = 1 };
+
+// Where the volume's areas are; fixed for the life of a volume.
+struct Geometry {
+  uint64_t dataOffset = 0;
+  uint64_t changeOffset = 0;
+  uint32_t blockShift = 12;
+  uint64_t blocks = 0;
+};
+
+// The publication as the queue threads see it: words and the redirect bitmap belong to JS
+// ArrayBuffers the device keeps referenced; JS writes the words with Atomics.
+struct Published {
+  const int32_t* words = nullptr;
+  const uint32_t* bits = nullptr;
+  size_t bitWords = 0;
+  Geometry geometry;
+
+  int32_t Word(int index) const { return __atomic_load_n(&words[index], __ATOMIC_SEQ_CST); }
+  bool Bit(uint64_t block) const {
+    return (__atomic_load_n(&bits[block >> 5], __ATOMIC_RELAXED) >> (block & 31)) & 1;
+  }
+};
+
+// The plan the fast path may run for a request (extents appended to `out`), or false when the
+// engine must decide it. `opFlags` is the descriptor's op_flags (opcode in the low byte).
+bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
+              std::vector<Extent>* out);
+
+// Exports planFast and the numbers above (exports.serving) for the engine's tests.
+void DefineServing(Napi::Env env, Napi::Object exports);
+
+}  // namespace cldd

@@ -1,0 +1,97 @@
+/**
+ * What the engine publishes for the native queue threads, so that they serve the requests whose
+ * plan is a pure function of it without a round trip through JS (docs/serving.md has the whole
+ * protocol and why it is safe):
+ *
+ *   - `words[MODE]`: FAST_MODE.off, or the volume's state while the fast path may serve;
+ *   - `words[COMMIT_PENDING]`: 1 while a flush has something to commit (dirty map pages, a state
+ *     change not yet written, or a commit still running), so it must go to the engine;
+ *   - `words[GENERATION]`: bumped at every publication, for reports;
+ *   - the redirect bitmap, `BlockMap.bits`, shared and not copied.
+ *
+ * Words are written with Atomics (sequentially consistent), read natively with seq_cst loads. The
+ * numbers below are read by native/serving.h: test/publication.test.ts checks that both agree.
+ */
+import type { VolumeState } from './format.js';
+
+export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2 } as const;
+export const PUBLISHED_WORDS = 4;
+
+export const FAST_MODE = { off: 0, plain: 1, snapshot: 2, resync: 3 } as const satisfies Record<'off' | VolumeState, number>;
+
+/**
+ * A server whose native threads serve requests through the fast path. `idle()` resolves once
+ * none of its fast-path requests is in flight: the volume turns the fast path off, then waits
+ * for that, before a state change or a close (nothing it served may straddle one).
+ */
+export interface FastPathServer {
+  idle(): Promise<void>;
+  /** What it served so far; the volume adds these into its counters. */
+  counters(): FastPathCounters;
+}
+
+export interface FastPathCounters {
+  reads: number;
+  writes: number;
+  flushes: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+}
+
+export class Publication {
+  readonly words = new Int32Array(PUBLISHED_WORDS);
+  private suspended = 0;
+  private state: VolumeState;
+  private stopped = false;
+
+  constructor(
+    /** The redirect bitmap, BlockMap.bits. */
+    readonly bits: Uint32Array,
+    state: VolumeState,
+  ) {
+    this.state = state;
+    this.publishMode();
+  }
+
+  get mode(): number {
+    return Atomics.load(this.words, PUBLISHED_WORD.mode);
+  }
+
+  /** The volume's state changed (at once when the fast path is on, else when it resumes). */
+  setState(state: VolumeState): void {
+    this.state = state;
+    this.publishMode();
+  }
+
+  /** Turns the fast path off until the matching resume(); nestable. */
+  suspend(): void {
+    this.suspended++;
+    this.publishMode();
+  }
+
+  resume(): void {
+    if (this.suspended > 0) this.suspended--;
+    this.publishMode();
+  }
+
+  /** Off for good: the volume failed or closed. */
+  stop(): void {
+    this.stopped = true;
+    this.publishMode();
+  }
+
+  setCommitPending(pending: boolean): void {
+    const value = pending ? 1 : 0;
+    if (Atomics.load(this.words, PUBLISHED_WORD.commitPending) === value) return;
+    Atomics.store(this.words, PUBLISHED_WORD.commitPending, value);
+    Atomics.add(this.words, PUBLISHED_WORD.generation, 1);
+  }
+
+  private publishMode(): void {
+    const mode = this.stopped || this.suspended > 0 ? FAST_MODE.off : FAST_MODE[this.state];
+    if (Atomics.load(this.words, PUBLISHED_WORD.mode) === mode) return;
+    Atomics.store(this.words, PUBLISHED_WORD.mode, mode);
+    Atomics.add(this.words, PUBLISHED_WORD.generation, 1);
+  }
+}

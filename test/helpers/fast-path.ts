@@ -1,0 +1,134 @@
+/**
+ * The queue threads' fast path (native/device.cc), run on a BlockStore so that the engine's tests
+ * drive their workloads through it: the decision is the addon's own PlanFast (addon.planFast),
+ * the I/O goes to the test's store, and the count of fast requests in flight goes up before the
+ * decision and down after the I/O, as on a queue thread. It registers with the volume like a
+ * device does, so every state change turns it off and waits for it (docs/serving.md).
+ */
+import type { Executor, Request } from '../../src/engine/plan.js';
+import { serve, StoreExecutor } from '../../src/engine/executor.js';
+import type { FastPathCounters } from '../../src/engine/publication.js';
+import type { Volume } from '../../src/engine/volume.js';
+import type { BlockStore } from '../../src/store/block-store.js';
+import { addon } from '../../src/ublk/addon.js';
+import { nativePublication } from '../../src/ublk/device.js';
+
+/** ublk's opcodes and FUA flag, as a request descriptor carries them. */
+const UBLK_OP = { read: 0, write: 1, flush: 2, discard: 3, 'write-zeroes': 5 } as const;
+const UBLK_IO_F_FUA = 1 << 13;
+
+export class FastPath {
+  private inFlight = 0;
+  private idleWaiters: (() => void)[] = [];
+  private readonly detach: () => void;
+  readonly counters: FastPathCounters = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
+  /** Requests it served, and requests it left to the engine. */
+  served = 0;
+  declined = 0;
+
+  constructor(
+    readonly volume: Volume,
+    private readonly store: BlockStore,
+    /** Called before the I/O of a served request runs (a scheduler may hold it there). */
+    private readonly beforeIo: (what: string) => Promise<void> = () => Promise.resolve(),
+  ) {
+    this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }) });
+  }
+
+  close(): void {
+    this.detach();
+  }
+
+  /**
+   * Serves `req` when the fast path decides it and returns the promise of its completion; null
+   * (nothing done) when the engine must decide it.
+   */
+  tryServe(req: Request, buffer: Uint8Array): Promise<void> | null {
+    this.inFlight++;
+    const opFlags = UBLK_OP[req.op] | (req.fua ? UBLK_IO_F_FUA : 0);
+    const length = req.op === 'flush' ? 0 : req.length;
+    const records = addon().planFast(nativePublication(this.volume), req.target, opFlags, req.offset, length);
+    if (!records) {
+      this.declined++;
+      this.leave();
+      return null;
+    }
+    this.served++;
+    return (async () => {
+      let ok = false;
+      try {
+        await this.beforeIo(`fast ${req.op} of ${length} at ${req.offset}`);
+        const runs: Promise<void>[] = [];
+        for (let i = 0; i < records.length; i += 4) {
+          const [kind, offset, len, at] = [records[i], records[i + 1], records[i + 2], records[i + 3]];
+          const part = buffer.subarray(at, at + len);
+          if (kind === 0) runs.push(this.store.read(part, offset));
+          else if (kind === 1) runs.push(this.store.write(part, offset));
+          else if (kind === 3) runs.push(this.store.flush());
+          else throw new Error(`the fast path planned extent kind ${kind}`);
+        }
+        await Promise.all(runs);
+        ok = true;
+      } finally {
+        this.count(req, ok);
+        this.leave();
+      }
+    })();
+  }
+
+  private count(req: Request, ok: boolean): void {
+    const c = this.counters;
+    if (!ok) c.errors++;
+    else if (req.op === 'read') (c.reads++, (c.bytesRead += req.length));
+    else if (req.op === 'write') (c.writes++, (c.bytesWritten += req.length));
+    else c.flushes++;
+  }
+
+  private leave(): void {
+    if (--this.inFlight > 0) return;
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private idle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+}
+
+/** A Disk (src/engine/executor.ts) whose requests take the fast path where it decides them. */
+export class FastPathDisk {
+  readonly fast: FastPath;
+  private readonly executor: Executor;
+
+  constructor(
+    readonly volume: Volume,
+    store: BlockStore,
+  ) {
+    this.fast = new FastPath(volume, store);
+    this.executor = new StoreExecutor(store);
+  }
+
+  private run(req: Request, buffer: Uint8Array): Promise<void> {
+    return this.fast.tryServe(req, buffer) ?? serve(this.volume, this.executor, req, buffer);
+  }
+
+  async read(offset: number, length: number, target: 'master' | 'slave' = 'master'): Promise<Uint8Array> {
+    const buffer = new Uint8Array(length);
+    await this.run({ target, op: 'read', offset, length }, buffer);
+    return buffer;
+  }
+
+  async write(offset: number, data: Uint8Array, options: { fua?: boolean } = {}): Promise<void> {
+    await this.run({ target: 'master', op: 'write', offset, length: data.length, fua: options.fua }, data);
+  }
+
+  async discard(offset: number, length: number, op: 'discard' | 'write-zeroes' = 'discard'): Promise<void> {
+    await this.run({ target: 'master', op, offset, length }, new Uint8Array(0));
+  }
+
+  async flush(): Promise<void> {
+    await this.run({ target: 'master', op: 'flush', offset: 0, length: 0 }, new Uint8Array(0));
+  }
+}

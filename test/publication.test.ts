@@ -1,0 +1,111 @@
+/**
+ * The publication the engine writes and the queue threads read (docs/serving.md): both sides use
+ * the same numbers, and the native fast path decides each kind of request as the rules say. The
+ * model and interleaving tests run whole workloads through the same decisions (helpers/fast-path.ts).
+ */
+import { describe, expect, test } from 'vitest';
+import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
+import { Volume } from '../src/engine/volume.js';
+import { MemoryStore } from '../src/store/memory-store.js';
+import { addon } from '../src/ublk/addon.js';
+import { nativePublication } from '../src/ublk/device.js';
+
+const BS = 4096;
+const READ = 0;
+const WRITE = 1;
+const FLUSH = 2;
+const DISCARD = 3;
+const FUA = 1 << 13;
+
+test('the engine and the addon read the publication with the same numbers', () => {
+  const { serving } = addon();
+  expect(serving.publishedWord).toEqual({ ...PUBLISHED_WORD, count: PUBLISHED_WORDS });
+  expect(serving.fastMode).toEqual(FAST_MODE);
+  // The engine's extent kinds (device.ts KIND) are the addon's, which adds its own fdatasync.
+  expect(serving.extentKind).toEqual({ read: 0, write: 1, zero: 2, sync: 3 });
+});
+
+describe('the fast path decides', () => {
+  async function volume(): Promise<Volume> {
+    return Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'publication' });
+  }
+  const plan = (v: Volume, target: 'master' | 'slave', opFlags: number, offset: number, length: number) => {
+    const records = addon().planFast(nativePublication(v), target, opFlags, offset, length);
+    if (!records) return null;
+    const out: { kind: number; offset: number; length: number; at: number }[] = [];
+    for (let i = 0; i < records.length; i += 4) out.push({ kind: records[i], offset: records[i + 1], length: records[i + 2], at: records[i + 3] });
+    return out;
+  };
+
+  test('plain: reads and writes to the data area, flush as an fdatasync; the rest to the engine', async () => {
+    const v = await volume();
+    const { dataOffset } = v.layout;
+    expect(plan(v, 'master', READ, 2 * BS, 2 * BS)).toEqual([{ kind: 0, offset: dataOffset + 2 * BS, length: 2 * BS, at: 0 }]);
+    expect(plan(v, 'master', WRITE, 3 * BS, BS)).toEqual([{ kind: 1, offset: dataOffset + 3 * BS, length: BS, at: 0 }]);
+    expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).toBeNull();
+    expect(plan(v, 'master', DISCARD, 0, BS)).toBeNull();
+    expect(plan(v, 'slave', READ, 0, BS)).toBeNull();
+    // Malformed requests get the engine's error.
+    expect(plan(v, 'master', READ, BS / 2, BS)).toBeNull();
+    expect(plan(v, 'master', READ, 0, 0)).toBeNull();
+    expect(plan(v, 'master', READ, v.layout.blocks * BS, BS)).toBeNull();
+    await v.close();
+  });
+
+  test('snapshot: reads follow the bits run by run; only writes to redirected blocks; slave reads the data area', async () => {
+    const v = await volume();
+    await v.enable();
+    const { dataOffset, changeOffset } = v.layout;
+    // Block 5 redirected, as a first touch leaves it.
+    const first = v.plan({ target: 'master', op: 'write', offset: 5 * BS, length: BS });
+    expect(plan(v, 'master', WRITE, 5 * BS, BS)).toBeNull();
+    (first as { finish(ok: boolean): void }).finish(true);
+    expect(plan(v, 'master', WRITE, 5 * BS, BS)).toEqual([{ kind: 1, offset: changeOffset + 5 * BS, length: BS, at: 0 }]);
+    expect(plan(v, 'master', WRITE, 5 * BS, 2 * BS)).toBeNull();
+    expect(plan(v, 'master', READ, 4 * BS, 3 * BS)).toEqual([
+      { kind: 0, offset: dataOffset + 4 * BS, length: BS, at: 0 },
+      { kind: 0, offset: changeOffset + 5 * BS, length: BS, at: BS },
+      { kind: 0, offset: dataOffset + 6 * BS, length: BS, at: 2 * BS },
+    ]);
+    expect(plan(v, 'slave', READ, 5 * BS, BS)).toEqual([{ kind: 0, offset: dataOffset + 5 * BS, length: BS, at: 0 }]);
+    expect(plan(v, 'slave', WRITE, 5 * BS, BS)).toBeNull();
+    // The map change is not committed: a flush must commit it.
+    expect(plan(v, 'master', FLUSH, 0, 0)).toBeNull();
+    await v.commit();
+    expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
+    await v.close();
+  });
+
+  test('resync: writes only to blocks not redirected; off while a state change runs, and after close', async () => {
+    const v = await volume();
+    await v.enable();
+    (v.plan({ target: 'master', op: 'write', offset: 5 * BS, length: BS }) as { finish(ok: boolean): void }).finish(true);
+    await v.disable();
+    expect(v.state).toBe('resync');
+    expect(plan(v, 'master', WRITE, 5 * BS, BS)).toBeNull();
+    expect(plan(v, 'master', WRITE, 6 * BS, BS)).not.toBeNull();
+    expect(plan(v, 'slave', READ, 0, BS)).toBeNull();
+    // A state change turns the path off before it drains, and on again after.
+    let resolveIdle!: () => void;
+    let drained = false;
+    const detach = v.attachFastPath({
+      idle: () => new Promise<void>((resolve) => (resolveIdle = () => ((drained = true), resolve()))),
+      counters: () => ({ reads: 1, writes: 2, flushes: 3, bytesRead: 4, bytesWritten: 5, errors: 0 }),
+    });
+    expect(v.status().counters.flushes).toBe(3);
+    const merge = await v.beginMerge(64);
+    await merge!.finish(true);
+    const enabling = v.enable({ wait: true });
+    await new Promise((r) => setImmediate(r));
+    expect(plan(v, 'master', READ, 0, BS)).toBeNull();
+    resolveIdle();
+    await enabling;
+    expect(drained).toBe(true);
+    expect(plan(v, 'master', READ, 0, BS)).not.toBeNull();
+    detach();
+    expect(v.status().counters.flushes).toBe(3);
+    await v.close();
+    expect(plan(v, 'master', READ, 0, BS)).toBeNull();
+  });
+});
