@@ -424,8 +424,7 @@ export class Volume {
         if (this.allRedirected(start, end)) return this.simplePlan(ops, commit, count);
         return this.mapPlan(ops, commit, () => {
           count();
-          this.map.assign(start, end, true);
-          this.journal?.record(start, end, true);
+          this.changeMap(start, end, true);
         });
       }
       case 'resync': {
@@ -437,8 +436,7 @@ export class Volume {
             commit,
             () => {
               count();
-              this.map.assign(start, end, false);
-              this.journal?.record(start, end, false);
+              this.changeMap(start, end, false);
               this.afterBitsCleared();
             },
             () => this.locks.release(lock),
@@ -487,6 +485,21 @@ export class Volume {
         }
       },
     };
+  }
+
+  /**
+   * Sets or clears the redirect bits of [start, end), which the queue threads read while this
+   * runs (docs/serving.md), in the order that keeps them safe:
+   *   1. a flush now has something to commit: a fast flush issued after a fast write that the
+   *      new bits made possible must not return before the bits are durable;
+   *   2. the journal has the change: a fast write the new bits made possible may complete to the
+   *      kernel at once, and a daemon killed then must find the change on restart;
+   *   3. only then the bits.
+   */
+  private changeMap(start: number, end: number, redirected: boolean): void {
+    this.publication.setCommitPending(true);
+    this.journal?.record(start, end, redirected);
+    this.map.assign(start, end, redirected);
   }
 
   private countRead(start: number, end: number): void {
@@ -580,10 +593,7 @@ export class Volume {
           done = true;
           try {
             if (ok) {
-              for (const [s, e] of runs) {
-                this.map.assign(s, e, false);
-                this.journal?.record(s, e, false);
-              }
+              for (const [s, e] of runs) this.changeMap(s, e, false);
               this.counters.mergedBlocks += blocks;
               this.afterBitsCleared();
             } else {
