@@ -60,6 +60,17 @@ bytes=$(blockdev --getsize64 "$master")
 truncate -s "$bytes" "$WORK/loop.img"
 loop=$(losetup --find --show "$WORK/loop.img")
 devices+=("loop=$loop")
+# The reference C server beside them when CLDD_BENCH_UBLKSRV names its binary (ublksrv's `ublk`,
+# built outside the project: DEVELOPERS.md), with its loop target over a file of the same size,
+# buffered, with cldd's default queue count and depth.
+UBLKSRV=${CLDD_BENCH_UBLKSRV:-}
+if [ -n "$UBLKSRV" ]; then
+  truncate -s "$bytes" "$WORK/ublksrv.img"
+  "$UBLKSRV" add -t loop -n 9 -q 1 -d 128 -f "$WORK/ublksrv.img" --buffered_io >&2
+  for _ in $(seq 100); do [ -b /dev/ublkb9 ] && break; sleep 0.1; done
+  [ -b /dev/ublkb9 ] || { echo "bench: $UBLKSRV did not create /dev/ublkb9" >&2; exit 1; }
+  devices+=("ublksrv=/dev/ublkb9")
+fi
 # Fill them once so reads hit allocated blocks everywhere.
 for d in "${devices[@]}"; do
   dd if=/dev/urandom of="${d#*=}" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
@@ -163,4 +174,5 @@ for mode in $MODES; do
   awk -v d="$label" '/^VmRSS:/ { rss = $2 } /^VmHWM:/ { hwm = $2 } END { printf "{\"rss\":{\"device\":\"%s\",\"rss_kib\":%d,\"hwm_kib\":%d}}\n", d, rss, hwm }' "/proc/$pid/status"
 done
 losetup -d "$loop"
+[ -n "$UBLKSRV" ] && "$UBLKSRV" del -n 9 >&2
 for mode in $MODES; do cldd remove "bench-$mode" >&2; done

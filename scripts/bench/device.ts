@@ -16,7 +16,7 @@ import { writeSection } from './report.js';
 interface Row {
   round: number;
   job: string;
-  device: 'cldd' | 'cldd-copy' | 'loop' | 'dm-snapshot';
+  device: 'cldd' | 'cldd-copy' | 'loop' | 'dm-snapshot' | 'ublksrv';
   /** First-touch jobs only: measured before or right after a snapshot was taken. */
   phase?: 'before' | 'after';
   iops: number;
@@ -148,20 +148,22 @@ function verdict(ratio: number, target: number): string {
 function table(rows: Row[], zeroCopy: boolean): string[] {
   const jobs = [...new Set(rows.map((r) => r.job))];
   const copy = rows.some((r) => r.device === 'cldd-copy');
+  const reference = rows.some((r) => r.device === 'ublksrv');
   const rounds = new Set(rows.map((r) => r.round)).size;
-  const head = `| fio job | cldd | loop | ratio | ${rounds} rounds | target | |`;
-  const lines = copy
-    ? [`${head} cldd --no-zero-copy | ratio | ${rounds} rounds |`, '|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
-    : [head, '|---|---:|---:|---:|---:|---:|---|'];
+  let head = `| fio job | cldd | loop | ratio | ${rounds} rounds | target | |`;
+  let rule = '|---|---:|---:|---:|---:|---:|---|';
+  if (copy) (head += ` cldd --no-zero-copy | ratio | ${rounds} rounds |`), (rule += '---:|---:|---:|');
+  if (reference) (head += ` ublksrv | cldd / ublksrv | ${rounds} rounds |`), (rule += '---:|---:|---:|');
+  const lines = [head, rule];
   for (const job of jobs) {
     const seq = job.includes('1m');
     const value = (r: Row) => (seq ? r.bw : r.iops);
     const of = (device: Row['device']) => rows.filter((r) => r.job === job && r.device === device);
     const loop = of('loop');
     const fmt = (device: Row['device']) => (seq ? fmtBw : fmtIops)(of(device));
-    const ratios = (device: Row['device']) =>
+    const ratios = (device: Row['device'], base: Row[] = loop) =>
       of(device).flatMap((r) => {
-        const l = loop.find((x) => x.round === r.round);
+        const l = base.find((x) => x.round === r.round);
         return l ? [value(r) / value(l)] : [];
       });
     const [ratio, range] = summary(ratios('cldd'));
@@ -172,6 +174,10 @@ function table(rows: Row[], zeroCopy: boolean): string[] {
     if (copy) {
       const [copyRatio, copyRange] = summary(ratios('cldd-copy'));
       line += ` ${fmt('cldd-copy')} | ${copyRatio.toFixed(2)}x | ${copyRange} |`;
+    }
+    if (reference) {
+      const [refRatio, refRange] = summary(ratios('cldd', of('ublksrv')));
+      line += ` ${fmt('ublksrv')} | ${refRatio.toFixed(2)}x | ${refRange} |`;
     }
     lines.push(line);
   }
