@@ -131,7 +131,13 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     // A command and a backing I/O per tag at most, the wake read and a flush's fdatasync.
     unsigned entries = 64;
     while (entries < 2 * depth_ + 2) entries *= 2;
-    q->ring.Init(env, entries, 0, name + " queue " + std::to_string(id));
+    // Cooperative task work: the kernel's completions for this ring (ublk handing a request over,
+    // a backing read finishing) wait for the queue thread's next io_uring_enter instead of
+    // interrupting it with an IPI, as the reference server does. Measured in the VM (6.12,
+    // TCG), two pairs side by side: 4 KiB random reads at QD32 59.9-62.8k IOPS against 38.9-42.2k
+    // without it (the reference server 48.4-51.7k), random writes at QD32 39.5-43.1k against
+    // 26.5-31.4k; QD1 a draw. Every 5.19+ kernel has it, and ublk needs 6.0.
+    q->ring.Init(env, entries, IORING_SETUP_COOP_TASKRUN, name + " queue " + std::to_string(id));
     if (zeroCopy_) {
       // One empty slot per tag: the kernel installs each request's pages at index = tag.
       int rc = io_uring_register_buffers_sparse(q->ring.get(), depth_);
@@ -333,11 +339,11 @@ void Device::Run(Queue& q) {
   // must not be throttled like an ordinary writer. Best effort: it needs CAP_SYS_RESOURCE and
   // only changes reclaim behaviour, not correctness.
   ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+  q.live = depth_;
   for (uint32_t tag = 0; tag < depth_; tag++) {
     q.tags[tag].state.store(uint8_t(TagState::kFetching));
     QueueCommand(q, uint16_t(tag), kIoFetch, 0);
   }
-  q.live = depth_;
   ArmWake(q);
   for (;;) {
     int rc = io_uring_submit_and_wait(q.ring.get(), 1);

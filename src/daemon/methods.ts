@@ -99,6 +99,7 @@ const pairStatus = object({
     bytesRead: count,
     bytesWritten: count,
     errors: count,
+    fastPath: optional(count),
   }),
   failed: nullable(string),
   /** Requests the devices have not completed yet, and the age of the oldest (ms). */

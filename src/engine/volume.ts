@@ -73,6 +73,8 @@ export interface VolumeCounters {
   errors: number;
   commits: number;
   mergedBlocks: number;
+  /** Requests the queue threads served by themselves (docs/serving.md), counted in the above too. */
+  fastPath: number;
 }
 
 export interface VolumeStatus {
@@ -149,6 +151,7 @@ export class Volume {
     errors: 0,
     commits: 0,
     mergedBlocks: 0,
+    fastPath: 0,
   };
 
   private constructor(
@@ -870,6 +873,7 @@ function addCounters(sum: VolumeCounters, fast: FastPathCounters): VolumeCounter
   sum.bytesRead += fast.bytesRead;
   sum.bytesWritten += fast.bytesWritten;
   sum.errors += fast.errors;
+  sum.fastPath += fast.reads + fast.writes + fast.flushes + fast.errors;
   return sum;
 }
 

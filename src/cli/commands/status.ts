@@ -69,7 +69,7 @@ function describe(s: PairStatus): string {
   }
   const c = s.counters;
   lines.push(
-    text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors`,
+    text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors${c.fastPath ? `; ${c.fastPath} of them served by the queue threads alone` : ''}`,
     text`  daemon      pid ${s.pid}`,
   );
   return lines.join('\n');
