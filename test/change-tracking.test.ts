@@ -56,6 +56,18 @@ describe('changed-block tracking', () => {
     await volume.close();
   });
 
+  test('the last chunk counts only up to the end of the master', async () => {
+    const store = new MemoryStore(4 * MiB + 8 * BS);
+    const volume = await Volume.format(store, { blockSize: BS });
+    const capacity = volume.capacity;
+    const tail = capacity % CHUNK;
+    expect(tail, 'the last chunk is short').toBeGreaterThan(0);
+    await new Disk(volume).write(capacity - BS, block(1));
+    expect(volume.tracking!.changedExtents()).toEqual([[capacity - tail, tail]]);
+    expect(volume.status().tracking!.changedBytes).toBe(tail);
+    await volume.close();
+  });
+
   test('a chunk is marked durably before its first write is issued, and only once a period', async () => {
     const { store, volume } = await fresh();
     const t = volume.tracking!;

@@ -79,7 +79,8 @@ class Trial {
           const master = op.offset - (op.offset >= changeOffset ? changeOffset : dataOffset);
           const set = this.issued.get(this.volume.epoch) ?? new Set<number>();
           this.issued.set(this.volume.epoch, set);
-          for (let c = master >>> chunkShift; c <= (master + op.length - 1) >>> chunkShift; c++) set.add(c);
+          const size = 2 ** chunkShift;
+          for (let c = Math.floor(master / size); c <= Math.floor((master + op.length - 1) / size); c++) set.add(c);
         }
         return inner.run(ops, buffer);
       },
@@ -93,7 +94,8 @@ class Trial {
     if (t.since !== epoch) throw new Error(`guarantee 4: the tracking set counts from snapshot ${t.since}, the store is at ${epoch}`);
     const chunks = (extents: [number, number][]) => {
       const out = new Set<number>();
-      for (const [offset, length] of extents) for (let c = offset >>> t.chunkShift; c <= (offset + length - 1) >>> t.chunkShift; c++) out.add(c);
+      const size = 2 ** t.chunkShift;
+      for (const [offset, length] of extents) for (let c = offset / size; c < (offset + length) / size; c++) out.add(c);
       return out;
     };
     const sets: [number, [number, number][] | null][] = [

@@ -6,7 +6,7 @@
  * written only after the data it describes is durable: a record saying `complete` is never
  * ahead of the image.
  */
-import { open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { CldError, ioError } from '../errors.js';
 
@@ -78,6 +78,8 @@ export async function writeRecord(path: string, record: Omit<BackupRecord, 'form
   const full: BackupRecord = { format: RECORD_FORMAT, version: RECORD_VERSION, ...record, updatedAt: new Date().toISOString() };
   const temp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
   try {
+    // A block device's records live in their own directory (a file's beside it, which exists).
+    await mkdir(dirname(path), { recursive: true, mode: 0o755 });
     const fh = await open(temp, 'w', 0o644);
     try {
       await fh.writeFile(`${JSON.stringify(full, null, 2)}\n`);

@@ -36,7 +36,7 @@ export type Extent = [number, number];
 export class ChangeTracking {
   /** Marks made durable by a completed commit: bit c = chunk c (word c >>> 5, bit c & 31). */
   readonly durableBits: Uint32Array;
-  /** Bytes per chunk, as a shift: chunk = byte offset >>> chunkShift (offsets below 2^32 x chunk). */
+  /** Bytes per chunk, as a power of two: chunk = floor(byte offset / 2^chunkShift) on the master. */
   readonly chunkShift: number;
   readonly chunks: number;
   /** Marks made, durable or waiting for the next commit; a superset of durableBits. */
@@ -45,7 +45,7 @@ export class ChangeTracking {
   private delta: Uint32Array | null;
   private readonly dirty = new Set<number>();
   private readonly wordsPerPage: number;
-  private readonly blockShift: number;
+  private readonly blocksPerChunk: number;
 
   private constructor(
     readonly layout: Layout,
@@ -59,7 +59,7 @@ export class ChangeTracking {
     this.marked = new Uint32Array(words);
     this.delta = period >= 1 ? new Uint32Array(words) : null;
     this.wordsPerPage = layout.trackingBitsPerPage / 32;
-    this.blockShift = layout.chunkShift - Math.log2(layout.blockSize);
+    this.blocksPerChunk = 2 ** (layout.chunkShift - Math.log2(layout.blockSize));
   }
 
   /** Tracking for a store at snapshot `epoch`; null for a store whose format has none. */
@@ -112,8 +112,9 @@ export class ChangeTracking {
 
   /** Whether a write of blocks [start, end) touches a chunk not yet durably marked. */
   needsMark(start: number, end: number): boolean {
-    const last = (end - 1) >>> this.blockShift;
-    for (let c = start >>> this.blockShift; c <= last; c++) {
+    // Division, not >>>: block numbers pass 2^32 on a master of 16 TiB at 4 KiB blocks.
+    const last = Math.floor((end - 1) / this.blocksPerChunk);
+    for (let c = Math.floor(start / this.blocksPerChunk); c <= last; c++) {
       if ((this.durableBits[c >>> 5] & (1 << (c & 31))) === 0) return true;
     }
     return false;
@@ -121,8 +122,8 @@ export class ChangeTracking {
 
   /** Marks the chunks of blocks [start, end) in memory; the next commit makes them durable. */
   mark(start: number, end: number): void {
-    const last = (end - 1) >>> this.blockShift;
-    for (let c = start >>> this.blockShift; c <= last; c++) {
+    const last = Math.floor((end - 1) / this.blocksPerChunk);
+    for (let c = Math.floor(start / this.blocksPerChunk); c <= last; c++) {
       const w = c >>> 5;
       const bit = 1 << (c & 31);
       if (this.marked[w] & bit) continue;
@@ -232,10 +233,20 @@ export class ChangeTracking {
     return out;
   }
 
+  /** Bytes in the chunks set in `bits` (the last chunk counts up to the end of the master). */
   private bytesOf(bits: Uint32Array): number {
-    let n = 0;
-    for (const [, length] of this.extentsOf(bits)) n += length;
-    return n;
+    let chunks = 0;
+    for (let w = 0; w < bits.length; w++) {
+      let x = bits[w];
+      while (x) {
+        x &= x - 1;
+        chunks++;
+      }
+    }
+    const size = 2 ** this.chunkShift;
+    const last = this.chunks - 1;
+    const overhang = this.chunks * size - this.layout.blocks * this.layout.blockSize;
+    return chunks * size - (bits[last >>> 5] & (1 << (last & 31)) ? overhang : 0);
   }
 
   /** Bytes of memory the sets hold. */
