@@ -82,23 +82,10 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   Napi::Value pub = options.Get("published");
   if (pub.IsObject()) {
     Napi::Object p = pub.As<Napi::Object>();
-    Napi::Int32Array words = p.Get("words").As<Napi::Int32Array>();
-    Napi::Uint32Array bits = p.Get("bits").As<Napi::Uint32Array>();
-    uint32_t blockSize = p.Get("blockSize").As<Napi::Number>().Uint32Value();
-    double blocks = p.Get("blocks").As<Napi::Number>().DoubleValue();
-    if (words.ElementLength() < published::kWords || blockSize < 512 || (blockSize & (blockSize - 1)) ||
-        blocks < 0 || double(bits.ElementLength()) * 32 < blocks) {
-      throw CodeError(env, "EINVAL", name + ": a malformed publication (words, bits, block size or blocks)");
-    }
-    wordsRef_ = Napi::Persistent(words);
-    bitsRef_ = Napi::Persistent(bits);
-    published_.words = words.Data();
-    published_.bits = bits.Data();
-    published_.bitWords = bits.ElementLength();
-    published_.geometry.dataOffset = uint64_t(p.Get("dataOffset").As<Napi::Number>().DoubleValue());
-    published_.geometry.changeOffset = uint64_t(p.Get("changeOffset").As<Napi::Number>().DoubleValue());
-    published_.geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
-    published_.geometry.blocks = uint64_t(blocks);
+    std::string error = ReadPublication(p, &published_);
+    if (!error.empty()) throw CodeError(env, "EINVAL", name + ": " + error);
+    // The arrays stay alive, and in place, while this device holds them.
+    publishedRef_ = Napi::Persistent(p);
   }
   std::string path = "/dev/ublkc" + std::to_string(devId_);
   charFd_.Reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
@@ -738,8 +725,7 @@ void Device::Shutdown() {
   charFd_.Reset();
   onEvents_.Reset();
   eventsRef_.Reset();
-  wordsRef_.Reset();
-  bitsRef_.Reset();
+  publishedRef_.Reset();
   published_ = Published();
   events_ = nullptr;
 }

@@ -138,10 +138,10 @@ class Device : public Napi::ObjectWrap<Device> {
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
   std::atomic<bool> nowaitReads_{true};
   Target target_ = Target::kMaster;
-  // What the engine publishes; words and bits stay referenced below while the queues serve.
+  // What the engine publishes; its arrays stay referenced (through the object) while the queues
+  // serve.
   Published published_;
-  Napi::Reference<Napi::Int32Array> wordsRef_;
-  Napi::Reference<Napi::Uint32Array> bitsRef_;
+  Napi::ObjectReference publishedRef_;
   Fd charFd_;
   std::vector<std::unique_ptr<Queue>> queues_;
   bool started_ = false;

@@ -21,6 +21,16 @@ bool AllBits(const Published& p, uint64_t start, uint64_t end, bool value) {
   return true;
 }
 
+// Whether every chunk of the master bytes [offset, offset + length) has its durable mark.
+bool AllMarked(const Published& p, uint64_t offset, uint64_t length) {
+  uint64_t first = offset >> p.chunkShift, last = (offset + length - 1) >> p.chunkShift;
+  if ((last >> 5) >= p.trackWords) return false;
+  for (uint64_t c = first; c <= last; c++) {
+    if (!((__atomic_load_n(&p.trackBits[c >> 5], __ATOMIC_RELAXED) >> (c & 31)) & 1)) return false;
+  }
+  return true;
+}
+
 Extent Area(const Published& p, uint8_t kind, bool change, uint64_t start, uint64_t end, uint64_t first) {
   const Geometry& g = p.geometry;
   uint64_t base = change ? g.changeOffset : g.dataOffset;
@@ -72,8 +82,10 @@ bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
     }
     return true;
   }
-  // Writes: FUA commits, the slave is read-only; both are the engine's.
+  // Writes: FUA commits, the slave is read-only; both are the engine's. So is a write to a chunk
+  // whose change mark is not durable yet: the engine makes it durable before the write is issued.
   if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return false;
+  if (p.trackBits && !AllMarked(p, offset, length)) return false;
   switch (mode) {
     case kFastPlain:
       out->push_back(Area(p, kWrite, false, start, end, start));
@@ -105,21 +117,9 @@ namespace {
 // through the very same decisions.
 Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Napi::Object p = info[0].As<Napi::Object>();
-  Napi::Int32Array words = p.Get("words").As<Napi::Int32Array>();
-  Napi::Uint32Array bits = p.Get("bits").As<Napi::Uint32Array>();
   Published pub;
-  pub.words = words.Data();
-  pub.bits = bits.Data();
-  pub.bitWords = bits.ElementLength();
-  uint32_t blockSize = p.Get("blockSize").As<Napi::Number>().Uint32Value();
-  if (words.ElementLength() < published::kWords || blockSize < 512 || (blockSize & (blockSize - 1))) {
-    throw Napi::Error::New(env, "planFast: a malformed publication");
-  }
-  pub.geometry.dataOffset = uint64_t(p.Get("dataOffset").As<Napi::Number>().DoubleValue());
-  pub.geometry.changeOffset = uint64_t(p.Get("changeOffset").As<Napi::Number>().DoubleValue());
-  pub.geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
-  pub.geometry.blocks = uint64_t(p.Get("blocks").As<Napi::Number>().DoubleValue());
+  std::string error = ReadPublication(info[0].As<Napi::Object>(), &pub);
+  if (!error.empty()) throw Napi::Error::New(env, "planFast: " + error);
   Target target = info[1].ToString().Utf8Value() == "slave" ? Target::kSlave : Target::kMaster;
   uint32_t opFlags = info[2].As<Napi::Number>().Uint32Value();
   uint64_t offset = uint64_t(info[3].As<Napi::Number>().DoubleValue());
@@ -137,6 +137,39 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+std::string ReadPublication(const Napi::Object& p, Published* out) {
+  Napi::Value words = p.Get("words"), bits = p.Get("bits"), track = p.Get("trackBits");
+  if (!words.IsTypedArray() || words.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
+      !bits.IsTypedArray() || bits.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array ||
+      (!track.IsNull() && !track.IsUndefined() &&
+       (!track.IsTypedArray() || track.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array))) {
+    return "words must be an Int32Array, bits and trackBits Uint32Arrays";
+  }
+  Napi::Int32Array w = words.As<Napi::Int32Array>();
+  Napi::Uint32Array b = bits.As<Napi::Uint32Array>();
+  uint32_t blockSize = p.Get("blockSize").ToNumber().Uint32Value();
+  double blocks = p.Get("blocks").ToNumber().DoubleValue();
+  uint32_t chunkShift = p.Get("chunkShift").ToNumber().Uint32Value();
+  if (w.ElementLength() < published::kWords || blockSize < 512 || (blockSize & (blockSize - 1)) || !(blocks >= 0) ||
+      double(b.ElementLength()) * 32 < blocks || chunkShift > 40) {
+    return "a malformed publication (words, bits, block size, blocks or chunk shift)";
+  }
+  out->words = w.Data();
+  out->bits = b.Data();
+  out->bitWords = b.ElementLength();
+  if (track.IsTypedArray()) {
+    Napi::Uint32Array t = track.As<Napi::Uint32Array>();
+    out->trackBits = t.Data();
+    out->trackWords = t.ElementLength();
+    out->chunkShift = chunkShift;
+  }
+  out->geometry.dataOffset = uint64_t(p.Get("dataOffset").ToNumber().DoubleValue());
+  out->geometry.changeOffset = uint64_t(p.Get("changeOffset").ToNumber().DoubleValue());
+  out->geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
+  out->geometry.blocks = uint64_t(blocks);
+  return {};
+}
 
 void DefineServing(Napi::Env env, Napi::Object exports) {
   exports.Set("planFast", Napi::Function::New(env, PlanFastJs, "planFast"));

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace cldd {
@@ -43,12 +44,18 @@ struct Geometry {
   uint64_t blocks = 0;
 };
 
-// The publication as the queue threads see it: words and the redirect bitmap belong to JS
-// ArrayBuffers the device keeps referenced; JS writes the words with Atomics.
+// The publication as the queue threads see it: words and the bitmaps belong to JS ArrayBuffers
+// the device keeps referenced; JS writes the words with Atomics.
 struct Published {
   const int32_t* words = nullptr;
   const uint32_t* bits = nullptr;
   size_t bitWords = 0;
+  // Changed-block tracking (src/engine/change-tracking.ts): bit c set once chunk c's mark for the
+  // current period is durable; chunk c covers master bytes [c << chunkShift, (c + 1) << chunkShift).
+  // Null for a store without tracking.
+  const uint32_t* trackBits = nullptr;
+  size_t trackWords = 0;
+  uint32_t chunkShift = 0;
   Geometry geometry;
 
   int32_t Word(int index) const { return __atomic_load_n(&words[index], __ATOMIC_SEQ_CST); }
@@ -61,6 +68,11 @@ struct Published {
 // engine must decide it. `opFlags` is the descriptor's op_flags (opcode in the low byte).
 bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
               std::vector<Extent>* out);
+
+// Reads a publication (words, bits, trackBits, chunkShift, dataOffset, changeOffset, blockSize,
+// blocks) from JS into `out`; returns what is wrong with it, or nothing. The arrays must stay
+// referenced by the caller for as long as `out` is used.
+std::string ReadPublication(const Napi::Object& p, Published* out);
 
 // Exports planFast and the numbers above (exports.serving) for the engine's tests.
 void DefineServing(Napi::Env env, Napi::Object exports);

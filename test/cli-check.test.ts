@@ -108,9 +108,10 @@ describe('cldd check', () => {
     expect(r.code).toBe(0);
     expect(r.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f]/);
     const lines = r.stdout.trimEnd().split('\n');
-    expect(lines).toHaveLength(3);
+    expect(lines).toHaveLength(4);
     expect(lines[0]).toContain('name "x"\\nclean\\x1b[2J\\x9b1m"');
-    expect(lines[2]).toBe('clean');
+    expect(lines[2]).toBe('changed since snapshot 0: 0 bytes');
+    expect(lines[3]).toBe('clean');
   });
 
   test('a path with a newline is escaped in the one line of an error', async () => {

@@ -143,6 +143,9 @@ describe('control socket: what a request may be', () => {
         enable: record('enable', { epoch: 1, frozen: null, frozenMs: null }),
         disable: record('disable', { state: 'resync', blocks: 0 }),
         progress: record('progress', progress),
+        changes: async () => {
+          throw new Error('not in this test');
+        },
         'resync-rate': async (p) => {
           calls.push(['resync-rate', p]);
           return { bytesPerSecond: p.bytesPerSecond };

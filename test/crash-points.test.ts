@@ -9,6 +9,7 @@
 import { describe, expect, test } from 'vitest';
 import { check } from '../src/engine/check.js';
 import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import type { IoOp } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
 import { FaultStore } from '../src/store/fault-store.js';
@@ -21,9 +22,9 @@ const BS = 4096;
 const block = (v: number) => new Uint8Array(BS).fill(v);
 
 /** A store in snapshot with blocks 0..7 = 1 on the slave and 0..3 = 2 on the master, flushed. */
-async function prepared(): Promise<MemoryStore> {
+async function prepared(version?: 2 | 3): Promise<MemoryStore> {
   const image = new MemoryStore(8 * MiB);
-  const volume = await Volume.format(image);
+  const volume = await Volume.format(image, { version });
   const disk = new Disk(volume);
   for (let b = 0; b < 8; b++) await disk.write(b * BS, block(1));
   await volume.enable();
@@ -34,6 +35,47 @@ async function prepared(): Promise<MemoryStore> {
 }
 
 type Action = (volume: Volume, store: FaultStore) => Promise<void>;
+
+/**
+ * Chunks written per tracking period (snapshot number), as issued: the prepared history (blocks
+ * 0..7 in period 0, 0..3 in period 1: chunk 0 both times), then what the running action issues.
+ */
+let issued = new Map<number, Set<number>>();
+const resetIssued = () => (issued = new Map([[0, new Set([0])], [1, new Set([0])]]));
+const CHUNK_BLOCKS = 65536 / BS;
+
+/**
+ * Writes block b, noting its chunk in the period when the engine issues the write to the store
+ * (not when it is asked: a write waiting for its chunk's mark has not reached the store).
+ */
+async function trackedWrite(volume: Volume, b: number, value: number): Promise<void> {
+  const inner = new StoreExecutor(volume.store);
+  const noting = {
+    run: (ops: readonly IoOp[], buffer: Uint8Array) => {
+      const set = issued.get(volume.epoch) ?? new Set<number>();
+      issued.set(volume.epoch, set.add(Math.floor(b / CHUNK_BLOCKS)));
+      return inner.run(ops, buffer);
+    },
+  };
+  await new Disk(volume, noting).write(b * BS, block(value));
+}
+
+/** After a crash the tracking sets hold every chunk issued in their periods, never fewer. */
+function expectTracking(volume: Volume, where: string): void {
+  const t = volume.tracking!;
+  expect(t.since, `tracking period after a crash ${where}`).toBe(volume.epoch);
+  const chunksOf = (extents: [number, number][]) => {
+    const out = new Set<number>();
+    for (const [offset, length] of extents) for (let c = offset / 65536; c < (offset + length) / 65536; c++) out.add(c);
+    return out;
+  };
+  const changed = chunksOf(t.changedExtents());
+  for (const c of issued.get(volume.epoch) ?? []) expect(changed.has(c), `chunk ${c} written since snapshot ${volume.epoch}, after a crash ${where}`).toBe(true);
+  const delta = t.deltaExtents();
+  expect(delta, `the last delta after a crash ${where}`).not.toBeNull();
+  const previous = chunksOf(delta!);
+  for (const c of issued.get(volume.epoch - 1) ?? []) expect(previous.has(c), `chunk ${c} of delta ${volume.epoch - 1} -> ${volume.epoch}, after a crash ${where}`).toBe(true);
+}
 
 const ACTIONS: Record<string, { from: 'plain' | 'snapshot'; run: Action; after: string[] }> = {
   enable: {
@@ -53,10 +95,28 @@ const ACTIONS: Record<string, { from: 'plain' | 'snapshot'; run: Action; after: 
     from: 'snapshot',
     run: async (v) => {
       const disk = new Disk(v);
-      for (let b = 4; b < 8; b++) await disk.write(b * BS, block(3));
+      for (let b = 4; b < 8; b++) await trackedWrite(v, b, 3);
       await disk.flush();
     },
     after: ['snapshot'],
+  },
+  // Changed-block tracking across periods: writes in resync and plain to new chunks, a snapshot
+  // that makes their set the delta, a write in the new period.
+  'tracking through disable, resync, writes, enable and a write': {
+    from: 'snapshot',
+    run: async (v, s) => {
+      const disk = new Disk(v);
+      await v.disable();
+      await trackedWrite(v, 40, 4);
+      await new ResyncScheduler(v, new StoreExecutor(s), { runBytes: BS, commitEvery: BS, yieldMs: 0 }).start();
+      await trackedWrite(v, 100, 4);
+      await disk.flush();
+      await v.enable();
+      await trackedWrite(v, 200, 5);
+      await trackedWrite(v, 2 * CHUNK_BLOCKS + 1, 5);
+      await disk.flush();
+    },
+    after: ['snapshot', 'resync', 'plain'],
   },
   // Map-only commits in a row: each writes one superblock copy, alternating.
   'write and flush, four times, in snapshot': {
@@ -64,7 +124,7 @@ const ACTIONS: Record<string, { from: 'plain' | 'snapshot'; run: Action; after: 
     run: async (v) => {
       const disk = new Disk(v);
       for (let b = 4; b < 8; b++) {
-        await disk.write(b * BS, block(3));
+        await trackedWrite(v, b, 3);
         await disk.flush();
       }
     },
@@ -138,6 +198,7 @@ describe('every crash point of', () => {
       expect(total).toBeGreaterThan(2);
       const verify = async (reopened: Volume, where: string) => {
         expect(action.after).toContain(reopened.state);
+        expectTracking(reopened, where);
         const disk = new Disk(reopened);
         const master = await disk.read(0, 8 * BS);
         for (let b = 0; b < 8; b++) {
@@ -151,7 +212,7 @@ describe('every crash point of', () => {
           // blocks 0..3 = 2 and 4..7 = 1; for the others, the prepared snapshot (all 1).
           const slave = await disk.read(0, 8 * BS, 'slave');
           for (let b = 0; b < 8; b++) {
-            const want = name === 'enable' && b < 4 ? 2 : 1;
+            const want = reopened.epoch === 2 && b < 4 ? 2 : 1;
             expect(slave.subarray(b * BS, (b + 1) * BS).every((x) => x === want), `slave block ${b} after a crash ${where}`).toBe(true);
           }
         }
@@ -163,6 +224,7 @@ describe('every crash point of', () => {
       let recoveryPoints = 0;
       for (let k = 1; k <= total; k++) {
         for (const worst of [false, true]) {
+          resetIssued();
           const store = new FaultStore(MemoryStore.copyOf(base), { scrambleBelow: metadataEnd, random });
           const volume = await Volume.open(store);
           store.powerOffAfter(k);
@@ -185,7 +247,7 @@ describe('every crash point of', () => {
 
   test('upgrading a version 1 store', async () => {
     const random = rng(seed);
-    const base = await prepared();
+    const base = await prepared(2);
     await downgradeToVersion1(base);
     const metadataEnd = (await Volume.open(MemoryStore.copyOf(base))).layout.dataOffset;
     const dry = new FaultStore(MemoryStore.copyOf(base), { scrambleBelow: metadataEnd, random });

@@ -3,7 +3,7 @@
  * kernel devices (the engine-only backend), driven by the real cldd command over the socket.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -91,6 +91,32 @@ describe('daemon without devices', () => {
     expect(d.code).toBe(0);
     expect(d.stdout).toMatch(/work: slave disabled; 0 blocks to merge back/);
     expect(JSON.parse((await cldd('status', 'work', '--json')).stdout).state).toBe('plain');
+  });
+
+  test('changes between snapshots, and status says what changed since the last one', async () => {
+    // Runs after the test above: the pair is plain, in snapshot 1's period, with no writes since.
+    const plain = await cldd('changes', 'work');
+    expect(plain.code).toBe(1);
+    expect(plain.stderr).toMatch(/no snapshot is enabled \(the state is plain\).*\[CLDD_STATE\]\n$/);
+    const before = JSON.parse((await cldd('status', 'work', '--json')).stdout);
+    // The 1 MiB written before snapshot 1 is its delta 0 -> 1.
+    expect(before.tracking).toEqual({ chunkSize: 65536, since: 1, changedBytes: 0, deltaBytes: 1 << 20 });
+    expect((await cldd('status', 'work')).stdout).toMatch(/changed {5}0 B since snapshot 1; snapshot 0 -> 1: 1\.0 MiB/);
+    expect((await cldd('enable', 'work')).code).toBe(0);
+    const c = await cldd('changes', 'work', '--json');
+    expect(c.code).toBe(0);
+    expect(JSON.parse(c.stdout)).toMatchObject({ snapshot: 2, since: 1, available: true, reason: null, changedBytes: 0, extents: [] });
+    // Only the last delta is kept: an older snapshot is "everything changed", said so.
+    const old = await cldd('changes', 'work', '--since', '0');
+    expect(old.code).toBe(0);
+    expect(old.stdout).toMatch(/^work: snapshot 0 -> 2: not tracked \(only the changes since snapshot 1 are kept\): everything changed, 15\.0 MiB\nOFFSET +LENGTH\n0 +15728640\n$/);
+    expect((await cldd('changes', 'work', '--since', '3')).stderr).toMatch(/snapshot 3 is after the enabled snapshot 2 \[EINVAL\]/);
+    expect((await cldd('changes', 'work', '--since', '-1')).code).toBe(2);
+    // Without devices there is no slave to copy from: refused before anything changes.
+    const b = await cldd('backup', 'work', join(dir, 'backup.img'));
+    expect(b.stderr).toMatch(/has no devices.*\[ENODEV\]/);
+    await expect(stat(join(dir, 'backup.img.cldd-backup'))).rejects.toMatchObject({ code: 'ENOENT' });
+    expect((await cldd('disable', 'work', '--wait')).code).toBe(0);
   });
 
   test('a second daemon for the same name or the same backing is refused', async () => {

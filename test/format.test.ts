@@ -37,12 +37,14 @@ function codeOf(fn: () => unknown): { code: string | undefined; message: string 
   throw new Error('expected an error');
 }
 
-/** The same layout equations as docs/format.md, for `blocks` blocks. */
+/** The same layout equations as docs/format.md (version 3), for `blocks` blocks. */
 function layoutEnd(blockSize: number, blocks: number): number {
   const bitsPerPage = (blockSize - MAP_SLOT_HEADER) * 8;
   const mapPages = Math.ceil(blocks / bitsPerPage);
+  const chunks = Math.ceil((blocks * blockSize) / 65536);
+  const trackingPages = Math.ceil(chunks / ((blockSize - MAP_SLOT_HEADER - 8) * 8));
   const align = (n: number) => Math.ceil(n / AREA_ALIGN) * AREA_ALIGN;
-  const dataOffset = align(2 * blockSize + 2 * mapPages * blockSize);
+  const dataOffset = align(2 * blockSize + 2 * (mapPages + 2 * trackingPages) * blockSize);
   const changeOffset = align(dataOffset + blocks * blockSize);
   return changeOffset + blocks * blockSize;
 }
@@ -56,7 +58,10 @@ function expectSaneLayout(l: Layout, storeSize: number, blockSize: number): void
   // Areas aligned, in order, not overlapping, inside the store.
   expect(l.dataOffset % AREA_ALIGN).toBe(0);
   expect(l.changeOffset % AREA_ALIGN).toBe(0);
-  expect(l.dataOffset).toBeGreaterThanOrEqual(l.mapOffset + 2 * l.mapPages * blockSize);
+  expect(l.dataOffset).toBeGreaterThanOrEqual(l.mapOffset + 2 * (l.mapPages + 2 * l.trackingPages) * blockSize);
+  expect(l.chunkShift).toBe(16);
+  expect(l.chunks).toBe(Math.ceil((l.blocks * blockSize) / 65536));
+  expect(l.trackingPages).toBe(Math.ceil(l.chunks / l.trackingBitsPerPage));
   expect(l.changeOffset).toBeGreaterThanOrEqual(l.dataOffset + l.blocks * blockSize);
   expect(l.changeOffset + l.blocks * blockSize).toBeLessThanOrEqual(storeSize);
   expect(l.blocks * blockSize).toBeGreaterThanOrEqual(MIN_AREA_BYTES);
@@ -76,6 +81,7 @@ function sampleSuperblock(blockSize = 4096, storeSize = 64 * MiB): Superblock {
     name: 'pair-α',
     layout: computeLayout(storeSize, blockSize),
     map: { commit: 987654321, digest: 0xdeadbeef },
+    version: 3,
   };
 }
 
@@ -220,7 +226,9 @@ describe('superblock', () => {
       return decodeSuperblock(b);
     };
     const cases: [string, (v: DataView, b: Uint8Array) => void, RegExp][] = [
-      ['version', (v) => v.setUint32(12, 3, true), /format version 3 \(this cldd reads versions 1 to 2\)/],
+      ['version', (v) => v.setUint32(12, 4, true), /format version 4 \(this cldd reads versions 1 to 3\)/],
+      ['version 2 with version 3 layout', (v) => v.setUint32(12, 2, true), /layout fields disagree|reserved bytes/],
+      ['chunk shift', (v) => v.setUint32(204, 12, true), /chunk shift 12/],
       ['version 0', (v) => v.setUint32(12, 0, true), /format version 0/],
       ['map commit', (v) => v.setBigUint64(192, 1n << 53n, true), /mapCommit out of range/],
       ['block size', (v) => v.setUint32(40, 6000, true), /block size 6000/],
@@ -413,6 +421,7 @@ test('a superblock with feature flags this version does not know is refused', as
     name: '',
     layout: computeLayout(8 << 20, 4096),
     map: { commit: 0, digest: 0 },
+    version: 3,
   });
   const v = new DataView(buf.buffer);
   v.setUint32(120, 4, true);

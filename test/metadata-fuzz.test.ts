@@ -17,7 +17,8 @@
 import { describe, expect, test } from 'vitest';
 import { check } from '../src/engine/check.js';
 import { Disk, StoreExecutor } from '../src/engine/executor.js';
-import { mapSlotOffset, superblockOffset, type Layout, type VolumeState } from '../src/engine/format.js';
+import { mapSlotOffset, metadataPages, superblockOffset, type Layout, type VolumeState } from '../src/engine/format.js';
+import type { Extent } from '../src/engine/change-tracking.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/store/memory-store.js';
@@ -56,6 +57,8 @@ interface Image {
   metadata: number[];
   /** Per metadata block, the contents it held before its current one (oldest first). */
   history: Uint8Array[][];
+  /** The tracking sets as committed: changed since the last snapshot, and the last delta. */
+  tracking: { since: number; changed: Extent[]; delta: Extent[] | null };
 }
 
 async function build(config: Config, state: VolumeState): Promise<Image> {
@@ -81,7 +84,8 @@ async function build(config: Config, state: VolumeState): Promise<Image> {
   let slave: Map<number, number> | null = null;
 
   const metadata = [superblockOffset(0, blockSize), superblockOffset(1, blockSize)];
-  for (let p = 0; p < mapPages; p++) metadata.push(mapSlotOffset(layout, p, 0), mapSlotOffset(layout, p, 1));
+  // The redirect pages, then the tracking pages of both sets.
+  for (let p = 0; p < metadataPages(layout); p++) metadata.push(mapSlotOffset(layout, p, 0), mapSlotOffset(layout, p, 1));
   const seen: Uint8Array[][] = metadata.map(() => []);
   const remember = () => {
     metadata.forEach((offset, i) => {
@@ -143,6 +147,10 @@ async function build(config: Config, state: VolumeState): Promise<Image> {
   volume = await Volume.open(store, { now: NOW });
   disk = new Disk(volume);
   expect(volume.state, config.label).toBe(state);
+  const t = volume.tracking!;
+  const tracking = { since: t.since, changed: t.changedExtents(), delta: t.deltaExtents() };
+  expect(tracking.changed.length, `${config.label}: chunks changed since the snapshot`).toBeGreaterThan(0);
+  expect(tracking.delta?.length, `${config.label}: chunks of the last delta`).toBeGreaterThan(0);
   await volume.close();
   remember();
 
@@ -157,7 +165,7 @@ async function build(config: Config, state: VolumeState): Promise<Image> {
   }
   // The current content of each block is not history.
   const history = seen.map((contents) => contents.slice(0, -1));
-  return { label: `${config.label}, ${state}`, store, layout, state, master: expectMaster, slave: expectSlave, metadata, history };
+  return { label: `${config.label}, ${state}`, store, layout, state, master: expectMaster, slave: expectSlave, metadata, history, tracking };
 }
 
 type Fault = 'flip' | 'zero' | 'zero-span' | 'tail' | 'garbage' | 'swap-pages' | 'swap-slots' | 'swap-superblocks' | 'lost-write' | 'truncate';
@@ -242,9 +250,9 @@ function mutate(random: () => number, image: Image): { store: MemoryStore; fault
       return { store, fault, what: `sector ${sector} of ${name(i)} is garbage` };
     }
     case 'swap-pages': {
-      if (layout.mapPages < 2) return mutate(random, image);
-      const p = between(random, 0, layout.mapPages - 1);
-      const q = (p + between(random, 1, layout.mapPages - 1)) % layout.mapPages;
+      const pages = metadataPages(layout);
+      const p = between(random, 0, pages - 1);
+      const q = (p + between(random, 1, pages - 1)) % pages;
       const a = 2 + 2 * p + between(random, 0, 1);
       const b = 2 + 2 * q + between(random, 0, 1);
       const [x, y] = [read(store, metadata[a]), read(store, metadata[b])];
@@ -257,7 +265,7 @@ function mutate(random: () => number, image: Image): { store: MemoryStore; fault
       return { store, fault, what: `${name(b)} written over ${name(a)}` };
     }
     case 'swap-slots': {
-      const p = between(random, 0, layout.mapPages - 1);
+      const p = between(random, 0, metadataPages(layout) - 1);
       const [x, y] = [read(store, metadata[2 + 2 * p]), read(store, metadata[3 + 2 * p])];
       store.writeSync(y, metadata[2 + 2 * p]);
       store.writeSync(x, metadata[3 + 2 * p]);
@@ -325,6 +333,9 @@ async function judge(image: Image, store: MemoryStore): Promise<'opened' | 'refu
       }
     }
   }
+  // Changed-block tracking as committed: never a smaller set (a backup would miss data).
+  const t = volume.tracking!;
+  expect({ since: t.since, changed: t.changedExtents(), delta: t.deltaExtents() }, 'the committed tracking sets').toEqual(image.tracking);
   await volume.close();
   const after = await check(store);
   expect(after.findings, 'check after open repaired the store').toEqual([]);

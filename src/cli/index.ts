@@ -6,6 +6,8 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { addCommand } from './commands/add.js';
+import { backupCommand } from './commands/backup.js';
+import { changesCommand } from './commands/changes.js';
 import { checkCommand } from './commands/check.js';
 import { daemonCommand } from './commands/daemon.js';
 import { removeCommand } from './commands/remove.js';
@@ -25,6 +27,8 @@ export async function main(argv: string[]): Promise<number> {
       .command(disableCommand)
       .command(statusCommand)
       .command(listCommand)
+      .command(changesCommand)
+      .command(backupCommand)
       .command(removeCommand)
       .command(checkCommand)
       .command(daemonCommand)

@@ -40,3 +40,40 @@ export async function followResync(client: DaemonClient, total: number, out: Nod
     await new Promise((r) => setTimeout(r, tty ? 250 : 1000));
   }
 }
+
+/**
+ * Reports a copy's progress: on a terminal a bar with bytes, rate and time left, redrawn at most
+ * four times a second; otherwise one line every five seconds. `done()` ends the bar's line.
+ */
+export function copyProgress(label: string, out: NodeJS.WriteStream = process.stderr): { update: (done: number, total: number) => void; done: () => void } {
+  const tty = out.isTTY === true;
+  const started = performance.now();
+  let last = 0;
+  let drawn = false;
+  const line = (done: number, total: number) => {
+    const seconds = (performance.now() - started) / 1000;
+    const rate = seconds > 0 ? done / seconds : 0;
+    const left = rate > 0 ? (total - done) / rate : null;
+    const percent = total > 0 ? (100 * done) / total : 100;
+    return { percent, text: `${percent.toFixed(1)}%  ${formatBytes(done)} of ${formatBytes(total)}  ${formatBytes(rate)}/s  ${clock(left)} left` };
+  };
+  return {
+    update(done, total) {
+      const now = performance.now();
+      if (now - last < (tty ? 250 : 5000) && done < total) return;
+      last = now;
+      const { percent, text } = line(done, total);
+      if (tty) {
+        const width = 30;
+        const filled = Math.round((width * percent) / 100);
+        out.write(`\r${label} [${'#'.repeat(filled)}${' '.repeat(width - filled)}] ${text}   `);
+        drawn = true;
+      } else if (done < total) {
+        out.write(`${label}: ${text}\n`);
+      }
+    },
+    done() {
+      if (drawn) out.write('\n');
+    },
+  };
+}

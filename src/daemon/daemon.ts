@@ -150,6 +150,7 @@ export class Daemon {
         enable: async (p) => service.enable(p),
         disable: async () => service.disable(),
         progress: async () => service.progress(),
+        changes: async (p) => service.changes(p),
         'resync-rate': async (p) => {
           service.setResyncRate(p.bytesPerSecond);
           return { bytesPerSecond: p.bytesPerSecond };

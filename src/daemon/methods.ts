@@ -78,6 +78,22 @@ const resyncProgress = {
   error: nullable(string),
 };
 
+const tracking = object({
+  chunkSize: integer(1),
+  /** The snapshot the current set counts from, and the bytes (whole chunks) written since. */
+  since: count,
+  changedBytes: count,
+  /** The last delta (snapshot since-1 -> since), in bytes; null before there is one. */
+  deltaBytes: nullable(count),
+});
+
+/** [byte offset, length] on the master. */
+const extent: Check<[number, number]> = (v, at) =>
+  Array.isArray(v) && v.length === 2 ? [count(v[0], `${at}[0]`), integer(1)(v[1], `${at}[1]`)] : fail(at, 'an [offset, length] pair');
+
+/** Extents per reply of `changes`: a reply line stays far below the 1 MiB the reader takes. */
+export const CHANGES_PAGE = 16384;
+
 const pairStatus = object({
   name: string,
   backing: string,
@@ -104,6 +120,10 @@ const pairStatus = object({
   failed: nullable(string),
   /** Requests the devices have not completed yet, and the age of the oldest (ms). */
   requests: optional(object({ outstanding: count, oldestMs: nullable(amount) })),
+  /** The store's uuid (32 hex digits). */
+  uuid: optional(string),
+  /** Changed-block tracking; null for a store without it (format version 2). */
+  tracking: optional(nullable(tracking)),
 });
 
 const none = object({}, true);
@@ -131,6 +151,28 @@ export const METHODS = {
   },
   disable: { params: none, result: object({ state: string, blocks: count }) },
   progress: { params: none, result: object({ state: string, ...resyncProgress }) },
+  /**
+   * What differs between snapshot `since` (default: the one before) and the enabled snapshot:
+   * extents of the master in order, CHANGES_PAGE per reply from byte offset `after` on; `next`
+   * is where the next page starts. `available` false: not tracked (`reason` says why), and the
+   * extents cover the whole master.
+   */
+  changes: {
+    params: object({ since: optional(count), after: optional(count) }, true),
+    result: object({
+      uuid: string,
+      snapshot: count,
+      since: count,
+      available: boolean,
+      reason: nullable(string),
+      chunkSize: integer(1),
+      capacity: count,
+      changedBytes: count,
+      extentCount: count,
+      extents: array(extent),
+      next: nullable(count),
+    }),
+  },
   'resync-rate': {
     params: object({ bytesPerSecond: integer(LIMITS.resyncRate.min, LIMITS.resyncRate.max) }, true),
     result: object({ bytesPerSecond: integer(LIMITS.resyncRate.min, LIMITS.resyncRate.max) }),

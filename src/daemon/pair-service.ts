@@ -4,7 +4,7 @@ import type { Volume } from '../engine/volume.js';
 import { deviceNumber, deviceOfPath, mountsOf, usersOf } from './device-users.js';
 import type { Freezer } from './freeze.js';
 import type { Logger } from './logger.js';
-import type { PairStatus, Result } from './methods.js';
+import { CHANGES_PAGE, type PairStatus, type Result } from './methods.js';
 import type { OutstandingRequest } from '../ublk/device.js';
 
 export interface DeviceInfo {
@@ -103,6 +103,50 @@ export class PairService {
       counters: s.counters,
       failed: s.failed,
       requests: this.requestSummary(),
+      uuid: s.uuid,
+      tracking: s.tracking,
+    };
+  }
+
+  /**
+   * The extents that differ between snapshot `since` (default: the previous one) and the
+   * enabled snapshot, a page at a time from byte offset `after`. Where the store does not know
+   * (no tracking, or an older snapshot than the last delta), everything counts as changed.
+   */
+  changes(params: { since?: number; after?: number }): Result<'changes'> {
+    const v = this.volume;
+    if (v.state !== 'snapshot') {
+      throw new CldError('CLDD_STATE', `no snapshot is enabled (the state is ${v.state}): changes are between snapshots; cldd status shows what changed since snapshot ${v.epoch}`);
+    }
+    const snapshot = v.epoch;
+    const since = params.since ?? snapshot - 1;
+    if (since > snapshot) throw new CldError('EINVAL', `snapshot ${since} is after the enabled snapshot ${snapshot}`);
+    const capacity = v.capacity;
+    const t = v.tracking;
+    const known = t?.changesSince(since) ?? null;
+    const reason = !t
+      ? 'this store (format version 2) has no changed-block tracking'
+      : known === null
+        ? `only the changes since snapshot ${snapshot - 1} are kept`
+        : null;
+    const all = known ?? [[0, capacity] as [number, number]];
+    const after = params.after ?? 0;
+    let first = 0;
+    while (first < all.length && all[first][0] < after) first++;
+    const extents = all.slice(first, first + CHANGES_PAGE);
+    const next = first + CHANGES_PAGE < all.length ? all[first + CHANGES_PAGE][0] : null;
+    return {
+      uuid: Buffer.from(v.superblock.uuid).toString('hex'),
+      snapshot,
+      since,
+      available: known !== null,
+      reason,
+      chunkSize: t ? 2 ** t.chunkShift : v.blockSize,
+      capacity,
+      changedBytes: all.reduce((n, [, length]) => n + length, 0),
+      extentCount: all.length,
+      extents,
+      next,
     };
   }
 

@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CldError } from '../errors.js';
-import type { Layout } from '../engine/format.js';
+import { metadataPages, type Layout } from '../engine/format.js';
 import type { BlockStore } from '../store/block-store.js';
 
 const PROBE_BYTES = 1 << 20;
@@ -88,7 +88,7 @@ export interface ForeignSignature {
 export function signaturesOverStore(layout: Layout, signatures: Signature[]): ForeignSignature[] {
   const areaBytes = layout.blocks * layout.blockSize;
   const inside = (offset: number, start: number) => offset >= start && offset < start + areaBytes;
-  const mapEnd = layout.mapOffset + 2 * layout.mapPages * layout.blockSize;
+  const mapEnd = layout.mapOffset + 2 * metadataPages(layout) * layout.blockSize;
   const area = (offset: number): string | null => {
     if (inside(offset, layout.dataOffset) || inside(offset, layout.changeOffset)) return null;
     if (offset < layout.mapOffset) return 'the superblocks';

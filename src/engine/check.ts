@@ -1,6 +1,7 @@
 import { CldError } from '../errors.js';
 import type { BlockStore } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
+import { ChangeTracking } from './change-tracking.js';
 import { uuidString, type Superblock } from './format.js';
 import { readMap, readSuperblocks, type Finding } from './recovery.js';
 
@@ -14,6 +15,8 @@ export interface CheckReport {
   findings: Finding[];
   superblock: Superblock | null;
   redirected: number | null;
+  /** Changed-block tracking as open would load it; null when the format has none or it was unreadable. */
+  tracking: { since: number; changedBytes: number; deltaBytes: number | null } | null;
 }
 
 /**
@@ -32,7 +35,7 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   } catch (err) {
     error(err instanceof Error ? err.message : String(err));
     const foreign = err instanceof CldError && err.code === 'CLDD_FOREIGN';
-    return { clean: false, foreign, findings, superblock: null, redirected: null };
+    return { clean: false, foreign, findings, superblock: null, redirected: null, tracking: null };
   }
   const { sb, reports } = found;
   const { layout } = sb;
@@ -48,16 +51,18 @@ export async function check(store: BlockStore): Promise<CheckReport> {
   }
   if (store.size < layout.storeSize) {
     error(`the store has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`);
-    return { clean: false, foreign: false, findings, superblock: sb, redirected: null };
+    return { clean: false, foreign: false, findings, superblock: sb, redirected: null, tracking: null };
   }
 
   const map = new BlockMap(layout.blocks, layout.blockSize);
+  const tracking = ChangeTracking.forStore(layout, sb.epoch);
   const recovered = await readMap(
     store,
     sb,
     (page, payload) => {
       try {
-        map.load(page, payload);
+        if (tracking?.isTrackingPage(page)) tracking.load(page, payload);
+        else map.load(page, payload);
       } catch (err) {
         error(err instanceof CldError ? err.message : String(err));
       }
@@ -69,7 +74,8 @@ export async function check(store: BlockStore): Promise<CheckReport> {
     error(`the state is plain but ${map.count} blocks are marked redirected`);
   }
   const clean = !findings.some((f) => f.severity === 'error');
-  return { clean, foreign: false, findings, superblock: sb, redirected: map.count };
+  const trackingReport = tracking && { since: tracking.since, changedBytes: tracking.changedBytes, deltaBytes: tracking.deltaBytes };
+  return { clean, foreign: false, findings, superblock: sb, redirected: map.count, tracking: trackingReport };
 }
 
 export function describeSuperblock(sb: Superblock): string {

@@ -7,8 +7,14 @@ import { randomBytes } from 'node:crypto';
 import { CldError } from '../errors.js';
 import { crc32c } from './crc32c.js';
 
-/** The version this cldd writes. Version 1 stores are read, and upgraded by their first commit. */
-export const FORMAT_VERSION = 2;
+/**
+ * The version this cldd formats. Version 1 stores are read, and upgraded to 2 by their first
+ * commit; version 2 stores (no changed-block tracking: their data area starts right after the
+ * map) are read and written as version 2.
+ */
+export const FORMAT_VERSION = 3;
+/** The first version with changed-block tracking pages in the map area. */
+export const TRACKING_VERSION = 3;
 export const OLDEST_FORMAT_VERSION = 1;
 export const SUPERBLOCK_MAGIC = 'cldd-sb\0';
 export const MAP_SLOT_MAGIC = 'cldd-map';
@@ -21,6 +27,14 @@ export const MIN_BLOCK_SIZE = 4096;
 export const MAX_BLOCK_SIZE = 65536;
 export const MIN_AREA_BYTES = 1 << 20;
 export const NAME_BYTES = 64;
+/**
+ * Changed-block tracking counts 64 KiB chunks (at least one block): 16M chunks, 2 MiB of bits,
+ * per TiB of master. A chunk's first write of a tracking period waits for a commit, so larger
+ * chunks make that rarer; smaller ones copy less of a sparsely written chunk.
+ */
+export const CHUNK_SHIFT = 16;
+/** Bytes at the start of a tracking page's payload: the period (snapshot number) it belongs to. */
+export const TRACKING_PAGE_HEADER = 8;
 
 export type VolumeState = 'plain' | 'snapshot' | 'resync';
 const STATE_CODES: Record<VolumeState, number> = { plain: 0, snapshot: 1, resync: 2 };
@@ -35,7 +49,18 @@ export interface Layout {
   /** Redirect bits per map page. */
   bitsPerPage: number;
   mapOffset: number;
+  /** Map pages holding redirect bits (pages 0 .. mapPages-1 of the map area). */
   mapPages: number;
+  /**
+   * Changed-block tracking (version 3; zero in an older store's layout): chunks of 2^chunkShift
+   * bytes of the master, and the pages of one tracking set. The map area holds, after the
+   * redirect pages, the pages of two sets (map pages mapPages + r x trackingPages + i, r = 0, 1):
+   * set r tracks the periods whose snapshot number has parity r.
+   */
+  chunkShift: number;
+  chunks: number;
+  trackingBitsPerPage: number;
+  trackingPages: number;
   dataOffset: number;
   changeOffset: number;
 }
@@ -53,6 +78,8 @@ export interface Superblock {
   layout: Layout;
   /** The map of the last completed map commit; null in a version 1 superblock, which has none. */
   map: MapRecord | null;
+  /** The superblock's format version (1, 2 or 3): the layout and the fields it has. */
+  version: number;
 }
 
 /**
@@ -75,19 +102,50 @@ export function isValidBlockSize(blockSize: number): boolean {
   );
 }
 
-function layoutFor(storeSize: number, blockSize: number, blocks: number): Layout {
+function layoutFor(storeSize: number, blockSize: number, blocks: number, version: number): Layout {
   const bitsPerPage = (blockSize - MAP_SLOT_HEADER) * 8;
   const mapOffset = SUPERBLOCK_COPIES * blockSize;
   const mapPages = Math.ceil(blocks / bitsPerPage);
-  const dataOffset = alignUp(mapOffset + 2 * mapPages * blockSize, AREA_ALIGN);
+  const tracked = version >= TRACKING_VERSION;
+  const chunkShift = tracked ? Math.max(CHUNK_SHIFT, Math.log2(blockSize)) : 0;
+  const chunks = tracked ? Math.ceil((blocks * blockSize) / 2 ** chunkShift) : 0;
+  const trackingBitsPerPage = tracked ? (blockSize - MAP_SLOT_HEADER - TRACKING_PAGE_HEADER) * 8 : 0;
+  const trackingPages = tracked ? Math.ceil(chunks / trackingBitsPerPage) : 0;
+  const dataOffset = alignUp(mapOffset + 2 * (mapPages + 2 * trackingPages) * blockSize, AREA_ALIGN);
   const changeOffset = alignUp(dataOffset + blocks * blockSize, AREA_ALIGN);
-  return { blockSize, storeSize, blocks, bitsPerPage, mapOffset, mapPages, dataOffset, changeOffset };
+  return {
+    blockSize,
+    storeSize,
+    blocks,
+    bitsPerPage,
+    mapOffset,
+    mapPages,
+    chunkShift,
+    chunks,
+    trackingBitsPerPage,
+    trackingPages,
+    dataOffset,
+    changeOffset,
+  };
+}
+
+/** Pages in the map area, each with two slots: the redirect pages, then both tracking sets. */
+export function metadataPages(layout: Layout): number {
+  return layout.mapPages + 2 * layout.trackingPages;
+}
+
+/** The map page of page `i` of tracking set `set` (0 or 1). */
+export function trackingPage(layout: Layout, set: number, i: number): number {
+  return layout.mapPages + set * layout.trackingPages + i;
 }
 
 const fits = (l: Layout) => l.changeOffset + l.blocks * l.blockSize <= l.storeSize;
 
-/** The largest layout that fits a store: data and change areas as large as possible. */
-export function computeLayout(storeSize: number, blockSize: number): Layout {
+/**
+ * The largest layout that fits a store: data and change areas as large as possible. Version 3
+ * reserves the tracking pages in the map area; older versions' layouts have none.
+ */
+export function computeLayout(storeSize: number, blockSize: number, version = FORMAT_VERSION): Layout {
   if (!isValidBlockSize(blockSize)) {
     throw new CldError('EINVAL', `block size ${blockSize} is not a power of two from ${MIN_BLOCK_SIZE} to ${MAX_BLOCK_SIZE}`);
   }
@@ -95,12 +153,12 @@ export function computeLayout(storeSize: number, blockSize: number): Layout {
   let hi = Math.floor(storeSize / blockSize / 2);
   while (lo < hi) {
     const mid = Math.ceil((lo + hi) / 2);
-    if (fits(layoutFor(storeSize, blockSize, mid))) lo = mid;
+    if (fits(layoutFor(storeSize, blockSize, mid, version))) lo = mid;
     else hi = mid - 1;
   }
-  const layout = layoutFor(storeSize, blockSize, lo);
+  const layout = layoutFor(storeSize, blockSize, lo, version);
   if (lo * blockSize < MIN_AREA_BYTES || !fits(layout)) {
-    const need = layoutFor(0, blockSize, Math.ceil(MIN_AREA_BYTES / blockSize));
+    const need = layoutFor(0, blockSize, Math.ceil(MIN_AREA_BYTES / blockSize), version);
     const minSize = need.changeOffset + MIN_AREA_BYTES;
     throw new CldError('CLDD_TOO_SMALL', `a store of ${storeSize} bytes is too small: cldd needs at least ${minSize} bytes`);
   }
@@ -128,13 +186,16 @@ export function mapSlotOffset(layout: Layout, page: number, slot: number): numbe
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
-/** Encodes a superblock copy: version 2, or version 1 when it has no map record (tests make those). */
+/** Encodes a superblock copy in its version (1 has no map record; 3 has the tracking fields). */
 export function encodeSuperblock(sb: Superblock): Uint8Array {
   const { layout } = sb;
+  if ((sb.version === 1) !== (sb.map === null) || (sb.version >= TRACKING_VERSION) !== (layout.trackingPages > 0)) {
+    throw new CldError('EINVAL', `a version ${sb.version} superblock with${sb.map ? '' : 'out'} a map record and ${layout.trackingPages} tracking pages`);
+  }
   const buf = new Uint8Array(layout.blockSize);
   const v = new DataView(buf.buffer);
   buf.set(encoder.encode(SUPERBLOCK_MAGIC), 0);
-  v.setUint32(12, sb.map ? FORMAT_VERSION : 1, true);
+  v.setUint32(12, sb.version, true);
   buf.set(sb.uuid, 16);
   v.setBigUint64(32, BigInt(sb.generation), true);
   v.setUint32(40, layout.blockSize, true);
@@ -156,6 +217,7 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
     v.setBigUint64(192, BigInt(sb.map.commit), true);
     v.setUint32(200, sb.map.digest, true);
   }
+  if (sb.version >= TRACKING_VERSION) v.setUint32(204, layout.chunkShift, true);
   v.setUint32(8, crc32c(buf, 12, SUPERBLOCK_BYTES), true);
   return buf;
 }
@@ -202,7 +264,7 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
   const { storeSize } = fields;
   let expected: Layout;
   try {
-    expected = computeLayout(storeSize, blockSize);
+    expected = computeLayout(storeSize, blockSize, version);
   } catch {
     return bad(`recorded store size ${storeSize}`);
   }
@@ -220,7 +282,11 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
     return bad('name is not UTF-8');
   }
   if (!isZero(buf, 128 + nameLength, 192)) return bad('bytes after the name are not zero');
-  const reserved = version >= 2 ? 204 : 192;
+  if (version >= TRACKING_VERSION) {
+    const chunkShift = v.getUint32(204, true);
+    if (chunkShift !== expected.chunkShift) return bad(`chunk shift ${chunkShift} (this cldd tracks chunks of 2^${expected.chunkShift} bytes)`);
+  }
+  const reserved = version >= TRACKING_VERSION ? 208 : version >= 2 ? 204 : 192;
   if (!isZero(buf, reserved, SUPERBLOCK_BYTES)) return bad(`reserved bytes ${reserved}..${SUPERBLOCK_BYTES - 1} are not zero`);
   return {
     ok: true,
@@ -234,6 +300,7 @@ export function decodeSuperblock(buf: Uint8Array): SuperblockVerdict {
       name,
       layout: expected,
       map: version >= 2 ? { commit: fields.mapCommit, digest: v.getUint32(200, true) } : null,
+      version,
     },
   };
 }
@@ -334,4 +401,27 @@ export function mapDigestTerm(page: number, sequence: number, commit: number): n
   termView.setBigUint64(8, BigInt(sequence), true);
   termView.setBigUint64(16, BigInt(commit), true);
   return crc32c(termBytes);
+}
+
+/**
+ * A tracking page's payload: the period it was written in (the snapshot number the set counts
+ * from), then its chunk bits. The page of a set that was not written in the set's current period
+ * holds an older period and counts as empty: starting a period rewrites nothing.
+ */
+export function encodeTrackingPayload(layout: Layout, period: number, bits: Uint32Array): Uint8Array {
+  const buf = new Uint8Array(layout.blockSize - MAP_SLOT_HEADER);
+  const v = new DataView(buf.buffer);
+  v.setBigUint64(0, BigInt(period), true);
+  buf.set(new Uint8Array(bits.buffer, bits.byteOffset, bits.byteLength), TRACKING_PAGE_HEADER);
+  return buf;
+}
+
+/** The period and bits of a tracking page's payload (the bits are a view into `payload`). */
+export function decodeTrackingPayload(payload: Uint8Array): { period: number; bits: Uint8Array } {
+  const v = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  const period = v.getBigUint64(0, true);
+  return {
+    period: period > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(period),
+    bits: payload.subarray(TRACKING_PAGE_HEADER),
+  };
 }

@@ -13,6 +13,7 @@ import {
   MAX_BLOCK_SIZE,
   MIN_BLOCK_SIZE,
   mapSlotOffset,
+  metadataPages,
   superblockOffset,
   type MapSlotFault,
   type MapSlotHeader,
@@ -166,7 +167,7 @@ export async function readMap(
 ): Promise<RecoveredMap> {
   const { layout } = sb;
   const bs = layout.blockSize;
-  const pageCount = layout.mapPages;
+  const pageCount = metadataPages(layout);
   const recorded = sb.map?.commit ?? 0;
   const slot = new Uint8Array(pageCount);
   const sequence = new Float64Array(pageCount);

@@ -22,8 +22,11 @@
 import { CldError } from '../errors.js';
 import type { BlockStore } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
+import { ChangeTracking, NO_MARKS } from './change-tracking.js';
 import {
   computeLayout,
+  FORMAT_VERSION,
+  metadataPages,
   encodeMapSlot,
   encodeSuperblock,
   mapSlotOffset,
@@ -47,6 +50,8 @@ export { readSuperblocks } from './recovery.js';
 
 export interface FormatOptions {
   blockSize?: number;
+  /** The format version to write: 3 (default), or 2 (no changed-block tracking; tests of older stores). */
+  version?: 2 | 3;
   name?: string;
   /** Clock for timestamps (ms since the Unix epoch). */
   now?: () => number;
@@ -90,8 +95,19 @@ export interface VolumeStatus {
   createdAt: number;
   inFlight: number;
   dirtyMapPages: number;
+  /** Changed-block tracking; null for a store whose format has none (version 2 and older). */
+  tracking: TrackingStatus | null;
   failed: string | null;
   counters: VolumeCounters;
+}
+
+export interface TrackingStatus {
+  chunkSize: number;
+  /** The snapshot the current set counts from, and the bytes (whole chunks) written since. */
+  since: number;
+  changedBytes: number;
+  /** The last delta (snapshot since-1 -> since), in bytes; null before the second snapshot's period. */
+  deltaBytes: number | null;
 }
 
 /** One step of a resync: copy `reads` (change area) into the buffer, then `writes` (data area). */
@@ -109,6 +125,8 @@ export interface Merge {
 export class Volume {
   readonly layout: Layout;
   readonly map: BlockMap;
+  /** Which chunks changed since the last snapshot (change-tracking.ts); null in an older store. */
+  readonly tracking: ChangeTracking | null;
   /** The committed superblock; `map` is never null here (a version 1 store is upgraded). */
   private sb: Superblock & { map: MapRecord };
   /** The superblock copy holding `sb`; the next write goes to the other one. */
@@ -161,11 +179,13 @@ export class Volume {
     map: BlockMap,
     pages: { slot: Uint8Array; sequence: Float64Array; slotCommit: Float64Array; nextCommit: number },
     now: () => number,
+    tracking = ChangeTracking.forStore(sb.layout, sb.epoch),
   ) {
     this.sb = sb;
     this.layout = sb.layout;
     this.sbCopy = sbCopy;
     this.map = map;
+    this.tracking = tracking;
     this.pageSlot = pages.slot;
     this.pageSeq = pages.sequence;
     this.pageCommit = pages.slotCommit;
@@ -183,12 +203,14 @@ export class Volume {
   static async format(store: BlockStore, options: FormatOptions = {}): Promise<Volume> {
     const blockSize = options.blockSize ?? 4096;
     const now = options.now ?? Date.now;
-    const layout = computeLayout(store.size, blockSize);
+    const version = options.version ?? FORMAT_VERSION;
+    const layout = computeLayout(store.size, blockSize, version);
+    const pageCount = metadataPages(layout);
     const name = options.name ?? '';
     const uuid = newUuid();
     // Format is map commit 0: every page empty, sequence 1.
     let digest = 0;
-    for (let p = 0; p < layout.mapPages; p++) digest = (digest + mapDigestTerm(p, 1, 0)) >>> 0;
+    for (let p = 0; p < pageCount; p++) digest = (digest + mapDigestTerm(p, 1, 0)) >>> 0;
     const sb = {
       uuid,
       generation: 1,
@@ -199,13 +221,15 @@ export class Volume {
       name,
       layout,
       map: { commit: 0, digest },
+      version,
     };
     const sbImage = encodeSuperblock(sb); // validates the name before anything is written
     await store.zero(0, SUPERBLOCK_COPIES * blockSize);
     await store.flush();
-    // Slot 0 of every page holds an empty page with sequence 1; slot 1 is left invalid.
-    for (let first = 0; first < layout.mapPages; first += MAP_IO_PAGES) {
-      const count = Math.min(MAP_IO_PAGES, layout.mapPages - first);
+    // Slot 0 of every page holds an empty page with sequence 1 (a tracking page: of period 0);
+    // slot 1 is left invalid.
+    for (let first = 0; first < pageCount; first += MAP_IO_PAGES) {
+      const count = Math.min(MAP_IO_PAGES, pageCount - first);
       const chunk = new Uint8Array(2 * count * blockSize);
       for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null, 0, digest), 2 * i * blockSize);
       await store.write(chunk, mapSlotOffset(layout, first, 0));
@@ -215,9 +239,9 @@ export class Volume {
     await store.flush();
     const map = new BlockMap(layout.blocks, blockSize);
     const pages = {
-      slot: new Uint8Array(layout.mapPages),
-      sequence: new Float64Array(layout.mapPages).fill(1),
-      slotCommit: new Float64Array(layout.mapPages),
+      slot: new Uint8Array(pageCount),
+      sequence: new Float64Array(pageCount).fill(1),
+      slotCommit: new Float64Array(pageCount),
       nextCommit: 1,
     };
     return new Volume(store, sb, 0, map, pages, now);
@@ -244,14 +268,27 @@ export class Volume {
       );
     }
     const map = new BlockMap(layout.blocks, layout.blockSize);
-    const recovered = await readMap(store, sb, (page, payload) => map.load(page, payload), other === 'same');
+    const tracking = ChangeTracking.forStore(layout, sb.epoch);
+    // Tracking pages are rewritten as found (their period included) when open recommits them.
+    const trackingPayloads = new Map<number, Uint8Array>();
+    const recovered = await readMap(
+      store,
+      sb,
+      (page, payload) => {
+        if (!tracking?.isTrackingPage(page)) return map.load(page, payload);
+        trackingPayloads.set(page, payload.slice());
+        tracking.load(page, payload);
+      },
+      other === 'same',
+    );
     const errors = recovered.findings.filter((f) => f.severity === 'error');
     if (errors.length) throw new CldError('CLDD_CORRUPT', `${store.description}: ${errors.map((f) => f.message).join('; ')}`);
     if (sb.state === 'plain' && map.count > 0) {
       throw new CldError('CLDD_CORRUPT', `${store.description}: the state is plain but ${map.count} blocks are marked redirected`);
     }
-    const committed = { ...sb, map: { commit: recovered.commit, digest: recovered.digest } };
-    const volume = new Volume(store, committed, copy, map, recovered, options.now ?? Date.now);
+    // A version 1 store is upgraded to 2 (same layout), never to 3 (it has no tracking pages).
+    const committed = { ...sb, map: { commit: recovered.commit, digest: recovered.digest }, version: Math.max(2, sb.version) };
+    const volume = new Volume(store, committed, copy, map, recovered, options.now ?? Date.now, tracking);
     volume.takeDirtyPagesFromLoad();
     if (options.journalPath) {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
@@ -262,18 +299,27 @@ export class Volume {
     }
     // Rewrite pages whose other slot is torn or holds an uncommitted version: so both slots are
     // valid again, and a later commit never finds a stale version above its own.
-    for (const page of recovered.rewrite) volume.map.markDirty(page);
+    for (const page of recovered.rewrite) volume.rewritePage(page, trackingPayloads.get(page));
     // A crash between the last merge's commit and the superblock's move to plain.
     if (sb.state === 'resync' && map.count === 0) volume.setState('plain');
     // Both copies: to restore one that a crash (or damage) left invalid or with an older state,
     // to record a commit rolled forward, or to upgrade a version 1 store.
     if (other !== 'same' || recovered.rolledForward || sb.map === null) volume.sbDirty = true;
-    if (volume.sbDirty || volume.map.dirtyPages > 0) await volume.commit();
+    if (volume.sbDirty || volume.map.dirtyPages > 0 || volume.rewrites.size > 0) await volume.commit();
     return volume;
   }
 
   private takeDirtyPagesFromLoad(): void {
     this.map.takeDirty();
+  }
+
+  /** Tracking pages open rewrites as they were found (redirect pages are rewritten from the map). */
+  private readonly rewrites = new Set<number>();
+  private readonly rewrittenPayloads = new Map<number, Uint8Array>();
+  private rewritePage(page: number, trackingPayload: Uint8Array | undefined): void {
+    if (!this.tracking?.isTrackingPage(page)) return this.map.markDirty(page);
+    this.rewrites.add(page);
+    if (trackingPayload) this.rewrittenPayloads.set(page, trackingPayload);
   }
 
   // ---------------------------------------------------------------- properties
@@ -326,6 +372,12 @@ export class Volume {
       createdAt: this.sb.createdAt,
       inFlight: this.inFlight,
       dirtyMapPages: this.map.dirtyPages,
+      tracking: this.tracking && {
+        chunkSize: 2 ** this.tracking.chunkShift,
+        since: this.tracking.since,
+        changedBytes: this.tracking.changedBytes,
+        deltaBytes: this.tracking.deltaBytes,
+      },
       failed: this.failure?.message ?? null,
       counters: [...this.fastServers].reduce((sum, server) => addCounters(sum, server.counters()), { ...this.counters }),
     };
@@ -391,9 +443,39 @@ export class Volume {
       case 'write':
       case 'discard':
       case 'write-zeroes':
+        if (this.tracking?.needsMark(start, end)) return this.markThenPlan(req, start, end);
         return this.planMasterWrite(req, start, end);
     }
   }
+
+  /**
+   * A write to a chunk not yet marked in this tracking period waits for the commit that makes
+   * its mark durable: the write may reach the disk as soon as it is issued, and a crash must not
+   * leave it written but unmarked (change-tracking.ts). Every write waiting then shares one commit.
+   */
+  private async markThenPlan(req: Request, start: number, end: number): Promise<Plan> {
+    try {
+      this.tracking!.mark(start, end);
+      await this.marksDurable();
+    } catch (err) {
+      this.leave(false);
+      throw err;
+    }
+    return this.planMasterWrite(req, start, end);
+  }
+
+  /**
+   * A commit whose capture follows every mark made so far. Marks made in the same turn (a batch
+   * of requests is planned in one) share it: the commit is asked for once the turn is over.
+   */
+  private marksDurable(): Promise<void> {
+    this.markCommit ??= Promise.resolve().then(() => {
+      this.markCommit = null;
+      return this.commit();
+    });
+    return this.markCommit;
+  }
+  private markCommit: Promise<void> | null = null;
 
   private planSlaveRead(start: number, end: number): Plan {
     const op = this.extent('read', 'data', start, end, 0);
@@ -627,6 +709,9 @@ export class Volume {
   private setState(state: VolumeState): void {
     this.sb = { ...this.sb, state, stateChangedAt: this.now(), epoch: state === 'snapshot' ? this.sb.epoch + 1 : this.sb.epoch };
     this.sbDirty = true;
+    // A snapshot ends the tracking period; enable calls this under its gate, after the commit
+    // that made every mark durable, and the new period's set needs no write (format.md).
+    if (state === 'snapshot') this.tracking?.startPeriod(this.sb.epoch);
     this.publishCommitPending();
     this.publication.setState(state);
     if (state === 'plain') {
@@ -773,8 +858,18 @@ export class Volume {
 
   private async commitOnce(): Promise<void> {
     const { layout, store } = this;
-    // Capture: the map as it is now reflects exactly the writes that have completed.
-    const pages = this.map.takeDirty();
+    // Capture: the map as it is now reflects exactly the writes that have completed; the
+    // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
+    const redirectPages = this.map.takeDirty();
+    const marks = this.tracking?.capture() ?? NO_MARKS;
+    const rewrites = [...this.rewrites].filter((p) => !marks.pages.includes(p));
+    this.rewrites.clear();
+    const pages = marks.pages.length || rewrites.length ? [...redirectPages, ...marks.pages, ...rewrites] : redirectPages;
+    const payload = (p: number, i: number): Uint8Array | null => {
+      if (i < redirectPages.length) return this.map.payload(p);
+      if (i < redirectPages.length + marks.pages.length) return marks.payloads[i - redirectPages.length];
+      return this.rewrittenPayloads.get(p) ?? null;
+    };
     const bothCopies = this.sbDirty;
     this.sbDirty = false;
     // A commit that writes pages gets a new number; the digest follows page by page.
@@ -783,7 +878,7 @@ export class Volume {
     for (const p of pages) {
       digest = (digest - mapDigestTerm(p, this.pageSeq[p], this.pageCommit[p]) + mapDigestTerm(p, this.pageSeq[p] + 1, mapCommit)) >>> 0;
     }
-    const images = pages.map((p) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, this.map.payload(p), mapCommit, digest));
+    const images = pages.map((p, i) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, payload(p, i), mapCommit, digest));
     const nextSb = { ...this.sb, generation: this.sb.generation + 1, map: { commit: mapCommit, digest } };
     const journalMark = this.journal?.mark();
     await store.flush();
@@ -813,6 +908,8 @@ export class Volume {
       this.sb = { ...this.sb, generation: nextSb.generation, map: nextSb.map };
     }
     if (journalMark !== undefined) this.journal?.trim(journalMark, this.sb.epoch);
+    this.tracking?.committed(marks);
+    for (const p of rewrites) this.rewrittenPayloads.delete(p);
     this.counters.commits++;
   }
 

@@ -616,7 +616,17 @@ export class UblkDevice {
 /** What the volume publishes for the queue threads, with its geometry, as the addon takes it. */
 export function nativePublication(volume: Volume): NativePublication {
   const { dataOffset, changeOffset, blockSize, blocks } = volume.layout;
-  return { words: volume.publication.words, bits: volume.map.bits, dataOffset, changeOffset, blockSize, blocks };
+  const tracking = volume.tracking;
+  return {
+    words: volume.publication.words,
+    bits: volume.map.bits,
+    trackBits: tracking?.durableBits ?? null,
+    chunkShift: tracking?.chunkShift ?? 0,
+    dataOffset,
+    changeOffset,
+    blockSize,
+    blocks,
+  };
 }
 
 function describePlan(plan: Plan | undefined): string | null {

@@ -76,6 +76,10 @@ export interface NativeDeviceOptions {
 export interface NativePublication {
   words: Int32Array;
   bits: Uint32Array;
+  /** Changed-block tracking's durable marks (ChangeTracking.durableBits), null without tracking. */
+  trackBits: Uint32Array | null;
+  /** Bytes per tracked chunk, as a power of two. */
+  chunkShift: number;
   dataOffset: number;
   changeOffset: number;
   blockSize: number;

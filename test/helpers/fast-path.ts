@@ -5,7 +5,7 @@
  * decision and down after the I/O, as on a queue thread. It registers with the volume like a
  * device does, so every state change turns it off and waits for it (docs/serving.md).
  */
-import type { Executor, Request } from '../../src/engine/plan.js';
+import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
 import { serve, StoreExecutor } from '../../src/engine/executor.js';
 import type { FastPathCounters } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
@@ -31,6 +31,8 @@ export class FastPath {
     private readonly store: BlockStore,
     /** Called before the I/O of a served request runs (a scheduler may hold it there). */
     private readonly beforeIo: (what: string) => Promise<void> = () => Promise.resolve(),
+    /** Runs its reads and writes (a test may watch them); flushes go to the store. */
+    private readonly executor: Executor = new StoreExecutor(store),
   ) {
     this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }) });
   }
@@ -58,16 +60,15 @@ export class FastPath {
       let ok = false;
       try {
         await this.beforeIo(`fast ${req.op} of ${length} at ${req.offset}`);
-        const runs: Promise<void>[] = [];
+        const ops: IoOp[] = [];
+        let sync = false;
         for (let i = 0; i < records.length; i += 4) {
           const [kind, offset, len, at] = [records[i], records[i + 1], records[i + 2], records[i + 3]];
-          const part = buffer.subarray(at, at + len);
-          if (kind === 0) runs.push(this.store.read(part, offset));
-          else if (kind === 1) runs.push(this.store.write(part, offset));
-          else if (kind === 3) runs.push(this.store.flush());
+          if (kind === 0 || kind === 1) ops.push({ kind: kind === 0 ? 'read' : 'write', offset, length: len, bufferOffset: at });
+          else if (kind === 3) sync = true;
           else throw new Error(`the fast path planned extent kind ${kind}`);
         }
-        await Promise.all(runs);
+        await Promise.all([ops.length ? this.executor.run(ops, buffer) : undefined, sync ? this.store.flush() : undefined]);
         ok = true;
       } finally {
         this.count(req, ok);
@@ -105,9 +106,10 @@ export class FastPathDisk {
   constructor(
     readonly volume: Volume,
     store: BlockStore,
+    executor: Executor = new StoreExecutor(store),
   ) {
-    this.fast = new FastPath(volume, store);
-    this.executor = new StoreExecutor(store);
+    this.fast = new FastPath(volume, store, undefined, executor);
+    this.executor = executor;
   }
 
   private run(req: Request, buffer: Uint8Array): Promise<void> {

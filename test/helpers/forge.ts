@@ -35,6 +35,7 @@ export async function commitPage(store: MemoryStore, page: number, payload: Uint
 export async function downgradeToVersion1(store: MemoryStore): Promise<void> {
   const { sb } = await readSuperblocks(store);
   const { layout } = sb;
+  if (sb.version !== 2) throw new Error(`downgradeToVersion1 takes a version 2 store (format it with { version: 2 }), not version ${sb.version}`);
   const slot = new Uint8Array(layout.blockSize);
   for (let page = 0; page < layout.mapPages; page++) {
     for (const s of [0, 1]) {
@@ -45,6 +46,6 @@ export async function downgradeToVersion1(store: MemoryStore): Promise<void> {
       store.writeSync(image, mapSlotOffset(layout, page, s));
     }
   }
-  const image = encodeSuperblock({ ...sb, map: null });
+  const image = encodeSuperblock({ ...sb, map: null, version: 1 });
   for (const copy of [0, 1]) store.writeSync(image, superblockOffset(copy, layout.blockSize));
 }

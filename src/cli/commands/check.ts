@@ -51,11 +51,19 @@ export const checkCommand: CommandModule<object, Args> = {
         clean,
         state: report.superblock?.state ?? null,
         redirected: report.redirected,
+        tracking: report.tracking,
         findings,
       });
     } else {
       if (report.superblock) console.log(text`${backing}: ${describeSuperblock(report.superblock)}`);
       if (report.redirected !== null) console.log(`${report.redirected} blocks redirected`);
+      const t = report.tracking;
+      if (t) {
+        const delta = t.deltaBytes === null ? '' : `; snapshot ${t.since - 1} -> ${t.since}: ${t.deltaBytes} bytes`;
+        console.log(`changed since snapshot ${t.since}: ${t.changedBytes} bytes${delta}`);
+      } else if (report.superblock && report.redirected !== null) {
+        console.log('no changed-block tracking (format version 2)');
+      }
       for (const f of findings) console.log(`${f.severity}: ${printable(f.message)}`);
       console.log(clean ? 'clean' : 'damaged');
     }

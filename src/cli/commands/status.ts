@@ -59,6 +59,13 @@ function describe(s: PairStatus): string {
     s.state === 'snapshot' ? text`  slave       ${s.slave} (snapshot ${s.snapshot})` : '  slave       disabled',
     text`  redirected  ${s.redirected} blocks (${formatBytes(s.redirected * s.blockSize)})`,
   ];
+  if (s.tracking) {
+    const t = s.tracking;
+    const delta = t.deltaBytes === null ? '' : text`; snapshot ${t.since - 1} -> ${t.since}: ${formatBytes(t.deltaBytes)}`;
+    lines.push(text`  changed     ${formatBytes(t.changedBytes)} since snapshot ${t.since}${delta}`);
+  } else if (s.tracking === null) {
+    lines.push('  changed     not tracked (format version 2 store): every backup is a full copy');
+  }
   if (s.resync) {
     const eta = s.resync.secondsLeft === null ? 'unknown' : `${Math.ceil(s.resync.secondsLeft)} s`;
     lines.push(text`  resync      ${s.resync.blocksLeft} blocks left, ${formatBytes(s.resync.rate)}/s, ${eta} left`);
