@@ -29,6 +29,8 @@ export interface CopyOptions {
   /** The extents to copy over an image whose digest is `baseDigest`; null: the whole image. */
   extents: Extent[] | null;
   baseDigest?: string;
+  /** At most this many bytes per second read from the source; null or absent: as fast as it goes. */
+  rate?: number | null;
   onProgress?: (p: CopyProgress) => void;
 }
 
@@ -105,9 +107,15 @@ export async function copyImage(o: CopyOptions): Promise<CopyResult> {
     const old = Buffer.alloc(PIECE);
     let done = 0;
     let written = 0;
+    const started = performance.now();
     for (const [offset, length] of extents) {
       for (let at = offset; at < offset + length; at += PIECE) {
         const n = Math.min(PIECE, offset + length - at);
+        // Paced: the next piece waits until the bytes so far fit the rate.
+        if (o.rate) {
+          const ahead = (done / o.rate) * 1000 - (performance.now() - started);
+          if (ahead > 0) await new Promise((resolve) => setTimeout(resolve, ahead));
+        }
         await readFully(source, data, n, at, o.source);
         if (!full) await readFully(target, old, n, at, o.target);
         let runStart = -1;

@@ -10,7 +10,7 @@ import type { PairStatus } from '../../daemon/methods.js';
 import { listSignatures } from '../../daemon/probe.js';
 import { CldError, ioError } from '../../errors.js';
 import { text } from '../../printable.js';
-import { parsePath } from '../options.js';
+import { parsePath, parseSize } from '../options.js';
 import { formatBytes, printJson } from '../output.js';
 import { withPair } from '../pairs.js';
 import { copyProgress } from '../progress.js';
@@ -23,6 +23,7 @@ interface Args {
   full: boolean;
   verify: boolean;
   freeze?: string;
+  rate?: string;
   json: boolean;
 }
 
@@ -108,12 +109,14 @@ export const backupCommand: CommandModule<object, Args> = {
       .option('full', { type: 'boolean', default: false, describe: 'copy everything, overwriting whatever TARGET holds' })
       .option('verify', { type: 'boolean', default: false, describe: 'read TARGET and the slave back in full and compare them' })
       .option('freeze', { type: 'string', describe: 'mountpoint to freeze when the backup takes the snapshot (default: where the master is mounted)' })
+      .option('rate', { type: 'string', describe: 'copy at most this many bytes per second (e.g. 50M), to spare the disk the users work on' })
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
   handler: async (args) => {
     const target = parsePath('TARGET', args.target);
     const freeze = typeof args.freeze === 'string' ? parsePath('--freeze', args.freeze) : '';
+    const rate = args.rate === undefined ? null : parseSize('--rate', args.rate);
     requireRoot('cldd backup');
-    const summary = await withPair(args.pair, (client, name) => backup(client, name, target, { full: args.full, verify: args.verify, freeze }));
+    const summary = await withPair(args.pair, (client, name) => backup(client, name, target, { full: args.full, verify: args.verify, freeze, rate }));
     if (args.json) return printJson(summary);
     const how =
       summary.kind === 'current'
@@ -127,7 +130,7 @@ export async function backup(
   client: DaemonClient,
   name: string,
   target: string,
-  options: { full: boolean; verify: boolean; freeze: string },
+  options: { full: boolean; verify: boolean; freeze: string; rate?: number | null },
 ): Promise<BackupSummary> {
   let status = await client.request('status');
   if (!status.uuid) throw new CldError('EPROTO', `the daemon of "${name}" does not say its store's uuid: restart it with this cldd`);
@@ -167,7 +170,7 @@ export async function backup(
     decision = decide(facts, { ...pair, snapshot }, options.full);
     const r = facts.record;
     if (r.kind === 'ok' && !r.record.complete && r.record.snapshot === snapshot && r.record.enabledByBackup && r.record.uuid === pair.uuid) owns = true;
-    return await copy(client, { ...pair, snapshot }, target, facts, status.slave, decision, owns, options.verify);
+    return await copy(client, { ...pair, snapshot }, target, facts, status.slave, decision, owns, options.verify, options.rate ?? null);
   } finally {
     if (owns) {
       const d = await client.request('disable');
@@ -192,6 +195,7 @@ async function copy(
   decision: Decision,
   owns: boolean,
   verify: boolean,
+  rate: number | null,
 ): Promise<BackupSummary> {
   const { name, uuid, capacity, snapshot } = pair;
   const record = recordPath(target, facts.isBlockDevice);
@@ -226,6 +230,7 @@ async function copy(
       size: capacity,
       extents,
       baseDigest: decision.kind === 'incremental' ? decision.base.digest : undefined,
+      rate,
       onProgress: (p) => bar.update(p.done, p.total),
     });
   } finally {
