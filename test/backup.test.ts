@@ -52,6 +52,18 @@ describe('image copy', () => {
     expect(r.digest).toBe(await imageDigest(target, size));
   });
 
+  test('a paced copy never goes faster than its rate', async () => {
+    const source = join(dir, 'slave-paced');
+    const target = join(dir, 'paced.img');
+    const size = await image(source, [[0, 4 * MiB, 5]]);
+    const started = performance.now();
+    await copyImage({ source, target, targetIsBlockDevice: false, size, extents: null, rate: 8 * MiB });
+    // Each 1 MiB piece after the first waits until the bytes before it fit 8 MiB/s: at least
+    // 3/8 s in all, however fast the machine (a lower bound only).
+    expect(performance.now() - started).toBeGreaterThanOrEqual(370);
+    expect(await sameFiles(target, source)).toBe(true);
+  });
+
   test('an incremental copy of the changed extents brings TARGET to the new image and updates the digest', async () => {
     const source = join(dir, 'slave-2');
     const target = join(dir, 'incr.img');

@@ -48,6 +48,8 @@ describe('usage errors: one line ending with [EINVAL], exit status 2', () => {
     [['check', '']],
     [['check']],
     [['enable', 'p1', '--freeze', '']],
+    [['backup', 'p1', '/tmp/t.img', '--rate', 'fast']],
+    [['backup', 'p1', '/tmp/t.img', '--rate', '0']],
   ])('cldd %j', async (args) => {
     usageError(await cli.run(args, { env }), 'cldd', args.join(' '));
   });
