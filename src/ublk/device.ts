@@ -288,13 +288,10 @@ export class UblkDevice {
 
   /** What the queue threads served without the engine (the volume adds it to its counters). */
   private fastPathCounters(): FastPathCounters {
-    const s = this.native?.stats();
-    if (!s) return { ...this.lastFastCounters };
-    this.lastFastCounters = { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5] };
-    return { ...this.lastFastCounters };
+    // Only asked while attached: after the native device exists and before it is closed.
+    const s = this.native?.stats() ?? new Float64Array(6);
+    return { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5] };
   }
-
-  private lastFastCounters = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
 
   private onEvents(q: number, requests: number, ordered: number, done: number, stopped: boolean): void {
     const ev = this.events;
