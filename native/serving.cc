@@ -82,12 +82,15 @@ bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
     }
     return true;
   }
-  // Writes: FUA commits, the slave is read-only; both are the engine's. So is a write to a chunk
-  // whose change mark is not durable yet: the engine makes it durable before the write is issued.
+  // Writes: FUA commits, the slave is read-only; both are the engine's. So is a write in place
+  // to a chunk whose change mark is not durable yet: the engine makes it durable before the
+  // write is issued. A write in a snapshot needs no durable mark: it goes to a redirected
+  // block, whose chunk the engine marked before it set the bit, and the commit that makes the
+  // bit durable makes the mark durable too (docs/format.md, "Changed-block tracking").
   if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return false;
-  if (p.trackBits && !AllMarked(p, offset, length)) return false;
   switch (mode) {
     case kFastPlain:
+      if (p.trackBits && !AllMarked(p, offset, length)) return false;
       out->push_back(Area(p, kWrite, false, start, end, start));
       return true;
     case kFastSnapshot:
@@ -97,6 +100,7 @@ bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
       return true;
     case kFastResync:
       // Blocks not redirected; a redirected one must be unredirected, under the engine's lock.
+      if (p.trackBits && !AllMarked(p, offset, length)) return false;
       if (!AllBits(p, start, end, false)) return false;
       out->push_back(Area(p, kWrite, false, start, end, start));
       return true;

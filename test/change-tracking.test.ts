@@ -90,6 +90,29 @@ describe('changed-block tracking', () => {
     await volume.close();
   });
 
+  test('a write in a snapshot waits for no commit: the commit that makes its redirect durable writes its mark', async () => {
+    const { store, volume, disk } = await fresh();
+    await volume.enable();
+    const t = volume.tracking!;
+    const commits = volume.counters.commits;
+    const planned = volume.plan({ target: 'master', op: 'write', offset: 20 * BS, length: BS }); // chunk 1
+    expect(planned, 'a first touch after enable is planned at once').not.toBeInstanceOf(Promise);
+    expect(t.changedExtents(), 'marked in memory before the write is issued').toEqual([[CHUNK, CHUNK]]);
+    expect(t.durableBits[0] & 2).toBe(0);
+    (planned as Exclude<typeof planned, Promise<unknown>>).finish(true);
+    expect(volume.counters.commits).toBe(commits);
+    // Before the flush neither the redirect nor the mark is on disk: the write is not part of the master.
+    const before = await Volume.open(MemoryStore.copyOf(store));
+    expect(before.map.count).toBe(0);
+    expect(before.tracking!.changedExtents()).toEqual([]);
+    await disk.flush();
+    expect(t.durableBits[0] & 2).toBe(2);
+    const after = await Volume.open(MemoryStore.copyOf(store));
+    expect(after.map.count).toBe(1);
+    expect(after.tracking!.changedExtents()).toEqual([[CHUNK, CHUNK]]);
+    await volume.close();
+  });
+
   test('writes to many new chunks at once share one commit', async () => {
     const { volume } = await fresh();
     const commits = volume.counters.commits;

@@ -69,6 +69,8 @@ describe('the fast path decides', () => {
     const first = v.plan({ target: 'master', op: 'write', offset: 20 * BS, length: BS });
     expect(plan(v, 'master', WRITE, 20 * BS, BS)).toBeNull();
     (first as { finish(ok: boolean): void }).finish(true);
+    // Its chunk's mark is in memory only, and rides with the redirect's commit: the bit is enough.
+    expect(v.tracking!.durableBits[0] & 2).toBe(0);
     expect(plan(v, 'master', WRITE, 20 * BS, BS)).toEqual([{ kind: 1, offset: changeOffset + 20 * BS, length: BS, at: 0 }]);
     expect(plan(v, 'master', WRITE, 20 * BS, 2 * BS)).toBeNull();
     expect(plan(v, 'master', READ, 19 * BS, 3 * BS)).toEqual([
@@ -93,6 +95,8 @@ describe('the fast path decides', () => {
     expect(v.state).toBe('resync');
     expect(plan(v, 'master', WRITE, 5 * BS, BS)).toBeNull();
     expect(plan(v, 'master', WRITE, 6 * BS, BS)).not.toBeNull();
+    // A write in place to a chunk with no durable mark (chunk 1) is the engine's, as in plain.
+    expect(plan(v, 'master', WRITE, 17 * BS, BS)).toBeNull();
     expect(plan(v, 'slave', READ, 0, BS)).toBeNull();
     // A state change turns the path off before it drains, and on again after.
     let resolveIdle!: () => void;

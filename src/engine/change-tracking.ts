@@ -7,11 +7,18 @@
  * empty one starts. Periods alternate between the two tracking sets of the map area by the
  * parity of their snapshot number; a page counts for a period only when it was written in it.
  *
- * The invariant that makes the set never under-report: a chunk's mark is durable before any
- * write to the chunk is issued in the period, since the write may reach the disk at once. The
- * volume asks `needsMark` before planning a write; when it does, `mark` records the chunks in
- * memory and the write waits for the next commit, which writes the marked pages with the map
- * (one commit for all marks pending at once). `durableBits` holds only marks a completed commit
+ * The invariant that makes the set never under-report: no write can become part of the master
+ * after a crash unless its chunk's mark is durable. A write in place (plain, resync) may reach
+ * the disk at once, so its mark is durable before it is issued: the volume asks `needsMark`
+ * before planning it; when it does, `mark` records the chunks in memory and the write waits for
+ * the next commit, which writes the marked pages with the map (one commit for all marks pending
+ * at once). A write in a snapshot goes to the change area, where only the block's redirect makes
+ * it part of the master, and every redirect of a snapshot is made in its period: the volume
+ * marks the chunks in memory when it plans the write, before the redirect exists, so whichever
+ * commit makes the redirect durable writes the mark too (the same commit or an earlier one;
+ * commits capture marks and map pages in the same turn and run one at a time). Such a write
+ * waits for nothing, and a first touch after enable costs no commit of its own. A map journal
+ * replayed after a daemon died marks the chunks of the redirects it restores. `durableBits` holds only marks a completed commit
  * made durable: an executor that serves writes without the engine may serve one only when every
  * chunk it touches has its bit set there. The bits are cleared only by `startPeriod`, which the
  * volume calls under its gate (no request in flight), so a bit once seen set stays set for as

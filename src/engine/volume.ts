@@ -294,7 +294,7 @@ export class Volume {
       // Changes a daemon that died had made: their data is in the page cache of this boot.
       const path = typeof options.journalPath === 'string' ? options.journalPath : options.journalPath(sb.uuid);
       const leftover = MapJournal.leftover(path, sb.uuid, layout.blocks);
-      replayJournal(map, sb, leftover, path);
+      replayJournal(map, tracking, sb, leftover, path);
       volume.journal = MapJournal.create(path, sb.uuid, sb.epoch, leftover.changes);
     }
     // Rewrite pages whose other slot is torn or holds an uncommitted version: so both slots are
@@ -305,7 +305,7 @@ export class Volume {
     // Both copies: to restore one that a crash (or damage) left invalid or with an older state,
     // to record a commit rolled forward, or to upgrade a version 1 store.
     if (other !== 'same' || recovered.rolledForward || sb.map === null) volume.sbDirty = true;
-    if (volume.sbDirty || volume.map.dirtyPages > 0 || volume.rewrites.size > 0) await volume.commit();
+    if (volume.sbDirty || volume.map.dirtyPages > 0 || volume.rewrites.size > 0 || (tracking?.pendingPages ?? 0) > 0) await volume.commit();
     return volume;
   }
 
@@ -443,7 +443,13 @@ export class Volume {
       case 'write':
       case 'discard':
       case 'write-zeroes':
-        if (this.tracking?.needsMark(start, end)) return this.markThenPlan(req, start, end);
+        if (this.tracking?.needsMark(start, end)) {
+          // In a snapshot the write lands in the change area, where only its redirect makes it
+          // part of the master: the mark made now is captured by every commit that can capture
+          // the redirect, so it needs no commit of its own (change-tracking.ts).
+          if (this.sb.state !== 'snapshot') return this.markThenPlan(req, start, end);
+          this.tracking.mark(start, end);
+        }
         return this.planMasterWrite(req, start, end);
     }
   }
@@ -936,7 +942,7 @@ export class Volume {
  * belongs to another history of the store (a stale file); replaying it would serve the wrong
  * blocks and commit a map that contradicts the state. Refuses before anything is written.
  */
-function replayJournal(map: BlockMap, sb: Superblock, leftover: Leftover, path: string): void {
+function replayJournal(map: BlockMap, tracking: ChangeTracking | null, sb: Superblock, leftover: Leftover, path: string): void {
   const { state } = sb;
   // Records of another snapshot's period: the store was opened without this journal and moved on
   // (the state check below cannot tell one snapshot from the next).
@@ -960,6 +966,9 @@ function replayJournal(map: BlockMap, sb: Superblock, leftover: Leftover, path: 
       );
     }
     map.assign(c.start, c.end, c.redirected);
+    // A redirect made in a snapshot carried its chunks' marks only in memory: they become durable
+    // with it, in the commit open makes after the replay.
+    if (c.redirected) tracking?.mark(c.start, c.end);
   });
 }
 
