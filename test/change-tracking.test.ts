@@ -3,7 +3,7 @@
  * write waits for its durable mark and later ones do not, what reopening keeps, older stores,
  * damage, and the memory bound. Crashes are in crash-points.test.ts and crash-model.test.ts.
  */
-import { describe, expect, test } from 'vitest';
+import { describe, expect, test, vi } from 'vitest';
 import { check } from '../src/engine/check.js';
 import { ChangeTracking } from '../src/engine/change-tracking.js';
 import { Disk, StoreExecutor } from '../src/engine/executor.js';
@@ -87,6 +87,23 @@ describe('changed-block tracking', () => {
     expect(again).not.toBeInstanceOf(Promise);
     (again as Exclude<typeof again, Promise<unknown>>).finish(true);
     expect(volume.counters.commits).toBe(commits + 1);
+    await volume.close();
+  });
+
+  test("a mark's commit skips the data flush: marks order nothing after data", async () => {
+    const { store, volume, disk } = await fresh();
+    await disk.write(0, block(1)); // chunk 0 marked
+    const flush = vi.spyOn(store, 'flush');
+    const writes = vi.spyOn(store, 'write');
+    await disk.write(CHUNK, block(2)); // chunk 1: a commit for its mark only
+    // Its tracking page, a flush, one superblock copy, a flush; then the write itself.
+    expect(flush).toHaveBeenCalledTimes(2);
+    expect(writes).toHaveBeenCalledTimes(3);
+    flush.mockClear();
+    await disk.flush(); // a flush request's commit (nothing to write) flushes the data
+    expect(flush).toHaveBeenCalledTimes(1);
+    // The mark is durable: a copy of the store sees both chunks.
+    expect((await Volume.open(MemoryStore.copyOf(store))).tracking!.changedExtents()).toEqual([[0, 2 * CHUNK]]);
     await volume.close();
   });
 

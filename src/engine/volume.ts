@@ -151,7 +151,8 @@ export class Volume {
   private mergeCursor = 0;
 
   private commitRunning = false;
-  private commitWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  /** `marksOnly`: a write waiting for its chunks' marks, which needs no earlier data durable. */
+  private commitWaiters: { resolve: () => void; reject: (e: Error) => void; marksOnly: boolean }[] = [];
   private failure: CldError | null = null;
   private closed = false;
   private journal: MapJournal | null = null;
@@ -477,7 +478,7 @@ export class Volume {
   private marksDurable(): Promise<void> {
     this.markCommit ??= Promise.resolve().then(() => {
       this.markCommit = null;
-      return this.commit();
+      return this.queueCommit(true);
     });
     return this.markCommit;
   }
@@ -831,11 +832,20 @@ export class Volume {
    * again for the other copy. A crash before (3) completes leaves the previous slot of each page
    * valid and recorded; before (5), the previous superblock, and a complete commit that open
    * rolls forward.
+   *
+   * A commit only writes waiting for their chunks' marks asked for (`marksOnly`), which writes
+   * no redirect page and changes no state, skips (1): marks order nothing after data, and those
+   * writes are not issued yet. That is one fdatasync of three for each first write to a chunk
+   * in place in a tracking period.
    */
   commit(): Promise<void> {
+    return this.queueCommit(false);
+  }
+
+  private queueCommit(marksOnly: boolean): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => {
-      this.commitWaiters.push({ resolve, reject });
+      this.commitWaiters.push({ resolve, reject, marksOnly });
       if (!this.commitRunning) void this.commitLoop();
     });
   }
@@ -849,7 +859,7 @@ export class Volume {
         this.commitWaiters = [];
         try {
           if (this.failure) throw this.failure;
-          await this.commitOnce();
+          await this.commitOnce(batch.every((w) => w.marksOnly));
           for (const w of batch) w.resolve();
         } catch (err) {
           this.fail(err);
@@ -862,7 +872,7 @@ export class Volume {
     }
   }
 
-  private async commitOnce(): Promise<void> {
+  private async commitOnce(marksOnly: boolean): Promise<void> {
     const { layout, store } = this;
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
@@ -887,7 +897,7 @@ export class Volume {
     const images = pages.map((p, i) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, payload(p, i), mapCommit, digest));
     const nextSb = { ...this.sb, generation: this.sb.generation + 1, map: { commit: mapCommit, digest } };
     const journalMark = this.journal?.mark();
-    await store.flush();
+    if (!marksOnly || redirectPages.length > 0 || bothCopies) await store.flush();
     if (pages.length) {
       await Promise.all(pages.map((p, i) => store.write(images[i], mapSlotOffset(layout, p, 1 - this.pageSlot[p]))));
       await store.flush();
