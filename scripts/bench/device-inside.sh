@@ -122,6 +122,13 @@ first_touch_cldd() { # round
       cldd disable "$name" --wait >&2
     fi
   done
+  # Changed-block tracking: the pair is plain now, in the period the last enable started, where
+  # no chunk is marked yet, so each 4 KiB write at QD1 to a chunk not yet written in it waits
+  # for the commit of its mark; then, once a sequential pass has written (marked) every chunk,
+  # the same job, as every plain row of the next round finds the pair.
+  PHASE=after run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
+  dd if=/dev/zero of="$master" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
+  PHASE=before run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
 }
 
 # dm-snapshot beside it: a persistent snapshot with 4 KiB chunks (8 sectors) of the loop device,
