@@ -707,6 +707,37 @@ describe('snapshot and resync', () => {
     expect(await get(disk, 0, 64)).toEqual(Array.from({ length: 64 }, (_, b) => (b >= 40 && b < 44 ? 3 : 2)));
   });
 
+  test('a_second_merge_of_the_same_blocks_waits_for_the_first_and_never_copies_them_again', async () => {
+    // Found by the crash model (seed 3111862763, 5000 points, fast path): two merges held the
+    // same blocks at once; after the first cleared their bits a write went to the data area
+    // without a lock, and the second merge's stale copy landed over it.
+    const { store, volume, disk } = await setup();
+    const executor = new StoreExecutor(store);
+    await put(disk, 0, 8, 1);
+    await volume.enable();
+    await put(disk, 0, 8, 2);
+    await volume.disable();
+    const first = (await volume.beginMerge(64))!;
+    let second: Awaited<ReturnType<Volume['beginMerge']>> | undefined;
+    const merging = volume.beginMerge(64).then((m) => (second = m));
+    await ticks();
+    expect(second, 'a second merge of the same blocks waits while the first holds them').toBeUndefined();
+    const buffer = new Uint8Array(first.bufferLength);
+    await executor.run(first.reads, buffer);
+    await executor.run(first.writes, buffer);
+    first.finish(true);
+    await put(disk, 2, 3, 3); // nothing redirected any more: straight to the data area
+    await merging;
+    if (second) {
+      const again = new Uint8Array(second.bufferLength);
+      await executor.run(second.reads, again);
+      await executor.run(second.writes, again);
+      second.finish(true);
+    }
+    expect(second, 'nothing is left to merge').toBeNull();
+    expect(await get(disk, 0, 8)).toEqual([2, 2, 3, 2, 2, 2, 2, 2]);
+  });
+
   test('discard_and_write_zeroes_read_back_zeros_and_never_change_the_slave', async () => {
     const { store, volume, disk } = await setup();
     await put(disk, 0, 64, 1);

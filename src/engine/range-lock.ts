@@ -2,7 +2,11 @@
  * Keeps merges and master writes of the resync state off each other's blocks: a merge copies a
  * change-area run into the data area, so a master write to those blocks landing in between
  * would be overwritten by stale data. Writes exclude merges and merges exclude writes; writes
- * do not exclude each other (ordering overlapping writes is the kernel's business).
+ * do not exclude each other (ordering overlapping writes is the kernel's business). Merges
+ * exclude each other too: a merge decides its runs once it holds its range, and a second merge
+ * of the same blocks holding it at the same time would copy them again after the first had
+ * cleared their bits, when a write may already have gone to the data area without any lock
+ * (none of its blocks redirected), and put the stale copy over it.
  */
 type Kind = 'write' | 'merge';
 
@@ -55,13 +59,17 @@ export class RangeLocks {
   }
 
   private conflicts(kind: Kind, start: number, end: number): boolean {
-    for (const h of this.held) if (h.kind !== kind && h.start < end && start < h.end) return true;
+    for (const h of this.held) if (excludes(h.kind, kind) && h.start < end && start < h.end) return true;
     return false;
   }
 }
 
+function excludes(a: Kind, b: Kind): boolean {
+  return a !== b || a === 'merge';
+}
+
 function overlapsOther(list: readonly Held[], kind: Kind, start: number, end: number): boolean {
-  for (const h of list) if (h.kind !== kind && h.start < end && start < h.end) return true;
+  for (const h of list) if (excludes(h.kind, kind) && h.start < end && start < h.end) return true;
   return false;
 }
 
