@@ -30,6 +30,14 @@ constexpr uint32_t kMaxExtents = 1u << 16;
 // slower, 256 KiB a draw and 512 KiB twice as fast.
 constexpr uint32_t kInPlaceReadBytes = 16u << 10;
 constexpr uint32_t kInPlaceWriteBytes = 256u << 10;
+// Under user copy without zero copy, a read that must wait for the backing file moves through its
+// tag's buffer this much at a time (see QueueExtent): the tags' buffers cost depth x this at most
+// (8 MiB at depth 128). Measured in the VM (6.12, TCG, ext4 on brd, defaults, one run each) with
+// an earlier version that moved every request through these buffers: larger segments made 1 MiB
+// requests at QD8 no faster (32, 64, 128, 256 KiB: reads 905, 985, 886, 909 MiB/s; writes 644,
+// 583, 565, 663; reads from a cold page cache 824, 729, 653, 394), while the daemon's peak RSS grew
+// with them (67, 64, 73, 82 MiB, within a few MiB of noise; the target is 80).
+constexpr uint32_t kSegmentBytes = 64u << 10;
 // Doubles per request record in the events buffer; ordered and done entries are pairs.
 constexpr size_t kRequestFields = 5;
 
@@ -66,12 +74,15 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   backingFd_ = options.Get("backingFd").As<Napi::Number>().Int32Value();
   encode_ = options.Get("ioctlEncode").ToBoolean();
   zeroCopy_ = options.Get("zeroCopy").ToBoolean();
+  userCopy_ = zeroCopy_ || options.Get("userCopy").ToBoolean();
+  segmented_ = userCopy_ && !zeroCopy_;
   target_ = options.Get("target").ToString().Utf8Value() == "slave" ? Target::kSlave : Target::kMaster;
   onEvents_ = Napi::Persistent(options.Get("onEvents").As<Napi::Function>());
   std::string name = "ublk device " + std::to_string(devId_);
   if (queues == 0 || depth_ == 0 || depth_ > kMaxDepth || bufferBytes_ == 0 || bufferBytes_ % 512) {
     throw CodeError(env, "EINVAL", name + ": bad queue count, depth or buffer size");
   }
+  tagBufferBytes_ = segmented_ ? std::min(bufferBytes_, kSegmentBytes) : bufferBytes_;
   Napi::Float64Array events = options.Get("events").As<Napi::Float64Array>();
   if (events.ElementLength() < (kRequestFields + 4) * depth_) {
     throw CodeError(env, "EINVAL", name + ": the events buffer must hold " + std::to_string((kRequestFields + 4) * depth_) + " numbers");
@@ -109,7 +120,8 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     // in 2 MiB, two tags' whole buffers: measured in the VM with the defaults (depth 128 x 1 MiB),
     // the daemon's RSS grew by 73 MiB during 4 KiB reads and reached 168-201 MiB, most of it this
     // mapping. Best effort: a kernel without THP has nothing to turn off.
-    err = q->buffers.Map(size_t(depth_) * bufferBytes_, PROT_READ | PROT_WRITE,
+    // Segmented, the queue's scratch buffer follows the tags' (see Scratch).
+    err = q->buffers.Map(size_t(depth_) * tagBufferBytes_ + (segmented_ ? bufferBytes_ : 0), PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (err) throw ErrnoError(env, err, name + ": allocate the buffers of queue " + std::to_string(id));
     ::madvise(q->buffers.data(), q->buffers.size(), MADV_NOHUGEPAGE);
@@ -404,7 +416,8 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
   sqe->opcode = IORING_OP_URING_CMD;
   sqe->fd = charFd_.get();
   sqe->cmd_op = encode_ ? EncodeIo(op) : op;
-  uint64_t buffer = zeroCopy_ ? 0 : reinterpret_cast<uintptr_t>(q.buffers.data() + size_t(tag) * bufferBytes_);
+  // Under user copy the kernel copies nothing and refuses a buffer address (EINVAL).
+  uint64_t buffer = userCopy_ ? 0 : reinterpret_cast<uintptr_t>(TagBuffer(q, tag));
   IoCmd cmd{q.id, tag, result, buffer};
   std::memcpy(sqe->cmd, &cmd, sizeof cmd);
   // Automatic registration reads its buffer index from the SQE's addr (index in bits 0-15, no
@@ -413,10 +426,18 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
   sqe->user_data = tag;
 }
 
-// How an extent's data moves. Without zero copy the kernel copies each request between its
-// pages and the tag buffer (at FETCH for writes, at COMMIT for reads). With zero copy the
-// request's pages are registered in the queue's ring at index = tag (UBLK_F_AUTO_BUF_REG) and
-// the kernel copies nothing:
+// How an extent's data moves. Without user copy (before 6.5) the kernel copies each request
+// between its pages and the tag buffer (at FETCH for writes, at COMMIT for reads), so each tag
+// needs a buffer as large as the largest request. With user copy but not zero copy (6.5-6.15, or
+// zero copy turned off) the kernel copies nothing and this thread moves the data between the
+// request and a buffer itself (pread/pwrite on /dev/ublkcN). What it does from start to end
+// without waiting, a write (copied from the request, written to the file) or a read the page
+// cache holds (read, copied into the request), goes through the queue's one scratch buffer. A
+// read that must wait for the file goes to the ring a segment at a time (kSegmentBytes) into the
+// tag's own buffer, is copied into the request when it completes, and the extent goes on from
+// `done`; while one is in flight, the tag's other extents that need the ring wait
+// (Tag::waiting). With zero copy the request's pages are registered in the queue's ring at
+// index = tag (UBLK_F_AUTO_BUF_REG) and the kernel copies nothing:
 // - a large extent is read or written in place by io_uring (READ_FIXED/WRITE_FIXED): one copy,
 //   between the page cache and the request. A cached read is done inside the submit; a write
 //   goes to an io_uring worker at once (ext4 cannot write buffered without blocking), on
@@ -434,11 +455,15 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
 // trip of its own through the ring. A miss, or a part of one, goes to the ring, so that one
 // request's miss does not hold up the queue's others. A flush's fdatasync goes to the ring too.
 void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
-  Extent& e = q.tags[tag].extents[index];
+  Tag& t = q.tags[tag];
+  Extent& e = t.extents[index];
   uint32_t left = e.length - e.done;
   uint64_t at = e.offset + e.done;            // in the backing file
   uint32_t within = e.bufferOffset + e.done;  // in the request
-  uint8_t* mem = q.buffers.data() + size_t(tag) * bufferBytes_ + within;
+  // The tag's buffer mirrors the whole request; segmented, what is copied at once goes through
+  // the queue's scratch buffer (as large as the largest request: the clamp only guards it).
+  uint8_t* mem = segmented_ ? Scratch(q) : TagBuffer(q, tag) + within;
+  if (segmented_) left = std::min(left, bufferBytes_);
   bool inPlace = zeroCopy_ && ((e.kind == kRead && left >= kInPlaceReadBytes) || (e.kind == kWrite && left >= kInPlaceWriteBytes));
   if (e.kind == kRead && nowaitReads_.load(std::memory_order_relaxed) && !inPlace) {
     iovec iov{mem, left};
@@ -447,14 +472,14 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
     while (n < 0 && errno == EINTR);
     if (n >= 0 || (errno != EAGAIN && errno != EOPNOTSUPP)) {
       int res = n < 0 ? -errno : int(n);
-      if (n > 0 && zeroCopy_) res = CopyRequest(q, tag, within, mem, uint32_t(n), true);
+      if (n > 0 && userCopy_) res = CopyRequest(q, tag, within, mem, uint32_t(n), true);
       OnExtentCompletion(q, tag, index, res);
       return;
     }
     if (errno == EOPNOTSUPP) nowaitReads_.store(false, std::memory_order_relaxed);  // this file system never can
   }
   if (e.kind == kWrite && !inPlace) {
-    int res = zeroCopy_ ? CopyRequest(q, tag, within, mem, left, false) : int(left);
+    int res = userCopy_ ? CopyRequest(q, tag, within, mem, left, false) : int(left);
     if (res > 0) {
       ssize_t n;
       do n = ::pwrite(backingFd_, mem, size_t(res), off_t(at));
@@ -463,6 +488,16 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
     }
     OnExtentCompletion(q, tag, index, res);
     return;
+  }
+  if (segmented_ && e.kind == kRead) {
+    // A read that must wait for the file: a segment at a time into the tag's own buffer, which
+    // holds one at a time.
+    if (t.bufferBusy) {
+      t.waiting.push_back(index);
+      return;
+    }
+    mem = TagBuffer(q, tag);
+    left = std::min(left, tagBufferBytes_);
   }
   io_uring_sqe* sqe = q.ring.Sqe();
   if (!sqe) {
@@ -477,6 +512,7 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
         io_uring_prep_read_fixed(sqe, backingFd_, fixed, left, at, tag);
       } else {
         io_uring_prep_read(sqe, backingFd_, mem, left, at);
+        t.bufferBusy = segmented_;  // until OnBackingCompletion has copied it into the request
       }
       break;
     case kWrite:  // only in place
@@ -521,7 +557,7 @@ void Device::Reap(Queue& q) {
     io_uring_cqe_seen(q.ring.get(), cqe);
     if (data & kExtentBit) {
       q.backingInFlight.fetch_sub(1, std::memory_order_relaxed);
-      OnExtentCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
+      OnBackingCompletion(q, uint16_t(data >> 16), uint16_t(data & 0xffff), res);
     } else if (data == kWakeData) {
       TakeInbox(q);
       if (!q.exiting) ArmWake(q);
@@ -630,6 +666,29 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
   for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
   if (--t.pending == 0) ExtentsFinished(q, tag);
   return true;
+}
+
+// A backing I/O from the ring. A segmented read has its segment in the tag's buffer: it is copied
+// into the request before the extent goes on, and the buffer is then free for the next segment,
+// this extent's or a waiting one's.
+void Device::OnBackingCompletion(Queue& q, uint16_t tag, uint16_t index, int res) {
+  if (tag >= depth_ || index >= q.tags[tag].extents.size()) return;
+  Tag& t = q.tags[tag];
+  Extent& e = t.extents[index];
+  if (!segmented_ || e.kind != kRead) {
+    OnExtentCompletion(q, tag, index, res);
+    return;
+  }
+  if (res > 0) res = CopyRequest(q, tag, e.bufferOffset + e.done, TagBuffer(q, tag), uint32_t(res), true);
+  t.bufferBusy = false;
+  OnExtentCompletion(q, tag, index, res);
+  // Waiting extents count in t.pending, so the tag cannot have finished while any wait; each
+  // either completes at once or takes the buffer again.
+  while (!t.bufferBusy && !t.waiting.empty()) {
+    uint16_t next = t.waiting.back();
+    t.waiting.pop_back();
+    QueueExtent(q, tag, next);
+  }
 }
 
 void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res) {

@@ -1,7 +1,8 @@
 // The serving side of one ublk device: /dev/ublkcN, each queue's descriptor mapping, per-tag
-// I/O buffers, and per queue one native thread that owns the queue's io_uring: it issues every
-// ublk command of that queue (so it is the queue's daemon task), blocks in io_uring_enter
-// (submit and wait in one call), and runs the backing file's I/O.
+// I/O buffers (a whole request each, or one segment of one under user copy without zero copy),
+// and per queue one native thread that owns the queue's io_uring: it issues every ublk command of
+// that queue (so it is the queue's daemon task), blocks in io_uring_enter (submit and wait in one
+// call), and runs the backing file's I/O.
 //
 // Per request, the queue thread first asks the fast path (serving.h): a request whose plan is a
 // pure function of what the engine publishes (reads, plain writes, writes to blocks already
@@ -48,6 +49,10 @@ class Device : public Napi::ObjectWrap<Device> {
     // CLOCK_MONOTONIC nanoseconds when the request arrived (for inspect's ages).
     std::atomic<uint64_t> since{0};
     std::vector<Extent> extents;
+    // Segmented user copy (segmented_): a read of the backing file into the tag's buffer is in
+    // flight on the ring, and the extents that need the ring meanwhile wait here.
+    bool bufferBusy = false;
+    std::vector<uint16_t> waiting;
   };
   // Requests served by the fast path, by kind; added into the engine's counters by device.ts.
   struct Counters {
@@ -113,6 +118,10 @@ class Device : public Napi::ObjectWrap<Device> {
   void PublishOutbox(Queue& q);
   void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
   void QueueExtent(Queue& q, uint16_t tag, uint16_t index);
+  uint8_t* TagBuffer(Queue& q, uint16_t tag) { return q.buffers.data() + size_t(tag) * tagBufferBytes_; }
+  // Segmented: what this thread copies from start to end without waiting (a write, a read the
+  // page cache holds) goes through one buffer per queue, as large as the largest request.
+  uint8_t* Scratch(Queue& q) { return q.buffers.data() + size_t(depth_) * tagBufferBytes_; }
   int CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, uint32_t length, bool toRequest);
   void Commit(Queue& q, uint16_t tag, int32_t result);
   void Reap(Queue& q);
@@ -121,6 +130,7 @@ class Device : public Napi::ObjectWrap<Device> {
   void OnRequest(Queue& q, uint16_t tag);
   bool ServeFast(Queue& q, uint16_t tag);
   void OnCommandCompletion(Queue& q, uint16_t tag, int res);
+  void OnBackingCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void ExtentsFinished(Queue& q, uint16_t tag);
   void SetLastError(const std::string& message);
@@ -130,11 +140,19 @@ class Device : public Napi::ObjectWrap<Device> {
   uint32_t devId_ = 0;
   uint32_t depth_ = 0;
   uint32_t bufferBytes_ = 0;
+  // Each tag's buffer: bufferBytes_ (the largest request) unless segmented_.
+  uint32_t tagBufferBytes_ = 0;
   int backingFd_ = -1;
   bool encode_ = false;
   // Requests' pages are registered in each ring's buffer table (UBLK_F_AUTO_BUF_REG) and this
   // side copies small requests itself (UBLK_F_USER_COPY); see QueueExtent.
   bool zeroCopy_ = false;
+  // The device has UBLK_F_USER_COPY: the kernel copies nothing, this side moves every request's
+  // data with pread/pwrite on /dev/ublkcN (always true with zero copy).
+  bool userCopy_ = false;
+  // User copy without zero copy: each tag's buffer is one segment (kSegmentBytes), for reads that
+  // wait for the file, which move through it a segment at a time; see QueueExtent.
+  bool segmented_ = false;
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
   std::atomic<bool> nowaitReads_{true};
   Target target_ = Target::kMaster;

@@ -36,18 +36,18 @@ describe('ublk control without the driver', () => {
     const { Device } = addon();
     expect(
       () =>
-        new Device({ devId: 4094, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(36) }),
+        new Device({ devId: 4094, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, userCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(36) }),
     ).toThrow(expect.objectContaining({ code: 'ENOENT', message: expect.stringContaining('/dev/ublkc4094') }));
   });
 
   test('bad queue geometry is refused before the kernel is asked', () => {
     const { Device } = addon();
     expect(
-      () => new Device({ devId: 0, queues: 1, depth: 5000, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(45000) }),
+      () => new Device({ devId: 0, queues: 1, depth: 5000, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, userCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(45000) }),
     ).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     // The events buffer every delivery goes through must hold a full queue's worth.
     expect(
-      () => new Device({ devId: 0, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(35) }),
+      () => new Device({ devId: 0, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, userCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(35) }),
     ).toThrow(expect.objectContaining({ code: 'EINVAL', message: expect.stringContaining('events buffer') }));
   });
 });

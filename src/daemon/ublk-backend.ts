@@ -1,6 +1,6 @@
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../store/native-store.js';
-import { hasZeroCopy, UblkControl } from '../ublk/control.js';
+import { hasZeroCopy, UBLK_F, UblkControl } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { disableScheduler, ioctlFreezer, sdNotify } from '../ublk/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
@@ -82,6 +82,7 @@ class UblkPair implements PairDevices {
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
       if (hasZeroCopy(master.info.flags)) options.log.info('zero copy: large requests are read and written in place');
+      else if (master.info.flags & UBLK_F.USER_COPY) options.log.info('user copy: the queue threads copy requests themselves, through small buffers');
       await withoutScheduler(master, options.log);
       return new UblkPair(control, volume, store, master, queueOptions, flags, false, options.log);
     } catch (err) {

@@ -134,7 +134,10 @@ export class UblkControl {
    * disks away), its reissue variant preferred, ioctl-encoded commands where the kernel has them,
    * and zero copy where the kernel has it, unless turned off: large requests are read and
    * written in place (automatic buffer registration), small ones copied by the server itself
-   * (user copy), see native/device.cc.
+   * (user copy), see native/device.cc. Without zero copy, user copy where the kernel has it
+   * (6.5+): the server then copies each request itself through small buffers, instead of the
+   * kernel copying it into a buffer per tag as large as the largest request, which cost the
+   * daemon depth x 1 MiB of memory once large requests had used every tag.
    */
   async negotiateFlags(options: { zeroCopy: boolean }): Promise<number> {
     const features = await this.getFeatures();
@@ -148,6 +151,7 @@ export class UblkControl {
     if ((features & UBLK_F.USER_RECOVERY_REISSUE) === 0) flags &= ~UBLK_F.USER_RECOVERY_REISSUE;
     if (features & UBLK_F.CMD_IOCTL_ENCODE) flags |= UBLK_F.CMD_IOCTL_ENCODE;
     if (options.zeroCopy && hasZeroCopy(features)) flags |= ZERO_COPY;
+    else if (features & UBLK_F.USER_COPY) flags |= UBLK_F.USER_COPY;
     return flags;
   }
 

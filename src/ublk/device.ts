@@ -51,8 +51,10 @@ export const DEFAULT_QUEUE_OPTIONS: QueueOptions = {
   // the second round trip: a profile showed fio's 1 MiB O_DIRECT requests, which the block layer
   // had to split, going through an io_uring worker of fio's (gone with 1 MiB requests). In
   // one VM run against 512 KiB, 1 MiB sequential writes went 627-788 -> 1015-1394 MiB/s with
-  // zero copy (7.3) and 292-336 -> 392-412 MiB/s copying (6.12); reads +20-70%. Copying, the tag
-  // buffers this touches cost up to depth x 1 MiB of memory per queue.
+  // zero copy (7.3) and 292-336 -> 392-412 MiB/s copying (6.12); reads +20-70%. Where the kernel
+  // copies (no user copy, before 6.5), the tag buffers this touches cost up to depth x 1 MiB of
+  // memory per queue; with user copy but not zero copy the threads copy requests themselves
+  // through small buffers (native/device.cc).
   bufferBytes: 1 << 20,
   maxDiscardBytes: 256 << 20,
 };
@@ -245,6 +247,7 @@ export class UblkDevice {
           backingFd,
           ioctlEncode: (this.info.flags & UBLK_F.CMD_IOCTL_ENCODE) !== 0,
           zeroCopy: hasZeroCopy(this.info.flags),
+          userCopy: (this.info.flags & UBLK_F.USER_COPY) !== 0,
           target: this.target,
           published: nativePublication(this.volume),
           onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),

@@ -63,6 +63,12 @@ export interface NativeDeviceOptions {
   ioctlEncode: boolean;
   /** The device has UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (see native/device.cc). */
   zeroCopy: boolean;
+  /**
+   * The device has UBLK_F_USER_COPY: the kernel copies nothing and the queue threads copy each
+   * request themselves, so no tag needs a buffer as large as a request (implied by zeroCopy; see
+   * native/device.cc).
+   */
+  userCopy: boolean;
   /** Which of the volume's devices this is: the fast path serves each by its own rules. */
   target: 'master' | 'slave';
   /** What the engine publishes for the fast path (docs/serving.md); without it none is taken. */
