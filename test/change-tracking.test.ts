@@ -1,6 +1,7 @@
 /**
  * Changed-block tracking in the engine: which chunks each period holds, that a chunk's first
- * write waits for its durable mark and later ones do not, what reopening keeps, older stores,
+ * write in place waits for its durable mark and later ones do not, that a snapshot's writes wait
+ * for nothing and their marks ride with their redirects, what reopening keeps, older stores,
  * damage, and the memory bound. Crashes are in crash-points.test.ts and crash-model.test.ts.
  */
 import { describe, expect, test, vi } from 'vitest';

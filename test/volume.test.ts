@@ -33,8 +33,9 @@ interface Pair {
 /** A formatted 8 MiB store: 768 blocks of 4 KiB per area. */
 /**
  * Tests that pin which commits, slots and superblock copies the map's mechanics write, or that
- * a write is planned at once, use version 2: in version 3 a write's first touch of a chunk after
- * a snapshot waits for a commit of its tracking page (change-tracking.test.ts tests that).
+ * a write is planned at once, use version 2: in version 3 a write in place to a chunk not yet
+ * marked in the tracking period waits for a commit of its tracking page, and a snapshot's writes
+ * add tracking pages to the next commit (change-tracking.test.ts tests both).
  */
 const MAP_MECHANICS = 2;
 
