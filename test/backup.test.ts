@@ -172,6 +172,12 @@ describe('what backup does with a TARGET', () => {
   test('a new or empty target gets a full copy; an interrupted backup is redone in full', () => {
     expect(decide({ path: '/b/x', exists: false, isBlockDevice: false, size: 0, blank: true, record: { kind: 'none' } }, pair, false)).toMatchObject({ kind: 'full' });
     expect(decide(held(5, {}, { complete: false, digest: '' }), pair, false)).toMatchObject({ kind: 'full', why: expect.stringMatching(/interrupted/) });
+    // Stopped before its first write, or mid-copy: the file is no longer than its furthest write.
+    for (const size of [0, 3 * MiB]) {
+      expect(decide(held(5, { size }, { complete: false, digest: '' }), pair, false)).toMatchObject({ kind: 'full', why: expect.stringMatching(/interrupted/) });
+    }
+    // Longer than the image it was becoming: not what the interrupted copy left.
+    expect(code(() => decide(held(5, { size: 8 * MiB + 1 }, { complete: false, digest: '' }), pair, false))).toMatch(/^CLDD_CORRUPT: .*is not the image it was/);
   });
 
   test('foreign data, another pair, a damaged record, a size that changed or a newer snapshot are refused without --full', () => {

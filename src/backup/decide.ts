@@ -51,7 +51,10 @@ export function decide(target: TargetFacts, pair: PairFacts, full: boolean): Dec
     throw new CldError('CLDD_FOREIGN', `${target.path} is a backup of another pair ("${b.pair}", store ${b.uuid}), not of "${pair.name}": refusing to overwrite it; ${overwrite}`);
   }
   const size = target.isBlockDevice ? b.size : target.size;
-  if (b.size !== pair.capacity || size !== b.size) {
+  // An interrupted copy leaves a file as long as the furthest write it made (a sparse copy sets
+  // the size only at the end), down to 0 bytes when it was stopped before its first write.
+  const interrupted = !b.complete && size <= b.size;
+  if (b.size !== pair.capacity || (size !== b.size && !interrupted)) {
     throw new CldError('CLDD_CORRUPT', `${target.path} holds ${size} bytes and its record says ${b.size}, the slave has ${pair.capacity}: it is not the image it was; ${overwrite}`);
   }
   if (!b.complete) return { kind: 'full', why: `the backup of snapshot ${b.snapshot} into it was interrupted, so it is redone in full` };
