@@ -38,8 +38,11 @@ constexpr uint32_t kInPlaceWriteBytes = 256u << 10;
 // 583, 565, 663; reads from a cold page cache 824, 729, 653, 394), while the daemon's peak RSS grew
 // with them (67, 64, 73, 82 MiB, within a few MiB of noise; the target is 80).
 constexpr uint32_t kSegmentBytes = 64u << 10;
-// Doubles per request record in the events buffer; ordered and done entries are pairs.
+// Doubles per request record in the events buffer; ordered and done entries are pairs; redirect
+// records are (tag, errno, offset, length).
 constexpr size_t kRequestFields = 5;
+constexpr size_t kRedirectFields = 4;
+constexpr size_t kEventsPerTag = kRequestFields + 4 + kRedirectFields;
 
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -84,8 +87,8 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   }
   tagBufferBytes_ = segmented_ ? std::min(bufferBytes_, kSegmentBytes) : bufferBytes_;
   Napi::Float64Array events = options.Get("events").As<Napi::Float64Array>();
-  if (events.ElementLength() < (kRequestFields + 4) * depth_) {
-    throw CodeError(env, "EINVAL", name + ": the events buffer must hold " + std::to_string((kRequestFields + 4) * depth_) + " numbers");
+  if (events.ElementLength() < kEventsPerTag * depth_) {
+    throw CodeError(env, "EINVAL", name + ": the events buffer must hold " + std::to_string(kEventsPerTag * depth_) + " numbers");
   }
   eventsRef_ = Napi::Persistent(events);
   events_ = events.Data();
@@ -112,6 +115,7 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     q->outRequests.reserve(kRequestFields * depth_);
     q->outOrdered.reserve(2 * depth_);
     q->outDone.reserve(2 * depth_);
+    q->outRedirects.reserve(kRedirectFields * depth_);
     int err = q->descriptors.Map(RoundUp(depth_ * sizeof(IoDesc), page), PROT_READ, MAP_SHARED | MAP_POPULATE,
                                  charFd_.get(), off_t(id * stride));
     if (err) throw ErrnoError(env, err, name + ": map the descriptors of queue " + std::to_string(id));
@@ -282,7 +286,7 @@ void Device::OnAsync(uv_async_t* handle) {
 // Hands JS what the queue threads gathered, a queue at a time, in slices the events buffer holds.
 void Device::Deliver() {
   Napi::Env env = Env();
-  std::vector<double> requests;
+  std::vector<double> requests, redirects;
   std::vector<int32_t> ordered, done;
   // Delivering runs JS that may close the device: index, do not iterate the vector.
   for (size_t i = 0; i < queues_.size(); i++) {
@@ -293,29 +297,34 @@ void Device::Deliver() {
       requests.swap(q->requests);
       ordered.swap(q->ordered);
       done.swap(q->done);
+      redirects.swap(q->redirects);
       if (q->stopped && !q->stoppedDelivered) stopped = q->stoppedDelivered = true;
     }
-    size_t r = 0, o = 0, d = 0;
+    size_t r = 0, o = 0, d = 0, x = 0;
     do {
       size_t nr = std::min(requests.size() - r, kRequestFields * depth_);
       size_t no = std::min(ordered.size() - o, size_t(2) * depth_);
       size_t nd = std::min(done.size() - d, size_t(2) * depth_);
-      bool last = r + nr == requests.size() && o + no == ordered.size() && d + nd == done.size();
-      if (nr + no + nd == 0 && !(last && stopped)) break;
+      size_t nx = std::min(redirects.size() - x, kRedirectFields * depth_);
+      bool last = r + nr == requests.size() && o + no == ordered.size() && d + nd == done.size() && x + nx == redirects.size();
+      if (nr + no + nd + nx == 0 && !(last && stopped)) break;
       std::memcpy(events_, requests.data() + r, nr * sizeof(double));
       double* out = events_ + kRequestFields * depth_;
       for (size_t k = 0; k < no; k++) out[k] = ordered[o + k];
       out += 2 * depth_;
       for (size_t k = 0; k < nd; k++) out[k] = done[d + k];
-      r += nr, o += no, d += nd;
+      out += 2 * depth_;
+      std::memcpy(out, redirects.data() + x, nx * sizeof(double));
+      r += nr, o += no, d += nd, x += nx;
       onEvents_.Call(Value(), {Napi::Number::New(env, q->id), Napi::Number::New(env, double(nr / kRequestFields)),
                                Napi::Number::New(env, double(no / 2)), Napi::Number::New(env, double(nd / 2)),
-                               Napi::Boolean::New(env, last && stopped)});
+                               Napi::Number::New(env, double(nx / kRedirectFields)), Napi::Boolean::New(env, last && stopped)});
       if (last) break;
     } while (events_ != nullptr && i < queues_.size() && queues_[i].get() == q);
     requests.clear();
     ordered.clear();
     done.clear();
+    redirects.clear();
   }
   // Once every queue has stopped, nothing keeps the process alive for this device.
   bool all = !queues_.empty();
@@ -388,17 +397,19 @@ void Device::TakeInbox(Queue& q) {
 // Moves what this round gathered for JS into the outbox, and wakes the main thread for it.
 void Device::PublishOutbox(Queue& q) {
   bool stopping = q.live == 0 && q.backingInFlight.load() == 0;
-  if (q.outRequests.empty() && q.outOrdered.empty() && q.outDone.empty() && !stopping) return;
+  if (q.outRequests.empty() && q.outOrdered.empty() && q.outDone.empty() && q.outRedirects.empty() && !stopping) return;
   {
     std::lock_guard<std::mutex> lock(q.mu);
     q.requests.insert(q.requests.end(), q.outRequests.begin(), q.outRequests.end());
     q.ordered.insert(q.ordered.end(), q.outOrdered.begin(), q.outOrdered.end());
     q.done.insert(q.done.end(), q.outDone.begin(), q.outDone.end());
+    q.redirects.insert(q.redirects.end(), q.outRedirects.begin(), q.outRedirects.end());
     if (stopping) q.stopped = true;
   }
   q.outRequests.clear();
   q.outOrdered.clear();
   q.outDone.clear();
+  q.outRedirects.clear();
   if (async_) uv_async_send(async_);
 }
 
@@ -581,6 +592,7 @@ void Device::ApplySubmit(Queue& q, const double* r, size_t n) {
     }
     t.needsEngine = r[i + 1] != 0;
     t.fast = false;
+    t.redirect = false;
     t.state.store(uint8_t(TagState::kRunning));
     t.error = 0;
     // One extra count while queueing, so an extent failing at once cannot finish the tag early.
@@ -604,6 +616,11 @@ void Device::ApplyComplete(Queue& q, const int32_t* pairs, size_t n) {
     if (state != uint8_t(TagState::kEngine) && state != uint8_t(TagState::kWaiting)) continue;
     // Reads and writes complete with their full byte count; flush, discard and zeroes with 0.
     Commit(q, uint16_t(tag), result < 0 ? result : int32_t(t.bytes));
+    if (t.redirect) {
+      // A fast write the engine has now redirected (or failed): the state may change again.
+      t.redirect = false;
+      q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+    }
   }
 }
 
@@ -643,8 +660,9 @@ void Device::OnRequest(Queue& q, uint16_t tag) {
 
 // Serves the request here when the engine's publication decides it (serving.h). The count of
 // fast requests in flight goes up before the decision reads the mode, and down once the backing
-// I/O is done: the engine turns the mode off and then waits for the count to reach 0, so no fast
-// request decided under the old mode is still running when the state changes (docs/serving.md).
+// I/O is done (for a write the engine must redirect, once the engine has): the engine turns the
+// mode off and then waits for the count to reach 0, so no fast request decided under the old
+// mode is still running when the state changes (docs/serving.md).
 bool Device::ServeFast(Queue& q, uint16_t tag) {
   if (!published_.words) return false;
   Tag& t = q.tags[tag];
@@ -652,12 +670,14 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
   q.fastInFlight.fetch_add(1, std::memory_order_seq_cst);
   t.extents.clear();
   uint64_t length = uint64_t(d->nr_sectors) * 512;
-  if (!PlanFast(published_, target_, __atomic_load_n(&d->op_flags, __ATOMIC_RELAXED), t.offset, length, &t.extents)) {
+  Fast fast = PlanFast(published_, target_, __atomic_load_n(&d->op_flags, __ATOMIC_RELAXED), t.offset, length, &t.extents);
+  if (fast == Fast::kEngine) {
     t.extents.clear();
     q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
     return false;
   }
   t.fast = true;
+  t.redirect = fast == Fast::kServeThenRedirect;
   t.needsEngine = false;
   t.error = 0;
   t.state.store(uint8_t(TagState::kFast));
@@ -714,6 +734,14 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
 
 void Device::ExtentsFinished(Queue& q, uint16_t tag) {
   Tag& t = q.tags[tag];
+  if (t.fast && t.redirect) {
+    // The engine redirects the blocks (and counts the write), then completes it (ApplyComplete).
+    t.fast = false;
+    t.state.store(uint8_t(TagState::kWaiting));
+    double record[kRedirectFields] = {double(tag), double(t.error), double(t.offset), double(t.bytes)};
+    q.outRedirects.insert(q.outRedirects.end(), record, record + kRedirectFields);
+    return;
+  }
   if (t.fast) {
     t.fast = false;
     Counters& c = q.counters;
@@ -811,6 +839,7 @@ Napi::Value Device::Inspect(const Napi::CallbackInfo& info) {
     out.Set("requests", double(q.requests.size() / kRequestFields));
     out.Set("ordered", double(q.ordered.size() / 2));
     out.Set("done", double(q.done.size() / 2));
+    out.Set("redirects", double(q.redirects.size() / kRedirectFields));
     out.Set("failure", q.failure.empty() ? env.Null() : Napi::String::New(env, q.failure));
   }
   out.Set("backingInFlight", double(q.backingInFlight.load()));

@@ -13,7 +13,8 @@
 // that need ordering, the engine is told first and commits through complete(). Only plans,
 // never extents, cross into JS. Between the threads: a mutex-guarded inbox per queue (JS's plans
 // and results, woken through an eventfd read on the ring) and outbox (requests and completions
-// for JS, woken through a uv_async).
+// for JS, woken through a uv_async). A snapshot write to blocks not yet redirected is run by the
+// fast path too, and then handed to the engine once, to redirect its blocks before it completes.
 #pragma once
 
 #include <atomic>
@@ -42,6 +43,9 @@ class Device : public Napi::ObjectWrap<Device> {
     uint8_t op = 0;
     bool needsEngine = false;
     bool fast = false;
+    // A fast snapshot write to blocks not all redirected: once its extents are done it waits
+    // (kWaiting, still counted in fastInFlight) for the engine to redirect them.
+    bool redirect = false;
     uint32_t bytes = 0;
     uint32_t pending = 0;
     int error = 0;
@@ -73,6 +77,7 @@ class Device : public Napi::ObjectWrap<Device> {
     std::vector<double> outRequests;
     std::vector<int32_t> outOrdered;
     std::vector<int32_t> outDone;
+    std::vector<double> outRedirects;
     std::vector<double> takenSubmits;
     std::vector<int32_t> takenCompletes;
     // Read by inspect() from the main thread.
@@ -90,6 +95,7 @@ class Device : public Napi::ObjectWrap<Device> {
     std::vector<double> requests;
     std::vector<int32_t> ordered;
     std::vector<int32_t> done;
+    std::vector<double> redirects;
     bool stopped = false;         // every tag is dead: told to JS with the next delivery
     bool stoppedDelivered = false;
     std::string failure;          // why the thread stopped serving early, if it did
@@ -165,7 +171,8 @@ class Device : public Napi::ObjectWrap<Device> {
   bool started_ = false;
   Napi::FunctionReference onEvents_;
   // The one buffer every delivery to JS goes through (JS reads it inside onEvents, synchronously):
-  // requests at [0, 5 x depth), ordered pairs at [5 x depth, 7 x depth), done pairs after that.
+  // requests at [0, 5 x depth), ordered pairs at [5 x depth, 7 x depth), done pairs at
+  // [7 x depth, 9 x depth), redirect records (tag, errno, offset, length) after that.
   Napi::Reference<Napi::Float64Array> eventsRef_;
   double* events_ = nullptr;
   // Woken by the queue threads when their outbox gains something for JS.

@@ -43,31 +43,32 @@ Extent Area(const Published& p, uint8_t kind, bool change, uint64_t start, uint6
 // The rules (docs/serving.md): within one published mode the bits only move one way (snapshot
 // sets them, resync clears them), so a decision that holds when the bits are read still holds
 // when the I/O runs; the mode itself changes only while no fast request is in flight.
-bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
+Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
               std::vector<Extent>* out) {
-  if (!p.words || !p.bits) return false;
+  constexpr Fast no = Fast::kEngine, yes = Fast::kServe;
+  if (!p.words || !p.bits) return no;
   int32_t mode = p.Word(published::kMode);
-  if (mode == kFastOff) return false;
+  if (mode == kFastOff) return no;
   uint8_t op = uint8_t(opFlags & 0xff);
   if (op == UBLK_IO_OP_FLUSH) {
     // A flush commits map changes when there are any; else it is an fdatasync.
-    if (target != Target::kMaster || p.Word(published::kCommitPending) != 0) return false;
+    if (target != Target::kMaster || p.Word(published::kCommitPending) != 0) return no;
     out->push_back(Extent{kSync, 0, 0, 0, 0});
-    return true;
+    return yes;
   }
-  if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) return false;
+  if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE) return no;
   // Anything malformed gets the engine's error.
   const Geometry& g = p.geometry;
   uint64_t mask = (uint64_t(1) << g.blockShift) - 1;
-  if (length == 0 || (offset & mask) || (length & mask)) return false;
+  if (length == 0 || (offset & mask) || (length & mask)) return no;
   uint64_t start = offset >> g.blockShift, end = start + (length >> g.blockShift);
-  if (end > g.blocks || end < start || ((end + 31) >> 5) > p.bitWords) return false;
+  if (end > g.blocks || end < start || ((end + 31) >> 5) > p.bitWords) return no;
 
   if (op == UBLK_IO_OP_READ) {
     if (target == Target::kSlave) {
-      if (mode != kFastSnapshot) return false;
+      if (mode != kFastSnapshot) return no;
       out->push_back(Area(p, kRead, false, start, end, start));
-      return true;
+      return yes;
     }
     // One extent per run of equal bits.
     uint64_t runStart = start;
@@ -80,32 +81,35 @@ bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
         runValue = v;
       }
     }
-    return true;
+    return yes;
   }
   // Writes: FUA commits, the slave is read-only; both are the engine's. So is a write in place
   // to a chunk whose change mark is not durable yet: the engine makes it durable before the
-  // write is issued. A write in a snapshot needs no durable mark: it goes to a redirected
-  // block, whose chunk the engine marked before it set the bit, and the commit that makes the
-  // bit durable makes the mark durable too (docs/format.md, "Changed-block tracking").
-  if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return false;
+  // write is issued. A write in a snapshot needs no durable mark: it is part of the master only
+  // through its blocks' redirects, and the engine marks their chunks before it sets the bits,
+  // so the commit that makes a bit durable makes the mark durable too (docs/format.md,
+  // "Changed-block tracking").
+  if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return no;
   switch (mode) {
     case kFastPlain:
-      if (p.trackBits && !AllMarked(p, offset, length)) return false;
+      if (p.trackBits && !AllMarked(p, offset, length)) return no;
       out->push_back(Area(p, kWrite, false, start, end, start));
-      return true;
+      return yes;
     case kFastSnapshot:
-      // Blocks already redirected; a first touch sets bits, which only the engine does.
-      if (!AllBits(p, start, end, true)) return false;
+      // The change area, as the engine's plan would have it. A first touch sets bits, which
+      // only the engine does: after the write, before the request completes. Until then its
+      // blocks read from the data area, as they did before it, and a crash or a kill loses the
+      // write with the redirect it never got (it was never completed).
       out->push_back(Area(p, kWrite, true, start, end, start));
-      return true;
+      return AllBits(p, start, end, true) ? yes : Fast::kServeThenRedirect;
     case kFastResync:
       // Blocks not redirected; a redirected one must be unredirected, under the engine's lock.
-      if (p.trackBits && !AllMarked(p, offset, length)) return false;
-      if (!AllBits(p, start, end, false)) return false;
+      if (p.trackBits && !AllMarked(p, offset, length)) return no;
+      if (!AllBits(p, start, end, false)) return no;
       out->push_back(Area(p, kWrite, false, start, end, start));
-      return true;
+      return yes;
     default:
-      return false;
+      return no;
   }
 }
 
@@ -116,7 +120,8 @@ namespace cldd {
 namespace {
 
 // planFast(publication, target, opFlags, offset, length): the extents PlanFast gives a request,
-// as (kind, offset, length, bufferOffset) records, or null when the engine must decide it. The
+// as { extents: (kind, offset, length, bufferOffset) records, redirect: whether the engine
+// redirects its blocks after them }, or null when the engine must decide it. The
 // queue threads call PlanFast directly; this is how the engine's tests run their workloads
 // through the very same decisions.
 Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
@@ -129,7 +134,8 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
   uint64_t offset = uint64_t(info[3].As<Napi::Number>().DoubleValue());
   uint64_t length = uint64_t(info[4].As<Napi::Number>().DoubleValue());
   std::vector<Extent> extents;
-  if (!PlanFast(pub, target, opFlags, offset, length, &extents)) return env.Null();
+  Fast fast = PlanFast(pub, target, opFlags, offset, length, &extents);
+  if (fast == Fast::kEngine) return env.Null();
   Napi::Float64Array out = Napi::Float64Array::New(env, 4 * extents.size());
   for (size_t i = 0; i < extents.size(); i++) {
     out[4 * i] = extents[i].kind;
@@ -137,7 +143,10 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
     out[4 * i + 2] = extents[i].length;
     out[4 * i + 3] = extents[i].bufferOffset;
   }
-  return out;
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("extents", out);
+  result.Set("redirect", fast == Fast::kServeThenRedirect);
+  return result;
 }
 
 }  // namespace

@@ -64,9 +64,15 @@ struct Published {
   }
 };
 
-// The plan the fast path may run for a request (extents appended to `out`), or false when the
-// engine must decide it. `opFlags` is the descriptor's op_flags (opcode in the low byte).
-bool PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
+// What the fast path does with a request: leaves it to the engine; serves it (its extents are
+// appended to `out`); or, for a snapshot write to blocks not all redirected yet, runs its
+// extents (the change area, where the engine's plan would put it too) and then hands it to the
+// engine, which redirects the blocks before the request completes (Volume.finishFastRedirect).
+enum class Fast : uint8_t { kEngine = 0, kServe = 1, kServeThenRedirect = 2 };
+
+// The fast path's decision for a request. `opFlags` is the descriptor's op_flags (opcode in the
+// low byte).
+Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
               std::vector<Extent>* out);
 
 // Reads a publication (words, bits, trackBits, chunkShift, dataOffset, changeOffset, blockSize,

@@ -66,6 +66,23 @@ describe('map journal', () => {
     expect(await valueOf(plain, 3)).toBe(2);
   });
 
+  test('first touches the fast path wrote and the volume redirected in one batch survive the death of the daemon', async () => {
+    const v = await Volume.open(store, { journalPath });
+    // As a queue thread leaves them: written to the change area, handed over together.
+    for (const [b, value] of [[1, 4], [3, 5], [5, 6]]) await store.write(fill(value), v.layout.changeOffset + b * BS);
+    const results = v.finishFastRedirects([
+      { offset: BS, length: BS, ok: true },
+      { offset: 3 * BS, length: BS, ok: true },
+      { offset: 5 * BS, length: BS, ok: false }, // its write failed: not redirected
+    ]);
+    expect(results).toEqual([null, null, null]);
+    // One write for the batch, two records: the failed write redirects nothing.
+    expect((await stat(journalPath)).size).toBe(32 + 2 * 24);
+    // The daemon dies here: no close, no flush.
+    const d = new Disk(await Volume.open(store, { journalPath }));
+    expect(await Promise.all([0, 1, 2, 3, 4, 5].map((b) => valueOf(d, b)))).toEqual([1, 4, 1, 5, 1, 1]);
+  });
+
   test('resync writes and merges survive the death of the daemon', async () => {
     let v = await Volume.open(store, { journalPath });
     let d = new Disk(v);

@@ -31,11 +31,13 @@ describe('the fast path decides', () => {
     return Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'publication' });
   }
   const plan = (v: Volume, target: 'master' | 'slave', opFlags: number, offset: number, length: number) => {
-    const records = addon().planFast(nativePublication(v), target, opFlags, offset, length);
-    if (!records) return null;
+    const decided = addon().planFast(nativePublication(v), target, opFlags, offset, length);
+    if (!decided) return null;
+    const records = decided.extents;
     const out: { kind: number; offset: number; length: number; at: number }[] = [];
     for (let i = 0; i < records.length; i += 4) out.push({ kind: records[i], offset: records[i + 1], length: records[i + 2], at: records[i + 3] });
-    return out;
+    // A write the engine must redirect after it ran.
+    return decided.redirect ? { redirect: out } : out;
   };
 
   test('plain: reads and writes to the data area, flush as an fdatasync; the rest to the engine', async () => {
@@ -67,12 +69,14 @@ describe('the fast path decides', () => {
     const { dataOffset, changeOffset } = v.layout;
     // Block 20 redirected, as a first touch leaves it (its chunk is marked already).
     const first = v.plan({ target: 'master', op: 'write', offset: 20 * BS, length: BS });
-    expect(plan(v, 'master', WRITE, 20 * BS, BS)).toBeNull();
+    expect(plan(v, 'master', WRITE, 20 * BS, BS)).toEqual({ redirect: [{ kind: 1, offset: changeOffset + 20 * BS, length: BS, at: 0 }] });
     (first as { finish(ok: boolean): void }).finish(true);
     // Its chunk's mark is in memory only, and rides with the redirect's commit: the bit is enough.
     expect(v.tracking!.durableBits[0] & 2).toBe(0);
     expect(plan(v, 'master', WRITE, 20 * BS, BS)).toEqual([{ kind: 1, offset: changeOffset + 20 * BS, length: BS, at: 0 }]);
-    expect(plan(v, 'master', WRITE, 20 * BS, 2 * BS)).toBeNull();
+    // A first touch: the change area too, and then the engine redirects the blocks.
+    expect(plan(v, 'master', WRITE, 20 * BS, 2 * BS)).toEqual({ redirect: [{ kind: 1, offset: changeOffset + 20 * BS, length: 2 * BS, at: 0 }] });
+    expect(plan(v, 'master', WRITE | FUA, 40 * BS, BS)).toBeNull();
     expect(plan(v, 'master', READ, 19 * BS, 3 * BS)).toEqual([
       { kind: 0, offset: dataOffset + 19 * BS, length: BS, at: 0 },
       { kind: 0, offset: changeOffset + 20 * BS, length: BS, at: BS },
@@ -85,6 +89,34 @@ describe('the fast path decides', () => {
     await v.commit();
     expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
     await v.close();
+  });
+
+  test('a fast first touch in a snapshot: the engine marks its chunk and redirects its blocks, or fails it', async () => {
+    const v = await volume();
+    await v.enable();
+    const { changeOffset } = v.layout;
+    const decided = () => plan(v, 'master', WRITE, 40 * BS, 2 * BS);
+    expect(decided()).toEqual({ redirect: [{ kind: 1, offset: changeOffset + 40 * BS, length: 2 * BS, at: 0 }] });
+    await v.commit();
+    expect(plan(v, 'master', FLUSH, 0, 0)).not.toBeNull();
+    // A failed write redirects nothing.
+    v.finishFastRedirect(40 * BS, 2 * BS, false);
+    expect(v.map.test(40)).toBe(false);
+    expect(v.status().counters.errors).toBe(1);
+    v.finishFastRedirect(40 * BS, 2 * BS, true);
+    expect([v.map.test(40), v.map.test(41), v.map.test(42)]).toEqual([true, true, false]);
+    expect(v.tracking!.changedBytes).toBe(64 << 10); // chunk 2, in memory until the commit
+    expect(v.tracking!.durableBits[0] & 4).toBe(0);
+    // A flush now has the redirect to commit.
+    expect(plan(v, 'master', FLUSH, 0, 0)).toBeNull();
+    await v.commit();
+    expect(v.tracking!.durableBits[0] & 4).toBe(4);
+    expect(plan(v, 'master', WRITE, 40 * BS, 2 * BS)).toEqual([{ kind: 1, offset: changeOffset + 40 * BS, length: 2 * BS, at: 0 }]);
+    // Outside a snapshot, or on a closed volume, it cannot become part of the master.
+    await v.disable();
+    expect(() => v.finishFastRedirect(50 * BS, BS, true)).toThrow(/cannot be redirected in state resync/);
+    await v.close();
+    expect(() => v.finishFastRedirect(50 * BS, BS, true)).toThrow(expect.objectContaining({ code: 'CLDD_CLOSED' }));
   });
 
   test('resync: writes only to blocks not redirected; off while a state change runs, and after close', async () => {

@@ -36,7 +36,7 @@ describe('ublk control without the driver', () => {
     const { Device } = addon();
     expect(
       () =>
-        new Device({ devId: 4094, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, userCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(36) }),
+        new Device({ devId: 4094, queues: 1, depth: 4, bufferBytes: 65536, backingFd: 0, ioctlEncode: true, zeroCopy: false, userCopy: false, target: 'master', onEvents: () => {}, events: new Float64Array(52) }),
     ).toThrow(expect.objectContaining({ code: 'ENOENT', message: expect.stringContaining('/dev/ublkc4094') }));
   });
 

@@ -37,6 +37,10 @@ CLDD_JS=$PWD/bin/cldd.js
 cldd() { node "$CLDD_JS" "$@"; }
 
 MODES=${CLDD_BENCH_MODES:-zero-copy}
+# CLDD_BENCH_JOBS: an extended regular expression; only the jobs whose names match it run (all by
+# default). For a quick look at a few rows while working on them: `npm run bench` runs them all.
+JOBS=${CLDD_BENCH_JOBS:-.}
+wanted() { [[ $1 =~ $JOBS ]]; }
 rm -f "$WORK"/cldd*.img "$WORK/loop.img"
 # One pair per mode, all on the same file system, all filled, each job run on every device in turn.
 devices=()
@@ -100,10 +104,12 @@ first_touch_cldd() { # round
   local name=bench-${MODES%% *} job
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
+    wanted "$1" || continue
     PHASE=before run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
   done
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
+    wanted "$1" || continue
     cldd enable "$name" --no-freeze >&2
     PHASE=after run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
     # The first resync (the QD32 job's blocks) is timed against dd copying as many bytes.
@@ -126,9 +132,11 @@ first_touch_cldd() { # round
   # no chunk is marked yet, so each 4 KiB write at QD1 to a chunk not yet written in it waits
   # for the commit of its mark; then, once a sequential pass has written (marked) every chunk,
   # the same job, as every plain row of the next round finds the pair.
-  PHASE=after run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
+  # The pass runs whichever jobs were asked for: the next round's rows need every chunk marked.
+  wanted tracking-randwrite-4k-qd1 && PHASE=after run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
   dd if=/dev/zero of="$master" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
-  PHASE=before run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
+  wanted tracking-randwrite-4k-qd1 && PHASE=before run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
+  return 0
 }
 
 # dm-snapshot beside it: a persistent snapshot with 4 KiB chunks (8 sectors) of the loop device,
@@ -142,10 +150,12 @@ first_touch_dm() { # round
   origin=$(dm_dev cldd-bench-origin)
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
+    wanted "$1" || continue
     PHASE=before run "$1" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
   done
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
+    wanted "$1" || continue
     truncate -s "$bytes" "$WORK/dm-cow.img"
     cow=$(losetup --find --show "$WORK/dm-cow.img")
     dm suspend cldd-bench-origin
@@ -164,6 +174,7 @@ for round in $(seq "$ROUNDS"); do
              "randwrite-4k-qd32 randwrite 4k 32" "randwrite-4k-qd1-fsync randwrite 4k 1 --fsync=1" \
              "read-1m-seq read 1M 8" "write-1m-seq write 1M 8"; do
     set -- $job
+    wanted "$1" || continue
     # Each round starts with another device, so none always follows the same job's writeback.
     for ((i = 0; i < ${#devices[@]}; i++)); do
       d=${devices[(i + round - 1) % ${#devices[@]}]}

@@ -14,7 +14,8 @@
  * the next commit, which writes the marked pages with the map (one commit for all marks pending
  * at once). A write in a snapshot goes to the change area, where only the block's redirect makes
  * it part of the master, and every redirect of a snapshot is made in its period: the volume
- * marks the chunks in memory when it plans the write, before the redirect exists, so whichever
+ * marks the chunks in memory before it sets the redirect (when it plans the write, or for a
+ * write the fast path ran, in the turn it redirects the blocks), so whichever
  * commit makes the redirect durable writes the mark too (the same commit or an earlier one;
  * commits capture marks and map pages in the same turn and run one at a time). Such a write
  * waits for nothing, and a first touch after enable costs no commit of its own. A map journal

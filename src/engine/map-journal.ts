@@ -83,7 +83,7 @@ export class MapJournal {
     writeSync(fd, header, 0, HEADER, 0);
     const journal = new MapJournal(path, fd, HEADER);
     journal.setEpoch(epoch);
-    for (const c of leftover) journal.record(c.start, c.end, c.redirected);
+    journal.recordAll(leftover);
     return journal;
   }
 
@@ -93,6 +93,24 @@ export class MapJournal {
     this.record24[16] = redirected ? 1 : 0;
     writeSync(this.fd, this.record24, 0, RECORD, this.length);
     this.length += RECORD;
+  }
+
+  /**
+   * Appends the records of `changes` in one write: the first touches of a wake-up of a queue
+   * thread are redirected together, and under TCG each write to tmpfs costs about 30 µs.
+   */
+  recordAll(changes: readonly MapChange[]): void {
+    if (changes.length === 1) return this.record(changes[0].start, changes[0].end, changes[0].redirected);
+    if (changes.length === 0) return;
+    const bytes = new Uint8Array(RECORD * changes.length);
+    const view = new DataView(bytes.buffer);
+    changes.forEach((c, i) => {
+      view.setFloat64(i * RECORD, c.start, true);
+      view.setFloat64(i * RECORD + 8, c.end, true);
+      bytes[i * RECORD + 16] = c.redirected ? 1 : 0;
+    });
+    writeSync(this.fd, bytes, 0, bytes.length, this.length);
+    this.length += bytes.length;
   }
 
   /** Where the journal ends now: a commit that captures the map here covers every record. */

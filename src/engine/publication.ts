@@ -30,6 +30,14 @@ export interface FastPathServer {
   counters(): FastPathCounters;
 }
 
+/** A first touch in a snapshot that a queue thread wrote, for the volume to redirect. */
+export interface FastWrite {
+  offset: number;
+  length: number;
+  /** Whether its write succeeded. */
+  ok: boolean;
+}
+
 export interface FastPathCounters {
   reads: number;
   writes: number;

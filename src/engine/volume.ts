@@ -40,8 +40,8 @@ import {
   type VolumeState,
 } from './format.js';
 import type { IoOp, Plan, Request } from './plan.js';
-import { type Leftover, MapJournal } from './map-journal.js';
-import { type FastPathCounters, type FastPathServer, Publication } from './publication.js';
+import { type Leftover, type MapChange, MapJournal } from './map-journal.js';
+import { type FastPathCounters, type FastPathServer, type FastWrite, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 import { MAP_IO_PAGES, readMap, readSuperblocks } from './recovery.js';
 
@@ -539,6 +539,59 @@ export class Volume {
     }
   }
 
+  /**
+   * Ends snapshot writes that a queue thread ran into the change area by itself, to blocks not
+   * all redirected yet (docs/serving.md, "What the fast path serves"): redirects them, as the
+   * finish of the engine's own plan for each would, before they complete. The queue thread hands
+   * over a wake-up's worth at once, so their journal records go out in one write. The fast path
+   * holds each write in its count of requests in flight until then, so no state change comes
+   * between its write and this. Returns, per write, null or why it cannot become part of the
+   * master (the volume failed or closed, or the write is not one the fast path could have run):
+   * that request must fail, and its blocks read as before. A write that failed (`ok` false)
+   * redirects nothing and only counts.
+   */
+  finishFastRedirects(writes: readonly FastWrite[]): (CldError | null)[] {
+    const bs = this.layout.blockSize;
+    const results: (CldError | null)[] = [];
+    const changes: MapChange[] = [];
+    const refused = this.failure ?? (this.closed ? new CldError('CLDD_CLOSED', 'the volume is closed') : null);
+    for (const w of writes) {
+      const start = w.offset / bs;
+      const end = start + w.length / bs;
+      let error: CldError | null = null;
+      if (!w.ok) {
+        // Its write failed: nothing to redirect, and the request fails with that error.
+      } else if (refused) error = refused;
+      else if (this.sb.state !== 'snapshot' || !Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start >= end || end > this.layout.blocks) {
+        error = new CldError('EIO', `a fast-path write of ${w.length} bytes at ${w.offset} cannot be redirected in state ${this.sb.state}`);
+      } else {
+        // The mark before the redirect, so that every commit that captures one captures both.
+        if (this.tracking?.needsMark(start, end)) this.tracking.mark(start, end);
+        changes.push({ start, end, redirected: true });
+      }
+      if (!w.ok || error) this.counters.errors++;
+      results.push(error);
+    }
+    try {
+      this.changeMaps(changes);
+    } catch (err) {
+      const error = err instanceof CldError ? err : new CldError('EIO', `record the map changes of ${changes.length} writes: ${(err as Error).message}`, { cause: err });
+      this.counters.errors += changes.length;
+      return results.map((r, i) => (writes[i].ok && !r ? error : r));
+    }
+    for (const c of changes) {
+      this.counters.writes++;
+      this.counters.bytesWritten += (c.end - c.start) * bs;
+    }
+    return results;
+  }
+
+  /** finishFastRedirects for one write; throws when it cannot become part of the master. */
+  finishFastRedirect(offset: number, length: number, ok: boolean): void {
+    const [error] = this.finishFastRedirects([{ offset, length, ok }]);
+    if (error) throw error;
+  }
+
   /** A plan whose finish only does bookkeeping, so it may run after completion. */
   private simplePlan(ops: IoOp[], commit: boolean, onSuccess: () => void): Plan {
     let done = false;
@@ -589,9 +642,15 @@ export class Volume {
    *   3. only then the bits.
    */
   private changeMap(start: number, end: number, redirected: boolean): void {
+    this.changeMaps([{ start, end, redirected }]);
+  }
+
+  /** changeMap for several changes, their journal records in one write. */
+  private changeMaps(changes: readonly MapChange[]): void {
+    if (changes.length === 0) return;
     this.publication.setCommitPending(true);
-    this.journal?.record(start, end, redirected);
-    this.map.assign(start, end, redirected);
+    this.journal?.recordAll(changes);
+    for (const c of changes) this.map.assign(c.start, c.end, c.redirected);
   }
 
   private countRead(start: number, end: number): void {

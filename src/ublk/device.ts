@@ -7,6 +7,8 @@
  *     writes to blocks already redirected, flushes with nothing to commit) is served by its queue
  *     thread without JS (the fast path, docs/serving.md); this class registers the device with
  *     the volume, which turns that path off and waits for it to drain around state changes;
+ *   - a first touch in a snapshot is written by its queue thread too, and comes here once, after
+ *     its write, for the volume to redirect its blocks (finishFastRedirect) before it completes;
  *   - every other request a queue's thread hands over is planned here (volume.plan), and the
  *     plans' extents go back to the native side in one submit() per queue and turn of the event
  *     loop;
@@ -27,7 +29,7 @@ import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { addon, nativeError } from './addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
-import type { FastPathCounters, FastPathServer } from '../engine/publication.js';
+import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
 import type { NativeDeviceHandle, NativePublication, NativeQueueState } from './native.js';
 
 /** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
@@ -86,6 +88,9 @@ const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
 const STAGE_NAMES = ['', 'waiting to be planned (a state change or a merge of its blocks)', 'its backing I/O or the engine finishing it', 'the map commit'];
 /** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
 const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead', 'served by the queue thread'];
+const TAG_WAITING = 4;
+/** How outstanding() names a request the engine never planned. */
+const FAST_OP = 'fast-path request';
 const TAG_FAST = 6;
 /** How long a state change waits for the fast path's requests in flight before it gives up. */
 const FAST_DRAIN_MS = 30_000;
@@ -161,7 +166,7 @@ export class UblkDevice {
       flushQueued: false,
       stopped: false,
     }));
-    this.events = new Float64Array(9 * info.depth);
+    this.events = new Float64Array(13 * info.depth);
     this.stoppedPromise = new Promise((resolve) => (this.allStopped = resolve));
   }
 
@@ -250,7 +255,7 @@ export class UblkDevice {
           userCopy: (this.info.flags & UBLK_F.USER_COPY) !== 0,
           target: this.target,
           published: nativePublication(this.volume),
-          onEvents: (q, requests, ordered, done, stopped) => this.onEvents(q, requests, ordered, done, stopped),
+          onEvents: (q, requests, ordered, done, redirects, stopped) => this.onEvents(q, requests, ordered, done, redirects, stopped),
           events: this.events,
         });
         break;
@@ -278,7 +283,7 @@ export class UblkDevice {
       const native = this.native;
       if (!native || native.fastInFlight() === 0) return;
       if (performance.now() > deadline) {
-        const fast = this.outstanding().filter((r) => r.native === TAG_STATES[TAG_FAST]);
+        const fast = this.outstanding().filter((r) => r.op === FAST_OP);
         throw new CldError(
           'ETIMEDOUT',
           `${this.target} ${this.path}: ${native.fastInFlight()} request(s) served by the queue threads still in flight after ${FAST_DRAIN_MS / 1000} s ` +
@@ -296,11 +301,12 @@ export class UblkDevice {
     return { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5] };
   }
 
-  private onEvents(q: number, requests: number, ordered: number, done: number, stopped: boolean): void {
+  private onEvents(q: number, requests: number, ordered: number, done: number, redirects: number, stopped: boolean): void {
     const ev = this.events;
     const depth = this.info.depth;
     for (let i = 7 * depth, end = i + 2 * done; i < end; i += 2) this.finishDone(q, ev[i], ev[i + 1]);
     for (let i = 5 * depth, end = i + 2 * ordered; i < end; i += 2) this.finishOrdered(q, ev[i], ev[i + 1]);
+    if (redirects) this.finishRedirects(q, 9 * depth, redirects);
     for (let i = 0, end = 5 * requests; i < end; i += 5) this.plan(q, ev[i], ev[i + 1], ev[i + 2], ev[i + 3], ev[i + 4]);
     this.flush(q);
     if (stopped) {
@@ -319,6 +325,27 @@ export class UblkDevice {
       plan?.finish(errno === 0);
     } catch {
       // Already completed to the kernel; the engine's own accounting reports it.
+    }
+  }
+
+  /**
+   * Snapshot writes the queue thread ran into the change area by itself, as (tag, errno, offset,
+   * length) records in the events buffer from `at`: the volume redirects their blocks (their
+   * journal records in one write), and only then may they complete.
+   */
+  private finishRedirects(q: number, at: number, count: number): void {
+    const ev = this.events;
+    const writes: FastWrite[] = [];
+    for (let i = at; i < at + 4 * count; i += 4) writes.push({ offset: ev[i + 2], length: ev[i + 3], ok: ev[i + 1] === 0 });
+    let results: (Error | null)[];
+    try {
+      results = this.volume.finishFastRedirects(writes);
+    } catch (err) {
+      results = writes.map(() => err as Error); // an engine bug fails these requests, not the server
+    }
+    for (let k = 0; k < count; k++) {
+      const errno = ev[at + 4 * k + 1];
+      this.answer(q, ev[at + 4 * k], errno !== 0 ? -errno : results[k] ? -errnoOf(results[k]) : 0);
     }
   }
 
@@ -477,21 +504,23 @@ export class UblkDevice {
     const out: OutstandingRequest[] = [];
     this.bridges.forEach((bridge, q) => {
       let native: NativeQueueState | null = null;
-      // Requests the queue thread serves by itself: the engine never saw them.
+      // Requests the queue thread serves by itself: the engine never saw them, or sees them only
+      // to redirect their blocks once they are written.
       const fast = this.inspectQueue(q);
       if (fast) {
         for (let tag = 0; tag < fast.states.length; tag++) {
-          if (fast.states[tag] !== TAG_FAST || bridge.stage[tag] !== STAGE.none) continue;
+          const waiting = fast.states[tag] === TAG_WAITING;
+          if ((fast.states[tag] !== TAG_FAST && !waiting) || bridge.stage[tag] !== STAGE.none) continue;
           out.push({
             queue: q,
             tag,
-            op: 'fast-path request',
+            op: FAST_OP,
             offset: -1,
             length: -1,
             ageMs: Math.round(fast.ages[tag]),
-            stage: 'its backing I/O on the queue thread',
+            stage: waiting ? 'the engine to redirect its blocks (written by the queue thread)' : 'its backing I/O on the queue thread',
             plan: null,
-            native: TAG_STATES[TAG_FAST],
+            native: TAG_STATES[fast.states[tag]],
           });
         }
       }
@@ -541,7 +570,7 @@ export class UblkDevice {
     const queues = [...new Set(fresh.map((r) => r.queue))].map((q) => {
       const n = this.inspectQueue(q);
       return n
-        ? `queue ${q} holds ${n.requests} new, ${n.ordered} finished and ${n.done} completed requests for the engine, ${n.backingInFlight} backing I/Os and ${n.fastInFlight} fast-path requests in flight${n.failure ? `; its thread stopped: ${n.failure}` : ''}`
+        ? `queue ${q} holds ${n.requests} new, ${n.ordered} finished, ${n.redirects} written to redirect and ${n.done} completed requests for the engine, ${n.backingInFlight} backing I/Os and ${n.fastInFlight} fast-path requests in flight${n.failure ? `; its thread stopped: ${n.failure}` : ''}`
         : `queue ${q} is closed`;
     });
     const v = this.volume.status();

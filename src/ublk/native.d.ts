@@ -49,9 +49,12 @@ export declare class NativeControlHandle {
  *    engine (orderedFinish or commit) before completion; errno 0 when every op succeeded;
  *  - done at [7D, 9D): (tag, errno) pairs of requests already completed to the kernel (finish
  *    afterwards);
+ *  - redirects at [9D, 13D): (tag, errno, offset bytes, length bytes) records of snapshot writes
+ *    the fast path ran into the change area, whose blocks the engine must redirect
+ *    (Volume.finishFastRedirect) before complete() (docs/serving.md);
  *  - stopped: true once every tag of the queue has been aborted by the kernel.
  */
-export type QueueEventHandler = (queue: number, requests: number, ordered: number, done: number, stopped: boolean) => void;
+export type QueueEventHandler = (queue: number, requests: number, ordered: number, done: number, redirects: number, stopped: boolean) => void;
 
 export interface NativeDeviceOptions {
   devId: number;
@@ -74,7 +77,7 @@ export interface NativeDeviceOptions {
   /** What the engine publishes for the fast path (docs/serving.md); without it none is taken. */
   published?: NativePublication;
   onEvents: QueueEventHandler;
-  /** At least 9 x depth numbers; see QueueEventHandler. */
+  /** At least 13 x depth numbers; see QueueEventHandler. */
   events: Float64Array;
 }
 
@@ -106,6 +109,7 @@ export interface NativeQueueState {
   requests: number;
   ordered: number;
   done: number;
+  redirects: number;
   backingInFlight: number;
   fastInFlight: number;
   /** Why the queue's thread stopped serving early (its ring failed), or null. */
@@ -152,9 +156,16 @@ export interface NativeAddon {
   thaw(mountpoint: string): Promise<void>;
   /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
-   * (kind, offset, length, bufferOffset) records, or null when the engine must decide.
+   * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects
+   * its blocks after them (Volume.finishFastRedirect), or null when the engine must decide.
    */
-  planFast(published: NativePublication, target: 'master' | 'slave', opFlags: number, offset: number, length: number): Float64Array | null;
+  planFast(
+    published: NativePublication,
+    target: 'master' | 'slave',
+    opFlags: number,
+    offset: number,
+    length: number,
+  ): { extents: Float64Array; redirect: boolean } | null;
   /** The numbers the native side reads the publication with (test/publication.test.ts). */
   serving: {
     publishedWord: { mode: number; commitPending: number; generation: number; count: number };

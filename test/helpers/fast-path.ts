@@ -49,13 +49,14 @@ export class FastPath {
     this.inFlight++;
     const opFlags = UBLK_OP[req.op] | (req.fua ? UBLK_IO_F_FUA : 0);
     const length = req.op === 'flush' ? 0 : req.length;
-    const records = addon().planFast(nativePublication(this.volume), req.target, opFlags, req.offset, length);
-    if (!records) {
+    const decided = addon().planFast(nativePublication(this.volume), req.target, opFlags, req.offset, length);
+    if (!decided) {
       this.declined++;
       this.leave();
       return null;
     }
     this.served++;
+    const records = decided.extents;
     return (async () => {
       let ok = false;
       try {
@@ -71,8 +72,18 @@ export class FastPath {
         await Promise.all([ops.length ? this.executor.run(ops, buffer) : undefined, sync ? this.store.flush() : undefined]);
         ok = true;
       } finally {
-        this.count(req, ok);
-        this.leave();
+        // A write to blocks not all redirected: the engine redirects them (and counts it) before
+        // it completes, while it still counts as in flight here, as on a queue thread.
+        if (decided.redirect) {
+          try {
+            this.volume.finishFastRedirect(req.offset, req.length, ok);
+          } finally {
+            this.leave();
+          }
+        } else {
+          this.count(req, ok);
+          this.leave();
+        }
       }
     })();
   }
