@@ -464,7 +464,8 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
 // Reads try the page cache first, from this thread and without blocking (RWF_NOWAIT): a hit
 // lets the commit leave in the same io_uring_enter as the next submissions instead of a round
 // trip of its own through the ring. A miss, or a part of one, goes to the ring, so that one
-// request's miss does not hold up the queue's others. A flush's fdatasync goes to the ring too.
+// request's miss does not hold up the queue's others. A flush's fdatasync goes to the ring too,
+// unless nothing else is on the queue (below).
 void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   Tag& t = q.tags[tag];
   Extent& e = t.extents[index];
@@ -498,6 +499,17 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
       res = n < 0 ? -errno : int(n);
     }
     OnExtentCompletion(q, tag, index, res);
+    return;
+  }
+  if (e.kind == kSync && q.busy == 1) {
+    // A flush with nothing else on the queue (a sync writer at QD1): fdatasync from this thread,
+    // as the loop driver's worker does, rather than through an io_uring worker and back; a
+    // request arriving meanwhile waits for it, as it would behind loop's. With others in flight
+    // it goes to the ring, so they go on while it runs.
+    int res;
+    do res = ::fdatasync(backingFd_);
+    while (res < 0 && errno == EINTR);
+    OnExtentCompletion(q, tag, index, res < 0 ? -errno : 0);
     return;
   }
   if (segmented_ && e.kind == kRead) {
@@ -554,6 +566,7 @@ int Device::CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, u
 
 void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
   Tag& t = q.tags[tag];
+  if (q.busy > 0) q.busy--;
   t.state.store(uint8_t(TagState::kFetching));
   t.extents.clear();
   QueueCommand(q, tag, kIoCommitAndFetch, result);
@@ -651,6 +664,7 @@ void Device::OnRequest(Queue& q, uint16_t tag) {
   t.bytes = (t.op == UBLK_IO_OP_READ || t.op == UBLK_IO_OP_WRITE) ? d->nr_sectors * 512u : 0;
   t.offset = d->start_sector * 512;
   t.since.store(NowNs(), std::memory_order_relaxed);
+  q.busy++;
   if (ServeFast(q, tag)) return;
   t.state.store(uint8_t(TagState::kEngine));
   double record[kRequestFields] = {double(tag), double(t.op), double(opFlags >> 8), double(t.offset),

@@ -73,6 +73,8 @@ class Device : public Napi::ObjectWrap<Device> {
     std::thread thread;
     // Owned by the queue thread.
     uint32_t live = 0;
+    // Requests between their arrival and their commit (see QueueExtent's flushes).
+    uint32_t busy = 0;
     bool exiting = false;
     std::vector<double> outRequests;
     std::vector<int32_t> outOrdered;
