@@ -19,7 +19,7 @@ test.each([
   try {
     const unit = await renderUnit(process.execPath, home);
     if (home) {
-      expect(unit).toContain(`\nExecStart="${process.execPath}" "/root/my disks/cldd 100%%/bin/cldd.js" daemon %i\n`);
+      expect(unit).toContain(`\nExecStart="${process.execPath}" "--max-semi-space-size=1" "/root/my disks/cldd 100%%/bin/cldd.js" daemon %i\n`);
       expect(unit).toContain('\nDocumentation=file:///root/my%%20disks/cldd%%20100%%25/README.md\n');
     }
     expect(unit).not.toMatch(/@[A-Z_]+@/);

@@ -5,7 +5,7 @@ import type { Readable } from 'node:stream';
 import { CldError } from '../errors.js';
 import type { Paths } from '../daemon/paths.js';
 import type { DeviceLayout } from '../daemon/pair-service.js';
-import { CLDD_HOME } from '../daemon/systemd-unit.js';
+import { CLDD_HOME, DAEMON_NODE_OPTIONS } from '../daemon/systemd-unit.js';
 
 export interface ReadyMessage {
   master: string;
@@ -30,7 +30,7 @@ export async function spawnDaemon(
   await mkdir(paths.runDir, { recursive: true, mode: 0o700 });
   const logPath = join(paths.runDir, `${name}.log`);
   const log = await open(logPath, 'a', 0o600);
-  const child = spawn(process.execPath, [join(CLDD_HOME, 'bin', 'cldd.js'), 'daemon', name, '--ready-fd', '3', ...args], {
+  const child = spawn(process.execPath, [...DAEMON_NODE_OPTIONS, join(CLDD_HOME, 'bin', 'cldd.js'), 'daemon', name, '--ready-fd', '3', ...args], {
     detached: true,
     cwd: '/',
     stdio: ['ignore', 'ignore', log.fd, 'pipe'],
