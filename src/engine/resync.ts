@@ -101,6 +101,7 @@ export class ResyncScheduler {
     let sinceCommit = 0;
     const started = this.clock();
     let bytesThisRun = 0;
+    let committing: Promise<void> | null = null;
     try {
       while (!this.stopping && volume.state === 'resync') {
         await this.yieldToForeground();
@@ -122,7 +123,13 @@ export class ResyncScheduler {
         this.record(bytes);
         if (sinceCommit >= this.commitEvery) {
           sinceCommit = 0;
-          await volume.commit();
+          // The copy goes on while the commit's fdatasyncs write back what it dirtied so far
+          // (they run on the store's ring, not on this loop); one commit at a time. Awaited,
+          // each one stopped the copy for as long as the writeback took.
+          if (committing) await committing;
+          committing = volume.commit();
+          // A failed commit fails the volume: the next step, or the await below, reports it.
+          committing.catch(() => {});
         }
         if (this.rateLimit > 0) {
           const due = started + (bytesThisRun / this.rateLimit) * 1000;
@@ -131,6 +138,7 @@ export class ResyncScheduler {
         }
       }
       // Makes the cleared bits, and the move to plain, durable.
+      if (committing) await committing;
       await volume.commit();
     } catch (err) {
       this.lastError = err instanceof CldError ? err : new CldError('EIO', `resync: ${(err as Error).message}`, { cause: err });
