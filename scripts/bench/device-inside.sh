@@ -114,6 +114,9 @@ first_touch_cldd() { # round
     PHASE=after run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
     # The first resync (the QD32 job's blocks) is timed against dd copying as many bytes.
     if [ "$4" = 32 ]; then
+      # The job's own writes are written back first, as dd's source is below: the disable's
+      # commit would otherwise spend its fdatasync on them and count it as the resync's.
+      sync
       resync=$(node scripts/bench/resync-time.mjs "$name")
       resync_bytes=$(node -e 'console.log(JSON.parse(process.argv[1]).bytes)' "$resync")
       # The source is the loop device's backing file, in the page cache like the change area that
