@@ -278,7 +278,7 @@ async function main(): Promise<void> {
     "Targets are issue 12's. The 1 MiB rows' 0.9x applies where the kernel has zero copy (6.16+); on 6.12, which copies every request through the daemon, the target is the 0.57x (read) and 0.55x (write) that the issue measured there.",
     'First touch: the same fio job on the same device right after a snapshot is taken (every write then lands on a block not yet redirected in it) against that job just before, in the same round; dm-snapshot (persistent, 4 KiB chunks, exception store on a loop device over a file on the same file system, origin the loop device above) measured the same way beside it.',
     'Changed-block tracking: after the first-touch jobs, on the plain master in the tracking period their last snapshot started, 4 KiB random writes at QD1 to chunks not yet written in it (each waits for the commit of its chunk\'s mark), against the same job once a sequential pass has written every chunk; the plain rows above run in that marked state.',
-    'Resync: disabling after the QD32 first-touch job until the resync is done, against dd (1 MiB blocks, conv=fsync) copying as many bytes between two files on the same file system.',
+    'Resync: disabling after the QD32 first-touch job (and a sync of its writes) until the resync is done, against dd (1 MiB blocks, conv=fsync) copying as many bytes between two files on the same file system.',
   ];
   for (const run of runs) {
     const r = await measure(run);
