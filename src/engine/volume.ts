@@ -554,7 +554,7 @@ export class Volume {
     const bs = this.layout.blockSize;
     const results: (CldError | null)[] = [];
     const changes: MapChange[] = [];
-    const refused = this.failure ?? (this.closed ? new CldError('CLDD_CLOSED', 'the volume is closed') : null);
+    const refused = this.unusable();
     for (const w of writes) {
       const start = w.offset / bs;
       const end = start + w.length / bs;
@@ -686,8 +686,13 @@ export class Volume {
   }
 
   private checkUsable(): void {
-    if (this.failure) throw this.failure;
-    if (this.closed) throw new CldError('CLDD_CLOSED', 'the volume is closed');
+    const error = this.unusable();
+    if (error) throw error;
+  }
+
+  /** Why the volume serves nothing any more (it failed or closed), or null. */
+  private unusable(): CldError | null {
+    return this.failure ?? (this.closed ? new CldError('CLDD_CLOSED', 'the volume is closed') : null);
   }
 
   // ---------------------------------------------------------------- resync merges
