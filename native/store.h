@@ -1,6 +1,7 @@
 // The backing store: one fd, with every read, write, fdatasync and fallocate going through one
-// io_uring, so the engine's metadata I/O and the ublk queues' data I/O share one file and one
-// ordering story (a flush covers every write that completed before it, whichever ring ran it).
+// io_uring, but for a commit's ordered steps (sequence(): blocking calls on a worker thread, one
+// after another). The engine's metadata I/O and the ublk queues' data I/O share one file and one
+// ordering story: a flush covers every write that completed before it, whichever thread ran it.
 #pragma once
 
 #include <memory>
@@ -29,6 +30,7 @@ class Store : public Napi::ObjectWrap<Store> {
   Napi::Value Zero(const Napi::CallbackInfo& info);
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Run(const Napi::CallbackInfo& info);
+  Napi::Value Sequence(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckOpen(Napi::Env env, const char* op);
@@ -39,7 +41,10 @@ class Store : public Napi::ObjectWrap<Store> {
   void OnCompletions();
   void PartDone(Part* part, int err);
   void Release(Job* job);
+  void FinishClose();
   void Shutdown();
+
+  class SequenceWorker;
 
   std::string path_;
   Fd fd_;

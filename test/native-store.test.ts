@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Disk } from '../src/engine/executor.js';
 import { Volume } from '../src/engine/volume.js';
-import type { BlockStore } from '../src/store/block-store.js';
+import { type BlockStore, FLUSH } from '../src/store/block-store.js';
 import { FileStore } from '../src/store/file-store.js';
 import { NativeStore } from '../src/store/native-store.js';
 import { stamped, versionOf } from './helpers/stamp.js';
@@ -162,6 +162,50 @@ describe('NativeStore specifics', () => {
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 8 + s)).toBe(2);
     await expect(store.run([{ kind: 'read', offset: 0, length: 1024, bufferOffset: 15 * 512 }], buffer)).rejects.toMatchObject({ code: 'EINVAL' });
     await store.close();
+  });
+
+  test('sequence runs writes and flushes one after another', async () => {
+    const path = await backing('sequence', 1 << 20);
+    const store = NativeStore.open(path);
+    // Two writes to one place: the second starts after the first completed, so it wins.
+    await store.sequence([
+      { kind: 'write', data: stamped(0, 8, 1), offset: 0 },
+      { kind: 'write', data: stamped(8, 8, 1), offset: 8 * 512 },
+      FLUSH,
+      { kind: 'write', data: stamped(0, 8, 2), offset: 0 },
+      FLUSH,
+    ]);
+    const back = new Uint8Array(16 * 512);
+    await store.read(back, 0);
+    for (let s = 0; s < 16; s++) expect(versionOf(back, s * 512, s)).toBe(s < 8 ? 2 : 1);
+    await store.sequence([]);
+    // Checked before anything runs: the first write is not made either.
+    await expect(store.sequence([{ kind: 'write', data: stamped(0, 8, 3), offset: 0 }, { kind: 'write', data: new Uint8Array(512), offset: 1 << 20 }])).rejects.toMatchObject({ code: 'EINVAL' });
+    await store.read(back, 0);
+    expect(versionOf(back, 0, 0)).toBe(2);
+    await store.close();
+    await expect(store.sequence([FLUSH])).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
+  });
+
+  test('a failed step rejects naming it, and the steps after it do not run', async () => {
+    const path = await backing('sequence-fail', 1 << 20);
+    const store = NativeStore.open(path, { readOnly: true });
+    const failure = store.sequence([FLUSH, { kind: 'write', data: new Uint8Array(4096), offset: 8192 }, { kind: 'write', data: new Uint8Array(4096), offset: 0 }]);
+    await expect(failure).rejects.toMatchObject({ code: 'EBADF', message: expect.stringContaining('write of 4096 bytes at 8192') });
+    await store.close();
+  });
+
+  test('close waits for a sequence in flight', async () => {
+    const path = await backing('sequence-close', 8 << 20);
+    const store = NativeStore.open(path);
+    const pending = store.sequence([{ kind: 'write', data: new Uint8Array(4 << 20).fill(7), offset: 0 }, FLUSH]);
+    await store.close();
+    await pending;
+    const check = NativeStore.open(path);
+    const back = new Uint8Array(4096);
+    await check.read(back, (4 << 20) - 4096);
+    expect(back.every((b) => b === 7)).toBe(true);
+    await check.close();
   });
 
   test('a read running past the end of a file that shrank underneath is EIO, not a short read', async () => {

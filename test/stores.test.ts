@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
-import type { BlockStore } from '../src/store/block-store.js';
+import { type BlockStore, FLUSH, type OrderedStep, inOrder } from '../src/store/block-store.js';
 import { FaultStore } from '../src/store/fault-store.js';
 import { FileStore } from '../src/store/file-store.js';
 import { MemoryStore } from '../src/store/memory-store.js';
@@ -368,5 +368,68 @@ describe('FaultStore', () => {
     const { image } = store.crash();
     await slow;
     expect(versions(image, 0, 1), 'the write acknowledged by the second flush').toEqual([1]);
+  });
+});
+
+describe('inOrder (a commit\'s steps on a store without a sequence of its own)', () => {
+  /** A store whose writes and flushes settle only when the test says, recording what started. */
+  function gatedStore() {
+    const events: string[] = [];
+    const pending = new Map<string, { resolve: () => void; reject: (err: Error) => void }>();
+    const op = (name: string) => {
+      events.push(`start ${name}`);
+      return new Promise<void>((resolve, reject) => pending.set(name, { resolve, reject }));
+    };
+    const store: BlockStore = {
+      size: SIZE,
+      description: 'gated',
+      read: async () => {},
+      write: (data, offset) => op(`write ${offset}`),
+      zero: async () => {},
+      flush: () => op('flush'),
+      close: async () => {},
+    };
+    const settle = async (name: string, err?: Error) => {
+      const p = pending.get(name);
+      if (!p) throw new Error(`${name} has not started (started: ${events.join(', ')})`);
+      pending.delete(name);
+      events.push(`end ${name}`);
+      if (err) p.reject(err);
+      else p.resolve();
+      for (let i = 0; i < 5; i++) await Promise.resolve();
+    };
+    return { store, events, settle };
+  }
+  const w = (offset: number) => ({ kind: 'write' as const, data: new Uint8Array(512), offset });
+
+  test('writes between flushes start together; a flush starts after them, the next write after it', async () => {
+    const { store, events, settle } = gatedStore();
+    const done = inOrder(store, [w(0), w(512), FLUSH, w(1024), FLUSH]);
+    await settle('write 512');
+    expect(events).toEqual(['start write 0', 'start write 512', 'end write 512']);
+    await settle('write 0');
+    expect(events.at(-1)).toBe('start flush');
+    await settle('flush');
+    expect(events.at(-1)).toBe('start write 1024');
+    await settle('write 1024');
+    await settle('flush');
+    await done;
+  });
+
+  test('the first failure rejects and nothing after it starts', async () => {
+    const { store, events, settle } = gatedStore();
+    const done = inOrder(store, [w(0), FLUSH, w(512), FLUSH]);
+    const outcome = done.catch((err: Error) => err);
+    await settle('write 0', new Error('EIO here'));
+    expect(await outcome).toMatchObject({ message: 'EIO here' });
+    expect(events).toEqual(['start write 0', 'end write 0']);
+  });
+
+  test('a store with a sequence of its own runs it instead', async () => {
+    const seen: unknown[] = [];
+    const store = Object.assign(new MemoryStore(SIZE), { sequence: async (steps: readonly OrderedStep[]) => void seen.push(steps) });
+    const steps = [w(0), FLUSH];
+    await inOrder(store, steps);
+    expect(seen).toEqual([steps]);
   });
 });

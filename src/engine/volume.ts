@@ -20,7 +20,7 @@
  * docs/format.md for why every crash point is safe).
  */
 import { CldError } from '../errors.js';
-import type { BlockStore } from '../store/block-store.js';
+import { type BlockStore, FLUSH, type OrderedStep, inOrder } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
 import { ChangeTracking, NO_MARKS } from './change-tracking.js';
 import {
@@ -900,7 +900,8 @@ export class Volume {
    * map commit and its digest) to its older copy; (5) flush; after a state change, (4) and (5)
    * again for the other copy. A crash before (3) completes leaves the previous slot of each page
    * valid and recorded; before (5), the previous superblock, and a complete commit that open
-   * rolls forward.
+   * rolls forward. The steps go to the store in one call (inOrder): a native store runs them
+   * one after another on a worker thread, instead of a round trip through the event loop each.
    *
    * A commit only writes waiting for their chunks' marks asked for (`marksOnly`), which writes
    * no redirect page and changes no state, skips (1): marks order nothing after data, and those
@@ -966,10 +967,28 @@ export class Volume {
     const images = pages.map((p, i) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, payload(p, i), mapCommit, digest));
     const nextSb = { ...this.sb, generation: this.sb.generation + 1, map: { commit: mapCommit, digest } };
     const journalMark = this.journal?.mark();
-    if (!marksOnly || redirectPages.length > 0 || bothCopies) await store.flush();
+    // The superblock records the commit, so a damaged slot of it is found out, not replaced by
+    // the older slot. After a state change both copies get it, one after the other: a crash
+    // between them leaves one of each generation (the newer wins), and later damage to either
+    // copy leaves the current state. A map-only commit writes one copy, the older: damage to
+    // it leaves the other, one commit behind, and open rolls that commit forward.
+    const sbImage = pages.length || bothCopies ? encodeSuperblock(nextSb) : null;
+    const firstCopy = 1 - this.sbCopy;
+    const steps: OrderedStep[] = [];
+    if (!marksOnly || redirectPages.length > 0 || bothCopies) steps.push(FLUSH);
     if (pages.length) {
-      await Promise.all(pages.map((p, i) => store.write(images[i], mapSlotOffset(layout, p, 1 - this.pageSlot[p]))));
-      await store.flush();
+      pages.forEach((p, i) => steps.push({ kind: 'write', data: images[i], offset: mapSlotOffset(layout, p, 1 - this.pageSlot[p]) }));
+      steps.push(FLUSH);
+    }
+    if (sbImage) {
+      for (const copy of bothCopies ? [firstCopy, this.sbCopy] : [firstCopy]) {
+        steps.push({ kind: 'write', data: sbImage, offset: superblockOffset(copy, layout.blockSize) }, FLUSH);
+      }
+    }
+    // One call for the lot: a failure anywhere fails the volume (fail()), so nothing below
+    // needs to know how far it got.
+    await inOrder(store, steps);
+    if (pages.length) {
       for (const p of pages) {
         this.pageSlot[p] = 1 - this.pageSlot[p];
         this.pageSeq[p] += 1;
@@ -977,19 +996,8 @@ export class Volume {
       }
       this.nextCommit = mapCommit + 1;
     }
-    if (pages.length || bothCopies) {
-      // The superblock records the commit, so a damaged slot of it is found out, not replaced by
-      // the older slot. After a state change both copies get it, one after the other: a crash
-      // between them leaves one of each generation (the newer wins), and later damage to either
-      // copy leaves the current state. A map-only commit writes one copy, the older: damage to
-      // it leaves the other, one commit behind, and open rolls that commit forward.
-      const image = encodeSuperblock(nextSb);
-      const first = 1 - this.sbCopy;
-      for (const copy of bothCopies ? [first, this.sbCopy] : [first]) {
-        await store.write(image, superblockOffset(copy, layout.blockSize));
-        await store.flush();
-      }
-      this.sbCopy = first;
+    if (sbImage) {
+      this.sbCopy = firstCopy;
       this.sb = { ...this.sb, generation: nextSb.generation, map: nextSb.map };
     }
     if (journalMark !== undefined) this.journal?.trim(journalMark, this.sb.epoch);

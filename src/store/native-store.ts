@@ -2,7 +2,7 @@ import { CldError } from '../errors.js';
 import type { IoOp } from '../engine/plan.js';
 import { addon, nativeError } from '../ublk/addon.js';
 import type { NativeStoreHandle } from '../ublk/native.js';
-import type { BlockStore } from './block-store.js';
+import type { BlockStore, OrderedStep } from './block-store.js';
 
 export interface NativeStoreOptions {
   readOnly?: boolean;
@@ -13,7 +13,8 @@ export interface NativeStoreOptions {
   lock?: boolean;
 }
 
-const KIND = { read: 0, write: 1, zero: 2 } as const;
+// native/store.cc's kinds.
+const KIND = { read: 0, write: 1, zero: 2, flush: 3 } as const;
 
 /**
  * A regular file or block device whose reads, writes, flushes (fdatasync) and zeroing (punched
@@ -83,6 +84,27 @@ export class NativeStore implements BlockStore {
       records.set([KIND[op.kind], op.offset, op.length, op.bufferOffset], i * 4);
     });
     await this.handle.run(records, buffer).catch(rethrow);
+  }
+
+  /** The steps one after another on a worker thread, with blocking calls: one round trip. */
+  async sequence(steps: readonly OrderedStep[]): Promise<void> {
+    if (this.closed) throw this.closedError('sequence');
+    const records = new Float64Array(steps.length * 4);
+    let bytes = 0;
+    for (const step of steps) if (step.kind === 'write') bytes += step.data.length;
+    const buffer = new Uint8Array(bytes);
+    let at = 0;
+    steps.forEach((step, i) => {
+      if (step.kind === 'flush') {
+        records.set([KIND.flush, 0, 0, 0], i * 4);
+        return;
+      }
+      this.checkRange('write', step.offset, step.data.length);
+      buffer.set(step.data, at);
+      records.set([KIND.write, step.offset, step.data.length, at], i * 4);
+      at += step.data.length;
+    });
+    await this.handle.sequence(records, buffer).catch(rethrow);
   }
 
   async close(): Promise<void> {
