@@ -92,6 +92,13 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   }
   eventsRef_ = Napi::Persistent(events);
   events_ = events.Data();
+  Napi::Value meta = options.Get("meta");
+  if (meta.IsTypedArray()) {
+    Napi::Uint8Array bytes = meta.As<Napi::Uint8Array>();
+    metaRef_ = Napi::Persistent(bytes);
+    meta_ = bytes.Data();
+    metaBytes_ = bytes.ByteLength();
+  }
   // The engine's publication; without one every request goes to the engine.
   Napi::Value pub = options.Get("published");
   if (pub.IsObject()) {
@@ -222,12 +229,29 @@ std::string Device::ValidateSubmit(Queue& q, const double* r, size_t n) {
       return "submit: bad extent count for tag " + std::to_string(tag);
     }
     const Tag& t = q.tags[size_t(tag)];
+    double flags = r[i + 1];
+    if (flags != 0 && flags != kSubmitNeedsEngine && flags != kSubmitInOrder) {
+      return "submit: bad flags for tag " + std::to_string(tag);
+    }
+    // A commit's steps (in order) run only for a flush, which has no data of its own.
+    if (flags == kSubmitInOrder && t.op != UBLK_IO_OP_FLUSH) {
+      return "submit: tag " + std::to_string(tag) + " is not a flush, so it cannot run a commit";
+    }
     for (size_t k = 0; k < size_t(count); k++) {
       const double* e = r + i + 3 + 4 * k;
-      bool zero = e[0] == double(kZero);
-      // Data extents stay inside the request's buffer; zero extents only need to fit 32 bits.
-      if (e[0] < 0 || e[0] > 2 || e[1] < 0 || e[2] <= 0 || e[2] > double(UINT32_MAX) ||
-          (!zero && e[3] + e[2] > double(t.bytes))) {
+      double kind = e[0];
+      bool fits;
+      if (flags == kSubmitInOrder) {
+        // fdatasync, or metadata from the metadata buffer.
+        fits = (kind == double(kSync) && e[2] == 0) ||
+               (kind == double(kMeta) && e[1] >= 0 && e[2] > 0 && e[2] <= double(UINT32_MAX) && e[3] >= 0 &&
+                e[3] + e[2] <= double(metaBytes_));
+      } else {
+        // Data extents stay inside the request's buffer; zero extents only need to fit 32 bits.
+        fits = kind >= 0 && kind <= double(kZero) && e[1] >= 0 && e[2] > 0 && e[2] <= double(UINT32_MAX) &&
+               (kind == double(kZero) || e[3] + e[2] <= double(t.bytes));
+      }
+      if (!fits) {
         return "submit: extent " + std::to_string(k) + " of tag " + std::to_string(tag) + " does not fit its request";
       }
     }
@@ -471,6 +495,14 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
   Extent& e = t.extents[index];
   uint32_t left = e.length - e.done;
   uint64_t at = e.offset + e.done;            // in the backing file
+  if (e.kind == kMeta) {
+    // A commit's page or superblock: to the page cache from this thread, as data writes go.
+    ssize_t n;
+    do n = ::pwrite(backingFd_, meta_ + e.bufferOffset + e.done, left, off_t(at));
+    while (n < 0 && errno == EINTR);
+    OnExtentCompletion(q, tag, index, n < 0 ? -errno : int(n));
+    return;
+  }
   uint32_t within = e.bufferOffset + e.done;  // in the request
   // The tag's buffer mirrors the whole request; segmented, what is copied at once goes through
   // the queue's scratch buffer (as large as the largest request: the clamp only guards it).
@@ -569,6 +601,8 @@ void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
   if (q.busy > 0) q.busy--;
   t.state.store(uint8_t(TagState::kFetching));
   t.extents.clear();
+  t.inOrder = false;
+  t.next = 0;
   QueueCommand(q, tag, kIoCommitAndFetch, result);
 }
 
@@ -603,7 +637,8 @@ void Device::ApplySubmit(Queue& q, const double* r, size_t n) {
       i += 3 + 4 * count;
       continue;
     }
-    t.needsEngine = r[i + 1] != 0;
+    t.needsEngine = r[i + 1] == kSubmitNeedsEngine;
+    t.inOrder = r[i + 1] == kSubmitInOrder;
     t.fast = false;
     t.redirect = false;
     t.state.store(uint8_t(TagState::kRunning));
@@ -615,7 +650,13 @@ void Device::ApplySubmit(Queue& q, const double* r, size_t n) {
       const double* e = r + i + 3 + 4 * k;
       t.extents.push_back(Extent{uint8_t(e[0]), uint64_t(e[1]), uint32_t(e[2]), uint32_t(e[3]), 0});
     }
-    for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+    if (t.inOrder) {
+      // The rest start one at a time from OnExtentCompletion.
+      t.next = 1;
+      QueueExtent(q, tag, 0);
+    } else {
+      for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+    }
     if (--t.pending == 0) ExtentsFinished(q, tag);
     i += 3 + 4 * count;
   }
@@ -691,6 +732,7 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
     return false;
   }
   t.fast = true;
+  t.inOrder = false;
   t.redirect = fast == Fast::kServeThenRedirect;
   t.needsEngine = false;
   t.error = 0;
@@ -731,7 +773,7 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
   Extent& e = t.extents[index];
   if (res < 0) {
     if (!t.error) t.error = -res;
-  } else if (e.kind == kRead || e.kind == kWrite) {
+  } else if (e.kind == kRead || e.kind == kWrite || e.kind == kMeta) {
     if (res == 0) {
       // End of file (or no progress): the backing file is shorter than the engine thinks.
       if (!t.error) t.error = EIO;
@@ -742,6 +784,17 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
         return;
       }
     }
+  }
+  if (t.inOrder) {
+    size_t left = t.extents.size() - t.next;  // not started yet
+    if (!t.error && left > 0) {
+      // This one's count goes; the next one's keeps the tag from finishing.
+      --t.pending;
+      QueueExtent(q, tag, uint16_t(t.next++));
+      return;
+    }
+    t.pending -= uint32_t(left);  // after an error they never start
+    t.next = uint32_t(t.extents.size());
   }
   if (--t.pending == 0) ExtentsFinished(q, tag);
 }

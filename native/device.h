@@ -46,6 +46,10 @@ class Device : public Napi::ObjectWrap<Device> {
     // A fast snapshot write to blocks not all redirected: once its extents are done it waits
     // (kWaiting, still counted in fastInFlight) for the engine to redirect them.
     bool redirect = false;
+    // A commit run for a flush (the engine's steps): each extent starts once the one before it
+    // completed, and an error skips the rest; `next` is the first not yet started.
+    bool inOrder = false;
+    uint32_t next = 0;
     uint32_t bytes = 0;
     uint32_t pending = 0;
     int error = 0;
@@ -177,6 +181,11 @@ class Device : public Napi::ObjectWrap<Device> {
   // [7 x depth, 9 x depth), redirect records (tag, errno, offset, length) after that.
   Napi::Reference<Napi::Float64Array> eventsRef_;
   double* events_ = nullptr;
+  // Where kMeta extents take their bytes: written by JS before it submits them, read by the
+  // queue thread until the tag is done (JS runs one commit at a time).
+  Napi::Reference<Napi::Uint8Array> metaRef_;
+  const uint8_t* meta_ = nullptr;
+  size_t metaBytes_ = 0;
   // Woken by the queue threads when their outbox gains something for JS.
   uv_async_t* async_ = nullptr;
   std::unique_ptr<Napi::AsyncContext> context_;

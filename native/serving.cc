@@ -202,10 +202,15 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   kinds.Set("write", int32_t(kWrite));
   kinds.Set("zero", int32_t(kZero));
   kinds.Set("sync", int32_t(kSync));
+  kinds.Set("meta", int32_t(kMeta));
+  Napi::Object flags = Napi::Object::New(env);
+  flags.Set("needsEngine", kSubmitNeedsEngine);
+  flags.Set("inOrder", kSubmitInOrder);
   Napi::Object wire = Napi::Object::New(env);
   wire.Set("publishedWord", words);
   wire.Set("fastMode", modes);
   wire.Set("extentKind", kinds);
+  wire.Set("submitFlags", flags);
   exports.Set("serving", wire);
 }
 

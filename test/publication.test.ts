@@ -9,7 +9,7 @@ import { Disk } from '../src/engine/executor.js';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { addon } from '../src/ublk/addon.js';
-import { nativePublication } from '../src/ublk/device.js';
+import { EXTENT_KIND, SUBMIT_FLAGS, nativePublication } from '../src/ublk/device.js';
 
 const BS = 4096;
 const READ = 0;
@@ -22,8 +22,9 @@ test('the engine and the addon read the publication with the same numbers', () =
   const { serving } = addon();
   expect(serving.publishedWord).toEqual({ ...PUBLISHED_WORD, count: PUBLISHED_WORDS });
   expect(serving.fastMode).toEqual(FAST_MODE);
-  // The engine's extent kinds (device.ts KIND) are the addon's, which adds its own fdatasync.
-  expect(serving.extentKind).toEqual({ read: 0, write: 1, zero: 2, sync: 3 });
+  // The extent kinds and plan flags device.ts submits are the addon's.
+  expect(serving.extentKind).toEqual(EXTENT_KIND);
+  expect(serving.submitFlags).toEqual(SUBMIT_FLAGS);
 });
 
 describe('the fast path decides', () => {

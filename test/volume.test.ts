@@ -11,6 +11,7 @@ import type { IoOp, Plan, Request } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
 import { FaultStore } from '../src/store/fault-store.js';
+import { type OrderedStep, inOrder } from '../src/store/block-store.js';
 import { MemoryStore } from '../src/store/memory-store.js';
 import { between, rng, seedFromEnv } from './helpers/random.js';
 import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
@@ -1163,6 +1164,59 @@ function superblockState(store: MemoryStore): string {
 }
 
 // ------------------------------------------------------------------ I/O errors
+
+describe('a commit run by its caller (Volume.commit(run): a flush on its queue thread)', () => {
+  const describeSteps = (steps: readonly OrderedStep[]) => steps.map((s) => (s.kind === 'flush' ? 'flush' : `write ${s.offset}`));
+
+  test('the runner gets the steps in order and what it ran is the commit; null leaves them to the store', async () => {
+    const { store, volume, disk } = await setup(8 * MiB, MAP_MECHANICS);
+    await volume.enable();
+    await put(disk, 10, 12, 2);
+    const seen: string[][] = [];
+    await volume.commit((steps) => {
+      seen.push(describeSteps(steps));
+      return inOrder(store, steps);
+    });
+    // The data, then the page, then the superblock, each flushed before the next.
+    const page = mapSlotOffset(volume.layout, 0, 1);
+    expect(seen).toEqual([['flush', `write ${page}`, 'flush', `write ${superblockOffset(0, BS)}`, 'flush']]);
+    await put(disk, 20, 21, 3);
+    const declined: number[] = [];
+    await volume.commit((steps) => {
+      declined.push(steps.length);
+      return null;
+    });
+    expect(declined).toEqual([5]);
+    // Both commits are on the store: a crash now (no close) keeps both writes.
+    const reopened = new Disk(await Volume.open(MemoryStore.copyOf(store)));
+    expect(await get(reopened, 10, 12)).toEqual([2, 2]);
+    expect(await get(reopened, 20, 21)).toEqual([3]);
+  });
+
+  test('a commit for several callers runs on the first one that brought a runner', async () => {
+    const { store, volume, disk } = await setup(8 * MiB, MAP_MECHANICS);
+    await volume.enable();
+    await put(disk, 1, 2, 2);
+    const first = volume.commit(); // runs at once, on the store
+    await put(disk, 2, 3, 2);
+    const ran: string[] = [];
+    const runner = (name: string) => (steps: readonly OrderedStep[]) => {
+      ran.push(name);
+      return inOrder(store, steps);
+    };
+    // Both wait for the next commit, which serves them together.
+    await Promise.all([first, volume.commit(), volume.commit(runner('a')), volume.commit(runner('b'))]);
+    expect(ran).toEqual(['a']);
+  });
+
+  test('a runner that fails fails the commit and the volume, as a store error does', async () => {
+    const { volume, disk } = await setup(8 * MiB, MAP_MECHANICS);
+    await volume.enable();
+    await put(disk, 1, 2, 2);
+    await rejects(volume.commit(() => Promise.reject(new CldError('EIO', 'the queue thread says no'))), 'EIO', /the queue thread says no/);
+    await rejects(disk.read(0, BS), 'EIO', /metadata commit failed/);
+  });
+});
 
 describe('I/O errors', () => {
   async function faultyPair(): Promise<{ store: FaultStore; volume: Volume; disk: Disk }> {

@@ -20,7 +20,7 @@
  * docs/format.md for why every crash point is safe).
  */
 import { CldError } from '../errors.js';
-import { type BlockStore, FLUSH, type OrderedStep, inOrder } from '../store/block-store.js';
+import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../store/block-store.js';
 import { BlockMap } from './block-map.js';
 import { ChangeTracking, NO_MARKS } from './change-tracking.js';
 import {
@@ -152,7 +152,7 @@ export class Volume {
 
   private commitRunning = false;
   /** `marksOnly`: a write waiting for its chunks' marks, which needs no earlier data durable. */
-  private commitWaiters: { resolve: () => void; reject: (e: Error) => void; marksOnly: boolean }[] = [];
+  private commitWaiters: { resolve: () => void; reject: (e: Error) => void; marksOnly: boolean; run?: StepRunner }[] = [];
   private failure: CldError | null = null;
   private closed = false;
   private journal: MapJournal | null = null;
@@ -907,15 +907,19 @@ export class Volume {
    * no redirect page and changes no state, skips (1): marks order nothing after data, and those
    * writes are not issued yet. That is one fdatasync of three for each first write to a chunk
    * in place in a tracking period.
+   *
+   * `run`, when given, may take the steps instead (a flush's own queue thread runs them and then
+   * completes the flush: docs/serving.md); it returns null to leave them to the store. A commit
+   * serving several callers uses the first caller's.
    */
-  commit(): Promise<void> {
-    return this.queueCommit(false);
+  commit(run?: StepRunner): Promise<void> {
+    return this.queueCommit(false, run);
   }
 
-  private queueCommit(marksOnly: boolean): Promise<void> {
+  private queueCommit(marksOnly: boolean, run?: StepRunner): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => {
-      this.commitWaiters.push({ resolve, reject, marksOnly });
+      this.commitWaiters.push({ resolve, reject, marksOnly, run });
       if (!this.commitRunning) void this.commitLoop();
     });
   }
@@ -929,7 +933,7 @@ export class Volume {
         this.commitWaiters = [];
         try {
           if (this.failure) throw this.failure;
-          await this.commitOnce(batch.every((w) => w.marksOnly));
+          await this.commitOnce(batch.every((w) => w.marksOnly), batch.find((w) => w.run)?.run);
           for (const w of batch) w.resolve();
         } catch (err) {
           this.fail(err);
@@ -942,7 +946,7 @@ export class Volume {
     }
   }
 
-  private async commitOnce(marksOnly: boolean): Promise<void> {
+  private async commitOnce(marksOnly: boolean, run?: StepRunner): Promise<void> {
     const { layout, store } = this;
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
@@ -987,7 +991,7 @@ export class Volume {
     }
     // One call for the lot: a failure anywhere fails the volume (fail()), so nothing below
     // needs to know how far it got.
-    await inOrder(store, steps);
+    await (run?.(steps) ?? inOrder(store, steps));
     if (pages.length) {
       for (const p of pages) {
         this.pageSlot[p] = 1 - this.pageSlot[p];

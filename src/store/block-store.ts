@@ -26,6 +26,9 @@ export interface BlockStore {
 export type OrderedStep = { kind: 'write'; data: Uint8Array; offset: number } | { kind: 'flush' };
 export const FLUSH: OrderedStep = { kind: 'flush' };
 
+/** Runs a commit's steps as inOrder() would, or returns null to leave them to the store. */
+export type StepRunner = (steps: readonly OrderedStep[]) => Promise<void> | null;
+
 /**
  * Runs `steps` so that each flush starts after every write before it completed, and each write
  * after the flush before it; writes between two flushes run concurrently (in any order, as a

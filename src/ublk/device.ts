@@ -27,6 +27,7 @@ import { constants as osConstants } from 'node:os';
 import { CldError } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
+import type { OrderedStep, StepRunner } from '../store/block-store.js';
 import { addon, nativeError } from './addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
@@ -35,7 +36,15 @@ import type { NativeDeviceHandle, NativePublication, NativeQueueState } from './
 /** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
 const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
 const IO_F_FUA = 1 << 13 >>> 8; // op_flags >> 8, as the native side reports flags
-const KIND = { read: 0, write: 1, zero: 2 } as const;
+/** native/serving.h's extent kinds and plan record flags (test/publication.test.ts checks them). */
+export const EXTENT_KIND = { read: 0, write: 1, zero: 2, sync: 3, meta: 4 } as const;
+export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
+/**
+ * Room for the images of a commit that a flush's queue thread runs (runOnQueue): 16 pages of
+ * 4 KiB. A first touch's flush writes a map page, a tracking page and the superblock; a commit
+ * larger than this goes through the store.
+ */
+const META_BYTES = 64 << 10;
 
 export interface QueueOptions {
   queues: number;
@@ -143,6 +152,8 @@ export class UblkDevice {
   private stopping: Promise<void> | null = null;
   private detachFastPath: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
+  /** The images of the commit a flush's queue thread is running (runOnQueue). */
+  private readonly meta: Uint8Array | null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;
 
@@ -167,6 +178,8 @@ export class UblkDevice {
       stopped: false,
     }));
     this.events = new Float64Array(13 * info.depth);
+    // Only the master's flushes commit.
+    this.meta = target === 'master' ? new Uint8Array(META_BYTES) : null;
     this.stoppedPromise = new Promise((resolve) => (this.allStopped = resolve));
   }
 
@@ -257,6 +270,7 @@ export class UblkDevice {
           published: nativePublication(this.volume),
           onEvents: (q, requests, ordered, done, redirects, stopped) => this.onEvents(q, requests, ordered, done, redirects, stopped),
           events: this.events,
+          meta: this.meta ?? undefined,
         });
         break;
       } catch (err) {
@@ -408,10 +422,10 @@ export class UblkDevice {
     const a = s.reserve(3 + 4 * plan.ops.length);
     let i = s.length;
     a[i++] = tag;
-    a[i++] = needsEngine ? 1 : 0;
+    a[i++] = needsEngine ? SUBMIT_FLAGS.needsEngine : 0;
     a[i++] = plan.ops.length;
     for (const op of plan.ops) {
-      a[i++] = KIND[op.kind];
+      a[i++] = EXTENT_KIND[op.kind];
       a[i++] = op.offset;
       a[i++] = op.length;
       a[i++] = op.bufferOffset;
@@ -437,13 +451,68 @@ export class UblkDevice {
       this.answer(q, tag, -errno);
     } else if (plan.commit) {
       this.bridges[q].stage[tag] = STAGE.commit;
-      this.volume.commit().then(
-        () => this.answer(q, tag, 0),
-        () => this.answer(q, tag, -osConstants.errno.EIO),
+      // A flush (no I/O of its own) may run the commit's steps on its queue thread, which then
+      // completes it: the commit is durable the moment they are done.
+      let ran = false;
+      const run: StepRunner | undefined =
+        plan.ops.length === 0
+          ? (steps) => {
+              const running = this.runOnQueue(q, tag, steps);
+              if (running) ran = true;
+              return running;
+            }
+          : undefined;
+      this.volume.commit(run).then(
+        () => ran || this.answer(q, tag, 0),
+        () => ran || this.answer(q, tag, -osConstants.errno.EIO),
       ).finally(() => this.scheduleFlush(q));
     } else {
       this.answer(q, tag, 0);
     }
+  }
+
+  /**
+   * Hands a commit's steps to the queue thread of the flush `tag` is, as sync and meta extents
+   * run one after another (native/device.cc); the thread completes the flush when they are done
+   * and reports it as done (finishDone), which settles the promise. Null when this device cannot
+   * (no native side, the slave, or images larger than the metadata buffer): the store runs them.
+   */
+  private runOnQueue(q: number, tag: number, steps: readonly OrderedStep[]): Promise<void> | null {
+    const bridge = this.bridges[q];
+    const meta = this.meta;
+    if (!this.native || bridge.stopped || !meta || steps.length === 0) return null;
+    let bytes = 0;
+    for (const step of steps) if (step.kind === 'write') bytes += step.data.length;
+    if (bytes > meta.length) return null;
+    const s = bridge.submits;
+    const a = s.reserve(3 + 4 * steps.length);
+    let i = s.length;
+    a[i++] = tag;
+    a[i++] = SUBMIT_FLAGS.inOrder;
+    a[i++] = steps.length;
+    let at = 0;
+    for (const step of steps) {
+      if (step.kind === 'flush') {
+        a.set([EXTENT_KIND.sync, 0, 0, 0], i);
+      } else {
+        meta.set(step.data, at);
+        a.set([EXTENT_KIND.meta, step.offset, step.data.length, at], i);
+        at += step.data.length;
+      }
+      i += 4;
+    }
+    s.length = i;
+    // Its stage stays "the map commit" (finishOrdered), which the queue thread now runs.
+    const done = new Promise<void>((resolve, reject) => {
+      bridge.plans[tag] = {
+        ops: [],
+        orderedFinish: false,
+        commit: false,
+        finish: (ok) => (ok ? resolve() : reject(new CldError('EIO', `the commit's ${steps.length} steps on queue ${q} (flush tag ${tag}) failed`))),
+      };
+    });
+    this.scheduleFlush(q);
+    return done;
   }
 
   private answer(q: number, tag: number, result: number): void {

@@ -84,6 +84,8 @@ export interface NativeDeviceOptions {
   onEvents: QueueEventHandler;
   /** At least 13 x depth numbers; see QueueEventHandler. */
   events: Float64Array;
+  /** Where a commit's meta extents take their bytes from; without it a flush cannot run one. */
+  meta?: Uint8Array;
 }
 
 /** The engine's publication (src/engine/publication.ts) and the volume's geometry. */
@@ -128,8 +130,11 @@ export declare class NativeDeviceHandle {
   /** Issues FETCH_REQ for every tag of every queue. */
   start(): void;
   /**
-   * Executes plans: records of (tag, needsEngine 0|1, opCount, then opCount x (kind 0 read |
-   * 1 write | 2 zero, backing offset, length, buffer offset)).
+   * Executes plans: records of (tag, flags, opCount, then opCount x (kind, backing offset,
+   * length, buffer offset)). Flags 0 or serving.submitFlags.needsEngine: read, write and zero
+   * extents within the request's buffer, all at once. serving.submitFlags.inOrder: a flush's
+   * commit, sync extents (length 0) and meta extents (bytes from `meta`), each after the one
+   * before it; the first error skips the rest.
    */
   submit(queue: number, plans: Float64Array, length: number): void;
   /** Completes requests to the kernel: (tag, result) pairs, result 0 for success or -errno. */
@@ -175,6 +180,7 @@ export interface NativeAddon {
   serving: {
     publishedWord: { mode: number; commitPending: number; generation: number; count: number };
     fastMode: { off: number; plain: number; snapshot: number; resync: number };
-    extentKind: { read: number; write: number; zero: number; sync: number };
+    extentKind: { read: number; write: number; zero: number; sync: number; meta: number };
+    submitFlags: { needsEngine: number; inOrder: number };
   };
 }
