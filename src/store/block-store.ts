@@ -29,6 +29,36 @@ export const FLUSH: OrderedStep = { kind: 'flush' };
 /** Runs a commit's steps as inOrder() would, or returns null to leave them to the store. */
 export type StepRunner = (steps: readonly OrderedStep[]) => Promise<void> | null;
 
+/** The bytes a commit's steps write. */
+export function writtenBytes(steps: readonly OrderedStep[]): number {
+  let bytes = 0;
+  for (const step of steps) if (step.kind === 'write') bytes += step.data.length;
+  return bytes;
+}
+
+/**
+ * Lays `steps` out as the native side takes them: a (kind, offset, length, bufferOffset) record
+ * each from `records[at]`, a flush as (kinds.flush, 0, 0, 0), and the writes' bytes one after
+ * another in `bytes` (which holds writtenBytes(steps)).
+ */
+export function packSteps(steps: readonly OrderedStep[], kinds: { write: number; flush: number }, records: Float64Array, at: number, bytes: Uint8Array): void {
+  let used = 0;
+  for (const step of steps) {
+    if (step.kind === 'flush') {
+      records[at] = kinds.flush;
+      records[at + 1] = records[at + 2] = records[at + 3] = 0;
+    } else {
+      bytes.set(step.data, used);
+      records[at] = kinds.write;
+      records[at + 1] = step.offset;
+      records[at + 2] = step.data.length;
+      records[at + 3] = used;
+      used += step.data.length;
+    }
+    at += 4;
+  }
+}
+
 /**
  * Runs `steps` so that each flush starts after every write before it completed, and each write
  * after the flush before it; writes between two flushes run concurrently (in any order, as a

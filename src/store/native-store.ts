@@ -2,7 +2,7 @@ import { CldError } from '../errors.js';
 import type { IoOp } from '../engine/plan.js';
 import { addon, nativeError } from '../ublk/addon.js';
 import type { NativeStoreHandle } from '../ublk/native.js';
-import type { BlockStore, OrderedStep } from './block-store.js';
+import { type BlockStore, type OrderedStep, packSteps, writtenBytes } from './block-store.js';
 
 export interface NativeStoreOptions {
   readOnly?: boolean;
@@ -89,21 +89,10 @@ export class NativeStore implements BlockStore {
   /** The steps one after another on a worker thread, with blocking calls: one round trip. */
   async sequence(steps: readonly OrderedStep[]): Promise<void> {
     if (this.closed) throw this.closedError('sequence');
+    for (const step of steps) if (step.kind === 'write') this.checkRange('write', step.offset, step.data.length);
     const records = new Float64Array(steps.length * 4);
-    let bytes = 0;
-    for (const step of steps) if (step.kind === 'write') bytes += step.data.length;
-    const buffer = new Uint8Array(bytes);
-    let at = 0;
-    steps.forEach((step, i) => {
-      if (step.kind === 'flush') {
-        records.set([KIND.flush, 0, 0, 0], i * 4);
-        return;
-      }
-      this.checkRange('write', step.offset, step.data.length);
-      buffer.set(step.data, at);
-      records.set([KIND.write, step.offset, step.data.length, at], i * 4);
-      at += step.data.length;
-    });
+    const buffer = new Uint8Array(writtenBytes(steps));
+    packSteps(steps, KIND, records, 0, buffer);
     await this.handle.sequence(records, buffer).catch(rethrow);
   }
 

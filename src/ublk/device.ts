@@ -27,7 +27,7 @@ import { constants as osConstants } from 'node:os';
 import { CldError } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
-import type { OrderedStep, StepRunner } from '../store/block-store.js';
+import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../store/block-store.js';
 import { addon, nativeError } from './addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
@@ -39,6 +39,8 @@ const IO_F_FUA = 1 << 13 >>> 8; // op_flags >> 8, as the native side reports fla
 /** native/serving.h's extent kinds and plan record flags (test/publication.test.ts checks them). */
 export const EXTENT_KIND = { read: 0, write: 1, zero: 2, sync: 3, meta: 4 } as const;
 export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
+/** A commit's steps as a flush's queue thread runs them: writes from the metadata buffer. */
+const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync };
 /**
  * Room for the images of a commit that a flush's queue thread runs (runOnQueue): 16 pages of
  * 4 KiB. A first touch's flush writes a map page, a tracking page and the superblock; a commit
@@ -480,28 +482,14 @@ export class UblkDevice {
   private runOnQueue(q: number, tag: number, steps: readonly OrderedStep[]): Promise<void> | null {
     const bridge = this.bridges[q];
     const meta = this.meta;
-    if (!this.native || bridge.stopped || !meta || steps.length === 0) return null;
-    let bytes = 0;
-    for (const step of steps) if (step.kind === 'write') bytes += step.data.length;
-    if (bytes > meta.length) return null;
+    if (!this.native || bridge.stopped || !meta || steps.length === 0 || writtenBytes(steps) > meta.length) return null;
     const s = bridge.submits;
     const a = s.reserve(3 + 4 * steps.length);
-    let i = s.length;
-    a[i++] = tag;
-    a[i++] = SUBMIT_FLAGS.inOrder;
-    a[i++] = steps.length;
-    let at = 0;
-    for (const step of steps) {
-      if (step.kind === 'flush') {
-        a.set([EXTENT_KIND.sync, 0, 0, 0], i);
-      } else {
-        meta.set(step.data, at);
-        a.set([EXTENT_KIND.meta, step.offset, step.data.length, at], i);
-        at += step.data.length;
-      }
-      i += 4;
-    }
-    s.length = i;
+    a[s.length] = tag;
+    a[s.length + 1] = SUBMIT_FLAGS.inOrder;
+    a[s.length + 2] = steps.length;
+    packSteps(steps, COMMIT_KINDS, a, s.length + 3, meta);
+    s.length += 3 + 4 * steps.length;
     // Its stage stays "the map commit" (finishOrdered), which the queue thread now runs.
     const done = new Promise<void>((resolve, reject) => {
       bridge.plans[tag] = {
