@@ -73,11 +73,14 @@ interface Measured {
 async function measure(run: Run): Promise<Measured> {
   const script = 'scripts/bench/device-inside.sh';
   const [cmd, args] = run.suite
-    ? ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '8192', '--', 'bash', '-c', `uname -r >&2 && exec bash ${script}`]]
+    ? ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '10240', '--', 'bash', '-c', `uname -r >&2 && exec bash ${script}`]]
     : ['bash', ['-c', `uname -r >&2 && exec bash ${script}`]];
-  // A 3 GiB RAM disk in the VM for the backing files (device-inside.sh puts ext4 on it): two
+  // A 4 GiB RAM disk in the VM for the backing files (device-inside.sh puts ext4 on it): two
   // stores of 1 GiB (a 511 MiB master and its change area, which first touch fills), the loop
-  // device's file, dm-snapshot's exception store and dd's copy of the resync's bytes.
+  // device's file, the C server's, dm-snapshot's exception store and dd's copy of the resync's
+  // bytes. 3 GiB ran out (2026-11-30, 7.3, round 2) once the QD32 first-touch job got fast enough
+  // to redirect most of the master in its 6 s: dd's copy of the resync's 400-511 MiB did not fit.
+  // The VM's memory holds the RAM disk and the page cache over it.
   // Without ERMS the guest kernel copies to and from user memory with rep movsq instead of
   // rep movsb, which qemu's TCG emulates a byte at a time: that one copy took 70% of the
   // server's time on 1 MiB reads, a cost no real CPU has (loop's copies are kernel memcpy).
@@ -89,7 +92,7 @@ async function measure(run: Run): Promise<Measured> {
           CLDD_VM_SUITE: run.suite,
           // dm-snapshot is the first-touch comparison (scripts/vm/prepare.sh adds dm_mod and
           // dm_bufio, its dependencies).
-          CLDD_VM_MODULES: `${process.env.CLDD_VM_MODULES ?? ''} brd:rd_nr=1,rd_size=${3 << 20} dm_snapshot`.trim(),
+          CLDD_VM_MODULES: `${process.env.CLDD_VM_MODULES ?? ''} brd:rd_nr=1,rd_size=${4 << 20} dm_snapshot`.trim(),
           CLDD_VM_CPU: process.env.CLDD_VM_CPU ?? 'max,-erms',
         }
       : {}),
