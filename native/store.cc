@@ -208,28 +208,47 @@ Napi::Value Store::Flush(const Napi::CallbackInfo& info) {
   return Launch(env, job);
 }
 
-// run(ops, buffer): ops is a Float64Array of (kind, offset, length, bufferOffset) records, kind
-// 0 read, 1 write, 2 zero; all of them run concurrently and one promise settles for the lot.
-Napi::Value Store::Run(const Napi::CallbackInfo& info) {
+// The (kind, offset, length, bufferOffset) records of run() and sequence(), over one buffer.
+struct Store::Record {
+  uint8_t kind;
+  uint8_t* data;  // null for a zero or a flush
+  uint64_t offset;
+  uint64_t length;
+};
+
+// Reads info[0]'s records over info[1]'s buffer, all checked by `fits(kind, length, bufferOffset,
+// bufferLength)` before any runs; the first that does not fit is EINVAL naming it.
+std::vector<Store::Record> Store::ReadRecords(const Napi::CallbackInfo& info, const char* op,
+                                              bool (*fits)(double, double, double, double)) {
   Napi::Env env = info.Env();
-  CheckOpen(env, "run");
+  CheckOpen(env, op);
   Napi::Float64Array ops = info[0].As<Napi::Float64Array>();
   size_t length;
   uint8_t* data = BufferData(info[1], &length);
   size_t count = ops.ElementLength() / 4;
+  std::vector<Record> records;
+  records.reserve(count);
   for (size_t i = 0; i < count; i++) {
     double kind = ops[4 * i], len = ops[4 * i + 2], at = ops[4 * i + 3];
-    if (kind < 0 || kind > 2 || (kind != double(kZero) && at + len > double(length))) {
-      throw CodeError(env, "EINVAL", "run on " + path_ + ": op " + std::to_string(i) + " does not fit the buffer");
+    if (!fits(kind, len, at, double(length))) {
+      throw CodeError(env, "EINVAL", std::string(op) + " on " + path_ + ": record " + std::to_string(i) + " does not fit the buffer");
     }
+    bool bytes = kind == double(kRead) || kind == double(kWrite);
+    records.push_back({uint8_t(kind), bytes ? data + uint64_t(at) : nullptr, uint64_t(ops[4 * i + 1]), uint64_t(len)});
   }
+  return records;
+}
+
+// run(ops, buffer): kind 0 read, 1 write, 2 zero; all of them run concurrently and one promise
+// settles for the lot.
+Napi::Value Store::Run(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto records = ReadRecords(info, "run", [](double kind, double len, double at, double length) {
+    return kind >= 0 && kind <= double(kZero) && (kind == double(kZero) || at + len <= length);
+  });
   Job* job = NewJob(env, info[1], "run on " + path_);
-  for (size_t i = 0; i < count; i++) {
-    auto kind = uint8_t(ops[4 * i]);
-    auto offset = uint64_t(ops[4 * i + 1]);
-    auto len = uint64_t(ops[4 * i + 2]);
-    auto at = uint64_t(ops[4 * i + 3]);
-    if (len) AddPart(job, kind, kind == kZero ? nullptr : data + at, offset, len);
+  for (const Record& r : records) {
+    if (r.length) AddPart(job, r.kind, r.data, r.offset, r.length);
   }
   return Launch(env, job);
 }
@@ -241,12 +260,7 @@ Napi::Value Store::Run(const Napi::CallbackInfo& info) {
 // steps for a first touch's flush (docs/benchmarks.md).
 class Store::SequenceWorker : public Napi::AsyncWorker {
  public:
-  struct Step {
-    uint8_t kind;
-    uint8_t* data;
-    uint64_t offset;
-    uint64_t length;
-  };
+  using Step = Record;
 
   SequenceWorker(Napi::Env env, Store* store, Job* job, int fd, std::vector<Step> steps)
       : Napi::AsyncWorker(env, "cldd:store-sequence"),
@@ -302,24 +316,13 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   std::string failed_;
 };
 
-// sequence(ops, buffer): (kind, offset, length, bufferOffset) records, kind 1 write or 3 flush,
-// run in order; the first error settles the promise and skips the rest.
+// sequence(ops, buffer): kind 1 write or 3 flush, run in order; the first error settles the
+// promise and skips the rest.
 Napi::Value Store::Sequence(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  CheckOpen(env, "sequence");
-  Napi::Float64Array ops = info[0].As<Napi::Float64Array>();
-  size_t length;
-  uint8_t* data = BufferData(info[1], &length);
-  size_t count = ops.ElementLength() / 4;
-  std::vector<SequenceWorker::Step> steps;
-  steps.reserve(count);
-  for (size_t i = 0; i < count; i++) {
-    double kind = ops[4 * i], len = ops[4 * i + 2], at = ops[4 * i + 3];
-    if ((kind != double(kWrite) && kind != double(kFlush)) || (kind == double(kWrite) && at + len > double(length))) {
-      throw CodeError(env, "EINVAL", "sequence on " + path_ + ": step " + std::to_string(i) + " is neither a write within the buffer nor a flush");
-    }
-    steps.push_back({uint8_t(kind), kind == double(kWrite) ? data + uint64_t(at) : nullptr, uint64_t(ops[4 * i + 1]), uint64_t(len)});
-  }
+  auto steps = ReadRecords(info, "sequence", [](double kind, double len, double at, double length) {
+    return kind == double(kFlush) || (kind == double(kWrite) && at + len <= length);
+  });
   int fd = ::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0);
   if (fd < 0) throw ErrnoError(env, errno, "sequence on " + path_ + ": dup");
   Job* job = NewJob(env, info[1], "sequence on " + path_);

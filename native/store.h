@@ -21,6 +21,7 @@ class Store : public Napi::ObjectWrap<Store> {
  private:
   struct Job;
   struct Part;
+  struct Record;
 
   Napi::Value Size(const Napi::CallbackInfo& info);
   Napi::Value IsBlockDevice(const Napi::CallbackInfo& info);
@@ -34,6 +35,7 @@ class Store : public Napi::ObjectWrap<Store> {
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckOpen(Napi::Env env, const char* op);
+  std::vector<Record> ReadRecords(const Napi::CallbackInfo& info, const char* op, bool (*fits)(double, double, double, double));
   Job* NewJob(Napi::Env env, Napi::Value keep, std::string what);
   void AddPart(Job* job, uint8_t kind, uint8_t* data, uint64_t offset, uint64_t length);
   bool Queue(Part* part);
