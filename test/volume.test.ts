@@ -626,6 +626,32 @@ describe('snapshot and resync', () => {
     expect(await get(new Disk(reopened), 0, blocks)).toEqual(Array.from(master));
   });
 
+  test('one_scheduler_copies_every_resync_through_the_same_buffer', async () => {
+    // A buffer per run stayed resident until V8's next full collection (4 MiB per disable).
+    const { store, volume, disk } = await setup();
+    const inner = new StoreExecutor(store);
+    const buffers = new Set<ArrayBufferLike>();
+    const executor = {
+      run: (ops: Parameters<StoreExecutor['run']>[0], buffer: Uint8Array) => {
+        buffers.add(buffer.buffer);
+        return inner.run(ops, buffer);
+      },
+    };
+    const scheduler = new ResyncScheduler(volume, executor, { runBytes: 8 * BS, yieldMs: 0 });
+    await put(disk, 0, 64, 1);
+    for (const version of [2, 3]) {
+      await volume.enable();
+      await put(disk, 8 * version, 8 * version + 20, version);
+      await volume.disable();
+      await scheduler.start();
+      expect(volume.state).toBe('plain');
+    }
+    expect(scheduler.progress().blocksMerged).toBe(40);
+    expect(buffers.size).toBe(1);
+    const want = Array.from({ length: 64 }, (_, b) => (b >= 24 && b < 44 ? 3 : b >= 16 && b < 36 ? 2 : 1));
+    expect(dataArea(store, volume, 0, 64)).toEqual(want);
+  });
+
   test('a_write_to_blocks_being_merged_waits_for_the_merge_and_wins', async () => {
     const { store, volume, disk } = await setup();
     const executor = new StoreExecutor(store);
