@@ -192,7 +192,9 @@ done
 for mode in $MODES; do
   pid=$(cldd status "bench-$mode" --json | node -e 'let s = ""; process.stdin.on("data", (d) => (s += d)).on("end", () => { const j = JSON.parse(s); console.log((Array.isArray(j) ? j[0] : j).pid); });')
   [ "$mode" = zero-copy ] && label=cldd || label=cldd-copy
-  awk -v d="$label" '/^VmRSS:/ { rss = $2 } /^VmHWM:/ { hwm = $2 } END { printf "{\"rss\":{\"device\":\"%s\",\"rss_kib\":%d,\"hwm_kib\":%d}}\n", d, rss, hwm }' "/proc/$pid/status"
+  # RssFile is mostly node's own binary, mapped (42 MiB of it on 6.12 right after start).
+  awk -v d="$label" '/^VmRSS:/ { rss = $2 } /^VmHWM:/ { hwm = $2 } /^RssAnon:/ { anon = $2 } /^RssFile:/ { file = $2 }
+    END { printf "{\"rss\":{\"device\":\"%s\",\"rss_kib\":%d,\"hwm_kib\":%d,\"anon_kib\":%d,\"file_kib\":%d}}\n", d, rss, hwm, anon, file }' "/proc/$pid/status"
 done
 losetup -d "$loop"
 [ -n "$UBLKSRV" ] && "$UBLKSRV" del -n 9 >&2
