@@ -9,16 +9,23 @@
 
 namespace cldd {
 
+namespace {
+// The user_data of cancel requests: never a Pending's address.
+constexpr uint64_t kCancelData = 1;
+}  // namespace
+
 struct Control::Pending {
   Napi::Promise::Deferred deferred;
   Napi::Reference<Napi::Value> keep;  // the command's buffer, written by the kernel
   std::string what;
+  uint32_t token = 0;  // 0: none
   explicit Pending(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
 
 Napi::Function Control::Define(Napi::Env env) {
   return DefineClass(env, "Control",
-                     {InstanceMethod<&Control::Command>("command"), InstanceMethod<&Control::Close>("close")});
+                     {InstanceMethod<&Control::Command>("command"), InstanceMethod<&Control::Cancel>("cancel"),
+                      InstanceMethod<&Control::Close>("close")});
 }
 
 Control::Control(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Control>(info) {
@@ -42,7 +49,7 @@ void Control::Shutdown() {
   fd_.Reset();
 }
 
-// command(cmdOp, devId, queueId, data0, buffer | null, name)
+// command(cmdOp, devId, queueId, data0, buffer | null, name, token?)
 Napi::Value Control::Command(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cmdOp = info[0].As<Napi::Number>().Uint32Value();
@@ -53,6 +60,7 @@ Napi::Value Control::Command(const Napi::CallbackInfo& info) {
   if (!ring_.open()) throw CodeError(env, "CLDD_CLOSED", name + ": the ublk control handle is closed");
   auto* pending = new Pending(env);
   pending->what = name;
+  if (info.Length() > 6 && info[6].IsNumber()) pending->token = info[6].As<Napi::Number>().Uint32Value();
   CtrlCmd cmd{};
   cmd.dev_id = devId;
   cmd.queue_id = uint16_t(queueId);
@@ -83,8 +91,27 @@ Napi::Value Control::Command(const Napi::CallbackInfo& info) {
     }
   }
   pending_++;
+  if (pending->token) byToken_[pending->token] = pending;
   ring_.SetRef(true);
   return pending->deferred.Promise();
+}
+
+// cancel(token): asks the kernel to cancel the command sent with `token`. Returns false when no
+// such command is pending (it completed already); else its promise settles as the kernel decides:
+// rejected with EINTR (or ECANCELED) when the cancel reached it, resolved if it finished first.
+Napi::Value Control::Cancel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto token = info[0].As<Napi::Number>().Uint32Value();
+  auto it = byToken_.find(token);
+  if (it == byToken_.end() || !ring_.open()) return Napi::Boolean::New(env, false);
+  io_uring_sqe* sqe = ring_.Sqe();
+  if (!sqe) throw CodeError(env, "EAGAIN", it->second->what + ": cancel: the ublk control ring is full");
+  std::memset(sqe, 0, 2 * sizeof(io_uring_sqe));
+  io_uring_prep_cancel64(sqe, reinterpret_cast<uintptr_t>(it->second), 0);
+  sqe->user_data = kCancelData;
+  int rc = ring_.Submit();
+  if (rc < 0 && rc != -EAGAIN && rc != -EBUSY && rc != -EINTR) throw ErrnoError(env, -rc, it->second->what + ": cancel");
+  return Napi::Boolean::New(env, true);
 }
 
 Napi::Value Control::Close(const Napi::CallbackInfo& info) {
@@ -97,9 +124,15 @@ void Control::OnCompletions() {
   RunFromLoop(env, *context_, [&] {
     io_uring_cqe* cqe;
     while (ring_.open() && io_uring_peek_cqe(ring_.get(), &cqe) == 0) {
+      if (cqe->user_data == kCancelData) {
+        // The cancel's own answer (0, -ENOENT, -EALREADY): the command's completion says the rest.
+        io_uring_cqe_seen(ring_.get(), cqe);
+        continue;
+      }
       auto* pending = static_cast<Pending*>(io_uring_cqe_get_data(cqe));
       int res = cqe->res;
       io_uring_cqe_seen(ring_.get(), cqe);
+      if (pending->token) byToken_.erase(pending->token);
       if (res >= 0) {
         pending->deferred.Resolve(Napi::Number::New(env, res));
       } else if (res == -524) {

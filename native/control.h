@@ -1,10 +1,12 @@
 // /dev/ublk-control and its ring. Commands are generic here (opcode, device, queue, one inline
 // word, one buffer); what they mean, and which opcode encoding the kernel takes, is decided in
 // src/ublk/control.ts. The driver runs control commands from an io_uring worker, so awaiting
-// START_DEV or END_USER_RECOVERY never blocks the thread that serves the queues.
+// START_DEV or END_USER_RECOVERY never blocks the thread that serves the queues; cancelling one
+// (an io_uring async cancel) interrupts that worker's wait, and the command fails with EINTR.
 #pragma once
 
 #include <memory>
+#include <unordered_map>
 
 #include "common.h"
 
@@ -19,6 +21,7 @@ class Control : public Napi::ObjectWrap<Control> {
  private:
   struct Pending;
   Napi::Value Command(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   void OnCompletions();
   void Shutdown();
@@ -26,6 +29,8 @@ class Control : public Napi::ObjectWrap<Control> {
   Fd fd_;
   Ring ring_;
   size_t pending_ = 0;
+  // Commands sent with a token, by token, for cancel().
+  std::unordered_map<uint32_t, Pending*> byToken_;
   std::unique_ptr<Napi::AsyncContext> context_;
   CleanupHook cleanup_;
 };

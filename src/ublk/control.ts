@@ -116,6 +116,8 @@ export class UblkControl {
   private features: number | null = null;
   private negotiated = false;
   private closed = false;
+  /** The token of the last cancellable command (cancel() names a command by it). */
+  private nextToken = 0;
 
   private constructor(private readonly handle: NativeControlHandle) {}
 
@@ -171,22 +173,39 @@ export class UblkControl {
     return this.features;
   }
 
-  private async send(name: CommandName, devId: number, data0: number, buffer: Uint8Array | null): Promise<number> {
+  /**
+   * Sends a command. `signal` cancels it while it waits in the kernel (START_DEV and
+   * END_USER_RECOVERY wait for every tag's fetch); the command then fails, usually with EINTR.
+   */
+  private async send(name: CommandName, devId: number, data0: number, buffer: Uint8Array | null, signal?: AbortSignal): Promise<number> {
     if (this.closed) throw new CldError('CLDD_CLOSED', `ublk ${name}: the control handle is closed`);
     await this.getFeatures();
     const label = `ublk ${name}${devId === ANY_ID ? '' : ` of device ${devId}`}`;
     const encoded = encodeControlOp(CMD[name], !READ_ONLY_CMDS.has(name));
     const encodingKnown = this.features !== null && (this.features & UBLK_F.CMD_IOCTL_ENCODE) !== 0;
     try {
-      return await this.handle.command(encoded, devId, NO_QUEUE, data0, buffer, label);
+      return await this.cancellable(encoded, devId, data0, buffer, label, signal);
     } catch (err) {
       const code = (err as { code?: string }).code;
       if (encodingKnown || ENCODED_ONLY.has(name) || code !== 'EOPNOTSUPP') throw nativeError(err);
     }
     try {
-      return await this.handle.command(CMD[name], devId, NO_QUEUE, data0, buffer, label);
+      return await this.cancellable(CMD[name], devId, data0, buffer, label, signal);
     } catch (err) {
       throw nativeError(err);
+    }
+  }
+
+  private async cancellable(op: number, devId: number, data0: number, buffer: Uint8Array | null, label: string, signal?: AbortSignal): Promise<number> {
+    if (!signal) return this.handle.command(op, devId, NO_QUEUE, data0, buffer, label);
+    if (signal.aborted) throw new CldError('ECANCELED', `${label}: cancelled before it was sent`);
+    const token = (this.nextToken = (this.nextToken % 0xffffffff) + 1);
+    const cancel = () => this.handle.cancel(token);
+    signal.addEventListener('abort', cancel, { once: true });
+    try {
+      return await this.handle.command(op, devId, NO_QUEUE, data0, buffer, label, token);
+    } finally {
+      signal.removeEventListener('abort', cancel);
     }
   }
 
@@ -250,9 +269,12 @@ export class UblkControl {
     return { major: v.getUint32(68, true), minor: v.getUint32(72, true) };
   }
 
-  /** START_DEV: returns once every tag has a FETCH and the partition scan is done. */
-  async start(id: number, pid = process.pid): Promise<void> {
-    await this.send('START_DEV', id, pid, null);
+  /**
+   * START_DEV: returns once every tag has a FETCH and the partition scan is done. The kernel
+   * waits for the fetches without a bound: `signal` interrupts it (UblkDevice bounds it).
+   */
+  async start(id: number, signal?: AbortSignal): Promise<void> {
+    await this.send('START_DEV', id, process.pid, null, signal);
   }
 
   async stop(id: number): Promise<void> {
@@ -274,9 +296,9 @@ export class UblkControl {
     await this.send('START_USER_RECOVERY', id, 0, null);
   }
 
-  /** END_USER_RECOVERY: returns once every tag has a FETCH again. */
-  async endRecovery(id: number, pid = process.pid): Promise<void> {
-    await this.send('END_USER_RECOVERY', id, pid, null);
+  /** END_USER_RECOVERY: returns once every tag has a FETCH again; `signal` as for start(). */
+  async endRecovery(id: number, signal?: AbortSignal): Promise<void> {
+    await this.send('END_USER_RECOVERY', id, process.pid, null, signal);
   }
 
   close(): void {

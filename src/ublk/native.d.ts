@@ -41,7 +41,13 @@ export declare class NativeControlHandle {
    * Sends one control command: `cmdOp` is the ioctl-encoded or the legacy opcode; `buffer` (or
    * null) becomes the command's addr/len. Resolves with the completion's non-negative result.
    */
-  command(cmdOp: number, devId: number, queueId: number, data0: number, buffer: Uint8Array | null, name: string): Promise<number>;
+  command(cmdOp: number, devId: number, queueId: number, data0: number, buffer: Uint8Array | null, name: string, token?: number): Promise<number>;
+  /**
+   * Cancels the pending command sent with `token` (an io_uring async cancel, which interrupts
+   * the kernel's wait in START_DEV or END_USER_RECOVERY: the command then fails with EINTR).
+   * False when no such command is pending.
+   */
+  cancel(token: number): boolean;
   close(): void;
 }
 
