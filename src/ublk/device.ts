@@ -99,12 +99,28 @@ const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
 const STAGE_NAMES = ['', 'waiting to be planned (a state change or a merge of its blocks)', 'its backing I/O or the engine finishing it', 'the map commit'];
 /** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
 const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead', 'served by the queue thread'];
+const TAG_IDLE = 0;
+const TAG_FETCHING = 1;
 const TAG_WAITING = 4;
+const TAG_DEAD = 5;
 /** How outstanding() names a request the engine never planned. */
 const FAST_OP = 'fast-path request';
 const TAG_FAST = 6;
 /** How long a state change waits for the fast path's requests in flight before it gives up. */
 const FAST_DRAIN_MS = 30_000;
+/**
+ * How long START_DEV and END_USER_RECOVERY may take. The kernel holds them until every tag of
+ * every queue has a fetch (and START_DEV, before 6.19, until the partition scan the queues serve
+ * is done), without a bound: a queue that never fetched would hold the daemon there forever.
+ * START_DEV took 27-47 ms in the TCG VMs (6.12 and 7.3, test/fixtures/ublk-start-bound.mjs):
+ * the bound leaves room for a slow backing store under the partition scan; a queue that reports
+ * a failure (the kernel refused its fetches: 66-91 ms there) ends the wait at once.
+ */
+const START_BOUND_MS = 30_000;
+/** How often the wait above looks at the queues. */
+const START_POLL_MS = 50;
+/** How long a cancelled START_DEV or END_USER_RECOVERY, or the DEL_DEV after it, may take. */
+const CANCEL_BOUND_MS = 10_000;
 const OP_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
 
 /** A request the device has not completed yet, as `outstanding()` reports it. */
@@ -198,7 +214,7 @@ export class UblkDevice {
     volume: Volume,
     backingFd: number,
     target: Target,
-    options: QueueOptions & { id?: number; flags: number },
+    options: QueueOptions & { id?: number; flags: number; startBoundMs?: number },
   ): Promise<UblkDevice> {
     const info = await control.add({ id: options.id, queues: options.queues, depth: options.depth, bufferBytes: options.bufferBytes, flags: options.flags });
     const device = new UblkDevice(control, volume, target, info);
@@ -216,9 +232,10 @@ export class UblkDevice {
       await device.open(backingFd);
       // START_DEV waits for the fetches issued above and reads the partition table through the
       // queues: it runs in the kernel's io_uring worker while this thread serves.
-      await control.start(info.id);
+      await device.untilServing('START_DEV', (signal) => control.start(info.id, signal), options.startBoundMs ?? START_BOUND_MS);
     } catch (err) {
-      await device.abandon();
+      const left = await device.abandon();
+      if (left) throw new CldError(nativeError(err).code, `${(err as Error).message}; ${left}`, { cause: err });
       throw err;
     }
     return device;
@@ -228,7 +245,14 @@ export class UblkDevice {
    * Takes over a device whose server died (UBLK_F_USER_RECOVERY): its block device stayed and
    * its I/O waits; after END_USER_RECOVERY this process serves it.
    */
-  static async recover(control: UblkControl, volume: Volume, backingFd: number, target: Target, id: number): Promise<UblkDevice> {
+  static async recover(
+    control: UblkControl,
+    volume: Volume,
+    backingFd: number,
+    target: Target,
+    id: number,
+    options: { startBoundMs?: number } = {},
+  ): Promise<UblkDevice> {
     let info = await control.info(id);
     if ((info.flags & UBLK_F.USER_RECOVERY) === 0) {
       throw new CldError('EINVAL', `ublk device ${id} was not created with user recovery; it cannot be taken over`);
@@ -250,8 +274,90 @@ export class UblkDevice {
     info = await control.info(id);
     const device = new UblkDevice(control, volume, target, info);
     await device.open(backingFd);
-    await control.endRecovery(id);
+    try {
+      await device.untilServing('END_USER_RECOVERY', (signal) => control.endRecovery(id, signal), options.startBoundMs ?? START_BOUND_MS);
+    } catch (err) {
+      // The device stays in the kernel, its I/O waiting, for the next daemon to take over.
+      device.closeNative();
+      throw err;
+    }
     return device;
+  }
+
+  /**
+   * Runs START_DEV or END_USER_RECOVERY (`run`), which the kernel holds until every tag has a
+   * fetch, and cancels it when a queue reports a failure or after `boundMs`: the error says
+   * which, and how far the queues got.
+   */
+  private async untilServing(command: string, run: (signal: AbortSignal) => Promise<void>, boundMs: number): Promise<void> {
+    const label = `ublk ${command} of device ${this.info.id}`;
+    const abort = new AbortController();
+    const began = performance.now();
+    let reason: { code: string; message: string } | null = null;
+    let poll: NodeJS.Timeout | undefined;
+    let cancelled: NodeJS.Timeout | undefined;
+    const ran = run(abort.signal).then(
+      () => null,
+      (err: unknown) => err,
+    );
+    const gaveUp = new Promise<'stuck'>((resolve) => {
+      poll = setInterval(() => {
+        const failure = this.queueFailure();
+        if (failure) reason = { code: 'EIO', message: `a queue failed before the device started: ${failure}` };
+        else if (performance.now() - began > boundMs) reason = { code: 'ETIMEDOUT', message: `not done after ${boundMs / 1000} s` };
+        if (!reason) return;
+        clearInterval(poll);
+        abort.abort();
+        cancelled = setTimeout(() => resolve('stuck'), CANCEL_BOUND_MS);
+      }, START_POLL_MS);
+    });
+    try {
+      const outcome = await Promise.race([ran, gaveUp]);
+      if (reason !== null) {
+        const { code, message } = reason;
+        const after = outcome === 'stuck' ? `; the kernel still held it ${CANCEL_BOUND_MS / 1000} s after it was cancelled` : '';
+        throw new CldError(code, `${label}: ${message} (${this.fetchProgress()})${after}`, { cause: outcome ?? undefined });
+      }
+      if (outcome !== null) throw outcome;
+    } finally {
+      clearInterval(poll);
+      clearTimeout(cancelled);
+    }
+  }
+
+  /** Why a queue cannot serve (a failed ring, a tag out of service, a stopped thread), or null. */
+  private queueFailure(): string | null {
+    const native = this.native;
+    if (!native) return 'the queues are closed';
+    for (let q = 0; q < this.info.queues; q++) {
+      const failure = this.inspectQueue(q)?.failure;
+      if (failure) return `queue ${q}: ${failure}`;
+    }
+    if (native.lastError) return native.lastError;
+    const stopped = this.bridges.findIndex((b) => b.stopped);
+    return stopped >= 0 ? `queue ${stopped} stopped serving` : null;
+  }
+
+  /** How many tags of each queue the kernel has (a fetch, or a request in service), and dead. */
+  private fetchProgress(): string {
+    const parts: string[] = [];
+    for (let q = 0; q < this.info.queues; q++) {
+      const state = this.inspectQueue(q);
+      if (!state) {
+        parts.push(`queue ${q}: closed`);
+        continue;
+      }
+      let fetching = 0;
+      let serving = 0;
+      let dead = 0;
+      for (const s of state.states) {
+        if (s === TAG_FETCHING) fetching++;
+        else if (s === TAG_DEAD) dead++;
+        else if (s !== TAG_IDLE) serving++;
+      }
+      parts.push(`queue ${q}: ${fetching} of ${this.info.depth} tags fetched, ${serving} serving a request, ${dead} out of service`);
+    }
+    return parts.join('; ');
   }
 
   private async open(backingFd: number): Promise<void> {
@@ -672,9 +778,22 @@ export class UblkDevice {
     this.closeNative();
   }
 
-  private async abandon(): Promise<void> {
+  /** Closes the queues and deletes the device; says what it could not do, or null. */
+  private async abandon(): Promise<string | null> {
     this.closeNative();
-    await this.control.delete(this.info.id).catch(() => {});
+    let timer: NodeJS.Timeout | undefined;
+    const bound = new Promise<string>((resolve) => {
+      timer = setTimeout(() => resolve(`DEL_DEV of ublk device ${this.info.id} did not finish within ${CANCEL_BOUND_MS / 1000} s`), CANCEL_BOUND_MS);
+    });
+    const deleted = this.control.delete(this.info.id).then(
+      () => null,
+      (err: unknown) => `the device could not be deleted: ${(err as Error).message}`,
+    );
+    try {
+      return await Promise.race([deleted, bound]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   private closeNative(): void {
