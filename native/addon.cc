@@ -1,5 +1,5 @@
 // The cldd native addon: the kernel-facing pieces only (io_uring, /dev/ublk-control, the ublk
-// queues). Decisions live in TypeScript; see src/ublk/addon.ts for the one module that loads this.
+// queues). Decisions live in TypeScript; see src/native/addon.ts for the one module that loads this.
 #include "common.h"
 #include "control.h"
 #include "device.h"

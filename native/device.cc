@@ -38,11 +38,6 @@ constexpr uint32_t kInPlaceWriteBytes = 256u << 10;
 // 583, 565, 663; reads from a cold page cache 824, 729, 653, 394), while the daemon's peak RSS grew
 // with them (67, 64, 73, 82 MiB, within a few MiB of noise; the target is 80).
 constexpr uint32_t kSegmentBytes = 64u << 10;
-// Doubles per request record in the events buffer; ordered and done entries are pairs; redirect
-// records are (tag, errno, offset, length).
-constexpr size_t kRequestFields = 5;
-constexpr size_t kRedirectFields = 4;
-constexpr size_t kEventsPerTag = kRequestFields + 4 + kRedirectFields;
 
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -708,7 +703,7 @@ void Device::OnRequest(Queue& q, uint16_t tag) {
   q.busy++;
   if (ServeFast(q, tag)) return;
   t.state.store(uint8_t(TagState::kEngine));
-  double record[kRequestFields] = {double(tag), double(t.op), double(opFlags >> 8), double(t.offset),
+  double record[kRequestFields] = {double(tag), double(t.op), double((opFlags & UBLK_IO_F_FUA) ? kRequestFua : 0), double(t.offset),
                                    double(d->nr_sectors) * 512.0};
   q.outRequests.insert(q.outRequests.end(), record, record + kRequestFields);
 }

@@ -186,7 +186,7 @@ std::string ReadPublication(const Napi::Object& p, Published* out) {
 
 void DefineServing(Napi::Env env, Napi::Object exports) {
   exports.Set("planFast", Napi::Function::New(env, PlanFastJs, "planFast"));
-  // The numbers this side reads the publication with, for the test that both sides agree.
+  // native/wire.h's numbers, for the test that both sides agree (test/wire.test.ts).
   Napi::Object words = Napi::Object::New(env);
   words.Set("mode", published::kMode);
   words.Set("commitPending", published::kCommitPending);
@@ -206,12 +206,20 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   Napi::Object flags = Napi::Object::New(env);
   flags.Set("needsEngine", kSubmitNeedsEngine);
   flags.Set("inOrder", kSubmitInOrder);
+  Napi::Object requestFlags = Napi::Object::New(env);
+  requestFlags.Set("fua", double(kRequestFua));
+  Napi::Object events = Napi::Object::New(env);
+  events.Set("requestFields", double(kRequestFields));
+  events.Set("redirectFields", double(kRedirectFields));
+  events.Set("perTag", double(kEventsPerTag));
   Napi::Object wire = Napi::Object::New(env);
   wire.Set("publishedWord", words);
   wire.Set("fastMode", modes);
   wire.Set("extentKind", kinds);
   wire.Set("submitFlags", flags);
-  exports.Set("serving", wire);
+  wire.Set("requestFlags", requestFlags);
+  wire.Set("events", events);
+  exports.Set("wire", wire);
 }
 
 }  // namespace cldd

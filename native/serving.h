@@ -10,29 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "wire.h"
+
 namespace cldd {
-
-// Indices of the engine's published words and the modes: src/engine/publication.ts holds the same
-// numbers (PUBLISHED_WORD, FAST_MODE) and test/publication.test.ts checks that they agree.
-namespace published {
-constexpr int kMode = 0;
-constexpr int kCommitPending = 1;
-constexpr int kGeneration = 2;
-constexpr size_t kWords = 4;
-}  // namespace published
-enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
-
-// How an extent's data moves (the engine's IoOp kinds, src/engine/plan.ts). kSync is an
-// fdatasync of the backing file (a fast flush, or a step of a commit); kMeta writes engine
-// metadata (a commit's map page or superblock) from the device's metadata buffer.
-enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kSync = 3, kMeta = 4 };
-
-// The second number of a plan record JS submits for a tag (device.cc's Submit): what happens
-// once its extents are done. 0: the request completes; kSubmitNeedsEngine: the engine finishes
-// it first; kSubmitInOrder: a flush running a commit's steps (kSync and kMeta extents), each
-// after the one before it, then the request completes.
-constexpr double kSubmitNeedsEngine = 1;
-constexpr double kSubmitInOrder = 2;
 
 struct Extent {
   uint8_t kind;

@@ -1,5 +1,7 @@
 #include "store.h"
 
+#include "wire.h"
+
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
@@ -14,7 +16,6 @@
 namespace cldd {
 
 namespace {
-enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kFlush = 3 };
 const char* const kKindName[] = {"read", "write", "zero", "flush"};
 // io_uring read/write lengths are 32-bit; larger requests go in pieces.
 constexpr uint64_t kMaxChunk = 1u << 30;
@@ -147,7 +148,7 @@ bool Store::Queue(Part* part) {
       // Reads back zeros and gives the space back to the file system (or the device).
       io_uring_prep_fallocate(sqe, fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, part->offset, part->length);
       break;
-    case kFlush:
+    case kSync:
       io_uring_prep_fsync(sqe, fd_.get(), IORING_FSYNC_DATASYNC);
       break;
   }
@@ -204,7 +205,7 @@ Napi::Value Store::Flush(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CheckOpen(env, "flush");
   Job* job = NewJob(env, env.Undefined(), "flush " + path_);
-  AddPart(job, kFlush, nullptr, 0, 0);
+  AddPart(job, kSync, nullptr, 0, 0);
   return Launch(env, job);
 }
 
@@ -272,7 +273,7 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
 
   void Execute() override {
     for (const Step& step : steps_) {
-      if (step.kind == kFlush) {
+      if (step.kind == kSync) {
         int rc;
         do rc = ::fdatasync(fd_.get());
         while (rc < 0 && errno == EINTR);
@@ -321,7 +322,7 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
 Napi::Value Store::Sequence(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto steps = ReadRecords(info, "sequence", [](double kind, double len, double at, double length) {
-    return kind == double(kFlush) || (kind == double(kWrite) && at + len <= length);
+    return kind == double(kSync) || (kind == double(kWrite) && at + len <= length);
   });
   int fd = ::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0);
   if (fd < 0) throw ErrnoError(env, errno, "sequence on " + path_ + ": dup");

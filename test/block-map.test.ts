@@ -5,8 +5,8 @@
 import { describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
 import { BlockMap } from '../src/engine/block-map.js';
-import { MAP_SLOT_HEADER } from '../src/engine/format.js';
-import { between, rng, seedFromEnv } from './helpers/random.js';
+import { MAP_SLOT_HEADER } from '../src/format/format.js';
+import { between, rng, seedFromEnv } from './support/random.js';
 
 const BITS_4K = (4096 - MAP_SLOT_HEADER) * 8; // 32256 bits per page at 4 KiB
 

@@ -7,12 +7,12 @@
 import { describe, expect, test, vi } from 'vitest';
 import { check } from '../src/engine/check.js';
 import { ChangeTracking } from '../src/engine/change-tracking.js';
-import { Disk, StoreExecutor } from '../src/engine/executor.js';
-import { computeLayout, encodeMapSlot, encodeTrackingPayload, mapSlotOffset, trackingPage } from '../src/engine/format.js';
+import { Disk, StoreExecutor } from './support/disk.js';
+import { computeLayout, encodeMapSlot, encodeTrackingPayload, mapSlotOffset, trackingPage } from '../src/format/format.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { commitPage } from './helpers/forge.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { commitPage } from './support/forge.js';
 
 const MiB = 1 << 20;
 const BS = 4096;

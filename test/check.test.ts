@@ -4,16 +4,16 @@
  */
 import { describe, expect, test } from 'vitest';
 import { check, type CheckReport } from '../src/engine/check.js';
-import { Disk } from '../src/engine/executor.js';
-import { encodeMapSlot, encodeSuperblock, MAP_SLOT_HEADER, mapSlotOffset, superblockOffset } from '../src/engine/format.js';
-import { crc32c } from '../src/engine/crc32c.js';
+import { Disk } from './support/disk.js';
+import { encodeMapSlot, encodeSuperblock, MAP_SLOT_HEADER, mapSlotOffset, superblockOffset } from '../src/format/format.js';
+import { crc32c } from '../src/format/crc32c.js';
 import { Volume } from '../src/engine/volume.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { rng, seedFromEnv } from './helpers/random.js';
-import { stamped } from './helpers/stamp.js';
-import { MutationRecorder } from './helpers/mutation-recorder.js';
-import { digest } from './helpers/digest.js';
-import { commitPage } from './helpers/forge.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { rng, seedFromEnv } from './support/random.js';
+import { stamped } from './support/stamp.js';
+import { MutationRecorder } from './support/mutation-recorder.js';
+import { digest } from './support/digest.js';
+import { commitPage } from './support/forge.js';
 
 const MiB = 1 << 20;
 const BS = 4096;

@@ -12,10 +12,10 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { prepareBacking } from '../src/cli/backing.js';
-import { listSignatures } from '../src/daemon/probe.js';
+import { listSignatures } from '../src/cli/probe.js';
 import { Volume, readSuperblocks } from '../src/engine/volume.js';
-import { FileStore } from '../src/store/file-store.js';
-import { type Cli, buildCli } from './helpers/cli.js';
+import { FileStore } from '../src/io/file-store.js';
+import { type Cli, buildCli } from './support/cli.js';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;

@@ -4,10 +4,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { Disk } from '../src/engine/executor.js';
+import { Disk } from './support/disk.js';
 import { Volume } from '../src/engine/volume.js';
-import { FileStore } from '../src/store/file-store.js';
-import { type Cli, buildCli } from './helpers/cli.js';
+import { FileStore } from '../src/io/file-store.js';
+import { type Cli, buildCli } from './support/cli.js';
 
 const run = promisify(execFile);
 let cli: Cli;

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { ControlServer } from '../src/daemon/control-server.js';
-import { type Cli, buildCli } from './helpers/cli.js';
+import { type Cli, buildCli } from './support/cli.js';
 
 let cli: Cli;
 let dir: string;

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ControlServer } from '../src/daemon/control-server.js';
-import { type Cli, buildCli } from './helpers/cli.js';
+import { type Cli, buildCli } from './support/cli.js';
 
 /** What a daemon could answer about a store whose name and paths were crafted. */
 const CRAFTED = {

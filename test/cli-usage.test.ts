@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseSize } from '../src/cli/options.js';
-import { type Cli, type CliResult, buildCli } from './helpers/cli.js';
+import { type Cli, type CliResult, buildCli } from './support/cli.js';
 
 let cli: Cli;
 

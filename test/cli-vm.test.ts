@@ -3,7 +3,7 @@
  * and clddsetup commands exactly as a user runs them. Full output: $TMPDIR/cldd-cli-vm.log.
  */
 import { describe } from 'vitest';
-import { deviceChecks } from './helpers/vm-checks.js';
+import { deviceChecks } from './support/vm-checks.js';
 
 describe('cldd on real devices', () => {
   deviceChecks(

@@ -3,10 +3,10 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { DaemonClient } from '../src/daemon/client.js';
+import { DaemonClient } from '../src/protocol/client.js';
 import { ControlServer, MAX_IN_FLIGHT } from '../src/daemon/control-server.js';
-import { checkedHandlers } from '../src/daemon/methods.js';
-import { checkName } from '../src/daemon/paths.js';
+import { checkedHandlers } from '../src/protocol/methods.js';
+import { checkName } from '../src/protocol/paths.js';
 import { CldError } from '../src/errors.js';
 
 

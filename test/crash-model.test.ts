@@ -16,17 +16,17 @@
  */
 import { describe, expect, test } from 'vitest';
 import { check } from '../src/engine/check.js';
-import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import { Disk, StoreExecutor } from './support/disk.js';
 import type { Executor, IoOp } from '../src/engine/plan.js';
-import { computeLayout, type VolumeState } from '../src/engine/format.js';
+import { computeLayout, type VolumeState } from '../src/format/format.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { FaultStore } from '../src/store/fault-store.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { ReferenceModel } from './helpers/model.js';
-import { between, pick, rng, seedFromEnv } from './helpers/random.js';
-import { FastPathDisk } from './helpers/fast-path.js';
-import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
+import { FaultStore } from './support/fault-store.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { ReferenceModel } from './support/model.js';
+import { between, pick, rng, seedFromEnv } from './support/random.js';
+import { FastPathDisk } from './support/fast-path.js';
+import { SECTOR, stamped, versionOf } from './support/stamp.js';
 
 interface Config {
   label: string;
@@ -35,7 +35,7 @@ interface Config {
   /** Block ranges the workload uses (all blocks when absent). */
   windows?: [number, number][];
   maxRequestBlocks: number;
-  /** Requests go through the queue threads' fast path where it decides them (helpers/fast-path.ts). */
+  /** Requests go through the queue threads' fast path where it decides them (support/fast-path.ts). */
   fastPath: boolean;
 }
 

@@ -8,14 +8,14 @@
  */
 import { describe, expect, test } from 'vitest';
 import { check } from '../src/engine/check.js';
-import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import { Disk, StoreExecutor } from './support/disk.js';
 import type { IoOp } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { FaultStore } from '../src/store/fault-store.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { downgradeToVersion1 } from './helpers/forge.js';
-import { rng, seedFromEnv } from './helpers/random.js';
+import { FaultStore } from './support/fault-store.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { downgradeToVersion1 } from './support/forge.js';
+import { rng, seedFromEnv } from './support/random.js';
 
 const MiB = 1 << 20;
 const BS = 4096;

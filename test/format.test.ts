@@ -4,7 +4,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
-import { crc32c } from '../src/engine/crc32c.js';
+import { crc32c } from '../src/format/crc32c.js';
 import {
   AREA_ALIGN,
   computeLayout,
@@ -20,8 +20,8 @@ import {
   SUPERBLOCK_BYTES,
   type Layout,
   type Superblock,
-} from '../src/engine/format.js';
-import { rng, seedFromEnv } from './helpers/random.js';
+} from '../src/format/format.js';
+import { rng, seedFromEnv } from './support/random.js';
 
 const MiB = 1 << 20;
 const GiB = 1 << 30;
@@ -409,8 +409,8 @@ describe('map slot', () => {
 });
 
 test('a superblock with feature flags this version does not know is refused', async () => {
-  const { computeLayout, decodeSuperblock, encodeSuperblock, newUuid } = await import('../src/engine/format.js');
-  const { crc32c } = await import('../src/engine/crc32c.js');
+  const { computeLayout, decodeSuperblock, encodeSuperblock, newUuid } = await import('../src/format/format.js');
+  const { crc32c } = await import('../src/format/crc32c.js');
   const buf = encodeSuperblock({
     uuid: newUuid(),
     generation: 1,

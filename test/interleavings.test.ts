@@ -8,7 +8,7 @@
  *     ends) fails the trial with the seed and where every request is stuck;
  *   - what completes is right: reads see the last completed write of each block, slave reads the
  *     enable-time image (requests never overlap a write in flight, so the expected value is one).
- * Every other trial puts the queue threads' fast path in front of the engine (helpers/fast-path.ts):
+ * Every other trial puts the queue threads' fast path in front of the engine (support/fast-path.ts):
  * the requests it decides run their I/O held like the rest, so state changes must turn it off
  * and wait for them, in any order, without missing one or waiting forever.
  * Replay a failure with CLDD_SEED=<seed>; scale with CLDD_INTERLEAVINGS=<trials>.
@@ -16,11 +16,11 @@
 import { expect, test } from 'vitest';
 import type { Plan, Request } from '../src/engine/plan.js';
 import { Volume } from '../src/engine/volume.js';
-import type { BlockStore } from '../src/store/block-store.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { between, pick, rng, seedFromEnv } from './helpers/random.js';
-import { FastPath } from './helpers/fast-path.js';
-import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
+import type { BlockStore } from '../src/io/block-store.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { between, pick, rng, seedFromEnv } from './support/random.js';
+import { FastPath } from './support/fast-path.js';
+import { SECTOR, stamped, versionOf } from './support/stamp.js';
 
 const BS = 4096;
 const SPB = BS / SECTOR;

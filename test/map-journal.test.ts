@@ -8,11 +8,11 @@ import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
-import { Disk, StoreExecutor } from '../src/engine/executor.js';
+import { Disk, StoreExecutor } from './support/disk.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
 import { mapJournalPath } from '../src/daemon/daemon.js';
-import { MemoryStore } from '../src/store/memory-store.js';
+import { MemoryStore } from '../src/io/memory-store.js';
 
 const BS = 4096;
 const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);

@@ -16,15 +16,15 @@
  */
 import { describe, expect, test } from 'vitest';
 import { check } from '../src/engine/check.js';
-import { Disk, StoreExecutor } from '../src/engine/executor.js';
-import { mapSlotOffset, metadataPages, superblockOffset, type Layout, type VolumeState } from '../src/engine/format.js';
+import { Disk, StoreExecutor } from './support/disk.js';
+import { mapSlotOffset, metadataPages, superblockOffset, type Layout, type VolumeState } from '../src/format/format.js';
 import type { Extent } from '../src/engine/change-tracking.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { MutationRecorder } from './helpers/mutation-recorder.js';
-import { between, pick, rng, seedFromEnv } from './helpers/random.js';
-import { SECTOR, stamped } from './helpers/stamp.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { MutationRecorder } from './support/mutation-recorder.js';
+import { between, pick, rng, seedFromEnv } from './support/random.js';
+import { SECTOR, stamped } from './support/stamp.js';
 
 const MiB = 1 << 20;
 const NOW = () => 1_700_000_000_000;

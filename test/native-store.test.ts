@@ -8,12 +8,12 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { Disk } from '../src/engine/executor.js';
+import { Disk } from './support/disk.js';
 import { Volume } from '../src/engine/volume.js';
-import { type BlockStore, FLUSH } from '../src/store/block-store.js';
-import { FileStore } from '../src/store/file-store.js';
-import { NativeStore } from '../src/store/native-store.js';
-import { stamped, versionOf } from './helpers/stamp.js';
+import { type BlockStore, FLUSH } from '../src/io/block-store.js';
+import { FileStore } from '../src/io/file-store.js';
+import { NativeStore } from '../src/io/native-store.js';
+import { stamped, versionOf } from './support/stamp.js';
 
 let dir: string;
 beforeAll(async () => {

@@ -3,8 +3,8 @@
  * which are the pair's own data showing through the backing store.
  */
 import { describe, expect, test } from 'vitest';
-import { computeLayout } from '../src/engine/format.js';
-import { type Signature, signaturesOverStore } from '../src/daemon/probe.js';
+import { computeLayout } from '../src/format/format.js';
+import { type Signature, signaturesOverStore } from '../src/cli/probe.js';
 
 const MiB = 1 << 20;
 const sig = (type: string, offset: number): Signature => ({ type, offset, length: 4, label: null, partitionTable: false });

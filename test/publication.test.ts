@@ -1,15 +1,15 @@
 /**
- * The publication the engine writes and the queue threads read (docs/serving.md): both sides use
- * the same numbers, and the native fast path decides each kind of request as the rules say. The
- * model and interleaving tests run whole workloads through the same decisions (helpers/fast-path.ts).
+ * The publication the engine writes and the queue threads read (docs/serving.md): the native fast
+ * path decides each kind of request as the rules say (test/wire.test.ts checks that both sides use
+ * the same numbers). The model and interleaving tests run whole workloads through the same
+ * decisions (support/fast-path.ts).
  */
 import { describe, expect, test } from 'vitest';
-import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
-import { Disk } from '../src/engine/executor.js';
+import { Disk } from './support/disk.js';
 import { Volume } from '../src/engine/volume.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { addon } from '../src/ublk/addon.js';
-import { EXTENT_KIND, SUBMIT_FLAGS, nativePublication } from '../src/ublk/device.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { addon } from '../src/native/addon.js';
+import { nativePublication } from '../src/ublk/device.js';
 
 const BS = 4096;
 const READ = 0;
@@ -17,15 +17,6 @@ const WRITE = 1;
 const FLUSH = 2;
 const DISCARD = 3;
 const FUA = 1 << 13;
-
-test('the engine and the addon read the publication with the same numbers', () => {
-  const { serving } = addon();
-  expect(serving.publishedWord).toEqual({ ...PUBLISHED_WORD, count: PUBLISHED_WORDS });
-  expect(serving.fastMode).toEqual(FAST_MODE);
-  // The extent kinds and plan flags device.ts submits are the addon's.
-  expect(serving.extentKind).toEqual(EXTENT_KIND);
-  expect(serving.submitFlags).toEqual(SUBMIT_FLAGS);
-});
 
 describe('the fast path decides', () => {
   async function volume(): Promise<Volume> {

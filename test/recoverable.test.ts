@@ -8,8 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, expect, test } from 'vitest';
 import { refuseIfRecoverable } from '../src/daemon/daemon.js';
-import { defaultPaths } from '../src/daemon/paths.js';
-import { writeState } from '../src/daemon/state-file.js';
+import { defaultPaths } from '../src/protocol/paths.js';
+import { writeState } from '../src/protocol/state-file.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'cldd-recoverable-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -8,12 +8,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { CldError } from '../src/errors.js';
-import { type BlockStore, FLUSH, type OrderedStep, inOrder } from '../src/store/block-store.js';
-import { FaultStore } from '../src/store/fault-store.js';
-import { FileStore } from '../src/store/file-store.js';
-import { MemoryStore } from '../src/store/memory-store.js';
-import { rng, seedFromEnv } from './helpers/random.js';
-import { SECTOR, stamped, versionOf } from './helpers/stamp.js';
+import { type BlockStore, FLUSH, type OrderedStep, inOrder } from '../src/io/block-store.js';
+import { FaultStore } from './support/fault-store.js';
+import { FileStore } from '../src/io/file-store.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import { rng, seedFromEnv } from './support/random.js';
+import { SECTOR, stamped, versionOf } from './support/stamp.js';
 
 const SIZE = 1 << 20;
 

@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
-import { formatConfig, parseConfig } from '../src/daemon/config.js';
-import { renderUnit } from '../src/daemon/systemd-unit.js';
+import { formatConfig, parseConfig } from '../src/protocol/config.js';
+import { renderUnit } from '../src/cli/systemd-unit.js';
 
 const run = promisify(execFile);
 

@@ -4,7 +4,7 @@
  */
 import { existsSync } from 'node:fs';
 import { describe, expect, test } from 'vitest';
-import { addon } from '../src/ublk/addon.js';
+import { addon } from '../src/native/addon.js';
 import { UblkControl, encodeControlOp } from '../src/ublk/control.js';
 
 const hostHasUblk = existsSync('/dev/ublk-control');

@@ -8,7 +8,7 @@
  * a dump of the blocked tasks. Full output: $TMPDIR/cldd-ublk-vm*.log.
  */
 import { describe } from 'vitest';
-import { deviceChecks } from './helpers/vm-checks.js';
+import { deviceChecks } from './support/vm-checks.js';
 
 const DATA_CHECKS = {
   filesystem:

@@ -7,11 +7,11 @@ import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockMap } from '../../src/engine/block-map.js';
-import { Disk, StoreExecutor } from '../../src/engine/executor.js';
+import { Disk, StoreExecutor } from '../../test/support/disk.js';
 import { ResyncScheduler } from '../../src/engine/resync.js';
 import { Volume } from '../../src/engine/volume.js';
-import { FileStore } from '../../src/store/file-store.js';
-import { MemoryStore } from '../../src/store/memory-store.js';
+import { FileStore } from '../../src/io/file-store.js';
+import { MemoryStore } from '../../src/io/memory-store.js';
 import { writeSection } from './report.js';
 
 const KiB = 1024;

@@ -1,6 +1,6 @@
 import { open, rm, stat } from 'node:fs/promises';
 import { CldError } from '../errors.js';
-import { MAX_BLOCK_SIZE, SUPERBLOCK_COPIES, computeLayout, type Superblock } from '../engine/format.js';
+import { MAX_BLOCK_SIZE, SUPERBLOCK_COPIES, computeLayout, type Superblock } from '../format/format.js';
 import { Volume, readSuperblocks } from '../engine/volume.js';
 import {
   type Signature,
@@ -9,9 +9,9 @@ import {
   listSignatures,
   probeForeignData,
   signaturesOverStore,
-} from '../daemon/probe.js';
-import { FileStore } from '../store/file-store.js';
-import type { BlockStore } from '../store/block-store.js';
+} from './probe.js';
+import { FileStore } from '../io/file-store.js';
+import type { BlockStore } from '../io/block-store.js';
 import { DEFAULT_BLOCK_SIZE, DEVICE_BLOCK_LIMIT, MAX_DEVICE_BLOCK_SIZE } from './options.js';
 
 export interface PrepareOptions {

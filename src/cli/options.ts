@@ -3,9 +3,9 @@
  * a refused option never leaves a file created, formatted or half-attached behind. A refusal is
  * a usage error (EINVAL, exit status 2).
  */
-import { MIN_BLOCK_SIZE } from '../engine/format.js';
+import { MIN_BLOCK_SIZE } from '../format/format.js';
 import { MAX_DEVICE_BLOCK_SIZE } from '../ublk/control.js';
-import { checkName } from '../daemon/paths.js';
+import { checkName } from '../protocol/paths.js';
 import { UsageError } from './output.js';
 
 export { MAX_DEVICE_BLOCK_SIZE };

@@ -1,9 +1,9 @@
 import { readdir, realpath } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { CldError, ioError } from '../errors.js';
-import { DaemonClient } from '../daemon/client.js';
-import { checkName, defaultPaths, socketPath, type Paths } from '../daemon/paths.js';
-import { isAlive, listStates, readState } from '../daemon/state-file.js';
+import { DaemonClient } from '../protocol/client.js';
+import { checkName, defaultPaths, socketPath, type Paths } from '../protocol/paths.js';
+import { isAlive, listStates, readState } from '../protocol/state-file.js';
 
 /**
  * Names of the pairs that have a control socket under the run directory. No run directory means

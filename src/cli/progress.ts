@@ -1,4 +1,4 @@
-import type { DaemonClient } from '../daemon/client.js';
+import type { DaemonClient } from '../protocol/client.js';
 import { CldError } from '../errors.js';
 import { formatBytes } from './output.js';
 

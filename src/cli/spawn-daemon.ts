@@ -3,9 +3,9 @@ import { mkdir, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { CldError } from '../errors.js';
-import type { Paths } from '../daemon/paths.js';
+import type { Paths } from '../protocol/paths.js';
 import type { DeviceLayout } from '../daemon/pair-service.js';
-import { CLDD_HOME, DAEMON_NODE_OPTIONS } from '../daemon/systemd-unit.js';
+import { CLDD_HOME, DAEMON_NODE_OPTIONS } from './systemd-unit.js';
 
 export interface ReadyMessage {
   master: string;

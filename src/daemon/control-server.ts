@@ -2,8 +2,8 @@ import { chmod, mkdir, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { CldError } from '../errors.js';
-import { isPlainObject } from './methods.js';
-import { isRequestId, LineReader, MAX_ID_LENGTH, PROTOCOL_VERSION, type ReplyMessage, type RequestId } from './protocol.js';
+import { isPlainObject } from '../protocol/methods.js';
+import { isRequestId, LineReader, MAX_ID_LENGTH, PROTOCOL_VERSION, type ReplyMessage, type RequestId } from '../protocol/protocol.js';
 
 export type Handler = (params: Record<string, unknown>) => Promise<unknown>;
 

@@ -2,24 +2,22 @@ import { existsSync, renameSync } from 'node:fs';
 import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CldError } from '../errors.js';
-import { StoreExecutor } from '../engine/executor.js';
 import type { Executor } from '../engine/plan.js';
 import { ResyncScheduler } from '../engine/resync.js';
-import { uuidString } from '../engine/format.js';
-import { MapJournal } from '../engine/map-journal.js';
+import { uuidString } from '../format/format.js';
+import { MapJournal } from '../format/map-journal.js';
 import { Volume } from '../engine/volume.js';
-import type { BlockStore } from '../store/block-store.js';
-import { FileStore } from '../store/file-store.js';
-import { DaemonClient } from './client.js';
-import type { PairConfig } from './config.js';
+import type { BlockStore } from '../io/block-store.js';
+import { DaemonClient } from '../protocol/client.js';
+import type { PairConfig } from '../protocol/config.js';
 import { ControlServer } from './control-server.js';
 import { DeviceLinks } from './device-links.js';
-import type { Freezer } from './freeze.js';
+import type { Freezer } from '../system/freeze.js';
 import type { Logger } from './logger.js';
-import { checkedHandlers } from './methods.js';
+import { checkedHandlers } from '../protocol/methods.js';
 import { type DeviceLayout, type PairDevices, PairService } from './pair-service.js';
-import { defaultPaths, type Paths, socketPath } from './paths.js';
-import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from './state-file.js';
+import { defaultPaths, type Paths, socketPath } from '../protocol/paths.js';
+import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from '../protocol/state-file.js';
 
 export interface StartDevicesOptions {
   name: string;
@@ -40,17 +38,6 @@ export interface Backend {
   /** sd_notify(3): READY=1, STOPPING=1, WATCHDOG=1, STATUS=... (no-op outside systemd). */
   notify(message: string): void;
 }
-
-/** A plain file store with no devices: what tests of the daemon's logic use on any machine. */
-export const engineOnlyBackend = (freezer: Freezer): Backend => ({
-  async open(path) {
-    const store = await FileStore.open(path);
-    return { store, executor: new StoreExecutor(store) };
-  },
-  startDevices: null,
-  freezer,
-  notify: () => {},
-});
 
 /**
  * One daemon per pair: it owns the store, the engine, the devices and the control socket.

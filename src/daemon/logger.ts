@@ -1,5 +1,5 @@
 import { printable } from '../printable.js';
-import type { LogLevel } from './config.js';
+import type { LogLevel } from '../protocol/config.js';
 
 const RANK: Record<LogLevel, number> = { error: 0, warn: 1, info: 2, debug: 3 };
 /** systemd's journal reads these <N> prefixes as priorities (sd-daemon(3)). */

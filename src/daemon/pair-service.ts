@@ -1,10 +1,10 @@
 import { CldError } from '../errors.js';
 import type { ResyncScheduler } from '../engine/resync.js';
 import type { Volume } from '../engine/volume.js';
-import { deviceNumber, deviceOfPath, mountsOf, usersOf } from './device-users.js';
-import type { Freezer } from './freeze.js';
+import { deviceNumber, deviceOfPath, mountsOf, usersOf } from '../system/device-users.js';
+import type { Freezer } from '../system/freeze.js';
 import type { Logger } from './logger.js';
-import { CHANGES_PAGE, type PairStatus, type Result } from './methods.js';
+import { CHANGES_PAGE, type PairStatus, type Result } from '../protocol/methods.js';
 import type { OutstandingRequest } from '../ublk/device.js';
 
 export interface DeviceInfo {

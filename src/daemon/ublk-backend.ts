@@ -1,8 +1,8 @@
 import type { Volume } from '../engine/volume.js';
-import { NativeStore } from '../store/native-store.js';
+import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UBLK_F, UblkControl } from '../ublk/control.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { disableScheduler, ioctlFreezer, sdNotify } from '../ublk/system.js';
+import { disableScheduler, ioctlFreezer, sdNotify } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
 import type { DeviceInfo, DeviceLayout, PairDevices } from './pair-service.js';

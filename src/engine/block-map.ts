@@ -1,5 +1,5 @@
 import { CldError } from '../errors.js';
-import { MAP_SLOT_HEADER } from './format.js';
+import { MAP_SLOT_HEADER } from '../format/format.js';
 
 /**
  * The redirect bitmap in memory: bit b set means block b of the master lives in the change area.

@@ -26,7 +26,7 @@
  * long as a write it admitted can run.
  */
 import { CldError } from '../errors.js';
-import { decodeTrackingPayload, encodeTrackingPayload, trackingPage, type Layout } from './format.js';
+import { decodeTrackingPayload, encodeTrackingPayload, trackingPage, type Layout } from '../format/format.js';
 
 /** Dirty tracking pages captured by a commit: map page numbers and their payloads. */
 export interface CapturedMarks {

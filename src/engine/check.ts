@@ -1,11 +1,11 @@
 import { CldError } from '../errors.js';
-import type { BlockStore } from '../store/block-store.js';
+import type { BlockStore } from '../io/block-store.js';
 import { BlockMap } from './block-map.js';
 import { ChangeTracking } from './change-tracking.js';
-import { uuidString, type Superblock } from './format.js';
-import { readMap, readSuperblocks, type Finding } from './recovery.js';
+import { uuidString, type Superblock } from '../format/format.js';
+import { readMap, readSuperblocks, type Finding } from '../format/recovery.js';
 
-export type { Finding } from './recovery.js';
+export type { Finding } from '../format/recovery.js';
 
 export interface CheckReport {
   /** True when the store can be opened and every guarantee holds. */

@@ -1,6 +1,6 @@
 /**
  * Deciding is separate from doing: the engine turns each request into a Plan, an executor runs
- * its I/O. The TypeScript executor (executor.ts) runs plans on a BlockStore; the native executor
+ * its I/O. The tests run plans on a BlockStore (test/support/disk.ts); the native executor
  * runs the same plans on io_uring. Both follow the same contract:
  *
  *  1. run every op of `ops` (they do not overlap and may run concurrently, in any order);
@@ -10,6 +10,10 @@
  *  3. if `commit` is true (flush, FUA), await `volume.commit()` after finish and before
  *     completing the request.
  */
+
+import type { IoOp } from '../io/block-store.js';
+
+export type { IoKind, IoOp } from '../io/block-store.js';
 
 export type Target = 'master' | 'slave';
 export type RequestOp = 'read' | 'write' | 'flush' | 'discard' | 'write-zeroes';
@@ -23,17 +27,6 @@ export interface Request {
   length: number;
   /** Forced unit access: durable before completion. */
   fua?: boolean;
-}
-
-export type IoKind = 'read' | 'write' | 'zero';
-
-export interface IoOp {
-  kind: IoKind;
-  /** Byte offset in the backing store. */
-  offset: number;
-  length: number;
-  /** Where in the request's buffer the bytes go (read) or come from (write); 0 for zero. */
-  bufferOffset: number;
 }
 
 export interface Plan {

@@ -10,9 +10,9 @@
  *   - the redirect bitmap, `BlockMap.bits`, shared and not copied.
  *
  * Words are written with Atomics (sequentially consistent), read natively with seq_cst loads. The
- * numbers below are read by native/serving.h: test/publication.test.ts checks that both agree.
+ * numbers below are native/wire.h's too: test/wire.test.ts checks that both agree.
  */
-import type { VolumeState } from './format.js';
+import type { VolumeState } from '../format/format.js';
 
 export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2 } as const;
 export const PUBLISHED_WORDS = 4;

@@ -20,7 +20,7 @@
  * docs/format.md for why every crash point is safe).
  */
 import { CldError } from '../errors.js';
-import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../store/block-store.js';
+import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../io/block-store.js';
 import { BlockMap } from './block-map.js';
 import { ChangeTracking, NO_MARKS } from './change-tracking.js';
 import {
@@ -38,15 +38,15 @@ import {
   type MapRecord,
   type Superblock,
   type VolumeState,
-} from './format.js';
+} from '../format/format.js';
 import type { IoOp, Plan, Request } from './plan.js';
-import { type Leftover, type MapChange, MapJournal } from './map-journal.js';
+import { type Leftover, type MapChange, MapJournal } from '../format/map-journal.js';
 import { type FastPathCounters, type FastPathServer, type FastWrite, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
-import { MAP_IO_PAGES, readMap, readSuperblocks } from './recovery.js';
+import { MAP_IO_PAGES, readMap, readSuperblocks } from '../format/recovery.js';
 
-export type { VolumeState } from './format.js';
-export { readSuperblocks } from './recovery.js';
+export type { VolumeState } from '../format/format.js';
+export { readSuperblocks } from '../format/recovery.js';
 
 export interface FormatOptions {
   blockSize?: number;

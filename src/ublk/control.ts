@@ -7,8 +7,8 @@
  * is read back, never assumed.
  */
 import { CldError } from '../errors.js';
-import { addon, nativeError } from './addon.js';
-import type { NativeControlHandle } from './native.js';
+import { addon, nativeError } from '../native/addon.js';
+import type { NativeControlHandle } from '../native/native.js';
 
 /**
  * The largest logical block a ublk device takes: the kernel refuses blocks larger than the page

@@ -27,18 +27,15 @@ import { constants as osConstants } from 'node:os';
 import { CldError } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
-import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../store/block-store.js';
-import { addon, nativeError } from './addon.js';
+import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../io/block-store.js';
+import { addon, nativeError } from '../native/addon.js';
 import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
-import type { NativeDeviceHandle, NativePublication, NativeQueueState } from './native.js';
+import type { NativeDeviceHandle, NativePublication, NativeQueueState } from '../native/native.js';
+import { EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
 
-/** ublk request opcodes (UBLK_IO_OP_*) the engine serves. */
+/** ublk request opcodes (the kernel's UBLK_IO_OP_*) the engine serves. */
 const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
-const IO_F_FUA = 1 << 13 >>> 8; // op_flags >> 8, as the native side reports flags
-/** native/serving.h's extent kinds and plan record flags (test/publication.test.ts checks them). */
-export const EXTENT_KIND = { read: 0, write: 1, zero: 2, sync: 3, meta: 4 } as const;
-export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
 /** A commit's steps as a flush's queue thread runs them: writes from the metadata buffer. */
 const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync };
 /**
@@ -121,7 +118,6 @@ const START_BOUND_MS = 30_000;
 const START_POLL_MS = 50;
 /** How long a cancelled START_DEV or END_USER_RECOVERY, or the DEL_DEV after it, may take. */
 const CANCEL_BOUND_MS = 10_000;
-const OP_NAMES: Record<number, string> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
 
 /** A request the device has not completed yet, as `outstanding()` reports it. */
 export interface OutstandingRequest {
@@ -195,7 +191,7 @@ export class UblkDevice {
       flushQueued: false,
       stopped: false,
     }));
-    this.events = new Float64Array(13 * info.depth);
+    this.events = new Float64Array(EVENTS.perTag * info.depth);
     // Only the master's flushes commit.
     this.meta = target === 'master' ? new Uint8Array(META_BYTES) : null;
     this.stoppedPromise = new Promise((resolve) => (this.allStopped = resolve));
@@ -426,10 +422,13 @@ export class UblkDevice {
   private onEvents(q: number, requests: number, ordered: number, done: number, redirects: number, stopped: boolean): void {
     const ev = this.events;
     const depth = this.info.depth;
-    for (let i = 7 * depth, end = i + 2 * done; i < end; i += 2) this.finishDone(q, ev[i], ev[i + 1]);
-    for (let i = 5 * depth, end = i + 2 * ordered; i < end; i += 2) this.finishOrdered(q, ev[i], ev[i + 1]);
-    if (redirects) this.finishRedirects(q, 9 * depth, redirects);
-    for (let i = 0, end = 5 * requests; i < end; i += 5) this.plan(q, ev[i], ev[i + 1], ev[i + 2], ev[i + 3], ev[i + 4]);
+    const { requestFields } = EVENTS;
+    const orderedAt = requestFields * depth;
+    const doneAt = orderedAt + 2 * depth;
+    for (let i = doneAt, end = i + 2 * done; i < end; i += 2) this.finishDone(q, ev[i], ev[i + 1]);
+    for (let i = orderedAt, end = i + 2 * ordered; i < end; i += 2) this.finishOrdered(q, ev[i], ev[i + 1]);
+    if (redirects) this.finishRedirects(q, doneAt + 2 * depth, redirects);
+    for (let i = 0, end = requestFields * requests; i < end; i += requestFields) this.plan(q, ev[i], ev[i + 1], ev[i + 2], ev[i + 3], ev[i + 4]);
     this.flush(q);
     if (stopped) {
       this.bridges[q].stopped = true;
@@ -458,7 +457,8 @@ export class UblkDevice {
   private finishRedirects(q: number, at: number, count: number): void {
     const ev = this.events;
     const writes: FastWrite[] = [];
-    for (let i = at; i < at + 4 * count; i += 4) writes.push({ offset: ev[i + 2], length: ev[i + 3], ok: ev[i + 1] === 0 });
+    const fields = EVENTS.redirectFields;
+    for (let i = at; i < at + fields * count; i += fields) writes.push({ offset: ev[i + 2], length: ev[i + 3], ok: ev[i + 1] === 0 });
     let results: (Error | null)[];
     try {
       results = this.volume.finishFastRedirects(writes);
@@ -466,8 +466,8 @@ export class UblkDevice {
       results = writes.map(() => err as Error); // an engine bug fails these requests, not the server
     }
     for (let k = 0; k < count; k++) {
-      const errno = ev[at + 4 * k + 1];
-      this.answer(q, ev[at + 4 * k], errno !== 0 ? -errno : results[k] ? -errnoOf(results[k]) : 0);
+      const errno = ev[at + fields * k + 1];
+      this.answer(q, ev[at + fields * k], errno !== 0 ? -errno : results[k] ? -errnoOf(results[k]) : 0);
     }
   }
 
@@ -482,7 +482,7 @@ export class UblkDevice {
       this.answer(q, tag, -osConstants.errno.EOPNOTSUPP);
       return;
     }
-    const req: Request = { target: this.target, op, offset, length: op === 'flush' ? 0 : length, fua: (flags & IO_F_FUA) !== 0 };
+    const req: Request = { target: this.target, op, offset, length: op === 'flush' ? 0 : length, fua: (flags & REQUEST_FLAGS.fua) !== 0 };
     let planned: Plan | Promise<Plan>;
     try {
       planned = this.volume.plan(req);
@@ -693,7 +693,7 @@ export class UblkDevice {
         out.push({
           queue: q,
           tag,
-          op: OP_NAMES[bridge.op[tag]] ?? `op ${bridge.op[tag]}`,
+          op: REQUEST_OPS[bridge.op[tag]] ?? `op ${bridge.op[tag]}`,
           offset: bridge.offset[tag],
           length: bridge.length[tag],
           ageMs: Math.round(now - bridge.since[tag]),

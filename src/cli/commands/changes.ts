@@ -1,6 +1,6 @@
 import type { Argv, CommandModule } from 'yargs';
-import type { DaemonClient } from '../../daemon/client.js';
-import type { Result } from '../../daemon/methods.js';
+import type { DaemonClient } from '../../protocol/client.js';
+import type { Result } from '../../protocol/methods.js';
 import { text } from '../../printable.js';
 import { formatBytes, printJson, table, UsageError } from '../output.js';
 import { withPair } from '../pairs.js';

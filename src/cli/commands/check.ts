@@ -1,7 +1,7 @@
 import type { Argv, CommandModule } from 'yargs';
 import { check, describeSuperblock, type Finding } from '../../engine/check.js';
-import { describeForeignSignature, listSignatures, signaturesOverStore } from '../../daemon/probe.js';
-import { FileStore } from '../../store/file-store.js';
+import { describeForeignSignature, listSignatures, signaturesOverStore } from '../probe.js';
+import { FileStore } from '../../io/file-store.js';
 import { CldError } from '../../errors.js';
 import { printable, text } from '../../printable.js';
 import { parsePath } from '../options.js';

@@ -1,9 +1,9 @@
 import type { Argv, CommandModule } from 'yargs';
 import { text } from '../../printable.js';
 import { CldError } from '../../errors.js';
-import { defaultPaths } from '../../daemon/paths.js';
-import { unpersist } from '../../daemon/persist.js';
-import { isAlive } from '../../daemon/state-file.js';
+import { defaultPaths } from '../../protocol/paths.js';
+import { unpersist } from '../persist.js';
+import { isAlive } from '../../protocol/state-file.js';
 import { withPair } from '../pairs.js';
 import { requireRoot } from '../root.js';
 

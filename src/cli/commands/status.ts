@@ -3,7 +3,7 @@ import { CldError } from '../../errors.js';
 import { text } from '../../printable.js';
 import { formatBytes, printJson, table } from '../output.js';
 import { connectPair, pairNames, resolvePair } from '../pairs.js';
-import type { PairStatus } from '../../daemon/methods.js';
+import type { PairStatus } from '../../protocol/methods.js';
 
 export type { PairStatus };
 

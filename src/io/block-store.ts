@@ -1,3 +1,15 @@
+/** One I/O of a plan (src/engine/plan.ts) on the backing store. */
+export type IoKind = 'read' | 'write' | 'zero';
+
+export interface IoOp {
+  kind: IoKind;
+  /** Byte offset in the backing store. */
+  offset: number;
+  length: number;
+  /** Where in the request's buffer the bytes go (read) or come from (write); 0 for zero. */
+  bufferOffset: number;
+}
+
 /**
  * The backing store seen by the engine: a byte-addressed device with a volatile write cache.
  * A write is durable only once a later flush() completes; zero() is a write of zeros.

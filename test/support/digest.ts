@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import type { MemoryStore } from '../../src/store/memory-store.js';
+import type { MemoryStore } from '../../src/io/memory-store.js';
 
 /** A digest of every byte of a memory store: proves a refusal or a check changed nothing. */
 export function digest(store: MemoryStore): string {

@@ -1,8 +1,8 @@
 import { CldError } from '../errors.js';
-import type { IoOp } from '../engine/plan.js';
-import { addon, nativeError } from '../ublk/addon.js';
-import type { NativeStoreHandle } from '../ublk/native.js';
-import { type BlockStore, type OrderedStep, packSteps, writtenBytes } from './block-store.js';
+import { addon, nativeError } from '../native/addon.js';
+import type { NativeStoreHandle } from '../native/native.js';
+import { EXTENT_KIND } from '../native/wire.js';
+import { type BlockStore, type IoOp, type OrderedStep, packSteps, writtenBytes } from './block-store.js';
 
 export interface NativeStoreOptions {
   readOnly?: boolean;
@@ -13,8 +13,8 @@ export interface NativeStoreOptions {
   lock?: boolean;
 }
 
-// native/store.cc's kinds.
-const KIND = { read: 0, write: 1, zero: 2, flush: 3 } as const;
+// native/wire.h's kinds: a store's flush is an fdatasync.
+const KIND = { read: EXTENT_KIND.read, write: EXTENT_KIND.write, zero: EXTENT_KIND.zero, flush: EXTENT_KIND.sync } as const;
 
 /**
  * A regular file or block device whose reads, writes, flushes (fdatasync) and zeroing (punched

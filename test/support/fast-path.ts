@@ -6,11 +6,11 @@
  * device does, so every state change turns it off and waits for it (docs/serving.md).
  */
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
-import { serve, StoreExecutor } from '../../src/engine/executor.js';
+import { serve, StoreExecutor } from './disk.js';
 import type { FastPathCounters } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
-import type { BlockStore } from '../../src/store/block-store.js';
-import { addon } from '../../src/ublk/addon.js';
+import type { BlockStore } from '../../src/io/block-store.js';
+import { addon } from '../../src/native/addon.js';
 import { nativePublication } from '../../src/ublk/device.js';
 
 /** ublk's opcodes and FUA flag, as a request descriptor carries them. */
@@ -109,7 +109,7 @@ export class FastPath {
   }
 }
 
-/** A Disk (src/engine/executor.ts) whose requests take the fast path where it decides them. */
+/** A Disk (test/support/disk.ts) whose requests take the fast path where it decides them. */
 export class FastPathDisk {
   readonly fast: FastPath;
   private readonly executor: Executor;

@@ -2,8 +2,8 @@ import { execFile } from 'node:child_process';
 import { access, mkdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { formatConfig, type PairConfig } from './config.js';
-import { configPath, type Paths } from './paths.js';
+import { formatConfig, type PairConfig } from '../protocol/config.js';
+import { configPath, type Paths } from '../protocol/paths.js';
 import { renderUnit } from './systemd-unit.js';
 
 const run = promisify(execFile);

@@ -1,9 +1,15 @@
-import { ioError } from '../errors.js';
-import type { BlockStore } from '../store/block-store.js';
-import type { Executor, IoOp, Request } from './plan.js';
-import type { Volume } from './volume.js';
+/**
+ * The engine served in the test process: StoreExecutor runs plans on a BlockStore, serve() is
+ * the plan contract (src/engine/plan.ts) run end to end as the ublk devices run it, Disk the
+ * volume's master and slave through it. For the engine tests, the daemon's tests without
+ * devices and the engine benchmarks (scripts/bench/engine.ts).
+ */
+import { ioError } from '../../src/errors.js';
+import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
+import type { BlockStore } from '../../src/io/block-store.js';
+import type { Volume } from '../../src/engine/volume.js';
 
-/** Runs plans on a BlockStore: the executor of the engine tests, the benchmarks and `check`. */
+/** Runs plans on a BlockStore. */
 export class StoreExecutor implements Executor {
   constructor(private readonly store: BlockStore) {}
 
@@ -42,10 +48,7 @@ export async function serve(volume: Volume, executor: Executor, req: Request, bu
   if (plan.commit) await volume.commit();
 }
 
-/**
- * The volume as a pair of disks, for code that serves requests itself rather than through a
- * kernel device: tests, benchmarks, the demo.
- */
+/** The volume's master and slave, read and written through serve(). */
 export class Disk {
   private readonly executor: Executor;
 

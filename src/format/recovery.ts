@@ -4,7 +4,7 @@
  * decides what to rewrite, and check reports what it found.
  */
 import { CldError } from '../errors.js';
-import type { BlockStore } from '../store/block-store.js';
+import type { BlockStore } from '../io/block-store.js';
 import {
   decodeMapSlot,
   decodeSuperblock,

@@ -6,9 +6,9 @@ import {
   mapDigestTerm,
   mapSlotOffset,
   superblockOffset,
-} from '../../src/engine/format.js';
-import { readMap, readSuperblocks } from '../../src/engine/recovery.js';
-import type { MemoryStore } from '../../src/store/memory-store.js';
+} from '../../src/format/format.js';
+import { readMap, readSuperblocks } from '../../src/format/recovery.js';
+import type { MemoryStore } from '../../src/io/memory-store.js';
 
 /**
  * Writes a map page the way a commit does (the older slot, then both superblock copies with the

@@ -182,11 +182,13 @@ export interface NativeAddon {
     offset: number,
     length: number,
   ): { extents: Float64Array; redirect: boolean } | null;
-  /** The numbers the native side reads the publication with (test/publication.test.ts). */
-  serving: {
+  /** native/wire.h's numbers (test/wire.test.ts checks them against src/native/wire.ts). */
+  wire: {
     publishedWord: { mode: number; commitPending: number; generation: number; count: number };
     fastMode: { off: number; plain: number; snapshot: number; resync: number };
     extentKind: { read: number; write: number; zero: number; sync: number; meta: number };
     submitFlags: { needsEngine: number; inOrder: number };
+    requestFlags: { fua: number };
+    events: { requestFields: number; redirectFields: number; perTag: number };
   };
 }

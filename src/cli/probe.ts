@@ -2,8 +2,8 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CldError } from '../errors.js';
-import { metadataPages, type Layout } from '../engine/format.js';
-import type { BlockStore } from '../store/block-store.js';
+import { metadataPages, type Layout } from '../format/format.js';
+import type { BlockStore } from '../io/block-store.js';
 
 const PROBE_BYTES = 1 << 20;
 

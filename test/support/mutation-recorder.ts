@@ -1,4 +1,4 @@
-import type { BlockStore } from '../../src/store/block-store.js';
+import type { BlockStore } from '../../src/io/block-store.js';
 
 /**
  * Wraps a store: reads pass through, and every write, zero or flush is recorded instead of done.

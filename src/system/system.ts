@@ -1,8 +1,8 @@
 /** The daemon's system calls: sd_notify, filesystem freeze/thaw, block queue settings. */
 import { writeFile } from 'node:fs/promises';
 import { basename } from 'node:path';
-import type { Freezer } from '../daemon/freeze.js';
-import { addon, nativeError } from './addon.js';
+import type { Freezer } from './freeze.js';
+import { addon, nativeError } from '../native/addon.js';
 
 /** sd_notify(3) to NOTIFY_SOCKET; nothing when the process does not run under systemd. */
 export function sdNotify(message: string, socket = process.env.NOTIFY_SOCKET): void {

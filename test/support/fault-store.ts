@@ -1,7 +1,7 @@
-import { CldError } from '../errors.js';
-import type { BlockStore } from './block-store.js';
-import { SECTOR } from './block-store.js';
-import { MemoryStore } from './memory-store.js';
+import { CldError } from '../../src/errors.js';
+import type { BlockStore } from '../../src/io/block-store.js';
+import { SECTOR } from '../../src/io/block-store.js';
+import { MemoryStore } from '../../src/io/memory-store.js';
 
 /** A write that completed but is not yet durable. `data` null means zeros. */
 interface VolatileWrite {

@@ -1,4 +1,4 @@
-import type { VolumeState } from '../../src/engine/format.js';
+import type { VolumeState } from '../../src/format/format.js';
 import { SECTOR } from './stamp.js';
 
 interface Pending {

@@ -1,0 +1,44 @@
+// Every number that crosses between the addon and TypeScript, defined once on this side:
+// src/native/wire.ts holds the same numbers (the publication's words and modes:
+// src/engine/publication.ts, which owns that layout), the addon exports these as `wire`, and
+// test/wire.test.ts checks that both sides agree.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace cldd {
+
+// How an extent's data moves, in the records JS submits (a plan's IoOp kinds,
+// src/io/block-store.ts, and a store's ordered steps). kSync is an fdatasync of the backing file
+// (a store's flush, a fast flush, a step of a commit); kMeta writes engine metadata (a commit's
+// map page or superblock) from the device's metadata buffer.
+enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kSync = 3, kMeta = 4 };
+
+// The second number of a plan record JS submits for a tag (device.cc's Submit): what happens
+// once its extents are done. 0: the request completes; kSubmitNeedsEngine: the engine finishes
+// it first; kSubmitInOrder: a flush running a commit's steps (kSync and kMeta extents), each
+// after the one before it, then the request completes.
+constexpr double kSubmitNeedsEngine = 1;
+constexpr double kSubmitInOrder = 2;
+
+// A new request as the device reports it: (tag, op, flags, offset bytes, length bytes); op is
+// the kernel's UBLK_IO_OP_*, flags a set of these bits.
+constexpr size_t kRequestFields = 5;
+constexpr uint32_t kRequestFua = 1;
+// A snapshot write the queue thread ran for the engine to redirect: (tag, errno, offset, length).
+constexpr size_t kRedirectFields = 4;
+// The events buffer, per tag of depth: requests, then ordered and done (tag, errno) pairs, then
+// redirects.
+constexpr size_t kEventsPerTag = kRequestFields + 2 + 2 + kRedirectFields;
+
+// Indices of the engine's published words, and the fast path's modes.
+namespace published {
+constexpr int kMode = 0;
+constexpr int kCommitPending = 1;
+constexpr int kGeneration = 2;
+constexpr size_t kWords = 4;
+}  // namespace published
+enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
+
+}  // namespace cldd

@@ -1,0 +1,22 @@
+/**
+ * Every number that crosses between TypeScript and the addon, defined once on this side: the
+ * C++ side's definitions are in native/wire.h, and test/wire.test.ts checks that both agree (the
+ * addon exports its own as `wire`). The publication's words and modes are the engine's
+ * (src/engine/publication.ts), checked by the same test.
+ */
+
+/** How an extent's data moves (native/wire.h's Kind): a plan's IoOp kinds and a store's steps. */
+export const EXTENT_KIND = { read: 0, write: 1, zero: 2, sync: 3, meta: 4 } as const;
+
+/** What happens to a tag's plan record once its extents are done (see native/wire.h). */
+export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
+
+/** The flags of a new request as the device reports them. */
+export const REQUEST_FLAGS = { fua: 1 } as const;
+
+/**
+ * The events buffer the device writes each delivery into, per tag of depth: request records
+ * (tag, op, flags, offset, length), then (tag, errno) pairs of ordered and of done requests,
+ * then redirect records (tag, errno, offset, length).
+ */
+export const EVENTS = { requestFields: 5, redirectFields: 4, perTag: 13 } as const;

@@ -1,0 +1,23 @@
+/**
+ * Every number that crosses between TypeScript and the addon is defined once on each side
+ * (src/native/wire.ts and src/engine/publication.ts; native/wire.h): the addon exports its own,
+ * and they must be the same.
+ */
+import { expect, test } from 'vitest';
+import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
+import { addon } from '../src/native/addon.js';
+import { EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../src/native/wire.js';
+
+test('the engine reads and writes the publication with the numbers the addon uses', () => {
+  const { wire } = addon();
+  expect(wire.publishedWord).toEqual({ ...PUBLISHED_WORD, count: PUBLISHED_WORDS });
+  expect(wire.fastMode).toEqual(FAST_MODE);
+});
+
+test('plans, store steps, request records and the events buffer use the addon\'s numbers', () => {
+  const { wire } = addon();
+  expect(wire.extentKind).toEqual(EXTENT_KIND);
+  expect(wire.submitFlags).toEqual(SUBMIT_FLAGS);
+  expect(wire.requestFlags).toEqual(REQUEST_FLAGS);
+  expect(wire.events).toEqual(EVENTS);
+});
