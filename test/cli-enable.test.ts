@@ -22,6 +22,8 @@ beforeAll(async () => {
       asked.push(params);
       return { epoch: 3, frozen: null, frozenMs: null };
     },
+    // enable --wait asks first whether a resync runs (it follows one before enabling).
+    progress: async () => ({ state: 'plain', running: false, blocksLeft: 0, blocksMerged: 0, rate: 0, secondsLeft: 0, error: null }),
   });
   await server.listen();
 });

@@ -29,6 +29,8 @@ describe('control socket', () => {
   let path: string;
 
   let enabled: number;
+  /** Answers the pending `hold` call. */
+  let release: (value: unknown) => void = () => {};
 
   beforeEach(async () => {
     dir = await mkdtemp(join(tmpdir(), 'cldd-control-'));
@@ -41,6 +43,7 @@ describe('control socket', () => {
         throw new CldError('CLDD_STATE', 'the slave is not enabled');
       },
       slow: async (params) => new Promise((resolve) => setTimeout(() => resolve(params.n), Number(params.ms))),
+      hold: async () => new Promise((resolve) => (release = resolve)),
     });
     await server.listen();
   });
@@ -67,6 +70,18 @@ describe('control socket', () => {
       client.call('slow', { n: 2, ms: 1 }).then((n) => order.push(n as number)),
     ]);
     expect(order).toEqual([2, 1]);
+    client.close();
+  });
+
+  test('a reply that does not come in time fails the call saying which; one that comes later is dropped', async () => {
+    const client = await DaemonClient.connect(path, 'pair');
+    await expect(client.call('hold', {}, 50)).rejects.toMatchObject({
+      code: 'ETIMEDOUT',
+      message: 'the daemon of "pair" did not answer hold (request 1) within 0.05 s; cldd status pair shows the requests its devices hold',
+    });
+    release('late');
+    // The late reply reaches the client before this one: it is dropped, the connection stays.
+    expect(await client.call('echo', { b: 2 })).toEqual({ b: 2 });
     client.close();
   });
 

@@ -128,6 +128,7 @@ describe('the fast path decides', () => {
     const detach = v.attachFastPath({
       idle: () => new Promise<void>((resolve) => (resolveIdle = () => ((drained = true), resolve()))),
       counters: () => ({ reads: 1, writes: 2, flushes: 3, bytesRead: 4, bytesWritten: 5, errors: 0 }),
+      describeRequests: () => '',
     });
     expect(v.status().counters.flushes).toBe(3);
     const merge = await v.beginMerge(64);

@@ -19,8 +19,8 @@ const DATA_CHECKS = {
   zero_copy: 'zero copy exactly where the kernel has it and it is not turned off; fio verify passes with and without it',
   stall:
     'QD32 random writes never stall through enable/disable cycles: plain, with fsync, held across the enable, first touches, into the resync',
-  start_bound:
-    'START_DEV and END_USER_RECOVERY with a tag never fetched give up within their bound, and at once when the kernel refuses the fetches; the device is deleted (start) or kept and then taken over (recovery)',
+  bounds:
+    'START_DEV and END_USER_RECOVERY with a tag never fetched give up within their bound, and at once when the kernel refuses the fetches (the device deleted, or kept for the next takeover); STOP_DEV with a request held in the engine gives up naming it, and stops once it is let go',
   backup:
     'cldd backup of a live ext4 under a writer: full, then incremental; TARGET equals the slave (sha256, e2fsck over a loop device), the incremental copies every differing region and no more than the writes; killed mid-copy and rerun; foreign and other-pair TARGETs refused and unchanged',
 };

@@ -419,6 +419,27 @@ describe('state transitions', () => {
     expect(volume.epoch).toBe(2);
   });
 
+  test('a_state_change_gives_up_on_a_request_that_never_finishes_and_lets_the_held_ones_go', async () => {
+    // A write whose backing I/O never completes: planned, never finished.
+    const { volume, disk } = await setup(8 * MiB, MAP_MECHANICS);
+    volume.drainLimitMs = 50;
+    const stuck = volume.plan({ target: 'master', op: 'write', offset: 0, length: BS }) as Plan;
+    const enabling = volume.enable();
+    // A request that comes while the enable waits is held at its gate.
+    const held = volume.plan({ target: 'master', op: 'read', offset: BS, length: BS });
+    expect(held).toBeInstanceOf(Promise);
+    await rejects(enabling, 'ETIMEDOUT', /^enable: 1 request\(s\) in flight did not finish within 0.05 s; nothing was changed$/);
+    expect(volume.state).toBe('plain');
+    // The gate is open again: the held read goes on, as does everything after it.
+    const read = await held;
+    read.finish(true);
+    expect((await disk.read(2 * BS, BS)).length).toBe(BS);
+    // Once the stuck write finishes, a state change works.
+    stuck.finish(true);
+    await volume.enable();
+    expect(volume.state).toBe('snapshot');
+  });
+
   test('slave_io_when_not_enabled_is_ENODEV', async () => {
     const { volume, disk } = await setup();
     await rejects(disk.read(0, BS, 'slave'), 'ENODEV', /the slave is not enabled/);

@@ -12,17 +12,35 @@ function clock(seconds: number | null): string {
 }
 
 /**
- * Follows a resync until the pair is plain: a bar on a terminal, plain lines otherwise
- * (one every 5 percent or 10 seconds, whichever comes first).
+ * How long a resync may go without merging a block before following it fails: a merge step is
+ * at most 4 MiB and yields to the master for at most 20 ms at a time (src/engine/resync.ts), so
+ * minutes without one mean it is stuck.
  */
-export async function followResync(client: DaemonClient, total: number, out: NodeJS.WriteStream = process.stdout): Promise<void> {
+export const RESYNC_STALL_MS = 300_000;
+
+/**
+ * Follows a resync until the pair is plain: a bar on a terminal, plain lines otherwise
+ * (one every 5 percent or 10 seconds, whichever comes first). Fails when the resync fails, stops,
+ * or merges nothing for stallMs.
+ */
+export async function followResync(client: DaemonClient, total: number, out: NodeJS.WriteStream = process.stdout, stallMs = RESYNC_STALL_MS): Promise<void> {
   const tty = out.isTTY === true;
   let lastLine = 0;
   let lastPercent = -100;
+  let lastLeft = -1;
+  let movedAt = Date.now();
   for (;;) {
     const p = await client.request('progress');
     if (p.error) throw new CldError('EIO', `resync failed: ${p.error}`);
     const done = p.state === 'plain';
+    if (!done && p.state !== 'resync') throw new CldError('CLDD_STATE', `the pair is in state ${p.state}, not resyncing`);
+    if (!done && !p.running) throw new CldError('CLDD_STATE', `the resync is not running (${p.blocksLeft} blocks left); the daemon's log says why`);
+    if (p.blocksLeft !== lastLeft) {
+      lastLeft = p.blocksLeft;
+      movedAt = Date.now();
+    } else if (!done && Date.now() - movedAt > stallMs) {
+      throw new CldError('ETIMEDOUT', `the resync merged nothing for ${stallMs / 1000} s (${p.blocksLeft} blocks left); cldd status shows the requests the devices hold`);
+    }
     const left = done ? 0 : p.blocksLeft;
     const percent = total > 0 ? (100 * (total - left)) / total : 100;
     const detail = `${percent.toFixed(1)}%  ${formatBytes(p.rate)}/s  ${done ? 'done' : `${clock(p.secondsLeft)} left`}`;

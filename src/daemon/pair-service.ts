@@ -1,3 +1,4 @@
+import { within } from '../deadline.js';
 import { CldError } from '../errors.js';
 import type { ResyncScheduler } from '../engine/resync.js';
 import type { Volume } from '../engine/volume.js';
@@ -65,6 +66,31 @@ export interface EnableResult {
 
 /** How long a filesystem may stay frozen before the watchdog thaws it. */
 export const FREEZE_LIMIT_MS = 10_000;
+
+/**
+ * FIFREEZE, bounded: freezing writes back the filesystem's dirty data through the master this
+ * process serves, so a master request that never completes would hold it forever. Past
+ * `limitMs` the enable gives up; a freeze that completes later is thawed at once.
+ */
+export async function freezeWithin(freezer: Freezer, mountpoint: string, limitMs: number, log: Logger): Promise<void> {
+  let gaveUp = false;
+  const frozen = freezer.freeze(mountpoint).then(
+    () => {
+      if (!gaveUp) return;
+      freezer.thaw(mountpoint).then(
+        () => log.warn(`FIFREEZE of ${mountpoint} completed after the enable gave up on it; thawed`),
+        (err: unknown) => log.error(`thaw ${mountpoint} after a late FIFREEZE: ${(err as Error).message}`),
+      );
+    },
+    (err: unknown) => {
+      if (!gaveUp) throw err;
+    },
+  );
+  await within(frozen, limitMs, () => {
+    gaveUp = true;
+    return new CldError('ETIMEDOUT', `FIFREEZE of ${mountpoint} did not complete within ${limitMs / 1000} s (it writes back through the master; cldd status shows the master's requests); nothing was enabled`);
+  });
+}
 
 /**
  * What a pair's daemon does on request: status, enable (with the filesystem frozen for the
@@ -167,7 +193,7 @@ export class PairService {
         throw new CldError('CLDD_STATE', `a resync is still running (${this.volume.map.count} blocks left); retry with --wait`);
       }
       this.log.info('enable: waiting for the resync to finish');
-      await this.volume.untilPlain();
+      await this.untilResyncDone();
     }
     if (this.volume.state === 'snapshot') throw new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.volume.epoch})`);
     const mountpoint = await this.freezeTarget(params);
@@ -177,7 +203,7 @@ export class PairService {
       this.log.info(`enabled snapshot ${this.volume.epoch} (no filesystem to freeze)`);
       return { epoch: this.volume.epoch, frozen: null, frozenMs: null };
     }
-    await this.freezer.freeze(mountpoint);
+    await freezeWithin(this.freezer, mountpoint, this.freezeLimitMs, this.log);
     const frozenAt = performance.now();
     let thawed = false;
     const thaw = async (why: string) => {
@@ -202,6 +228,23 @@ export class PairService {
     await this.attachSlave();
     this.log.info(`enabled snapshot ${this.volume.epoch}; ${mountpoint} was frozen for ${frozenMs.toFixed(1)} ms`);
     return { epoch: this.volume.epoch, frozen: mountpoint, frozenMs };
+  }
+
+  /**
+   * Waits until the resync has merged everything back, or fails when it stops without having
+   * done so (a merge that failed, a daemon stopping): a scheduler that no longer runs would
+   * never finish it.
+   */
+  private async untilResyncDone(): Promise<void> {
+    for (;;) {
+      if (this.volume.state !== 'resync') return;
+      const p = this.scheduler.progress();
+      if (!p.running) {
+        throw new CldError('CLDD_STATE', `the resync stopped with ${p.blocksLeft} blocks left${p.error ? ` (${p.error})` : ''}; the slave cannot be enabled before it has finished`);
+      }
+      // The scheduler's loop ends when the volume is plain, when it is stopped, or on an error.
+      await Promise.race([this.volume.untilPlain(), this.scheduler.start().catch(() => {})]);
+    }
   }
 
   /** Adds the slave device of a volume in snapshot (after enable, or when a daemon starts). */

@@ -26,6 +26,8 @@ export const FAST_MODE = { off: 0, plain: 1, snapshot: 2, resync: 3 } as const s
  */
 export interface FastPathServer {
   idle(): Promise<void>;
+  /** The requests it holds, oldest first (a few), for a state change that gives up on them; or ''. */
+  describeRequests(): string;
   /** What it served so far; the volume adds these into its counters. */
   counters(): FastPathCounters;
 }

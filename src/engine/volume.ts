@@ -19,6 +19,7 @@
  * write completes and committed by the next flush or FUA write (see commit() and
  * docs/format.md for why every crash point is safe).
  */
+import { within } from '../deadline.js';
 import { CldError } from '../errors.js';
 import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../io/block-store.js';
 import { BlockMap } from './block-map.js';
@@ -56,6 +57,9 @@ export interface FormatOptions {
   /** Clock for timestamps (ms since the Unix epoch). */
   now?: () => number;
 }
+
+/** See Volume.drainLimitMs. */
+export const DRAIN_LIMIT_MS = 30_000;
 
 export interface OpenOptions {
   now?: () => number;
@@ -145,6 +149,11 @@ export class Volume {
   private inFlight = 0;
   private mergesInFlight = 0;
   private drainWaiters: (() => void)[] = [];
+  /**
+   * How long a state change (enable, disable, close) waits for the requests in flight. They are
+   * backing I/O of a request each, and the fast path's are drained first within as long.
+   */
+  drainLimitMs = DRAIN_LIMIT_MS;
   private gate: Promise<void> | null = null;
   private transitioning = false;
   private plainWaiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
@@ -819,7 +828,7 @@ export class Volume {
         }
         await this.untilPlain();
       }
-      await this.withGateClosed(async () => {
+      await this.withGateClosed('enable', async () => {
         await this.commit();
         this.setState('snapshot');
         await this.commit();
@@ -837,7 +846,7 @@ export class Volume {
       if (this.sb.state !== 'snapshot') {
         throw new CldError('CLDD_STATE', `the slave is not enabled (the state is ${this.sb.state})`);
       }
-      await this.withGateClosed(async () => {
+      await this.withGateClosed('disable', async () => {
         await this.commit();
         this.setState(this.map.count === 0 ? 'plain' : 'resync');
         await this.commit();
@@ -853,7 +862,7 @@ export class Volume {
   }
 
   /** Holds new requests, waits for those in flight, runs `fn`, lets the held requests go. */
-  private async withGateClosed(fn: () => Promise<void>): Promise<void> {
+  private async withGateClosed(what: string, fn: () => Promise<void>): Promise<void> {
     let open!: () => void;
     this.gate = new Promise<void>((resolve) => (open = resolve));
     // Requests the queue threads would serve now come to plan() and wait at the gate; those they
@@ -861,7 +870,7 @@ export class Volume {
     this.publication.suspend();
     try {
       if (this.fastServers.size) await Promise.all([...this.fastServers].map((s) => s.idle()));
-      if (this.inFlight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+      if (this.inFlight > 0) await this.drain(what);
       await fn();
     } finally {
       this.gate = null;
@@ -870,11 +879,30 @@ export class Volume {
     }
   }
 
+  /**
+   * Waits until no request is in flight. A request whose backing I/O never completes would hold
+   * the state change, and every request held at its gate, forever: past drainLimitMs it gives
+   * up (the gate opens again) and says what is still in flight.
+   */
+  private async drain(what: string): Promise<void> {
+    let done!: () => void;
+    const drained = new Promise<void>((resolve) => (done = resolve));
+    this.drainWaiters.push(done);
+    await within(drained, this.drainLimitMs, () => {
+      this.drainWaiters = this.drainWaiters.filter((w) => w !== done);
+      const held = [...this.fastServers].map((s) => s.describeRequests()).filter((d) => d !== '');
+      return new CldError(
+        'ETIMEDOUT',
+        `${what}: ${this.inFlight} request(s) in flight did not finish within ${this.drainLimitMs / 1000} s${held.length ? ` (${held.join('; ')})` : ''}; nothing was changed`,
+      );
+    });
+  }
+
   /** Waits for every request in flight to finish, commits, and refuses further requests. */
   async close(): Promise<void> {
     if (this.closed) return;
     if (!this.failure) {
-      await this.withGateClosed(async () => {
+      await this.withGateClosed('close', async () => {
         await this.commit();
       });
     }

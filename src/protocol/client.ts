@@ -1,6 +1,6 @@
 import { connect, type Socket } from 'node:net';
 import { CldError } from '../errors.js';
-import { checkResult, isPlainObject, type Method, type Params, type Result } from './methods.js';
+import { checkResult, isPlainObject, type Method, type Params, REPLY_BOUND_MS, type Result } from './methods.js';
 import { type HelloReply, LineReader, PROTOCOL_VERSION } from './protocol.js';
 
 /** The CLI's end of a daemon's control socket. */
@@ -8,6 +8,8 @@ export class DaemonClient {
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private closedError: Error | null = null;
+  /** Calls whose reply came too late to be waited for: when it comes, it is dropped. */
+  private readonly gaveUp = new Set<number>();
 
   private constructor(
     private readonly socket: Socket,
@@ -79,15 +81,31 @@ export class DaemonClient {
 
   /** Calls a method of the daemon and checks the reply's shape: EPROTO when it is malformed. */
   async request<M extends Method>(method: M, ...params: {} extends Params<M> ? [Params<M>?] : [Params<M>]): Promise<Result<M>> {
-    return checkResult(method, await this.call(method, (params[0] ?? {}) as Record<string, unknown>), this.name);
+    return checkResult(method, await this.call(method, (params[0] ?? {}) as Record<string, unknown>, REPLY_BOUND_MS[method]), this.name);
   }
 
-  /** Calls any method; the result is whatever the daemon sent. */
-  call<T = unknown>(method: string, params: Record<string, unknown> = {}): Promise<T> {
+  /** Calls any method; the result is whatever the daemon sent, within `timeoutMs`. */
+  call<T = unknown>(method: string, params: Record<string, unknown> = {}, timeoutMs = 30_000): Promise<T> {
     if (this.closedError) return Promise.reject(this.closedError);
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
-      this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      const timer = setTimeout(() => {
+        this.waiting.delete(id);
+        this.gaveUp.add(id);
+        reject(
+          new CldError(
+            'ETIMEDOUT',
+            `the daemon of "${this.name}" did not answer ${method} (request ${id}) within ${timeoutMs / 1000} s; cldd status ${this.name} shows the requests its devices hold`,
+          ),
+        );
+      }, timeoutMs);
+      const settle =
+        <V>(fn: (v: V) => void) =>
+        (v: V) => {
+          clearTimeout(timer);
+          fn(v);
+        };
+      this.waiting.set(id, { resolve: settle(resolve as (v: unknown) => void), reject: settle(reject) });
       this.socket.write(`${JSON.stringify({ id, method, params })}\n`);
     });
   }
@@ -98,6 +116,7 @@ export class DaemonClient {
 
   /** A reply has an id this client sent and exactly one of result and error. */
   private receive(reply: unknown): void {
+    if (isPlainObject(reply) && typeof reply.id === 'number' && this.gaveUp.delete(reply.id)) return;
     const w = isPlainObject(reply) && typeof reply.id === 'number' ? this.waiting.get(reply.id) : undefined;
     if (!w || !isPlainObject(reply)) {
       // Not an answer to any call: a refusal of the connection (id 0), or garbage. Either way

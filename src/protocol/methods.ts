@@ -181,6 +181,24 @@ export const METHODS = {
 } as const;
 
 export type Method = keyof typeof METHODS;
+
+/**
+ * How long the CLI waits for each method's reply. The daemon bounds every wait of its own
+ * (a state change's drain and the fast path's, 30 s each; FIFREEZE 10 s; STOP_DEV 60 s, DEL_DEV
+ * and START_DEV's cancel 10 s each; START_DEV 30 s): these are above their sums, so that the
+ * daemon's own error, which says what it waited for, is the one the user sees. `enable --wait`
+ * follows the resync first (src/cli/progress.ts) and then enables as usual.
+ */
+export const REPLY_BOUND_MS: Record<Method, number> = {
+  status: 30_000,
+  requests: 30_000,
+  enable: 240_000,
+  disable: 240_000,
+  progress: 30_000,
+  changes: 60_000,
+  'resync-rate': 30_000,
+  stop: 30_000,
+};
 export type Params<M extends Method> = ReturnType<(typeof METHODS)[M]['params']>;
 export type Result<M extends Method> = ReturnType<(typeof METHODS)[M]['result']>;
 export type PairStatus = Result<'status'>;

@@ -24,6 +24,7 @@
  * the path of ordinary requests altogether: see docs/benchmarks.md for the figures.
  */
 import { constants as osConstants } from 'node:os';
+import { within } from '../deadline.js';
 import { CldError } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
@@ -93,7 +94,7 @@ class Batch<T extends Float64Array | Int32Array> {
 
 /** Where the daemon holds a request, per tag (for outstanding() and the stall watchdog). */
 const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
-const STAGE_NAMES = ['', 'waiting to be planned (a state change or a merge of its blocks)', 'its backing I/O or the engine finishing it', 'the map commit'];
+const STAGE_NAMES = ['', 'its plan (a state change or a merge of its blocks holds it)', 'its backing I/O or the engine finishing it', 'the map commit'];
 /** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
 const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead', 'served by the queue thread'];
 const TAG_IDLE = 0;
@@ -109,15 +110,20 @@ const FAST_DRAIN_MS = 30_000;
  * How long START_DEV and END_USER_RECOVERY may take. The kernel holds them until every tag of
  * every queue has a fetch (and START_DEV, before 6.19, until the partition scan the queues serve
  * is done), without a bound: a queue that never fetched would hold the daemon there forever.
- * START_DEV took 27-47 ms in the TCG VMs (6.12 and 7.3, test/fixtures/ublk-start-bound.mjs):
+ * START_DEV took 27-47 ms in the TCG VMs (6.12 and 7.3, test/fixtures/ublk-bounds.mjs):
  * the bound leaves room for a slow backing store under the partition scan; a queue that reports
  * a failure (the kernel refused its fetches: 66-91 ms there) ends the wait at once.
  */
 const START_BOUND_MS = 30_000;
 /** How often the wait above looks at the queues. */
 const START_POLL_MS = 50;
-/** How long a cancelled START_DEV or END_USER_RECOVERY, or the DEL_DEV after it, may take. */
+/** How long a cancelled START_DEV or END_USER_RECOVERY, or a DEL_DEV, may take. */
 const CANCEL_BOUND_MS = 10_000;
+/**
+ * How long STOP_DEV may take: the kernel completes every request in flight first, each a
+ * backing I/O (the daemon's own watchdog reports one outstanding for 30 s as stalled).
+ */
+const STOP_BOUND_MS = 60_000;
 
 /** A request the device has not completed yet, as `outstanding()` reports it. */
 export interface OutstandingRequest {
@@ -164,6 +170,7 @@ export class UblkDevice {
   /** Where the native side writes each delivery (see QueueEventHandler). */
   private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
+  private stopBoundMs = STOP_BOUND_MS;
   private detachFastPath: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   /** The images of the commit a flush's queue thread is running (runOnQueue). */
@@ -210,10 +217,11 @@ export class UblkDevice {
     volume: Volume,
     backingFd: number,
     target: Target,
-    options: QueueOptions & { id?: number; flags: number; startBoundMs?: number },
+    options: QueueOptions & { id?: number; flags: number; startBoundMs?: number; stopBoundMs?: number },
   ): Promise<UblkDevice> {
     const info = await control.add({ id: options.id, queues: options.queues, depth: options.depth, bufferBytes: options.bufferBytes, flags: options.flags });
     const device = new UblkDevice(control, volume, target, info);
+    device.stopBoundMs = options.stopBoundMs ?? STOP_BOUND_MS;
     try {
       // The encoding is whatever the kernel kept; recovery must not be lost silently.
       const missing = options.flags & ~info.flags & (UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE);
@@ -385,7 +393,15 @@ export class UblkDevice {
         await sleep(20);
       }
     }
-    const fastPath: FastPathServer = { idle: () => this.fastPathIdle(), counters: () => this.fastPathCounters() };
+    const fastPath: FastPathServer = {
+      idle: () => this.fastPathIdle(),
+      counters: () => this.fastPathCounters(),
+      describeRequests: () => {
+        const held = this.outstanding();
+        if (held.length === 0) return '';
+        return `${this.target} ${this.path}: ${held.slice(0, 4).map(describeRequest).join('; ')}${held.length > 4 ? `; and ${held.length - 4} more` : ''}`;
+      },
+    };
     this.detachFastPath = this.volume.attachFastPath(fastPath);
     this.native.start();
   }
@@ -737,11 +753,7 @@ export class UblkDevice {
         : `queue ${q} is closed`;
     });
     const v = this.volume.status();
-    const shown = fresh.slice(0, 8).map(
-      (r) =>
-        `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}, ${(r.ageMs / 1000).toFixed(1)} s, ` +
-        `waiting for ${r.stage} (plan: ${r.plan ?? 'none yet'}; addon: ${r.native})`,
-    );
+    const shown = fresh.slice(0, 8).map(describeRequest);
     watch.report(
       `${this.target} ${this.path}: ${stalled.length} request(s) outstanding for more than ${(watch.stallMs / 1000).toFixed(0)} s: ` +
         `${shown.join('; ')}${fresh.length > shown.length ? `; and ${fresh.length - shown.length} more` : ''}. ` +
@@ -757,17 +769,28 @@ export class UblkDevice {
     this.stopping ??= (async () => {
       let failure: unknown = null;
       try {
-        await this.control.stop(this.info.id);
+        // The kernel waits for every request in flight first: one that never completes would
+        // hold STOP_DEV forever.
+        await within(this.control.stop(this.info.id), this.stopBoundMs, () => {
+          const held = this.outstanding();
+          return new CldError(
+            'ETIMEDOUT',
+            `${this.target} ${this.path}: STOP_DEV did not finish within ${this.stopBoundMs / 1000} s; the kernel waits for ${held.length} request(s)` +
+              `${held.length ? `: ${held.slice(0, 4).map(describeRequest).join('; ')}` : ''}`,
+          );
+        });
       } catch (err) {
+        if ((err as CldError).code === 'ETIMEDOUT') {
+          // A request still holds the kernel, and so the queue thread serving it: closing the
+          // queues now would wait for that thread. The device stays as it is; stop can be retried.
+          this.stopping = null;
+          throw err;
+        }
         failure = err;
       }
       if (!failure) await Promise.race([this.stoppedPromise, sleep(10_000)]);
       this.closeNative();
-      try {
-        await this.control.delete(this.info.id);
-      } catch (err) {
-        failure ??= err;
-      }
+      failure ??= await this.deleteWithin();
       if (failure) throw nativeError(failure);
     })();
     return this.stopping;
@@ -781,18 +804,17 @@ export class UblkDevice {
   /** Closes the queues and deletes the device; says what it could not do, or null. */
   private async abandon(): Promise<string | null> {
     this.closeNative();
-    let timer: NodeJS.Timeout | undefined;
-    const bound = new Promise<string>((resolve) => {
-      timer = setTimeout(() => resolve(`DEL_DEV of ublk device ${this.info.id} did not finish within ${CANCEL_BOUND_MS / 1000} s`), CANCEL_BOUND_MS);
-    });
-    const deleted = this.control.delete(this.info.id).then(
-      () => null,
-      (err: unknown) => `the device could not be deleted: ${(err as Error).message}`,
-    );
+    const failed = await this.deleteWithin();
+    return failed && (failed.code === 'ETIMEDOUT' ? failed.message : `the device could not be deleted: ${failed.message}`);
+  }
+
+  /** DEL_DEV, bounded (it waits for every reference to /dev/ublkcN): its error, or null. */
+  private async deleteWithin(): Promise<CldError | null> {
     try {
-      return await Promise.race([deleted, bound]);
-    } finally {
-      clearTimeout(timer);
+      await within(this.control.delete(this.info.id), CANCEL_BOUND_MS, () => new CldError('ETIMEDOUT', `DEL_DEV of ublk device ${this.info.id} did not finish within ${CANCEL_BOUND_MS / 1000} s`));
+      return null;
+    } catch (err) {
+      return nativeError(err);
     }
   }
 
@@ -832,6 +854,13 @@ export function nativePublication(volume: Volume): NativePublication {
     blockSize,
     blocks,
   };
+}
+
+function describeRequest(r: OutstandingRequest): string {
+  return (
+    `queue ${r.queue} tag ${r.tag}: ${r.op} of ${r.length} bytes at ${r.offset}, ${(r.ageMs / 1000).toFixed(1)} s, ` +
+    `waiting for ${r.stage} (plan: ${r.plan ?? 'none yet'}; addon: ${r.native})`
+  );
 }
 
 function describePlan(plan: Plan | undefined): string | null {

@@ -34,7 +34,7 @@ export class FastPath {
     /** Runs its reads and writes (a test may watch them); flushes go to the store. */
     private readonly executor: Executor = new StoreExecutor(store),
   ) {
-    this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }) });
+    this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }), describeRequests: () => '' });
   }
 
   close(): void {

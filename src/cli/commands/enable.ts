@@ -3,6 +3,7 @@ import { text } from '../../printable.js';
 import { parsePath } from '../options.js';
 import { printJson } from '../output.js';
 import { withPair } from '../pairs.js';
+import { followResync } from '../progress.js';
 import { requireRoot } from '../root.js';
 
 interface Args {
@@ -29,7 +30,15 @@ export const enableCommand: CommandModule<object, Args> = {
     const freeze = typeof args.freeze === 'string' ? parsePath('--freeze', args.freeze) : '';
     const noFreeze = args['no-freeze'] || (args.freeze as unknown) === false;
     requireRoot('cldd enable');
-    const result = await withPair(args.pair, (client) => client.request('enable', { freeze, noFreeze, wait: args.wait }));
+    const result = await withPair(args.pair, async (client) => {
+      if (args.wait) {
+        // Follow a running resync here, where its progress shows and a stall is noticed, then
+        // enable as usual (the daemon waits too, should one be between the two).
+        const p = await client.request('progress');
+        if (p.state === 'resync') await followResync(client, p.blocksLeft, process.stderr);
+      }
+      return client.request('enable', { freeze, noFreeze, wait: args.wait });
+    });
     if (args.json) return printJson(result);
     const frozen = result.frozen ? text`; ${result.frozen} was frozen for ${(result.frozenMs ?? 0).toFixed(1)} ms` : '';
     console.log(text`snapshot ${result.epoch} taken` + frozen);

@@ -1,0 +1,118 @@
+/**
+ * What a pair's daemon waits for on request, and that each wait ends: enable --wait behind a
+ * resync that stopped, and a FIFREEZE that does not return.
+ */
+import { describe, expect, test } from 'vitest';
+import { CldError } from '../src/errors.js';
+import { FREEZE_LIMIT_MS, PairService, freezeWithin } from '../src/daemon/pair-service.js';
+import type { Logger } from '../src/daemon/logger.js';
+import type { Executor } from '../src/engine/plan.js';
+import { ResyncScheduler } from '../src/engine/resync.js';
+import { Volume } from '../src/engine/volume.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import type { Freezer } from '../src/system/freeze.js';
+import { Disk, StoreExecutor } from './support/disk.js';
+
+const BS = 4096;
+
+function recordingLog(): Logger & { lines: string[] } {
+  const lines: string[] = [];
+  const add = (level: string) => (message: string) => void lines.push(`${level}: ${message}`);
+  return { lines, error: add('error'), warn: add('warn'), info: add('info'), debug: add('debug') };
+}
+
+const noFreezer: Freezer = { freeze: async () => {}, thaw: async () => {} };
+
+/** Fails with a message saying what it was waiting for, if `promise` has not settled in `ms`. */
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, bound]).finally(() => clearTimeout(timer));
+}
+
+/** A volume in resync with `blocks` blocks to merge back. */
+async function resyncing(blocks: number): Promise<Volume> {
+  const volume = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'pair' });
+  await volume.enable();
+  await new Disk(volume).write(0, new Uint8Array(blocks * BS).fill(7));
+  await volume.disable();
+  expect(volume.state).toBe('resync');
+  return volume;
+}
+
+describe('enable --wait behind a resync', () => {
+  const failing: Executor = {
+    run: async () => {
+      throw new CldError('EIO', 'read of 16384 bytes at 4198400: the disk said no');
+    },
+  };
+
+  test('a resync whose merge fails ends the wait with its error', async () => {
+    const volume = await resyncing(4);
+    const scheduler = new ResyncScheduler(volume, failing, { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
+    void scheduler.start();
+    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
+      code: 'CLDD_STATE',
+      message: 'the resync stopped with 4 blocks left (read of 16384 bytes at 4198400: the disk said no); the slave cannot be enabled before it has finished',
+    });
+    expect(volume.state).toBe('resync');
+  });
+
+  test('a resync that is not running is not waited for', async () => {
+    const volume = await resyncing(2);
+    const scheduler = new ResyncScheduler(volume, failing, { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
+    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
+      code: 'CLDD_STATE',
+      message: 'the resync stopped with 2 blocks left; the slave cannot be enabled before it has finished',
+    });
+  });
+
+  test('a resync that finishes lets the enable go on', async () => {
+    const volume = await resyncing(3);
+    const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
+    void scheduler.start();
+    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).resolves.toMatchObject({ epoch: 2, frozen: null });
+    expect(volume.state).toBe('snapshot');
+  });
+});
+
+describe('FIFREEZE is bounded', () => {
+  test('a freeze that does not return fails the enable in time, and is thawed when it does', async () => {
+    let release!: () => void;
+    const calls: string[] = [];
+    const freezer: Freezer = {
+      freeze: (m) => {
+        calls.push(`freeze ${m}`);
+        return new Promise<void>((resolve) => (release = resolve));
+      },
+      thaw: async (m) => void calls.push(`thaw ${m}`),
+    };
+    const log = recordingLog();
+    const began = performance.now();
+    await expect(within(freezeWithin(freezer, '/mnt/home', 50, log), 5000, 'freezeWithin')).rejects.toMatchObject({
+      code: 'ETIMEDOUT',
+      message:
+        "FIFREEZE of /mnt/home did not complete within 0.05 s (it writes back through the master; cldd status shows the master's requests); nothing was enabled",
+    });
+    expect(performance.now() - began).toBeGreaterThanOrEqual(45);
+    expect(calls).toEqual(['freeze /mnt/home']);
+    release();
+    await new Promise((r) => setTimeout(r, 10));
+    expect(calls).toEqual(['freeze /mnt/home', 'thaw /mnt/home']);
+    expect(log.lines).toEqual(['warn: FIFREEZE of /mnt/home completed after the enable gave up on it; thawed']);
+  });
+
+  test('a freeze that returns in time is left frozen for the switch; one that fails says why', async () => {
+    const calls: string[] = [];
+    const freezer: Freezer = { freeze: async (m) => void calls.push(`freeze ${m}`), thaw: async (m) => void calls.push(`thaw ${m}`) };
+    await freezeWithin(freezer, '/srv', FREEZE_LIMIT_MS, recordingLog());
+    expect(calls).toEqual(['freeze /srv']);
+    const refusing: Freezer = { freeze: async () => Promise.reject(new CldError('EOPNOTSUPP', 'FIFREEZE /srv: not supported')), thaw: async () => {} };
+    await expect(freezeWithin(refusing, '/srv', FREEZE_LIMIT_MS, recordingLog())).rejects.toMatchObject({ code: 'EOPNOTSUPP' });
+  });
+});
