@@ -1,5 +1,8 @@
 #include "common.h"
 
+#include <sched.h>
+#include <time.h>
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -99,12 +102,26 @@ void Ring::Close() {
 }
 
 io_uring_sqe* Ring::Sqe() {
+  // A full SQ: hand the queued entries to the kernel and take a freed one. The kernel may refuse
+  // them for a while (EAGAIN: no memory for requests); past a second the caller gets none, and
+  // fails what it wanted to submit, rather than spin on forever.
+  timespec start{};
+  bool waiting = false;
   for (;;) {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe) return sqe;
-    // A full SQ: hand the queued entries to the kernel and take a freed one.
     int rc = io_uring_submit(&ring_);
     if (rc < 0 && rc != -EINTR && rc != -EAGAIN) return nullptr;
+    if (rc > 0) continue;
+    timespec now{};
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (!waiting) {
+      waiting = true;
+      start = now;
+    } else if (now.tv_sec - start.tv_sec > 1) {
+      return nullptr;
+    }
+    sched_yield();
   }
 }
 

@@ -847,8 +847,12 @@ Napi::Value Device::Close(const Napi::CallbackInfo& info) {
 }
 
 // Asks every queue thread to stop serving and joins it. Each waits for its backing I/O to finish
-// first (file I/O always completes, so this is bounded): that I/O lands in the tag buffers or the
-// requests' pages, which must outlive it.
+// first: that I/O lands in the tag buffers or the requests' pages, which must outlive it. Backing
+// I/O on a backing store that hangs (a dead NFS server) would hold the join, and the main thread,
+// as long as it hangs; every backing I/O serves a request, so UblkDevice.stop() closes the queues
+// only after STOP_DEV has completed every request (bounded: a STOP_DEV that times out leaves the
+// queues open and names the requests), and a start or takeover that failed has served none but
+// the partition scan's reads.
 void Device::StopThreads() {
   for (auto& q : queues_) {
     if (!q->thread.joinable()) continue;
