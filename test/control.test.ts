@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { DaemonClient } from '../src/protocol/client.js';
 import { ControlServer, MAX_IN_FLIGHT } from '../src/daemon/control-server.js';
-import { checkedHandlers } from '../src/protocol/methods.js';
+import { checkedHandlers, checkReadyLine } from '../src/protocol/methods.js';
 import { checkName } from '../src/protocol/paths.js';
 import { CldError } from '../src/errors.js';
 
@@ -384,5 +384,21 @@ describe('control socket: a client that does not read its replies', () => {
     await readAll(socket, count + 1);
     expect(served).toBe(count);
     socket.destroy();
+  });
+});
+
+describe('the ready line a daemon writes to whoever started it', () => {
+  const ready = { master: '/dev/ublkb0', slave: null, pid: 42, state: 'plain', recovered: false, layout: { queues: 1, depth: 128, zeroCopy: true } };
+
+  test('ready, or an error, is taken as it is', () => {
+    expect(checkReadyLine({ ready }, 'p')).toEqual({ ready });
+    expect(checkReadyLine({ error: { code: 'EBUSY', message: 'busy' } }, 'p')).toEqual({ error: { code: 'EBUSY', message: 'busy' } });
+  });
+
+  test('anything else is EPROTO saying what is wrong', () => {
+    expect(() => checkReadyLine({ ready: { ...ready, pid: 0 } }, 'p')).toThrow(
+      expect.objectContaining({ code: 'EPROTO', message: 'the daemon of "p" reported a malformed start: ready.pid must be a whole number from 1 to 9007199254740991' }),
+    );
+    expect(() => checkReadyLine({}, 'p')).toThrow(expect.objectContaining({ code: 'EPROTO', message: 'the daemon of "p" reported a malformed start: ready must be an object' }));
   });
 });

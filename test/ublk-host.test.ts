@@ -5,7 +5,8 @@
 import { existsSync } from 'node:fs';
 import { describe, expect, test } from 'vitest';
 import { addon } from '../src/native/addon.js';
-import { UblkControl, encodeControlOp } from '../src/ublk/control.js';
+import { UblkControl } from '../src/ublk/control.js';
+import { encodeControlOp } from '../src/ublk/uapi.js';
 
 const hostHasUblk = existsSync('/dev/ublk-control');
 

@@ -1,5 +1,5 @@
 import { open, rm, stat } from 'node:fs/promises';
-import { CldError } from '../errors.js';
+import { CldError, codeOf } from '../errors.js';
 import { MAX_BLOCK_SIZE, SUPERBLOCK_COPIES, computeLayout, type Superblock } from '../format/format.js';
 import { Volume, readSuperblocks } from '../engine/volume.js';
 import {
@@ -51,7 +51,7 @@ export async function prepareBacking(path: string, options: PrepareOptions): Pro
     if (options.size === undefined) throw new CldError('ENOENT', `${path} does not exist (give --size to create it)`);
     computeLayout(options.size, blockSize); // too small: refused before the file exists
     const fh = await open(path, 'wx', 0o600).catch((err) => {
-      throw new CldError((err as { code?: string }).code ?? 'EIO', `cannot create ${path}: ${(err as Error).message}`);
+      throw new CldError(codeOf(err), `cannot create ${path}: ${(err as Error).message}`);
     });
     try {
       await fh.truncate(options.size);

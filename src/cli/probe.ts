@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { CldError } from '../errors.js';
+import { CldError, codeOf } from '../errors.js';
 import { metadataPages, type Layout } from '../format/format.js';
 import type { BlockStore } from '../io/block-store.js';
 
@@ -137,7 +137,7 @@ function runTool(name: string, args: string[]): Promise<{ stdout: string }> {
     execFile(tool, args, { env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) => {
       if (!err) return resolve({ stdout });
       const detail = stderr.trim().split('\n').pop() || err.message;
-      const code = typeof err.code === 'string' ? err.code : 'EIO';
+      const code = codeOf(err);
       reject(new CldError(code, `${name} ${args.slice(0, -1).join(' ')} failed: ${detail}`));
     });
   });

@@ -2,20 +2,10 @@ import { spawn } from 'node:child_process';
 import { mkdir, open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { CldError } from '../errors.js';
+import { CldError, isErrorCode } from '../errors.js';
 import type { Paths } from '../protocol/paths.js';
-import type { DeviceLayout } from '../daemon/pair-service.js';
+import { checkReadyLine, type ReadyMessage } from '../protocol/methods.js';
 import { CLDD_HOME, DAEMON_NODE_OPTIONS } from './systemd-unit.js';
-
-export interface ReadyMessage {
-  master: string;
-  slave: string | null;
-  pid: number;
-  state: string;
-  /** The devices of a daemon that died, taken over (user recovery). */
-  recovered: boolean;
-  layout: DeviceLayout | null;
-}
 
 /**
  * Starts `cldd daemon NAME` detached, with stderr appended to /run/cldd/NAME.log, and waits
@@ -51,9 +41,15 @@ export async function spawnDaemon(
         const nl = text.indexOf('\n');
         if (nl < 0) return;
         clearTimeout(timer);
-        const msg = JSON.parse(text.slice(0, nl)) as { ready?: ReadyMessage; error?: { code: string; message: string } };
-        if (msg.error) reject(new CldError(msg.error.code, msg.error.message));
-        else resolve(msg.ready!);
+        let line: ReturnType<typeof checkReadyLine>;
+        try {
+          line = checkReadyLine(JSON.parse(text.slice(0, nl)), name);
+        } catch (err) {
+          reject(err instanceof CldError ? err : new CldError('EPROTO', `the daemon of "${name}" reported a start that is not JSON: ${(err as Error).message}`));
+          return;
+        }
+        if ('error' in line) reject(new CldError(isErrorCode(line.error.code) ? line.error.code : 'EIO', line.error.message));
+        else resolve(line.ready);
       });
       child.on('exit', async (code, signal) => {
         clearTimeout(timer);

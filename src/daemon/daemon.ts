@@ -14,8 +14,8 @@ import { ControlServer } from './control-server.js';
 import { DeviceLinks } from './device-links.js';
 import type { Freezer } from '../system/freeze.js';
 import type { Logger } from './logger.js';
-import { checkedHandlers } from '../protocol/methods.js';
-import { type DeviceLayout, type PairDevices, PairService } from './pair-service.js';
+import { checkedHandlers, type DeviceLayout } from '../protocol/methods.js';
+import { type PairDevices, PairService } from './pair-service.js';
 import { defaultPaths, type Paths, socketPath } from '../protocol/paths.js';
 import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from '../protocol/state-file.js';
 

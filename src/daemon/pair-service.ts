@@ -5,7 +5,7 @@ import type { Volume } from '../engine/volume.js';
 import { deviceNumber, deviceOfPath, mountsOf, usersOf } from '../system/device-users.js';
 import type { Freezer } from '../system/freeze.js';
 import type { Logger } from './logger.js';
-import { CHANGES_PAGE, type PairStatus, type Result } from '../protocol/methods.js';
+import { CHANGES_PAGE, type DeviceLayout, type PairStatus, type Result } from '../protocol/methods.js';
 import type { OutstandingRequest } from '../ublk/device.js';
 
 export interface DeviceInfo {
@@ -15,11 +15,6 @@ export interface DeviceInfo {
 }
 
 /** How the kernel serves a device: fixed when it is created. */
-export interface DeviceLayout {
-  queues: number;
-  depth: number;
-  zeroCopy: boolean;
-}
 
 /**
  * The kernel devices that serve a volume. The master lives as long as the daemon; the slave is
@@ -188,14 +183,15 @@ export class PairService {
   }
 
   async enable(params: EnableParams = {}): Promise<EnableResult> {
+    // The volume's refusals, before anything is frozen.
+    const refused = this.volume.enableRefusal({ wait: params.wait });
+    if (refused) throw refused;
     if (this.volume.state === 'resync') {
-      if (!params.wait) {
-        throw new CldError('CLDD_STATE', `a resync is still running (${this.volume.map.count} blocks left); retry with --wait`);
-      }
       this.log.info('enable: waiting for the resync to finish');
       await this.untilResyncDone();
+      const after = this.volume.enableRefusal();
+      if (after) throw after;
     }
-    if (this.volume.state === 'snapshot') throw new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.volume.epoch})`);
     const mountpoint = await this.freezeTarget(params);
     if (!mountpoint) {
       await this.volume.enable();

@@ -1,11 +1,13 @@
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../io/native-store.js';
-import { hasZeroCopy, UBLK_F, UblkControl } from '../ublk/control.js';
+import { hasZeroCopy, UblkControl } from '../ublk/control.js';
+import { UBLK_F } from '../ublk/uapi.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
 import { disableScheduler, ioctlFreezer, sdNotify } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
-import type { DeviceInfo, DeviceLayout, PairDevices } from './pair-service.js';
+import type { DeviceLayout } from '../protocol/methods.js';
+import type { DeviceInfo, PairDevices } from './pair-service.js';
 
 /** The daemon's real backend: io_uring store, ublk devices, fsfreeze, sd_notify. */
 export async function ublkBackend(log: Logger): Promise<Backend> {

@@ -808,6 +808,15 @@ export class Volume {
 
   // ---------------------------------------------------------------- state changes
 
+  /** Why enable() would refuse now (already enabled; a resync running and no wait), or null. */
+  enableRefusal(options: { wait?: boolean } = {}): CldError | null {
+    if (this.sb.state === 'snapshot') return new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.sb.epoch})`);
+    if (this.sb.state === 'resync' && !options.wait) {
+      return new CldError('CLDD_STATE', `a resync is still running (${this.map.count} blocks left): wait for it to finish, or enable with --wait`);
+    }
+    return null;
+  }
+
   /**
    * Takes the snapshot: from now on the data area is the slave image. Durable before it
    * returns. From resync it waits for the merge to finish when `wait` is set, else refuses.
@@ -816,18 +825,9 @@ export class Volume {
     this.checkUsable();
     this.beginTransition();
     try {
-      if (this.sb.state === 'snapshot') {
-        throw new CldError('CLDD_STATE', `the slave is already enabled (snapshot ${this.sb.epoch})`);
-      }
-      if (this.sb.state === 'resync') {
-        if (!options.wait) {
-          throw new CldError(
-            'CLDD_STATE',
-            `a resync is still running (${this.map.count} blocks left): wait for it to finish, or ask to wait`,
-          );
-        }
-        await this.untilPlain();
-      }
+      const refused = this.enableRefusal(options);
+      if (refused) throw refused;
+      if (this.sb.state === 'resync') await this.untilPlain();
       await this.withGateClosed('enable', async () => {
         await this.commit();
         this.setState('snapshot');

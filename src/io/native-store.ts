@@ -1,5 +1,5 @@
-import { CldError } from '../errors.js';
-import { addon, nativeError } from '../native/addon.js';
+import { CldError, asCldError } from '../errors.js';
+import { addon } from '../native/addon.js';
 import type { NativeStoreHandle } from '../native/native.js';
 import { EXTENT_KIND } from '../native/wire.js';
 import { type BlockStore, type IoOp, type OrderedStep, packSteps, writtenBytes } from './block-store.js';
@@ -35,7 +35,7 @@ export class NativeStore implements BlockStore {
     try {
       handle = new Store(path, options.readOnly === true, options.lock === true);
     } catch (err) {
-      throw nativeError(err);
+      throw asCldError(err);
     }
     return new NativeStore(handle, path);
   }
@@ -115,5 +115,5 @@ export class NativeStore implements BlockStore {
 }
 
 function rethrow(err: unknown): never {
-  throw nativeError(err);
+  throw asCldError(err);
 }

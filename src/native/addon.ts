@@ -29,10 +29,3 @@ export function addon(): NativeAddon {
   }
   throw new CldError('ENOENT', `the native addon ${ADDON} is not built (run npm run setup)`);
 }
-
-/** A native error (or anything else) as a CldError that keeps its code. */
-export function nativeError(err: unknown): CldError {
-  if (err instanceof CldError) return err;
-  const code = (err as { code?: string } | null)?.code ?? 'EIO';
-  return new CldError(code, err instanceof Error ? err.message : String(err), { cause: err });
-}

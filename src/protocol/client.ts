@@ -1,5 +1,5 @@
 import { connect, type Socket } from 'node:net';
-import { CldError } from '../errors.js';
+import { CldError, isErrorCode } from '../errors.js';
 import { checkResult, isPlainObject, type Method, type Params, REPLY_BOUND_MS, type Result } from './methods.js';
 import { type HelloReply, LineReader, PROTOCOL_VERSION } from './protocol.js';
 
@@ -144,9 +144,9 @@ function malformed(name: string, what: string): CldError {
   return new CldError('EPROTO', `the daemon of "${name}" sent ${what}`);
 }
 
-/** The daemon's error as a CldError; an error without a string code and message is EPROTO. */
+/** The daemon's error as a CldError; one without a known code and a message is EPROTO. */
 function replyError(error: unknown, name: string): CldError {
-  if (isPlainObject(error) && typeof error.code === 'string' && typeof error.message === 'string') return new CldError(error.code, error.message);
+  if (isPlainObject(error) && isErrorCode(error.code) && typeof error.message === 'string') return new CldError(error.code, error.message);
   return malformed(name, 'an error without a code and a message');
 }
 

@@ -182,6 +182,36 @@ export const METHODS = {
 
 export type Method = keyof typeof METHODS;
 
+/** How the master is served: what `cldd add` reports, and what a takeover must keep. */
+const deviceLayout = object({ queues: integer(1), depth: integer(1), zeroCopy: boolean });
+export type DeviceLayout = ReturnType<typeof deviceLayout>;
+
+/** What a daemon tells whoever started it once it serves (null devices: none, as in tests). */
+const readyMessage = object({
+  master: nullable(string),
+  slave: nullable(string),
+  pid: integer(1),
+  state: string,
+  /** The devices of a daemon that died, taken over (user recovery). */
+  recovered: boolean,
+  layout: nullable(deviceLayout),
+});
+export type ReadyMessage = ReturnType<typeof readyMessage>;
+
+/** The daemon's one line to its starter (cldd daemon --ready-fd): ready, or why it is not. */
+export type ReadyLine = { ready: ReadyMessage } | { error: { code: string; message: string } };
+
+/** A ready line as the starter uses it, or EPROTO saying what is wrong. */
+export function checkReadyLine(value: unknown, daemon: string): ReadyLine {
+  try {
+    if (isPlainObject(value) && value.error !== undefined) return { error: object({ code: string, message: string })(value.error, 'error') };
+    return { ready: readyMessage(isPlainObject(value) ? value.ready : undefined, 'ready') };
+  } catch (err) {
+    if (err instanceof ShapeError) throw new CldError('EPROTO', `the daemon of "${daemon}" reported a malformed start: ${err.message}`);
+    throw err;
+  }
+}
+
 /**
  * How long the CLI waits for each method's reply. The daemon bounds every wait of its own
  * (a state change's drain and the fast path's, 30 s each; FIFREEZE 10 s; STOP_DEV 60 s, DEL_DEV

@@ -2,7 +2,8 @@
 import { writeFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type { Freezer } from './freeze.js';
-import { addon, nativeError } from '../native/addon.js';
+import { asCldError } from '../errors.js';
+import { addon } from '../native/addon.js';
 
 /** sd_notify(3) to NOTIFY_SOCKET; nothing when the process does not run under systemd. */
 export function sdNotify(message: string, socket = process.env.NOTIFY_SOCKET): void {
@@ -10,7 +11,7 @@ export function sdNotify(message: string, socket = process.env.NOTIFY_SOCKET): v
   try {
     addon().notify(socket, message);
   } catch (err) {
-    throw nativeError(err);
+    throw asCldError(err);
   }
 }
 
@@ -29,6 +30,6 @@ export async function disableScheduler(devicePath: string): Promise<void> {
  * master, which this process serves: the main thread must stay free while it waits.)
  */
 export const ioctlFreezer: Freezer = {
-  freeze: (mountpoint) => addon().freeze(mountpoint).catch((err: unknown) => Promise.reject(nativeError(err))),
-  thaw: (mountpoint) => addon().thaw(mountpoint).catch((err: unknown) => Promise.reject(nativeError(err))),
+  freeze: (mountpoint) => addon().freeze(mountpoint).catch((err: unknown) => Promise.reject(asCldError(err))),
+  thaw: (mountpoint) => addon().thaw(mountpoint).catch((err: unknown) => Promise.reject(asCldError(err))),
 };

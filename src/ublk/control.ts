@@ -1,35 +1,21 @@
 /**
- * The ublk control plane: /dev/ublk-control commands with their structures, and the opcode
+ * The ublk control plane: /dev/ublk-control commands (their structures are in uapi.ts), and the opcode
  * negotiation. Kernels from 6.5 answer GET_FEATURES; when it lists UBLK_F_CMD_IOCTL_ENCODE only
  * the ioctl-encoded opcodes are used. Without GET_FEATURES (6.0-6.4) each command is sent
  * encoded first and, when the kernel does not know it (ENOTSUPP, shown as EOPNOTSUPP), again
  * with its legacy number. What the kernel changed in ADD_DEV (queue count, buffer size, flags)
  * is read back, never assumed.
  */
-import { CldError } from '../errors.js';
-import { addon, nativeError } from '../native/addon.js';
+import { CldError, asCldError } from '../errors.js';
+import { addon } from '../native/addon.js';
 import type { NativeControlHandle } from '../native/native.js';
+import { ANY_ID, CMD, type CommandName, DEV_INFO, DEV_STATE, type DevState, NO_QUEUE, PARAM_TYPE, PARAMS, READ_ONLY_CMDS, UBLK_F, encodeControlOp } from './uapi.js';
 
 /**
  * The largest logical block a ublk device takes: the kernel refuses blocks larger than the page
  * size (4096 on x86-64). cldd's format allows larger blocks, but such a store cannot be served.
  */
 export const MAX_DEVICE_BLOCK_SIZE = 4096;
-
-/** Device feature flags (UBLK_F_*), the ones cldd asks for or reports. */
-export const UBLK_F = {
-  URING_CMD_COMP_IN_TASK: 1 << 1,
-  NEED_GET_DATA: 1 << 2,
-  USER_RECOVERY: 1 << 3,
-  USER_RECOVERY_REISSUE: 1 << 4,
-  UNPRIVILEGED_DEV: 1 << 5,
-  CMD_IOCTL_ENCODE: 1 << 6,
-  USER_COPY: 1 << 7,
-  ZONED: 1 << 8,
-  USER_RECOVERY_FAIL_IO: 1 << 9,
-  /** Linux 6.16+: each request's pages are registered in the server's io_uring (zero copy). */
-  AUTO_BUF_REG: 1 << 11,
-} as const;
 
 /** What cldd's zero copy needs of a device. */
 const ZERO_COPY = UBLK_F.AUTO_BUF_REG | UBLK_F.USER_COPY;
@@ -39,49 +25,8 @@ export function hasZeroCopy(flags: number): boolean {
   return (flags & ZERO_COPY) === ZERO_COPY;
 }
 
-export const UBLK_ATTR = { READ_ONLY: 1 << 0, ROTATIONAL: 1 << 1, VOLATILE_CACHE: 1 << 2, FUA: 1 << 3 } as const;
-
-/** Device states (UBLK_S_DEV_*). */
-export const DEV_STATE = ['dead', 'live', 'quiesced', 'fail-io'] as const;
-export type DevState = (typeof DEV_STATE)[number] | 'unknown';
-
-const CMD = {
-  GET_DEV_INFO: 0x02,
-  ADD_DEV: 0x04,
-  DEL_DEV: 0x05,
-  START_DEV: 0x06,
-  STOP_DEV: 0x07,
-  SET_PARAMS: 0x08,
-  GET_PARAMS: 0x09,
-  START_USER_RECOVERY: 0x10,
-  END_USER_RECOVERY: 0x11,
-  GET_FEATURES: 0x13,
-} as const;
-type CommandName = keyof typeof CMD;
-
 /** Commands that exist only ioctl-encoded. */
 const ENCODED_ONLY = new Set<CommandName>(['GET_FEATURES']);
-/** Commands that only read (_IOR); the rest are _IOWR. */
-const READ_ONLY_CMDS = new Set<CommandName>(['GET_DEV_INFO', 'GET_PARAMS', 'GET_FEATURES']);
-
-const CTRL_CMD_SIZE = 32;
-const IOC_READ = 2;
-const IOC_READ_WRITE = 3;
-
-/** _IOR/_IOWR('u', nr, struct ublksrv_ctrl_cmd). */
-export function encodeControlOp(nr: number, write: boolean): number {
-  return (((write ? IOC_READ_WRITE : IOC_READ) << 30) | (CTRL_CMD_SIZE << 16) | (0x75 << 8) | nr) >>> 0;
-}
-
-const ANY_ID = 0xffffffff;
-const NO_QUEUE = 0xffff;
-const DEV_INFO_SIZE = 64;
-const PARAMS_SIZE = 128;
-const PARAMS_LEN = 64; // header + basic + discard, rounded as the 6.1 structure is
-const PARAM_TYPE_BASIC = 1 << 0;
-const PARAM_TYPE_DISCARD = 1 << 1;
-const PARAM_TYPE_DEVT = 1 << 2;
-
 export interface DeviceInfo {
   id: number;
   queues: number;
@@ -127,7 +72,7 @@ export class UblkControl {
     try {
       return new UblkControl(new Control());
     } catch (err) {
-      throw nativeError(err);
+      throw asCldError(err);
     }
   }
 
@@ -166,7 +111,7 @@ export class UblkControl {
       this.features = Number(new DataView(buf.buffer).getBigUint64(0, true) & 0xffffffffn);
     } catch (err) {
       const code = (err as { code?: string }).code;
-      if (code !== 'EOPNOTSUPP' && code !== 'EINVAL' && code !== 'ENOTTY') throw nativeError(err);
+      if (code !== 'EOPNOTSUPP' && code !== 'EINVAL' && code !== 'ENOTTY') throw asCldError(err);
       this.features = null;
     }
     this.negotiated = true;
@@ -187,12 +132,12 @@ export class UblkControl {
       return await this.cancellable(encoded, devId, data0, buffer, label, signal);
     } catch (err) {
       const code = (err as { code?: string }).code;
-      if (encodingKnown || ENCODED_ONLY.has(name) || code !== 'EOPNOTSUPP') throw nativeError(err);
+      if (encodingKnown || ENCODED_ONLY.has(name) || code !== 'EOPNOTSUPP') throw asCldError(err);
     }
     try {
       return await this.cancellable(CMD[name], devId, data0, buffer, label, signal);
     } catch (err) {
-      throw nativeError(err);
+      throw asCldError(err);
     }
   }
 
@@ -211,18 +156,18 @@ export class UblkControl {
 
   /** ADD_DEV; returns what the kernel made of the request. */
   async add(options: AddOptions): Promise<DeviceInfo> {
-    const buf = new Uint8Array(DEV_INFO_SIZE);
+    const buf = new Uint8Array(DEV_INFO.size);
     const v = new DataView(buf.buffer);
     const id = options.id ?? ANY_ID;
-    v.setUint16(0, options.queues, true);
-    v.setUint16(2, options.depth, true);
-    v.setUint32(8, options.bufferBytes, true);
-    v.setUint32(12, id, true);
-    v.setBigUint64(24, BigInt(options.flags), true);
+    v.setUint16(DEV_INFO.nrHwQueues, options.queues, true);
+    v.setUint16(DEV_INFO.queueDepth, options.depth, true);
+    v.setUint32(DEV_INFO.maxIoBufBytes, options.bufferBytes, true);
+    v.setUint32(DEV_INFO.devId, id, true);
+    v.setBigUint64(DEV_INFO.flags, BigInt(options.flags), true);
     try {
       await this.send('ADD_DEV', id, 0, buf);
     } catch (err) {
-      const e = nativeError(err);
+      const e = asCldError(err);
       if (e.code === 'EEXIST') throw new CldError('EEXIST', `ublk device ${id} already exists`, { cause: err });
       throw e;
     }
@@ -234,39 +179,29 @@ export class UblkControl {
     if (!Number.isInteger(shift) || shift < 9 || p.blockSize > MAX_DEVICE_BLOCK_SIZE) {
       throw new CldError('EINVAL', `block size ${p.blockSize} is not a power of two from 512 to the page size (${MAX_DEVICE_BLOCK_SIZE})`);
     }
-    const buf = new Uint8Array(PARAMS_SIZE);
+    const buf = new Uint8Array(PARAMS.size);
     const v = new DataView(buf.buffer);
-    v.setUint32(0, PARAMS_LEN, true);
-    v.setUint32(4, PARAM_TYPE_BASIC | (p.maxDiscardBytes > 0 ? PARAM_TYPE_DISCARD : 0), true);
-    // basic
-    v.setUint32(8, p.attrs, true);
-    v.setUint8(12, shift); // logical
-    v.setUint8(13, shift); // physical
-    v.setUint8(14, shift); // io_opt
-    v.setUint8(15, shift); // io_min
-    v.setUint32(16, Math.floor(p.maxIoBytes / 512), true);
-    v.setUint32(20, 0, true); // no chunk boundaries
-    v.setBigUint64(24, BigInt(Math.floor(p.capacity / 512)), true);
-    v.setBigUint64(32, 0n, true);
+    const { header, basic, discard } = PARAMS;
+    v.setUint32(header.len, PARAMS.len, true);
+    v.setUint32(header.types, PARAM_TYPE.basic | (p.maxDiscardBytes > 0 ? PARAM_TYPE.discard : 0), true);
+    v.setUint32(basic.attrs, p.attrs, true);
+    v.setUint8(basic.logicalBsShift, shift);
+    v.setUint8(basic.physicalBsShift, shift);
+    v.setUint8(basic.ioOptShift, shift);
+    v.setUint8(basic.ioMinShift, shift);
+    v.setUint32(basic.maxSectors, Math.floor(p.maxIoBytes / 512), true);
+    v.setUint32(basic.chunkSectors, 0, true); // no chunk boundaries
+    v.setBigUint64(basic.devSectors, BigInt(Math.floor(p.capacity / 512)), true);
+    v.setBigUint64(basic.virtBoundaryMask, 0n, true);
     // discard: one range per request, whole blocks
     if (p.maxDiscardBytes > 0) {
-      v.setUint32(40, 0, true);
-      v.setUint32(44, p.blockSize, true);
-      v.setUint32(48, Math.floor(p.maxDiscardBytes / 512), true);
-      v.setUint32(52, Math.floor(p.maxDiscardBytes / 512), true);
-      v.setUint16(56, 1, true);
+      v.setUint32(discard.alignment, 0, true);
+      v.setUint32(discard.granularity, p.blockSize, true);
+      v.setUint32(discard.maxDiscardSectors, Math.floor(p.maxDiscardBytes / 512), true);
+      v.setUint32(discard.maxWriteZeroesSectors, Math.floor(p.maxDiscardBytes / 512), true);
+      v.setUint16(discard.maxDiscardSegments, 1, true);
     }
     await this.send('SET_PARAMS', id, 0, buf);
-  }
-
-  /** The block device's major:minor (known once started). */
-  async devt(id: number): Promise<{ major: number; minor: number }> {
-    const buf = new Uint8Array(PARAMS_SIZE);
-    const v = new DataView(buf.buffer);
-    v.setUint32(0, 76, true);
-    v.setUint32(4, PARAM_TYPE_DEVT, true);
-    await this.send('GET_PARAMS', id, 0, buf);
-    return { major: v.getUint32(68, true), minor: v.getUint32(72, true) };
   }
 
   /**
@@ -287,7 +222,7 @@ export class UblkControl {
   }
 
   async info(id: number): Promise<DeviceInfo> {
-    const buf = new Uint8Array(DEV_INFO_SIZE);
+    const buf = new Uint8Array(DEV_INFO.size);
     await this.send('GET_DEV_INFO', id, 0, buf);
     return decodeInfo(buf);
   }
@@ -310,14 +245,14 @@ export class UblkControl {
 
 function decodeInfo(buf: Uint8Array): DeviceInfo {
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const state = v.getUint16(4, true);
+  const state = v.getUint16(DEV_INFO.state, true);
   return {
-    queues: v.getUint16(0, true),
-    depth: v.getUint16(2, true),
+    queues: v.getUint16(DEV_INFO.nrHwQueues, true),
+    depth: v.getUint16(DEV_INFO.queueDepth, true),
     state: DEV_STATE[state] ?? 'unknown',
-    bufferBytes: v.getUint32(8, true),
-    id: v.getUint32(12, true),
-    serverPid: v.getInt32(16, true),
-    flags: Number(v.getBigUint64(24, true) & 0xffffffffn),
+    bufferBytes: v.getUint32(DEV_INFO.maxIoBufBytes, true),
+    id: v.getUint32(DEV_INFO.devId, true),
+    serverPid: v.getInt32(DEV_INFO.ublksrvPid, true),
+    flags: Number(v.getBigUint64(DEV_INFO.flags, true) & 0xffffffffn),
   };
 }

@@ -25,18 +25,19 @@
  */
 import { constants as osConstants } from 'node:os';
 import { within } from '../deadline.js';
-import { CldError } from '../errors.js';
+import { CldError, asCldError, errnoOf } from '../errors.js';
 import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../io/block-store.js';
-import { addon, nativeError } from '../native/addon.js';
-import { hasZeroCopy, UBLK_ATTR, UBLK_F, type DeviceInfo, type UblkControl } from './control.js';
+import { addon } from '../native/addon.js';
+import { hasZeroCopy, type DeviceInfo, type UblkControl } from './control.js';
+import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
 import type { NativeDeviceHandle, NativePublication, NativeQueueState } from '../native/native.js';
 import { EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
 
-/** ublk request opcodes (the kernel's UBLK_IO_OP_*) the engine serves. */
-const REQUEST_OPS: Record<number, RequestOp> = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'write-zeroes' };
+/** The engine's name of each request opcode it serves. */
+const REQUEST_OPS: Record<number, RequestOp> = IO_OP;
 /** A commit's steps as a flush's queue thread runs them: writes from the metadata buffer. */
 const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync };
 /**
@@ -69,12 +70,6 @@ export const DEFAULT_QUEUE_OPTIONS: QueueOptions = {
   bufferBytes: 1 << 20,
   maxDiscardBytes: 256 << 20,
 };
-
-export function errnoOf(err: unknown): number {
-  const code = (err as { code?: string } | null)?.code;
-  const n = code ? (osConstants.errno as Record<string, number>)[code] : undefined;
-  return n ?? osConstants.errno.EIO;
-}
 
 /** Numbers appended to a typed array that is reused from call to call (and grows as needed). */
 class Batch<T extends Float64Array | Int32Array> {
@@ -239,7 +234,7 @@ export class UblkDevice {
       await device.untilServing('START_DEV', (signal) => control.start(info.id, signal), options.startBoundMs ?? START_BOUND_MS);
     } catch (err) {
       const left = await device.abandon();
-      if (left) throw new CldError(nativeError(err).code, `${(err as Error).message}; ${left}`, { cause: err });
+      if (left) throw new CldError(asCldError(err).code, `${(err as Error).message}; ${left}`, { cause: err });
       throw err;
     }
     return device;
@@ -389,7 +384,7 @@ export class UblkDevice {
         // /dev/ublkcN appears through devtmpfs/udev shortly after ADD_DEV; a previous server's
         // ring may still hold it for a moment (EBUSY).
         const code = (err as { code?: string }).code;
-        if ((code !== 'ENOENT' && code !== 'EBUSY') || Date.now() > deadline) throw nativeError(err);
+        if ((code !== 'ENOENT' && code !== 'EBUSY') || Date.now() > deadline) throw asCldError(err);
         await sleep(20);
       }
     }
@@ -791,7 +786,7 @@ export class UblkDevice {
       if (!failure) await Promise.race([this.stoppedPromise, sleep(10_000)]);
       this.closeNative();
       failure ??= await this.deleteWithin();
-      if (failure) throw nativeError(failure);
+      if (failure) throw asCldError(failure);
     })();
     return this.stopping;
   }
@@ -814,7 +809,7 @@ export class UblkDevice {
       await within(this.control.delete(this.info.id), CANCEL_BOUND_MS, () => new CldError('ETIMEDOUT', `DEL_DEV of ublk device ${this.info.id} did not finish within ${CANCEL_BOUND_MS / 1000} s`));
       return null;
     } catch (err) {
-      return nativeError(err);
+      return asCldError(err);
     }
   }
 

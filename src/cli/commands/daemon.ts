@@ -1,11 +1,12 @@
 import { writeSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
-import { CldError } from '../../errors.js';
+import { type CldError, codeOf } from '../../errors.js';
 import { DEFAULT_CONFIG, LIMITS, LOG_LEVELS, type LogLevel, type PairConfig, readConfig } from '../../protocol/config.js';
 import { Daemon } from '../../daemon/daemon.js';
 import { stderrLogger } from '../../daemon/logger.js';
 import { checkName, configPath, defaultPaths } from '../../protocol/paths.js';
+import type { ReadyLine } from '../../protocol/methods.js';
 import { refuseUnattachable } from '../backing.js';
 import { parseCount, parsePath } from '../options.js';
 import { requireRoot } from '../root.js';
@@ -39,7 +40,7 @@ export const daemonCommand: CommandModule<object, Args> = {
       .option('resync-rate', { type: 'string', nargs: 1, default: '0', describe: 'resync rate limit, bytes per second' })
       .option('ready-fd', { type: 'number', describe: 'write one JSON line here when ready (or failed)' }) as unknown as Argv<Args>,
   handler: async (args) => {
-    const report = (message: unknown) => {
+    const report = (message: ReadyLine) => {
       if (args['ready-fd'] === undefined) return;
       try {
         writeSync(args['ready-fd'], `${JSON.stringify(message)}\n`);
@@ -70,7 +71,7 @@ export const daemonCommand: CommandModule<object, Args> = {
       daemon = await Daemon.start({ ...config, name }, await ublkBackend(log), log, paths);
     } catch (err) {
       const e = err as CldError;
-      report({ error: { code: e.code ?? 'EIO', message: e.message ?? String(err) } });
+      report({ error: { code: codeOf(err), message: e.message ?? String(err) } });
       throw err;
     }
     const info = daemon.devicesInfo;
