@@ -13,7 +13,8 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { prepareBacking } from '../src/cli/backing.js';
 import { listSignatures } from '../src/cli/probe.js';
-import { Volume, readSuperblocks } from '../src/engine/volume.js';
+import { Volume } from '../src/engine/volume.js';
+import { readSuperblocks } from '../src/format/recovery.js';
 import { FileStore } from '../src/io/file-store.js';
 import { type Cli, buildCli } from './support/cli.js';
 

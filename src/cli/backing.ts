@@ -1,7 +1,8 @@
 import { open, rm, stat } from 'node:fs/promises';
 import { CldError, codeOf } from '../errors.js';
 import { MAX_BLOCK_SIZE, SUPERBLOCK_COPIES, computeLayout, type Superblock } from '../format/format.js';
-import { Volume, readSuperblocks } from '../engine/volume.js';
+import { Volume } from '../engine/volume.js';
+import { readSuperblocks } from '../format/recovery.js';
 import {
   type Signature,
   describeForeignSignature,

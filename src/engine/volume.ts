@@ -21,56 +21,23 @@
  */
 import { within } from '../deadline.js';
 import { CldError } from '../errors.js';
-import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../io/block-store.js';
+import type { BlockStore, StepRunner } from '../io/block-store.js';
 import { BlockMap } from './block-map.js';
 import { ChangeTracking, NO_MARKS } from './change-tracking.js';
-import {
-  computeLayout,
-  FORMAT_VERSION,
-  metadataPages,
-  encodeMapSlot,
-  encodeSuperblock,
-  mapSlotOffset,
-  newUuid,
-  SUPERBLOCK_COPIES,
-  superblockOffset,
-  mapDigestTerm,
-  type Layout,
-  type MapRecord,
-  type Superblock,
-  type VolumeState,
-} from '../format/format.js';
+import type { Layout, MapRecord, Superblock, VolumeState } from '../format/format.js';
 import type { IoOp, Plan, Request } from './plan.js';
-import { type Leftover, type MapChange, MapJournal } from '../format/map-journal.js';
+import { type MapChange, MapJournal } from '../format/map-journal.js';
 import { type FastPathCounters, type FastPathServer, type FastWrite, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
-import { MAP_IO_PAGES, readMap, readSuperblocks } from '../format/recovery.js';
+import { allRedirected, checkRequest, extent, masterReadExtents, noneRedirected } from './extents.js';
+import { CommitWriter, type PageSlots } from './commit.js';
+import { type FormatOptions, formatStore, type OpenOptions, recoverStore, replayJournal } from './open.js';
 
 export type { VolumeState } from '../format/format.js';
-export { readSuperblocks } from '../format/recovery.js';
-
-export interface FormatOptions {
-  blockSize?: number;
-  /** The format version to write: 3 (default), or 2 (no changed-block tracking; tests of older stores). */
-  version?: 2 | 3;
-  name?: string;
-  /** Clock for timestamps (ms since the Unix epoch). */
-  now?: () => number;
-}
+export type { FormatOptions, OpenOptions } from './open.js';
 
 /** See Volume.drainLimitMs. */
 export const DRAIN_LIMIT_MS = 30_000;
-
-export interface OpenOptions {
-  now?: () => number;
-  /**
-   * The map journal's path (on tmpfs, see map-journal.ts): map changes are appended there before
-   * their requests complete, so a daemon that dies is followed by one that knows them. A
-   * function gets the store's uuid: a journal named after the store is found by whichever pair
-   * name opens it next, so none is left behind to be replayed later over newer commits.
-   */
-  journalPath?: string | ((uuid: Uint8Array) => string);
-}
 
 export interface VolumeCounters {
   reads: number;
@@ -133,16 +100,10 @@ export class Volume {
   readonly tracking: ChangeTracking | null;
   /** The committed superblock; `map` is never null here (a version 1 store is upgraded). */
   private sb: Superblock & { map: MapRecord };
-  /** The superblock copy holding `sb`; the next write goes to the other one. */
-  private sbCopy: number;
   /** Both superblock copies must be rewritten: the state changed, or a copy is invalid or behind. */
   private sbDirty = false;
-  /** Per map page: the slot holding its committed version, that version's sequence and commit. */
-  private readonly pageSlot: Uint8Array;
-  private readonly pageSeq: Float64Array;
-  private readonly pageCommit: Float64Array;
-  /** The number of the next map commit: above every commit number on disk. */
-  private nextCommit: number;
+  /** Where the committed metadata is, and how a commit moves it forward. */
+  private readonly writer: CommitWriter;
   private readonly locks = new RangeLocks();
   private readonly now: () => number;
 
@@ -187,19 +148,15 @@ export class Volume {
     sb: Superblock & { map: MapRecord },
     sbCopy: number,
     map: BlockMap,
-    pages: { slot: Uint8Array; sequence: Float64Array; slotCommit: Float64Array; nextCommit: number },
+    pages: PageSlots,
     now: () => number,
     tracking = ChangeTracking.forStore(sb.layout, sb.epoch),
   ) {
     this.sb = sb;
     this.layout = sb.layout;
-    this.sbCopy = sbCopy;
     this.map = map;
     this.tracking = tracking;
-    this.pageSlot = pages.slot;
-    this.pageSeq = pages.sequence;
-    this.pageCommit = pages.slotCommit;
-    this.nextCommit = pages.nextCommit;
+    this.writer = new CommitWriter(store, sb.layout, pages, sbCopy);
     this.now = now;
     this.publication = new Publication(map.bits, sb.state);
   }
@@ -211,50 +168,8 @@ export class Volume {
    * copies, so an interrupted format leaves no store that looks valid.
    */
   static async format(store: BlockStore, options: FormatOptions = {}): Promise<Volume> {
-    const blockSize = options.blockSize ?? 4096;
-    const now = options.now ?? Date.now;
-    const version = options.version ?? FORMAT_VERSION;
-    const layout = computeLayout(store.size, blockSize, version);
-    const pageCount = metadataPages(layout);
-    const name = options.name ?? '';
-    const uuid = newUuid();
-    // Format is map commit 0: every page empty, sequence 1.
-    let digest = 0;
-    for (let p = 0; p < pageCount; p++) digest = (digest + mapDigestTerm(p, 1, 0)) >>> 0;
-    const sb = {
-      uuid,
-      generation: 1,
-      state: 'plain' as const,
-      epoch: 0,
-      stateChangedAt: now(),
-      createdAt: now(),
-      name,
-      layout,
-      map: { commit: 0, digest },
-      version,
-    };
-    const sbImage = encodeSuperblock(sb); // validates the name before anything is written
-    await store.zero(0, SUPERBLOCK_COPIES * blockSize);
-    await store.flush();
-    // Slot 0 of every page holds an empty page with sequence 1 (a tracking page: of period 0);
-    // slot 1 is left invalid.
-    for (let first = 0; first < pageCount; first += MAP_IO_PAGES) {
-      const count = Math.min(MAP_IO_PAGES, pageCount - first);
-      const chunk = new Uint8Array(2 * count * blockSize);
-      for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null, 0, digest), 2 * i * blockSize);
-      await store.write(chunk, mapSlotOffset(layout, first, 0));
-    }
-    await store.flush();
-    for (let copy = 0; copy < SUPERBLOCK_COPIES; copy++) await store.write(sbImage, superblockOffset(copy, blockSize));
-    await store.flush();
-    const map = new BlockMap(layout.blocks, blockSize);
-    const pages = {
-      slot: new Uint8Array(pageCount),
-      sequence: new Float64Array(pageCount).fill(1),
-      slotCommit: new Float64Array(pageCount),
-      nextCommit: 1,
-    };
-    return new Volume(store, sb, 0, map, pages, now);
+    const { sb, pages } = await formatStore(store, options);
+    return new Volume(store, sb, 0, new BlockMap(sb.layout.blocks, sb.layout.blockSize), pages, options.now ?? Date.now);
   }
 
   /**
@@ -265,39 +180,8 @@ export class Volume {
    * written.
    */
   static async open(store: BlockStore, options: OpenOptions = {}): Promise<Volume> {
-    const found = await readSuperblocks(store);
-    const { sb, copy, other } = found;
+    const { sb, committed, copy, other, map, tracking, recovered, trackingPayloads } = await recoverStore(store);
     const { layout } = sb;
-    if (other === 'other-store') {
-      throw new CldError('CLDD_CORRUPT', `${store.description}: the two superblock copies belong to different stores (uuids differ)`);
-    }
-    if (store.size < layout.storeSize) {
-      throw new CldError(
-        'CLDD_CORRUPT',
-        `${store.description} has ${store.size} bytes but was formatted with ${layout.storeSize}: it was truncated`,
-      );
-    }
-    const map = new BlockMap(layout.blocks, layout.blockSize);
-    const tracking = ChangeTracking.forStore(layout, sb.epoch);
-    // Tracking pages are rewritten as found (their period included) when open recommits them.
-    const trackingPayloads = new Map<number, Uint8Array>();
-    const recovered = await readMap(
-      store,
-      sb,
-      (page, payload) => {
-        if (!tracking?.isTrackingPage(page)) return map.load(page, payload);
-        trackingPayloads.set(page, payload.slice());
-        tracking.load(page, payload);
-      },
-      other === 'same',
-    );
-    const errors = recovered.findings.filter((f) => f.severity === 'error');
-    if (errors.length) throw new CldError('CLDD_CORRUPT', `${store.description}: ${errors.map((f) => f.message).join('; ')}`);
-    if (sb.state === 'plain' && map.count > 0) {
-      throw new CldError('CLDD_CORRUPT', `${store.description}: the state is plain but ${map.count} blocks are marked redirected`);
-    }
-    // A version 1 store is upgraded to 2 (same layout), never to 3 (it has no tracking pages).
-    const committed = { ...sb, map: { commit: recovered.commit, digest: recovered.digest }, version: Math.max(2, sb.version) };
     const volume = new Volume(store, committed, copy, map, recovered, options.now ?? Date.now, tracking);
     volume.takeDirtyPagesFromLoad();
     if (options.journalPath) {
@@ -315,7 +199,7 @@ export class Volume {
     // Both copies: to restore one that a crash (or damage) left invalid or with an older state,
     // to record a commit rolled forward, or to upgrade a version 1 store.
     if (other !== 'same' || recovered.rolledForward || sb.map === null) volume.sbDirty = true;
-    if (volume.sbDirty || volume.map.dirtyPages > 0 || volume.rewrites.size > 0 || (tracking?.pendingPages ?? 0) > 0) await volume.commit();
+    if (volume.sbDirty || volume.map.dirtyPages > 0 || volume.writer.pendingRewrites > 0 || (tracking?.pendingPages ?? 0) > 0) await volume.commit();
     return volume;
   }
 
@@ -323,13 +207,10 @@ export class Volume {
     this.map.takeDirty();
   }
 
-  /** Tracking pages open rewrites as they were found (redirect pages are rewritten from the map). */
-  private readonly rewrites = new Set<number>();
-  private readonly rewrittenPayloads = new Map<number, Uint8Array>();
+  /** A page open rewrites: a redirect page from the map, a tracking page as it was found. */
   private rewritePage(page: number, trackingPayload: Uint8Array | undefined): void {
     if (!this.tracking?.isTrackingPage(page)) return this.map.markDirty(page);
-    this.rewrites.add(page);
-    if (trackingPayload) this.rewrittenPayloads.set(page, trackingPayload);
+    this.writer.rewrite(page, trackingPayload);
   }
 
   // ---------------------------------------------------------------- properties
@@ -415,33 +296,10 @@ export class Volume {
   /** Decides a request. Returns a promise only when it has to wait (a state change or a merge). */
   plan(req: Request): Plan | Promise<Plan> {
     this.checkUsable();
-    const { blockSize, blocks } = this.layout;
-    if (req.op === 'flush') {
-      if (req.target !== 'master' && this.sb.state !== 'snapshot') throw noSlave();
-    } else {
-      if (
-        !Number.isSafeInteger(req.offset) ||
-        !Number.isSafeInteger(req.length) ||
-        req.offset < 0 ||
-        req.length <= 0 ||
-        req.offset % blockSize !== 0 ||
-        req.length % blockSize !== 0
-      ) {
-        throw new CldError(
-          'EINVAL',
-          `${req.op} of ${req.length} bytes at ${req.offset}: offset and length must be positive multiples of the block size ${blockSize}`,
-        );
-      }
-      if (req.offset + req.length > blocks * blockSize) {
-        throw new CldError('EINVAL', `${req.op} of ${req.length} bytes at ${req.offset} runs past the end (${blocks * blockSize} bytes)`);
-      }
-      if (req.target === 'slave') {
-        if (this.sb.state !== 'snapshot') throw noSlave();
-        if (req.op !== 'read') throw new CldError('EROFS', 'the slave is read-only');
-      }
-    }
+    checkRequest(req, this.layout, this.sb.state);
     if (this.gate) return this.gate.then(() => this.plan(req));
     this.inFlight++;
+    const { blockSize } = this.layout;
     const start = req.offset / blockSize;
     const end = start + req.length / blockSize;
     switch (req.op) {
@@ -494,16 +352,11 @@ export class Volume {
   private markCommit: Promise<void> | null = null;
 
   private planSlaveRead(start: number, end: number): Plan {
-    const op = this.extent('read', 'data', start, end, 0);
-    return this.simplePlan([op], false, () => this.countRead(start, end));
+    return this.simplePlan([extent(this.layout, 'read', 'data', start, end, 0)], false, () => this.countRead(start, end));
   }
 
   private planMasterRead(start: number, end: number): Plan {
-    const ops: IoOp[] = [];
-    this.map.forEachRun(start, end, (s, e, redirected) => {
-      ops.push(this.extent('read', redirected ? 'change' : 'data', s, e, (s - start) * this.layout.blockSize));
-    });
-    return this.simplePlan(ops, false, () => this.countRead(start, end));
+    return this.simplePlan(masterReadExtents(this.layout, this.map, start, end), false, () => this.countRead(start, end));
   }
 
   private planMasterWrite(req: Request, start: number, end: number): Plan | Promise<Plan> {
@@ -519,18 +372,18 @@ export class Volume {
     };
     switch (this.sb.state) {
       case 'plain':
-        return this.simplePlan([this.extent(kind, 'data', start, end, 0)], commit, count);
+        return this.simplePlan([extent(this.layout, kind, 'data', start, end, 0)], commit, count);
       case 'snapshot': {
-        const ops = [this.extent(kind, 'change', start, end, 0)];
-        if (this.allRedirected(start, end)) return this.simplePlan(ops, commit, count);
+        const ops = [extent(this.layout, kind, 'change', start, end, 0)];
+        if (allRedirected(this.map, start, end)) return this.simplePlan(ops, commit, count);
         return this.mapPlan(ops, commit, () => {
           count();
           this.changeMap(start, end, true);
         });
       }
       case 'resync': {
-        const ops = [this.extent(kind, 'data', start, end, 0)];
-        if (this.noneRedirected(start, end)) return this.simplePlan(ops, commit, count);
+        const ops = [extent(this.layout, kind, 'data', start, end, 0)];
+        if (noneRedirected(this.map, start, end)) return this.simplePlan(ops, commit, count);
         const withLock = (lock: RangeLock): Plan =>
           this.mapPlan(
             ops,
@@ -667,23 +520,6 @@ export class Volume {
     this.counters.bytesRead += (end - start) * this.layout.blockSize;
   }
 
-  private extent(kind: IoOp['kind'], area: 'data' | 'change', start: number, end: number, bufferOffset: number): IoOp {
-    const base = area === 'data' ? this.layout.dataOffset : this.layout.changeOffset;
-    const bs = this.layout.blockSize;
-    return { kind, offset: base + start * bs, length: (end - start) * bs, bufferOffset: kind === 'zero' ? 0 : bufferOffset };
-  }
-
-  private allRedirected(start: number, end: number): boolean {
-    for (let b = start; b < end; b++) if (!this.map.test(b)) return false;
-    return true;
-  }
-
-  private noneRedirected(start: number, end: number): boolean {
-    if (this.map.count === 0) return true;
-    for (let b = start; b < end; b++) if (this.map.test(b)) return false;
-    return true;
-  }
-
   private leave(merge: boolean): void {
     this.inFlight--;
     if (merge) this.mergesInFlight--;
@@ -742,8 +578,8 @@ export class Volume {
         continue;
       }
       const bs = this.layout.blockSize;
-      const reads = runs.map(([s, e]) => this.extent('read', 'change', s, e, (s - start) * bs));
-      const writes = runs.map(([s, e]) => this.extent('write', 'data', s, e, (s - start) * bs));
+      const reads = runs.map(([s, e]) => extent(this.layout, 'read', 'change', s, e, (s - start) * bs));
+      const writes = runs.map(([s, e]) => extent(this.layout, 'write', 'data', s, e, (s - start) * bs));
       const blocks = runs.reduce((n, [s, e]) => n + e - s, 0);
       let done = false;
       return {
@@ -921,20 +757,15 @@ export class Volume {
   /**
    * Makes every write that completed before the call durable, with the map changes they made.
    * Concurrent calls share commits (group commit); a call made during a commit waits for the next.
-   *
-   * Order: (1) flush the store, so the data of every captured map change is durable; (2) write
-   * each dirty map page to its older slot with sequence + 1 and the commit's number; (3) flush;
-   * (4) if pages were written or the state changed, write the superblock (generation + 1, the
-   * map commit and its digest) to its older copy; (5) flush; after a state change, (4) and (5)
-   * again for the other copy. A crash before (3) completes leaves the previous slot of each page
-   * valid and recorded; before (5), the previous superblock, and a complete commit that open
-   * rolls forward. The steps go to the store in one call (inOrder): a native store runs them
-   * one after another on a worker thread, instead of a round trip through the event loop each.
+   * What a commit writes, in which order, and why a crash at any point of it is safe:
+   * commit.ts and docs/format.md. The steps go to the store in one call (inOrder): a native store
+   * runs them one after another on a worker thread, instead of a round trip through the event
+   * loop each.
    *
    * A commit only writes waiting for their chunks' marks asked for (`marksOnly`), which writes
-   * no redirect page and changes no state, skips (1): marks order nothing after data, and those
-   * writes are not issued yet. That is one fdatasync of three for each first write to a chunk
-   * in place in a tracking period.
+   * no redirect page and changes no state, skips the first flush: marks order nothing after
+   * data, and those writes are not issued yet. That is one fdatasync of three for each first
+   * write to a chunk in place in a tracking period.
    *
    * `run`, when given, may take the steps instead (a flush's own queue thread runs them and then
    * completes the flush: docs/serving.md); it returns null to leave them to the store. A commit
@@ -975,66 +806,18 @@ export class Volume {
   }
 
   private async commitOnce(marksOnly: boolean, run?: StepRunner): Promise<void> {
-    const { layout, store } = this;
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
     const redirectPages = this.map.takeDirty();
     const marks = this.tracking?.capture() ?? NO_MARKS;
-    const rewrites = [...this.rewrites].filter((p) => !marks.pages.includes(p));
-    this.rewrites.clear();
-    const pages = marks.pages.length || rewrites.length ? [...redirectPages, ...marks.pages, ...rewrites] : redirectPages;
-    const payload = (p: number, i: number): Uint8Array | null => {
-      if (i < redirectPages.length) return this.map.payload(p);
-      if (i < redirectPages.length + marks.pages.length) return marks.payloads[i - redirectPages.length];
-      return this.rewrittenPayloads.get(p) ?? null;
-    };
     const bothCopies = this.sbDirty;
     this.sbDirty = false;
-    // A commit that writes pages gets a new number; the digest follows page by page.
-    const mapCommit = pages.length ? this.nextCommit : this.sb.map.commit;
-    let digest = this.sb.map.digest;
-    for (const p of pages) {
-      digest = (digest - mapDigestTerm(p, this.pageSeq[p], this.pageCommit[p]) + mapDigestTerm(p, this.pageSeq[p] + 1, mapCommit)) >>> 0;
-    }
-    const images = pages.map((p, i) => encodeMapSlot(layout, this.sb.uuid, p, this.pageSeq[p] + 1, payload(p, i), mapCommit, digest));
-    const nextSb = { ...this.sb, generation: this.sb.generation + 1, map: { commit: mapCommit, digest } };
     const journalMark = this.journal?.mark();
-    // The superblock records the commit, so a damaged slot of it is found out, not replaced by
-    // the older slot. After a state change both copies get it, one after the other: a crash
-    // between them leaves one of each generation (the newer wins), and later damage to either
-    // copy leaves the current state. A map-only commit writes one copy, the older: damage to
-    // it leaves the other, one commit behind, and open rolls that commit forward.
-    const sbImage = pages.length || bothCopies ? encodeSuperblock(nextSb) : null;
-    const firstCopy = 1 - this.sbCopy;
-    const steps: OrderedStep[] = [];
-    if (!marksOnly || redirectPages.length > 0 || bothCopies) steps.push(FLUSH);
-    if (pages.length) {
-      pages.forEach((p, i) => steps.push({ kind: 'write', data: images[i], offset: mapSlotOffset(layout, p, 1 - this.pageSlot[p]) }));
-      steps.push(FLUSH);
-    }
-    if (sbImage) {
-      for (const copy of bothCopies ? [firstCopy, this.sbCopy] : [firstCopy]) {
-        steps.push({ kind: 'write', data: sbImage, offset: superblockOffset(copy, layout.blockSize) }, FLUSH);
-      }
-    }
-    // One call for the lot: a failure anywhere fails the volume (fail()), so nothing below
-    // needs to know how far it got.
-    await (run?.(steps) ?? inOrder(store, steps));
-    if (pages.length) {
-      for (const p of pages) {
-        this.pageSlot[p] = 1 - this.pageSlot[p];
-        this.pageSeq[p] += 1;
-        this.pageCommit[p] = mapCommit;
-      }
-      this.nextCommit = mapCommit + 1;
-    }
-    if (sbImage) {
-      this.sbCopy = firstCopy;
-      this.sb = { ...this.sb, generation: nextSb.generation, map: nextSb.map };
-    }
+    const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks };
+    const written = await this.writer.write(capture, run);
+    if (written) this.sb = { ...this.sb, ...written };
     if (journalMark !== undefined) this.journal?.trim(journalMark, this.sb.epoch);
     this.tracking?.committed(marks);
-    for (const p of rewrites) this.rewrittenPayloads.delete(p);
     this.counters.commits++;
   }
 
@@ -1055,42 +838,6 @@ export class Volume {
   }
 }
 
-/**
- * Replays a dead process's map changes, refusing any the state cannot have made: a plain store
- * has no redirected blocks, a resync store gains none, a snapshot store loses none. Such a journal
- * belongs to another history of the store (a stale file); replaying it would serve the wrong
- * blocks and commit a map that contradicts the state. Refuses before anything is written.
- */
-function replayJournal(map: BlockMap, tracking: ChangeTracking | null, sb: Superblock, leftover: Leftover, path: string): void {
-  const { state } = sb;
-  // Records of another snapshot's period: the store was opened without this journal and moved on
-  // (the state check below cannot tell one snapshot from the next).
-  if (leftover.changes.length > 0 && leftover.epoch !== null && leftover.epoch !== sb.epoch) {
-    throw new CldError(
-      'CLDD_CORRUPT',
-      `the map journal ${path} does not belong to this store's history: its ${leftover.changes.length} records are of snapshot ${leftover.epoch}'s period, but the store is at snapshot ${sb.epoch}; nothing was replayed or written`,
-    );
-  }
-  leftover.changes.forEach((c, i) => {
-    let wrong = false;
-    map.forEachRun(c.start, c.end, (_s, _e, redirected) => {
-      // Snapshot only sets bits; plain and resync only clear them.
-      if (state === 'snapshot' ? redirected && !c.redirected : !redirected && c.redirected) wrong = true;
-    });
-    if (wrong) {
-      const rule = { plain: 'a plain store has no redirected blocks', resync: 'a store in resync gains no redirected blocks', snapshot: 'a store in snapshot loses no redirected blocks' }[state];
-      throw new CldError(
-        'CLDD_CORRUPT',
-        `the map journal ${path} does not belong to this store's history: record ${i + 1} ${c.redirected ? 'redirects' : 'unredirects'} blocks ${c.start}..${c.end - 1}, but ${rule}; nothing was replayed or written`,
-      );
-    }
-    map.assign(c.start, c.end, c.redirected);
-    // A redirect made in a snapshot carried its chunks' marks only in memory: they become durable
-    // with it, in the commit open makes after the replay.
-    if (c.redirected) tracking?.mark(c.start, c.end);
-  });
-}
-
 function addCounters(sum: VolumeCounters, fast: FastPathCounters): VolumeCounters {
   sum.reads += fast.reads;
   sum.writes += fast.writes;
@@ -1100,8 +847,4 @@ function addCounters(sum: VolumeCounters, fast: FastPathCounters): VolumeCounter
   sum.errors += fast.errors;
   sum.fastPath += fast.reads + fast.writes + fast.flushes + fast.errors;
   return sum;
-}
-
-function noSlave(): CldError {
-  return new CldError('ENODEV', 'the slave is not enabled');
 }

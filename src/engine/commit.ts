@@ -1,0 +1,123 @@
+/**
+ * What one map commit writes, and where: the slot each map page's committed version is in, the
+ * superblock copy that holds the committed superblock, and the steps that move both forward
+ * (docs/format.md, "Commits"). The Volume decides when to commit and what it captures; this
+ * keeps the bookkeeping of the durable copies.
+ */
+import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../io/block-store.js';
+import { encodeMapSlot, encodeSuperblock, type Layout, mapDigestTerm, type MapRecord, mapSlotOffset, type Superblock, superblockOffset } from '../format/format.js';
+import type { CapturedMarks } from './change-tracking.js';
+
+/** Per map page: the slot holding its committed version, that version's sequence and commit. */
+export interface PageSlots {
+  slot: Uint8Array;
+  sequence: Float64Array;
+  slotCommit: Float64Array;
+  /** The number of the next map commit: above every commit number on disk. */
+  nextCommit: number;
+}
+
+/** What a commit captured for writing. */
+export interface CommitCapture {
+  /** The committed superblock, as it stands (its state included). */
+  sb: Superblock & { map: MapRecord };
+  /** Both superblock copies must be written: the state changed, or a copy is invalid or behind. */
+  bothCopies: boolean;
+  /** Only writes waiting for their chunks' marks asked for it: no data needs flushing first. */
+  marksOnly: boolean;
+  /** Redirect pages to write, and each one's payload. */
+  redirectPages: readonly number[];
+  redirectPayload: (page: number) => Uint8Array | null;
+  /** Tracking pages to write. */
+  marks: CapturedMarks;
+}
+
+export class CommitWriter {
+  /** The superblock copy holding the committed superblock; the next write goes to the other. */
+  private sbCopy: number;
+  /** Tracking pages open rewrites as they were found (redirect pages are rewritten from the map). */
+  private readonly rewrites = new Set<number>();
+  private readonly rewrittenPayloads = new Map<number, Uint8Array>();
+
+  constructor(
+    private readonly store: BlockStore,
+    private readonly layout: Layout,
+    private readonly pages: PageSlots,
+    sbCopy: number,
+  ) {
+    this.sbCopy = sbCopy;
+  }
+
+  /** A tracking page the next commit rewrites as it was found (`payload`; else empty). */
+  rewrite(page: number, payload: Uint8Array | undefined): void {
+    this.rewrites.add(page);
+    if (payload) this.rewrittenPayloads.set(page, payload);
+  }
+
+  get pendingRewrites(): number {
+    return this.rewrites.size;
+  }
+
+  /**
+   * Writes one commit: (1) flush the store, so the data of every captured map change is
+   * durable (skipped when only marks are written and nothing else asks for it: marks order
+   * nothing after data); (2) each page to its older slot with sequence + 1 and the commit's
+   * number; (3) flush; (4) when pages were written or both copies must be, the superblock
+   * (generation + 1, the map commit and its digest) to its older copy; (5) flush; for both
+   * copies, (4) and (5) again for the other. Returns the committed superblock's new generation
+   * and map, or null when no superblock was written.
+   */
+  async write(c: CommitCapture, run?: StepRunner): Promise<{ generation: number; map: MapRecord } | null> {
+    const { layout, pages: slots } = this;
+    const { sb, marks, redirectPages } = c;
+    const rewrites = [...this.rewrites].filter((p) => !marks.pages.includes(p));
+    this.rewrites.clear();
+    const pages = marks.pages.length || rewrites.length ? [...redirectPages, ...marks.pages, ...rewrites] : [...redirectPages];
+    const payload = (p: number, i: number): Uint8Array | null => {
+      if (i < redirectPages.length) return c.redirectPayload(p);
+      if (i < redirectPages.length + marks.pages.length) return marks.payloads[i - redirectPages.length];
+      return this.rewrittenPayloads.get(p) ?? null;
+    };
+    // A commit that writes pages gets a new number; the digest follows page by page.
+    const mapCommit = pages.length ? slots.nextCommit : sb.map.commit;
+    let digest = sb.map.digest;
+    for (const p of pages) {
+      digest = (digest - mapDigestTerm(p, slots.sequence[p], slots.slotCommit[p]) + mapDigestTerm(p, slots.sequence[p] + 1, mapCommit)) >>> 0;
+    }
+    const images = pages.map((p, i) => encodeMapSlot(layout, sb.uuid, p, slots.sequence[p] + 1, payload(p, i), mapCommit, digest));
+    const next = { generation: sb.generation + 1, map: { commit: mapCommit, digest } };
+    // The superblock records the commit, so a damaged slot of it is found out, not replaced by
+    // the older slot. After a state change both copies get it, one after the other: a crash
+    // between them leaves one of each generation (the newer wins), and later damage to either
+    // copy leaves the current state. A map-only commit writes one copy, the older: damage to
+    // it leaves the other, one commit behind, and open rolls that commit forward.
+    const sbImage = pages.length || c.bothCopies ? encodeSuperblock({ ...sb, ...next }) : null;
+    const firstCopy = 1 - this.sbCopy;
+    const steps: OrderedStep[] = [];
+    if (!c.marksOnly || redirectPages.length > 0 || c.bothCopies) steps.push(FLUSH);
+    if (pages.length) {
+      pages.forEach((p, i) => steps.push({ kind: 'write', data: images[i], offset: mapSlotOffset(layout, p, 1 - slots.slot[p]) }));
+      steps.push(FLUSH);
+    }
+    if (sbImage) {
+      for (const copy of c.bothCopies ? [firstCopy, this.sbCopy] : [firstCopy]) {
+        steps.push({ kind: 'write', data: sbImage, offset: superblockOffset(copy, layout.blockSize) }, FLUSH);
+      }
+    }
+    // One call for the lot: a failure anywhere fails the volume, so nothing below needs to know
+    // how far it got.
+    await (run?.(steps) ?? inOrder(this.store, steps));
+    if (pages.length) {
+      for (const p of pages) {
+        slots.slot[p] = 1 - slots.slot[p];
+        slots.sequence[p] += 1;
+        slots.slotCommit[p] = mapCommit;
+      }
+      slots.nextCommit = mapCommit + 1;
+    }
+    for (const p of rewrites) this.rewrittenPayloads.delete(p);
+    if (!sbImage) return null;
+    this.sbCopy = firstCopy;
+    return next;
+  }
+}
