@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Daemon } from '../src/daemon/daemon.js';
+import { CldError } from '../src/errors.js';
 import { engineOnlyBackend } from './support/engine-backend.js';
 import { DaemonClient } from '../src/protocol/client.js';
 import { DEFAULT_CONFIG } from '../src/protocol/config.js';
@@ -167,6 +168,52 @@ describe('daemon without devices', () => {
       expect(await client.request('progress')).toMatchObject({ state: 'plain' });
     } finally {
       client.close();
+    }
+  });
+});
+
+describe('a daemon whose start fails', () => {
+  test('undoes what it started, last first, and keeps the error of the step that failed', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'cldd-daemon-undo-'));
+    try {
+      const backing = join(dir, 'disk.img');
+      const fh = await open(backing, 'w');
+      await fh.truncate(16 << 20);
+      await fh.close();
+      const formatted = await FileStore.open(backing);
+      await (await Volume.format(formatted, { name: 'undo' })).close();
+      await formatted.close();
+      const done: string[] = [];
+      const inner = engineOnlyBackend(noFreezer);
+      const backend = {
+        ...inner,
+        async open(path: string) {
+          const opened = await inner.open(path);
+          const close = opened.store.close.bind(opened.store);
+          opened.store.close = async () => {
+            done.push('store closed');
+            await close();
+          };
+          return opened;
+        },
+        // The devices fail to start, after the store is open and the volume recovered.
+        startDevices: async () => {
+          done.push('devices refused');
+          throw new CldError('ENODEV', "the kernel's ublk driver is not loaded");
+        },
+      };
+      const paths = { runDir: join(dir, 'run'), configDir: join(dir, 'etc') };
+      await expect(Daemon.start({ ...DEFAULT_CONFIG, name: 'undo', backing }, backend, quiet, paths)).rejects.toMatchObject({
+        code: 'ENODEV',
+        message: "the kernel's ublk driver is not loaded",
+      });
+      expect(done).toEqual(['devices refused', 'store closed']);
+      // Nothing is left that holds the pair: a daemon without devices starts on the same store.
+      const daemon = await Daemon.start({ ...DEFAULT_CONFIG, name: 'undo', backing }, engineOnlyBackend(noFreezer), quiet, paths);
+      expect(daemon.service.status().state).toBe('plain');
+      await daemon.stop();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });

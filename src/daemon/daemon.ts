@@ -15,7 +15,7 @@ import { DeviceLinks } from './device-links.js';
 import type { Freezer } from '../system/freeze.js';
 import type { Logger } from './logger.js';
 import { checkedHandlers, type DeviceLayout } from '../protocol/methods.js';
-import { type PairDevices, PairService } from './pair-service.js';
+import { type LinkKeeper, type PairDevices, PairService } from './pair-service.js';
 import { defaultPaths, type Paths, socketPath } from '../protocol/paths.js';
 import { type DaemonState, isAlive, listStates, readState, removeState, writeState } from '../protocol/state-file.js';
 
@@ -50,128 +50,93 @@ export class Daemon {
   /** Resolves once the daemon has stopped, however the stop was asked for. */
   readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
 
-  private constructor(
-    readonly name: string,
-    readonly service: PairService,
-    private readonly volume: Volume,
-    private readonly store: BlockStore,
-    private readonly scheduler: ResyncScheduler,
-    private readonly devices: PairDevices | null,
-    private readonly control: ControlServer,
-    private readonly state: DaemonState,
-    private readonly paths: Paths,
-    private readonly backend: Backend,
-    private readonly links: DeviceLinks,
-    private readonly log: Logger,
-  ) {}
+  readonly name: string;
+  readonly service: PairService;
+  private readonly volume: Volume;
+  private readonly store: BlockStore;
+  private readonly scheduler: ResyncScheduler;
+  private readonly devices: PairDevices | null;
+  private readonly control: ControlServer;
+  private readonly state: DaemonState;
+  private readonly paths: Paths;
+  private readonly backend: Backend;
+  private readonly links: DeviceLinks;
+  private readonly log: Logger;
 
+  private constructor(parts: DaemonParts) {
+    ({ name: this.name, service: this.service, volume: this.volume, store: this.store, scheduler: this.scheduler, devices: this.devices } = parts);
+    ({ control: this.control, state: this.state, paths: this.paths, backend: this.backend, links: this.links, log: this.log } = parts);
+  }
+
+  /**
+   * Opens the store, recovers the engine, starts (or takes over) the devices, listens on the
+   * socket and records the pair's state, in that order. A step that fails undoes the ones
+   * before it, last first, and start() throws its error.
+   */
   static async start(config: PairConfig & { name: string }, backend: Backend, log: Logger, paths: Paths = defaultPaths()): Promise<Daemon> {
     const { name } = config;
     await refuseIfRunning(paths, name);
     const backingId = await refuseIfAttached(paths, name, config.backing);
     const previous = await readState(paths, name);
-
     await mkdir(paths.runDir, { recursive: true, mode: 0o700 });
-    const { store, executor } = await backend.open(config.backing);
-    let volume: Volume;
+
+    const undo = new UndoStack();
     try {
+      const { store, executor } = await backend.open(config.backing);
+      undo.push(() => store.close());
       // The map journal lives on tmpfs beside the socket: it survives this process, not a reboot.
-      volume = await Volume.open(store, { journalPath: (uuid) => mapJournalPath(paths, name, uuid) });
-    } catch (err) {
-      await store.close();
-      throw err;
-    }
-    log.info(`opened ${config.backing}: state ${volume.state}, ${volume.map.count} blocks redirected`);
-    const scheduler = new ResyncScheduler(volume, executor, { rateLimit: config.resyncRate });
-    const links = new DeviceLinks();
-    let devices: PairDevices | null = null;
-    try {
+      const volume = await Volume.open(store, { journalPath: (uuid) => mapJournalPath(paths, name, uuid) });
+      undo.push(() => volume.close());
+      log.info(`opened ${config.backing}: state ${volume.state}, ${volume.map.count} blocks redirected`);
+      const scheduler = new ResyncScheduler(volume, executor, { rateLimit: config.resyncRate });
+
+      let devices: PairDevices | null = null;
       if (backend.startDevices) {
         const recover =
           previous?.master && !isAlive(previous.pid) && (await deviceExists(previous.master.path))
             ? { master: previous.master.id, slave: previous.slave?.id ?? null }
             : null;
         devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, zeroCopy: config.zeroCopy, recover, log });
+        const started = devices;
+        undo.push(() => started.stop());
       }
-    } catch (err) {
-      await volume.close().catch(() => {});
-      await store.close();
-      throw err;
-    }
-    const index = devices ? (previous?.index ?? (await links.freeIndex(preferredIndex(name)))) : null;
-    if (devices && index !== null) await links.create(name, index, devices.master.path, devices.slave?.path ?? null);
-
-    const state: DaemonState = {
-      name,
-      pid: process.pid,
-      backing: config.backing,
-      backingId,
-      master: devices?.master ?? null,
-      slave: devices?.slave ?? null,
-      index,
-      startedAt: Date.now(),
-    };
-    const keeper =
-      devices && index !== null
-        ? {
-            slaveAdded: async (slave: { id: number; path: string }) => {
-              await links.setSlave(name, index, slave.path);
-              state.slave = slave;
-              await writeState(paths, state);
-            },
-            slaveRemoved: async () => {
-              await links.setSlave(name, index, null);
-              state.slave = null;
-              await writeState(paths, state);
-            },
-          }
-        : null;
-    const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, keeper);
-    let daemon: Daemon | null = null;
-    const control = new ControlServer(
-      socketPath(paths, name),
-      name,
-      checkedHandlers({
-        status: async () => service.status(),
-        requests: async () => ({ devices: service.requests() }),
-        enable: async (p) => service.enable(p),
-        disable: async () => service.disable(),
-        progress: async () => service.progress(),
-        changes: async (p) => service.changes(p),
-        'resync-rate': async (p) => {
-          service.setResyncRate(p.bytesPerSecond);
-          return { bytesPerSecond: p.bytesPerSecond };
-        },
-        stop: async (p) => {
-          await service.checkStoppable(p.force === true);
-          // Answer first, then stop: the client is waiting for this reply on the socket we close.
-          setImmediate(() => void daemon!.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
-          return { stopping: true as const };
-        },
-      }),
-    );
-    try {
+      const links = new DeviceLinks();
+      const index = devices ? (previous?.index ?? (await links.freeIndex(preferredIndex(name)))) : null;
+      if (devices && index !== null) {
+        await links.create(name, index, devices.master.path, devices.slave?.path ?? null);
+        undo.push(() => links.remove(name, index));
+      }
+      const state: DaemonState = {
+        name,
+        pid: process.pid,
+        backing: config.backing,
+        backingId,
+        master: devices?.master ?? null,
+        slave: devices?.slave ?? null,
+        index,
+        startedAt: Date.now(),
+      };
+      const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, linkKeeper(links, paths, state));
+      let daemon: Daemon | null = null;
+      const control = new ControlServer(socketPath(paths, name), name, handlers(service, () => daemon, log));
+      undo.push(() => control.close());
       // A daemon restarted in snapshot (not by recovery, which kept the slave) adds its slave.
       await service.attachSlave();
       await control.listen();
       await writeState(paths, state);
+      daemon = new Daemon({ name, service, volume, store, scheduler, devices, control, state, paths, backend, links, log });
+      if (volume.state === 'resync') {
+        log.info(`resuming the resync: ${volume.map.count} blocks left`);
+        void scheduler.start();
+      }
+      daemon.startWatchdog();
+      backend.notify(`READY=1\nSTATUS=${volume.state}${devices ? `, master ${devices.master.path}` : ''}\nMAINPID=${process.pid}`);
+      log.info(`ready${devices ? `: master ${devices.master.path}${devices.slave ? `, slave ${devices.slave.path}` : ''}` : ''}`);
+      return daemon;
     } catch (err) {
-      await control.close().catch(() => {});
-      await devices?.stop().catch(() => {});
-      await links.remove(name, index).catch(() => {});
-      await volume.close().catch(() => {});
-      await store.close().catch(() => {});
+      await undo.unwind();
       throw err;
     }
-    daemon = new Daemon(name, service, volume, store, scheduler, devices, control, state, paths, backend, links, log);
-    if (volume.state === 'resync') {
-      log.info(`resuming the resync: ${volume.map.count} blocks left`);
-      void scheduler.start();
-    }
-    daemon.startWatchdog();
-    backend.notify(`READY=1\nSTATUS=${volume.state}${devices ? `, master ${devices.master.path}` : ''}\nMAINPID=${process.pid}`);
-    log.info(`ready${devices ? `: master ${devices.master.path}${devices.slave ? `, slave ${devices.slave.path}` : ''}` : ''}`);
-    return daemon;
   }
 
   get devicesInfo(): { master: string; slave: string | null; recovered: boolean; layout: DeviceLayout } | null {
@@ -216,6 +181,80 @@ export class Daemon {
     }, Math.max(100, usec / 2000));
     this.watchdog.unref();
   }
+}
+
+/** What a Daemon is made of, as start() put it together. */
+interface DaemonParts {
+  name: string;
+  service: PairService;
+  volume: Volume;
+  store: BlockStore;
+  scheduler: ResyncScheduler;
+  devices: PairDevices | null;
+  control: ControlServer;
+  state: DaemonState;
+  paths: Paths;
+  backend: Backend;
+  links: DeviceLinks;
+  log: Logger;
+}
+
+/** Releases, last first, what a start acquired before the step that failed. */
+class UndoStack {
+  private readonly steps: (() => Promise<unknown>)[] = [];
+
+  push(step: () => Promise<unknown>): void {
+    this.steps.push(step);
+  }
+
+  /** Each step runs whatever the one after it did; their errors give way to the start's own. */
+  async unwind(): Promise<void> {
+    for (const step of this.steps.reverse()) await step().catch(() => {});
+    this.steps.length = 0;
+  }
+}
+
+/** Keeps the /dev/cldd links and the state file in step with the slave (devices only). */
+function linkKeeper(links: DeviceLinks, paths: Paths, state: DaemonState): LinkKeeper | null {
+  const { name, index } = state;
+  if (!state.master || index === null) return null;
+  return {
+    slaveAdded: async (slave) => {
+      await links.setSlave(name, index, slave.path);
+      state.slave = slave;
+      await writeState(paths, state);
+    },
+    slaveRemoved: async () => {
+      await links.setSlave(name, index, null);
+      state.slave = null;
+      await writeState(paths, state);
+    },
+  };
+}
+
+/** The control socket's methods; `daemon()` is the daemon once it has started (stop needs it). */
+function handlers(service: PairService, daemon: () => Daemon | null, log: Logger) {
+  return checkedHandlers({
+    status: async () => service.status(),
+    requests: async () => ({ devices: service.requests() }),
+    enable: async (p) => service.enable(p),
+    disable: async () => service.disable(),
+    progress: async () => service.progress(),
+    changes: async (p) => service.changes(p),
+    'resync-rate': async (p) => {
+      service.setResyncRate(p.bytesPerSecond);
+      return { bytesPerSecond: p.bytesPerSecond };
+    },
+    stop: async (p) => {
+      // The socket listens a moment before start() has finished (the state file is written last).
+      const running = daemon();
+      if (!running) throw new CldError('EBUSY', 'the daemon is still starting: retry the stop');
+      await service.checkStoppable(p.force === true);
+      // Answer first, then stop: the client is waiting for this reply on the socket we close.
+      setImmediate(() => void running.stop({ force: p.force === true }).catch((err) => log.error(String(err))));
+      return { stopping: true as const };
+    },
+  });
 }
 
 export async function refuseIfRunning(paths: Paths, name: string): Promise<void> {
