@@ -31,6 +31,7 @@ import type { Volume } from '../engine/volume.js';
 import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../io/block-store.js';
 import { addon } from '../native/addon.js';
 import { hasZeroCopy, type DeviceInfo, type UblkControl } from './control.js';
+import type { NativeDeviceOptions } from '../native/native.js';
 import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
 import type { NativeDeviceHandle, NativePublication, NativeQueueState } from '../native/native.js';
@@ -46,6 +47,22 @@ const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync };
  * larger than this goes through the store.
  */
 const META_BYTES = 64 << 10;
+
+/** The control commands a device uses (UblkControl's; tests drive a device with their own). */
+export type DeviceControl = Pick<UblkControl, 'add' | 'setParams' | 'start' | 'stop' | 'delete' | 'info' | 'startRecovery' | 'endRecovery'>;
+
+/** Opens the native side of a device: the addon's Device, unless a test gives its own queues. */
+export type NativeDeviceFactory = (options: NativeDeviceOptions) => NativeDeviceHandle;
+const addonDevice: NativeDeviceFactory = (options) => new (addon().Device)(options);
+
+/** What create() and recover() take besides the device's geometry. */
+export interface DeviceSeams {
+  /** The native side (default: the addon's). */
+  native?: NativeDeviceFactory;
+  /** How long START_DEV / END_USER_RECOVERY and STOP_DEV may take (defaults below). */
+  startBoundMs?: number;
+  stopBoundMs?: number;
+}
 
 export interface QueueOptions {
   queues: number;
@@ -166,6 +183,7 @@ export class UblkDevice {
   private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
   private stopBoundMs = STOP_BOUND_MS;
+  private nativeFactory: NativeDeviceFactory = addonDevice;
   private detachFastPath: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   /** The images of the commit a flush's queue thread is running (runOnQueue). */
@@ -174,7 +192,7 @@ export class UblkDevice {
   private readonly stoppedPromise: Promise<void>;
 
   private constructor(
-    private readonly control: UblkControl,
+    private readonly control: DeviceControl,
     private readonly volume: Volume,
     readonly target: Target,
     readonly info: DeviceInfo,
@@ -208,15 +226,16 @@ export class UblkDevice {
    * has started it (the partition scan is served by then). On failure the device is deleted.
    */
   static async create(
-    control: UblkControl,
+    control: DeviceControl,
     volume: Volume,
     backingFd: number,
     target: Target,
-    options: QueueOptions & { id?: number; flags: number; startBoundMs?: number; stopBoundMs?: number },
+    options: QueueOptions & DeviceSeams & { id?: number; flags: number },
   ): Promise<UblkDevice> {
     const info = await control.add({ id: options.id, queues: options.queues, depth: options.depth, bufferBytes: options.bufferBytes, flags: options.flags });
     const device = new UblkDevice(control, volume, target, info);
     device.stopBoundMs = options.stopBoundMs ?? STOP_BOUND_MS;
+    device.nativeFactory = options.native ?? addonDevice;
     try {
       // The encoding is whatever the kernel kept; recovery must not be lost silently.
       const missing = options.flags & ~info.flags & (UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE);
@@ -245,12 +264,12 @@ export class UblkDevice {
    * its I/O waits; after END_USER_RECOVERY this process serves it.
    */
   static async recover(
-    control: UblkControl,
+    control: DeviceControl,
     volume: Volume,
     backingFd: number,
     target: Target,
     id: number,
-    options: { startBoundMs?: number } = {},
+    options: DeviceSeams = {},
   ): Promise<UblkDevice> {
     let info = await control.info(id);
     if ((info.flags & UBLK_F.USER_RECOVERY) === 0) {
@@ -272,6 +291,8 @@ export class UblkDevice {
     }
     info = await control.info(id);
     const device = new UblkDevice(control, volume, target, info);
+    device.stopBoundMs = options.stopBoundMs ?? STOP_BOUND_MS;
+    device.nativeFactory = options.native ?? addonDevice;
     await device.open(backingFd);
     try {
       await device.untilServing('END_USER_RECOVERY', (signal) => control.endRecovery(id, signal), options.startBoundMs ?? START_BOUND_MS);
@@ -360,11 +381,10 @@ export class UblkDevice {
   }
 
   private async open(backingFd: number): Promise<void> {
-    const { Device } = addon();
     const deadline = Date.now() + 5000;
     for (;;) {
       try {
-        this.native = new Device({
+        this.native = this.nativeFactory({
           devId: this.info.id,
           queues: this.info.queues,
           depth: this.info.depth,
