@@ -97,4 +97,20 @@ describe('a device over a fake queue', () => {
     store.write = write;
     await device.stop();
   });
+
+  test('a tag taken out of service is reported when it happens, with what each queue lost', async () => {
+    const { queue, device } = await served(2);
+    const reports: string[] = [];
+    device.watch({ stallMs: 400, report: () => {}, outOfService: (m) => reports.push(m) });
+    queue.takeOutOfService(5, 'ublk device 7 queue 0 tag 5: Invalid argument');
+    for (let i = 0; reports.length === 0; i++) {
+      if (i > 100) throw new Error('the watchdog did not report the tag out of service within 5 s');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(reports).toEqual(['master /dev/ublkb7: ublk device 7 queue 0 tag 5: Invalid argument (queue 0: 1 of 8 tags out of service)']);
+    // The queue serves on with the others.
+    expect(await queue.request('write', 0, block(1, 3)).result).toBe(0);
+    await device.stop();
+    expect(reports).toHaveLength(1);
+  });
 });

@@ -55,7 +55,11 @@ class UblkPair implements PairDevices {
   /** Logs requests outstanding far too long, with where they wait (UblkDevice.watch). */
   private watch(device: UblkDevice): UblkDevice {
     const stallMs = Number(process.env.CLDD_STALL_REPORT_MS) > 0 ? Number(process.env.CLDD_STALL_REPORT_MS) : STALL_REPORT_MS;
-    device.watch({ stallMs, report: (message) => this.log.warn(`stalled requests: ${message}`) });
+    device.watch({
+      stallMs,
+      report: (message) => this.log.warn(`stalled requests: ${message}`),
+      outOfService: (message) => this.log.error(`a request tag was taken out of service: ${message}`),
+    });
     return device;
   }
 

@@ -157,6 +157,8 @@ export interface OutstandingRequest {
 export interface StallWatch {
   stallMs: number;
   report(message: string): void;
+  /** A tag the queues took out of service (the kernel refused its command): the device serves with fewer. */
+  outOfService(message: string): void;
 }
 
 interface QueueBridge {
@@ -183,6 +185,8 @@ export class UblkDevice {
   private readonly events: Float64Array;
   private stopping: Promise<void> | null = null;
   private stopBoundMs = STOP_BOUND_MS;
+  /** The last native error the watchdog reported. */
+  private reportedError: string | null = null;
   private nativeFactory: NativeDeviceFactory = addonDevice;
   private detachFastPath: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
@@ -752,8 +756,23 @@ export class UblkDevice {
    */
   watch(watch: StallWatch): void {
     if (this.watchdog) clearInterval(this.watchdog);
-    this.watchdog = setInterval(() => this.reportStalls(watch), Math.min(5000, Math.max(100, watch.stallMs / 4)));
+    this.watchdog = setInterval(() => {
+      this.reportStalls(watch);
+      this.reportOutOfService(watch);
+    }, Math.min(5000, Math.max(100, watch.stallMs / 4)));
     this.watchdog.unref();
+  }
+
+  /** Says once, when it happens, that a tag went out of service, and how many each queue lost. */
+  private reportOutOfService(watch: StallWatch): void {
+    const error = this.native?.lastError ?? null;
+    if (error === null || error === this.reportedError) return;
+    this.reportedError = error;
+    const lost = this.bridges.map((_, q) => {
+      const states = this.inspectQueue(q)?.states ?? new Uint8Array(0);
+      return `queue ${q}: ${states.filter((s) => s === TAG_DEAD).length} of ${this.info.depth} tags out of service`;
+    });
+    watch.outOfService(`${this.target} ${this.path}: ${error} (${lost.join('; ')})`);
   }
 
   private reportStalls(watch: StallWatch): void {

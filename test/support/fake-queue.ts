@@ -52,7 +52,9 @@ export function fakeControl(queue: FakeQueue, info: Partial<DeviceInfo> = {}): D
 }
 
 export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 'complete' | 'inspect' | 'fastInFlight' | 'stats' | 'lastError' | 'close'> {
-  readonly lastError = null;
+  lastError: string | null = null;
+  /** Tags the kernel refused (out of service). */
+  private readonly dead = new Set<number>();
   private options!: NativeDeviceOptions;
   private readonly waiting = new Map<number, { request: KernelRequest; settle: (result: number) => void }>();
   /** Entries for the next delivery to the device, as native/device.cc gathers them. */
@@ -106,6 +108,7 @@ export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 
     const depth = this.options.depth;
     const states = new Uint8Array(depth).fill(1);
     for (const tag of this.waiting.keys()) states[tag] = 2;
+    for (const tag of this.dead) states[tag] = 5;
     return { states, ages: new Float64Array(depth), requests: 0, ordered: 0, done: 0, redirects: 0, backingInFlight: 0, fastInFlight: 0, failure: null };
   }
 
@@ -140,13 +143,19 @@ export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 
     await new Promise((resolve) => setImmediate(resolve));
   }
 
+  /** The kernel refused `tag`'s command: the queue takes it out of service, as device.cc does. */
+  takeOutOfService(tag: number, why: string): void {
+    this.dead.add(tag);
+    this.lastError = why;
+  }
+
   /** Requests the kernel still waits for. */
   get outstanding(): number {
     return this.waiting.size;
   }
 
   private freeTag(): number {
-    for (let tag = 0; tag < this.options.depth; tag++) if (!this.waiting.has(tag)) return tag;
+    for (let tag = 0; tag < this.options.depth; tag++) if (!this.waiting.has(tag) && !this.dead.has(tag)) return tag;
     throw new Error(`all ${this.options.depth} tags are in use`);
   }
 
