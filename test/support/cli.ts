@@ -14,6 +14,8 @@ import ts from 'typescript';
 const ROOT = join(__dirname, '..', '..');
 /** The uid and gid of nobody: what the unprivileged runs use when the tests run as root. */
 const NOBODY = 65534;
+/** How long one cldd command of a test may run (each starts node: about 0.3 s here). */
+const CLI_TIMEOUT_MS = 60_000;
 
 export interface CliResult {
   code: number;
@@ -55,9 +57,11 @@ export async function buildCli(): Promise<Cli> {
     const asNobody = options.unprivileged && process.getuid?.() === 0;
     const [cmd, ...argv] = asNobody ? ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', ...node] : node;
     return new Promise<CliResult>((resolve) => {
-      execFile(cmd, argv, { env: { ...process.env, ...options.env }, cwd: '/' }, (err, stdout, stderr) => {
+      execFile(cmd, argv, { env: { ...process.env, ...options.env }, cwd: '/', timeout: CLI_TIMEOUT_MS }, (err, stdout, stderr) => {
         const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
-        resolve({ code, stdout, stderr });
+        // Killed by the timeout: say so where a test's assertion will show it.
+        const late = err?.killed ? `\n[test] cldd ${args.join(' ')} did not finish within ${CLI_TIMEOUT_MS / 1000} s and was killed\n` : '';
+        resolve({ code, stdout, stderr: stderr + late });
       });
     });
   };

@@ -5,6 +5,7 @@
  * decision and down after the I/O, as on a queue thread. It registers with the volume like a
  * device does, so every state change turns it off and waits for it (docs/serving.md).
  */
+import { within } from '../../src/deadline.js';
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
 import { serve, StoreExecutor } from './disk.js';
 import type { FastPathCounters } from '../../src/engine/publication.js';
@@ -103,9 +104,10 @@ export class FastPath {
     for (const w of waiters) w();
   }
 
+  /** As the device's, bounded: a fast request that never ends fails the state change waiting for it. */
   private idle(): Promise<void> {
     if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
+    return within(new Promise<void>((resolve) => this.idleWaiters.push(resolve)), 30_000, () => new Error(`${this.inFlight} fast-path request(s) still in flight after 30 s`));
   }
 }
 

@@ -52,7 +52,17 @@ export function deviceChecks(
       let stderr = '';
       child.stdout.on('data', (d) => (stdout += d));
       child.stderr.on('data', (d) => (stderr += d));
-      child.on('close', (code) => resolve({ code, stdout, stderr }));
+      // The VM harness kills qemu at its own timeout; natively nothing would: the same bound
+      // here, naming the check that was running.
+      const killer = setTimeout(() => {
+        const running = [...stderr.matchAll(/^(?:== |  --- )(\S+)/gm)].pop()?.[1] ?? 'none started';
+        stderr += `\n[test] the checks did not finish within ${timeoutSeconds} s (running: ${running}); killed\n`;
+        child.kill('SIGKILL');
+      }, (timeoutSeconds + 60) * 1000);
+      child.on('close', (code) => {
+        clearTimeout(killer);
+        resolve({ code, stdout, stderr });
+      });
       child.on('error', (err) => resolve({ code: null, stdout, stderr: stderr + String(err) }));
     });
     writeFileSync(log, `$ ${cmd} ${args.join(' ')}\nexit ${output.code}\n--- stdout\n${output.stdout}\n--- stderr\n${output.stderr}`);
