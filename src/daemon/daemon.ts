@@ -161,9 +161,16 @@ export class Daemon {
       this.log.info('finishing the resync before stopping');
       await this.scheduler.start();
     }
+    // Each step logged first: a stop that hangs says in the log where (cldd remove shows it).
+    const step = (what: string) => this.log.info(`stopping: ${what}`);
     await this.control.close();
+    step('pausing the resync');
     await this.scheduler.stop();
-    if (this.devices) await this.devices.stop();
+    if (this.devices) {
+      step('stopping the devices (the kernel completes their requests first)');
+      await this.devices.stop();
+    }
+    step('committing and closing the engine');
     await this.volume.close();
     await this.store.close();
     await this.links.remove(this.name, this.state.index);

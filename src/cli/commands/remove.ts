@@ -1,3 +1,5 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
 import { text } from '../../printable.js';
 import { CldError } from '../../errors.js';
@@ -30,9 +32,15 @@ export const removeCommand: CommandModule<object, Args> = {
       return { name, pid: client.hello.pid };
     });
     // The daemon answers before it stops; wait for it to be gone.
+    // A forced stop finishes a running resync first: that can take minutes on a large store.
     const deadline = Date.now() + 10 * 60_000;
     while (isAlive(pid)) {
-      if (Date.now() > deadline) throw new CldError('ETIMEDOUT', `the daemon of "${name}" (pid ${pid}) has not stopped`);
+      if (Date.now() > deadline) {
+        const paths = defaultPaths();
+        const logPath = join(paths.runDir, `${name}.log`);
+        const last = (await readFile(logPath, 'utf8').catch(() => '')).trim().split('\n').pop();
+        throw new CldError('ETIMEDOUT', `the daemon of "${name}" (pid ${pid}) has not stopped within 10 min; ${last ? `its log's last line: ${last}` : `its log (${logPath} or the journal) says where it is`}`);
+      }
       await new Promise((r) => setTimeout(r, 100));
     }
     await unpersist(defaultPaths(), name);
