@@ -113,4 +113,21 @@ describe('a device over a fake queue', () => {
     await device.stop();
     expect(reports).toHaveLength(1);
   });
+
+  test('a request still waiting for its plan when the device stops is finished as failed, not left in flight', async () => {
+    const { queue, device, volume } = await served(2);
+    await volume.enable();
+    expect(await queue.request('write', 0, block(1, 1)).result).toBe(0);
+    await volume.disable();
+    // A merge holds block 0; a master write to it waits for its plan.
+    const merge = (await volume.beginMerge(16))!;
+    queue.request('write', 0, block(1, 4));
+    await queue.delivered();
+    expect(device.outstanding()).toMatchObject([{ op: 'write', offset: 0, stage: expect.stringMatching(/^its plan/) }]);
+    await device.stop();
+    // The merge ends; the write's plan comes, after the queues are gone.
+    merge.finish(true);
+    volume.drainLimitMs = 1000;
+    await expect(volume.close()).resolves.toBeUndefined();
+  });
 });

@@ -537,6 +537,12 @@ export class UblkDevice {
   }
 
   private execute(q: number, tag: number, plan: Plan): void {
+    if (!this.native) {
+      // Planned after the queues closed (it waited for a lock or a state change): the kernel
+      // will never see it complete, and the engine must not count it in flight forever.
+      plan.finish(false);
+      return;
+    }
     try {
       this.executePlan(q, tag, plan);
     } catch (err) {
