@@ -29,8 +29,10 @@ describe('control socket', () => {
   let path: string;
 
   let enabled: number;
-  /** Answers the pending `hold` call. */
+  /** Answers the pending `hold` call; `held` resolves once the server has it. */
   let release: (value: unknown) => void = () => {};
+  let held: Promise<void> = Promise.resolve();
+  let entered: () => void = () => {};
 
   beforeEach(async () => {
     dir = await mkdtemp(join(tmpdir(), 'cldd-control-'));
@@ -43,7 +45,11 @@ describe('control socket', () => {
         throw new CldError('CLDD_STATE', 'the slave is not enabled');
       },
       slow: async (params) => new Promise((resolve) => setTimeout(() => resolve(params.n), Number(params.ms))),
-      hold: async () => new Promise((resolve) => (release = resolve)),
+      hold: async () =>
+        new Promise((resolve) => {
+          release = resolve;
+          entered();
+        }),
     });
     await server.listen();
   });
@@ -75,10 +81,14 @@ describe('control socket', () => {
 
   test('a reply that does not come in time fails the call saying which; one that comes later is dropped', async () => {
     const client = await DaemonClient.connect(path, 'pair');
-    await expect(client.call('hold', {}, 50)).rejects.toMatchObject({
+    held = new Promise((resolve) => (entered = resolve));
+    const call = client.call('hold', {}, 50);
+    await expect(call).rejects.toMatchObject({
       code: 'ETIMEDOUT',
       message: 'the daemon of "pair" did not answer hold (request 1) within 0.05 s; cldd status pair shows the requests its devices hold',
     });
+    // The server has the call (waited for, not hoped for): its reply comes now, too late.
+    await held;
     release('late');
     // The late reply reaches the client before this one: it is dropped, the connection stays.
     expect(await client.call('echo', { b: 2 })).toEqual({ b: 2 });

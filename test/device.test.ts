@@ -4,7 +4,7 @@
  * threads do for what the fast path does not serve, and runs the plans' extents on the store.
  */
 import { constants } from 'node:os';
-import { describe, expect, test } from 'vitest';
+import { describe, expect, test, vi } from 'vitest';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import { DEFAULT_QUEUE_OPTIONS, UblkDevice } from '../src/ublk/device.js';
@@ -101,17 +101,27 @@ describe('a device over a fake queue', () => {
   test('a tag taken out of service is reported when it happens, with what each queue lost', async () => {
     const { queue, device } = await served(2);
     const reports: string[] = [];
-    device.watch({ stallMs: 400, report: () => {}, outOfService: (m) => reports.push(m) });
-    queue.takeOutOfService(5, 'ublk device 7 queue 0 tag 5: Invalid argument');
-    for (let i = 0; reports.length === 0; i++) {
-      if (i > 100) throw new Error('the watchdog did not report the tag out of service within 5 s');
-      await new Promise((r) => setTimeout(r, 50));
+    // The watchdog's ticks, one at a time (its interval is stallMs / 4, at least 100 ms).
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval'] });
+    try {
+      device.watch({ stallMs: 400, report: () => {}, outOfService: (m) => reports.push(m) });
+      vi.advanceTimersByTime(100);
+      expect(reports).toEqual([]);
+      queue.takeOutOfService(5, 'ublk device 7 queue 0 tag 5: Invalid argument');
+      vi.advanceTimersByTime(100);
+      expect(reports).toEqual(['master /dev/ublkb7: ublk device 7 queue 0 tag 5: Invalid argument (queue 0: 1 of 8 tags out of service)']);
+      // Said once: the next ticks find the same error.
+      vi.advanceTimersByTime(300);
+      expect(reports).toHaveLength(1);
+      queue.takeOutOfService(6, 'ublk device 7 queue 0 tag 6: Invalid argument');
+      vi.advanceTimersByTime(100);
+      expect(reports[1]).toBe('master /dev/ublkb7: ublk device 7 queue 0 tag 6: Invalid argument (queue 0: 2 of 8 tags out of service)');
+    } finally {
+      vi.useRealTimers();
     }
-    expect(reports).toEqual(['master /dev/ublkb7: ublk device 7 queue 0 tag 5: Invalid argument (queue 0: 1 of 8 tags out of service)']);
     // The queue serves on with the others.
     expect(await queue.request('write', 0, block(1, 3)).result).toBe(0);
     await device.stop();
-    expect(reports).toHaveLength(1);
   });
 
   test('a request still waiting for its plan when the device stops is finished as failed, not left in flight', async () => {

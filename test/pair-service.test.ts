@@ -3,6 +3,7 @@
  * resync that stopped, and a FIFREEZE that does not return.
  */
 import { describe, expect, test } from 'vitest';
+import { within } from '../src/deadline.js';
 import { CldError } from '../src/errors.js';
 import { FREEZE_LIMIT_MS, PairService, freezeWithin } from '../src/daemon/pair-service.js';
 import type { Logger } from '../src/daemon/logger.js';
@@ -24,13 +25,7 @@ function recordingLog(): Logger & { lines: string[] } {
 const noFreezer: Freezer = { freeze: async () => {}, thaw: async () => {} };
 
 /** Fails with a message saying what it was waiting for, if `promise` has not settled in `ms`. */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, bound]).finally(() => clearTimeout(timer));
-}
+const bounded = <T>(promise: Promise<T>, ms: number, what: string): Promise<T> => within(promise, ms, () => new Error(`${what}: still waiting after ${ms} ms`));
 
 /** A volume in resync with `blocks` blocks to merge back. */
 async function resyncing(blocks: number): Promise<Volume> {
@@ -54,7 +49,7 @@ describe('enable --wait behind a resync', () => {
     const scheduler = new ResyncScheduler(volume, failing, { yieldMs: 0 });
     const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
     void scheduler.start();
-    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
+    await expect(bounded(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
       code: 'CLDD_STATE',
       message: 'the resync stopped with 4 blocks left (read of 16384 bytes at 4198400: the disk said no); the slave cannot be enabled before it has finished',
     });
@@ -65,7 +60,7 @@ describe('enable --wait behind a resync', () => {
     const volume = await resyncing(2);
     const scheduler = new ResyncScheduler(volume, failing, { yieldMs: 0 });
     const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
-    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
+    await expect(bounded(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
       code: 'CLDD_STATE',
       message: 'the resync stopped with 2 blocks left; the slave cannot be enabled before it has finished',
     });
@@ -76,7 +71,7 @@ describe('enable --wait behind a resync', () => {
     const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
     const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
     void scheduler.start();
-    await expect(within(service.enable({ wait: true }), 5000, 'enable --wait')).resolves.toMatchObject({ epoch: 2, frozen: null });
+    await expect(bounded(service.enable({ wait: true }), 5000, 'enable --wait')).resolves.toMatchObject({ epoch: 2, frozen: null });
     expect(volume.state).toBe('snapshot');
   });
 });
@@ -94,7 +89,7 @@ describe('FIFREEZE is bounded', () => {
     };
     const log = recordingLog();
     const began = performance.now();
-    await expect(within(freezeWithin(freezer, '/mnt/home', 50, log), 5000, 'freezeWithin')).rejects.toMatchObject({
+    await expect(bounded(freezeWithin(freezer, '/mnt/home', 50, log), 5000, 'freezeWithin')).rejects.toMatchObject({
       code: 'ETIMEDOUT',
       message:
         "FIFREEZE of /mnt/home did not complete within 0.05 s (it writes back through the master; cldd status shows the master's requests); nothing was enabled",

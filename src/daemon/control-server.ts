@@ -1,7 +1,7 @@
 import { chmod, mkdir, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
-import { CldError } from '../errors.js';
+import { codeOf } from '../errors.js';
 import { isPlainObject } from '../protocol/methods.js';
 import { isRequestId, LineReader, MAX_ID_LENGTH, PROTOCOL_VERSION, type ReplyMessage, type RequestId } from '../protocol/protocol.js';
 
@@ -135,8 +135,8 @@ export class ControlServer {
       // A handler with nothing to say still answers with a result: a reply has a result or an error.
       return { id, result: (await handler(params ?? {})) ?? null };
     } catch (err) {
-      const code = err instanceof CldError ? err.code : ((err as { code?: string })?.code ?? 'EIO');
-      return { id, error: { code, message: err instanceof Error ? err.message : String(err) } };
+      // A code the CLI knows (an errno name or CLDD_*): anything else, a Node internal code, is EIO.
+      return { id, error: { code: codeOf(err), message: err instanceof Error ? err.message : String(err) } };
     }
   }
 }

@@ -47,8 +47,13 @@ export class Daemon {
   private stopping: Promise<void> | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   private resolveStopped!: () => void;
-  /** Resolves once the daemon has stopped, however the stop was asked for. */
-  readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
+  private rejectStopped!: (err: unknown) => void;
+  /**
+   * Resolves once the daemon has stopped, however the stop was asked for; rejects with the
+   * error of a stop that failed (a device the kernel would not stop): the process must not look
+   * as if it had stopped cleanly.
+   */
+  readonly stopped = new Promise<void>((resolve, reject) => ((this.resolveStopped = resolve), (this.rejectStopped = reject)));
 
   readonly name: string;
   readonly service: PairService;
@@ -64,6 +69,7 @@ export class Daemon {
   private readonly log: Logger;
 
   private constructor(parts: DaemonParts) {
+    this.stopped.catch(() => {}); // its awaiters get the error; nobody need await it
     ({ name: this.name, service: this.service, volume: this.volume, store: this.store, scheduler: this.scheduler, devices: this.devices } = parts);
     ({ control: this.control, state: this.state, paths: this.paths, backend: this.backend, links: this.links, log: this.log } = parts);
   }
@@ -134,7 +140,7 @@ export class Daemon {
       log.info(`ready${devices ? `: master ${devices.master.path}${devices.slave ? `, slave ${devices.slave.path}` : ''}` : ''}`);
       return daemon;
     } catch (err) {
-      await undo.unwind();
+      await undo.unwind(log);
       throw err;
     }
   }
@@ -150,7 +156,14 @@ export class Daemon {
    * a running resync first instead of refusing.
    */
   stop(options: { force?: boolean } = {}): Promise<void> {
-    this.stopping ??= this.doStop(options).finally(() => this.resolveStopped());
+    this.stopping ??= this.doStop(options).then(
+      () => this.resolveStopped(),
+      (err: unknown) => {
+        this.log.error(`the stop failed: ${(err as Error).message}`);
+        this.rejectStopped(err);
+        throw err;
+      },
+    );
     return this.stopping;
   }
 
@@ -214,10 +227,21 @@ class UndoStack {
     this.steps.push(step);
   }
 
-  /** Each step runs whatever the one after it did; their errors give way to the start's own. */
-  async unwind(): Promise<void> {
-    for (const step of this.steps.reverse()) await step().catch(() => {});
-    this.steps.length = 0;
+  /**
+   * Undoes the steps, last first. A step that fails stops the unwinding: what it undid may still
+   * use what came before it (devices whose stop timed out still use the store's fd), so that is
+   * left as it is. The start's own error is the one thrown, this one only logged.
+   */
+  async unwind(log: Logger): Promise<void> {
+    const steps = this.steps.splice(0).reverse();
+    for (const step of steps) {
+      try {
+        await step();
+      } catch (err) {
+        log.error(`undoing a failed start: ${(err as Error).message}; what was opened before it is left open`);
+        return;
+      }
+    }
   }
 }
 

@@ -260,8 +260,9 @@ export class PairService {
         const who = users.openers.map((o) => `${o.command} (pid ${o.pid})`).join(', ');
         throw new CldError('EBUSY', `the slave is open by ${who}: close it first`);
       }
-      await this.links?.slaveRemoved();
+      // The device first: until it is gone (a stop can time out) the pair still has its slave.
       await this.devices!.removeSlave();
+      await this.links?.slaveRemoved();
     }
     await this.volume.disable();
     const blocks = this.volume.map.count;

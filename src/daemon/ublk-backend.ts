@@ -120,18 +120,20 @@ class UblkPair implements PairDevices {
     return this.slave!;
   }
 
+  /** Stops and deletes the slave; until that succeeds the pair still has it (a stop can be retried). */
   async removeSlave(): Promise<void> {
     const slave = this.slaveDevice;
-    this.slaveDevice = null;
     await slave?.stop();
+    if (this.slaveDevice === slave) this.slaveDevice = null;
   }
 
   async stop(): Promise<void> {
     const failures: unknown[] = [];
     await this.removeSlave().catch((err) => failures.push(err));
     await this.masterDevice.stop().catch((err) => failures.push(err));
-    this.control.close();
+    // A device whose stop failed keeps its queues, and a retry needs the control handle.
     if (failures.length) throw failures[0];
+    this.control.close();
   }
 }
 

@@ -144,9 +144,14 @@ function malformed(name: string, what: string): CldError {
   return new CldError('EPROTO', `the daemon of "${name}" sent ${what}`);
 }
 
-/** The daemon's error as a CldError; one without a known code and a message is EPROTO. */
+/**
+ * The daemon's error as a CldError, its message kept (a code this CLI does not know, from a newer
+ * daemon, reads as EIO); one without a string code and message is EPROTO.
+ */
 function replyError(error: unknown, name: string): CldError {
-  if (isPlainObject(error) && isErrorCode(error.code) && typeof error.message === 'string') return new CldError(error.code, error.message);
+  if (isPlainObject(error) && typeof error.code === 'string' && typeof error.message === 'string') {
+    return new CldError(isErrorCode(error.code) ? error.code : 'EIO', error.message);
+  }
   return malformed(name, 'an error without a code and a message');
 }
 

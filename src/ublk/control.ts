@@ -145,7 +145,13 @@ export class UblkControl {
     if (!signal) return this.handle.command(op, devId, NO_QUEUE, data0, buffer, label);
     if (signal.aborted) throw new CldError('ECANCELED', `${label}: cancelled before it was sent`);
     const token = (this.nextToken = (this.nextToken % 0xffffffff) + 1);
-    const cancel = () => this.handle.cancel(token);
+    const cancel = () => {
+      try {
+        this.handle.cancel(token);
+      } catch {
+        // The ring refused the cancel: the caller's own bound still ends the wait.
+      }
+    };
     signal.addEventListener('abort', cancel, { once: true });
     try {
       return await this.handle.command(op, devId, NO_QUEUE, data0, buffer, label, token);

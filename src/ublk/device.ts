@@ -337,6 +337,8 @@ export class UblkDevice {
     });
     try {
       const outcome = await Promise.race([ran, gaveUp]);
+      // Done after all (the cancel crossed the completion) and no queue failed: started.
+      if (outcome === null && (reason as { code: string } | null)?.code === 'ETIMEDOUT') return;
       if (reason !== null) {
         const { code, message } = reason;
         const after = outcome === 'stuck' ? `; the kernel still held it ${CANCEL_BOUND_MS / 1000} s after it was cancelled` : '';
@@ -417,8 +419,7 @@ export class UblkDevice {
       counters: () => this.fastPathCounters(),
       describeRequests: () => {
         const held = this.outstanding();
-        if (held.length === 0) return '';
-        return `${this.target} ${this.path}: ${held.slice(0, 4).map(describeRequest).join('; ')}${held.length > 4 ? `; and ${held.length - 4} more` : ''}`;
+        return held.length ? `${this.target} ${this.path}: ${describeRequests(held)}` : '';
       },
     };
     this.detachFastPath = this.volume.attachFastPath(fastPath);
@@ -816,7 +817,7 @@ export class UblkDevice {
           return new CldError(
             'ETIMEDOUT',
             `${this.target} ${this.path}: STOP_DEV did not finish within ${this.stopBoundMs / 1000} s; the kernel waits for ${held.length} request(s)` +
-              `${held.length ? `: ${held.slice(0, 4).map(describeRequest).join('; ')}` : ''}`,
+              `${held.length ? `: ${describeRequests(held)}` : ''}`,
           );
         });
       } catch (err) {
@@ -894,6 +895,11 @@ export function nativePublication(volume: Volume): NativePublication {
     blockSize,
     blocks,
   };
+}
+
+/** The oldest few of `held`, and how many more. */
+function describeRequests(held: readonly OutstandingRequest[], shown = 4): string {
+  return `${held.slice(0, shown).map(describeRequest).join('; ')}${held.length > shown ? `; and ${held.length - shown} more` : ''}`;
 }
 
 function describeRequest(r: OutstandingRequest): string {

@@ -7,7 +7,7 @@
  * that needs the engine is reported as ordered and completed by the engine's complete(); a
  * commit's steps (inOrder) run one after another from the metadata buffer.
  */
-import { constants } from 'node:os';
+import { errnoOf } from '../../src/errors.js';
 import type { BlockStore } from '../../src/io/block-store.js';
 import type { NativeDeviceHandle, NativeDeviceOptions, NativeQueueState } from '../../src/native/native.js';
 import { EVENTS, EXTENT_KIND, SUBMIT_FLAGS } from '../../src/native/wire.js';
@@ -184,7 +184,7 @@ export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 
         );
       }
     } catch (err) {
-      errno = (constants.errno as Record<string, number>)[(err as { code?: string }).code ?? 'EIO'] ?? constants.errno.EIO;
+      errno = errnoOf(err);
     }
     if (flags === SUBMIT_FLAGS.needsEngine) {
       this.ordered.push(tag, errno);

@@ -85,7 +85,8 @@ export const daemonCommand: CommandModule<object, Args> = {
         layout: info?.layout ?? null,
       },
     });
-    const stop = () => void daemon.stop();
+    // A stop that fails rejects daemon.stopped, below, which exits non-zero.
+    const stop = () => void daemon.stop().catch(() => {});
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
     process.on('SIGHUP', () => {});

@@ -5,7 +5,7 @@ import { text } from '../../printable.js';
 import { CldError } from '../../errors.js';
 import { defaultPaths } from '../../protocol/paths.js';
 import { unpersist } from '../persist.js';
-import { isAlive } from '../../protocol/state-file.js';
+import { isAlive, readState } from '../../protocol/state-file.js';
 import { withPair } from '../pairs.js';
 import { requireRoot } from '../root.js';
 
@@ -34,16 +34,21 @@ export const removeCommand: CommandModule<object, Args> = {
     // The daemon answers before it stops; wait for it to be gone.
     // A forced stop finishes a running resync first: that can take minutes on a large store.
     const deadline = Date.now() + 10 * 60_000;
+    const paths = defaultPaths();
+    const lastLine = async () => {
+      const logPath = join(paths.runDir, `${name}.log`);
+      const last = (await readFile(logPath, 'utf8').catch(() => '')).trim().split('\n').pop();
+      return last ? `its log's last line: ${last}` : `its log (${logPath} or the journal) says why`;
+    };
     while (isAlive(pid)) {
-      if (Date.now() > deadline) {
-        const paths = defaultPaths();
-        const logPath = join(paths.runDir, `${name}.log`);
-        const last = (await readFile(logPath, 'utf8').catch(() => '')).trim().split('\n').pop();
-        throw new CldError('ETIMEDOUT', `the daemon of "${name}" (pid ${pid}) has not stopped within 10 min; ${last ? `its log's last line: ${last}` : `its log (${logPath} or the journal) says where it is`}`);
-      }
+      if (Date.now() > deadline) throw new CldError('ETIMEDOUT', `the daemon of "${name}" (pid ${pid}) has not stopped within 10 min; ${await lastLine()}`);
       await new Promise((r) => setTimeout(r, 100));
     }
-    await unpersist(defaultPaths(), name);
+    // Its state file goes last, once everything is stopped: still there, the stop failed.
+    if (await readState(paths, name)) {
+      throw new CldError('EIO', `the daemon of "${name}" exited without stopping its devices; ${await lastLine()}; cldd add reattaches them`);
+    }
+    await unpersist(paths, name);
     console.log(text`${name}: removed`);
   },
 };
