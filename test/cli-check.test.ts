@@ -1,12 +1,10 @@
 import { execFile } from 'node:child_process';
-import { copyFile, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { Disk } from './support/disk.js';
-import { Volume } from '../src/engine/volume.js';
-import { FileStore } from '../src/io/file-store.js';
+import { Disk, formattedFile } from './support/disk.js';
 import { type Cli, buildCli } from './support/cli.js';
 
 const run = promisify(execFile);
@@ -21,15 +19,10 @@ describe('cldd check', () => {
     cli = await buildCli();
     dir = await mkdtemp(join(tmpdir(), 'cldd-cli-'));
     path = join(dir, 'store.img');
-    const fh = await open(path, 'w');
-    await fh.truncate(16 << 20);
-    await fh.close();
-    const store = await FileStore.open(path);
-    const volume = await Volume.format(store, { name: 'cli' });
-    await volume.enable();
-    await new Disk(volume).write(0, new Uint8Array(8192).fill(7));
-    await volume.close();
-    await store.close();
+    await formattedFile(path, 16 << 20, { name: 'cli' }, async (volume) => {
+      await volume.enable();
+      await new Disk(volume).write(0, new Uint8Array(8192).fill(7));
+    });
   });
 
   afterAll(async () => {
@@ -98,12 +91,7 @@ describe('cldd check', () => {
 
   test('a crafted store name cannot forge output lines or send escape sequences', async () => {
     const crafted = join(dir, 'crafted.img');
-    const fh = await open(crafted, 'w');
-    await fh.truncate(16 << 20);
-    await fh.close();
-    const store = await FileStore.open(crafted);
-    await (await Volume.format(store, { name: 'x"\nclean\x1b[2J\x9b1m' })).close();
-    await store.close();
+    await formattedFile(crafted, 16 << 20, { name: 'x"\nclean\x1b[2J\x9b1m' });
     const r = await cldd('check', crafted);
     expect(r.code).toBe(0);
     expect(r.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f]/);

@@ -3,7 +3,7 @@
  * kernel devices (the engine-only backend), driven by the real cldd command over the socket.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { mkdtemp, open, rm, stat } from 'node:fs/promises';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -16,9 +16,7 @@ import { DEFAULT_CONFIG } from '../src/protocol/config.js';
 import { socketPath } from '../src/protocol/paths.js';
 import type { Freezer } from '../src/system/freeze.js';
 import type { Logger } from '../src/daemon/logger.js';
-import { Disk } from './support/disk.js';
-import { Volume } from '../src/engine/volume.js';
-import { FileStore } from '../src/io/file-store.js';
+import { Disk, formattedFile } from './support/disk.js';
 import { removeState, writeState } from '../src/protocol/state-file.js';
 
 const run = promisify(execFile);
@@ -51,14 +49,7 @@ describe('daemon without devices', () => {
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'cldd-daemon-'));
     backing = join(dir, 'disk.img');
-    const fh = await open(backing, 'w');
-    await fh.truncate(32 << 20);
-    await fh.close();
-    const store = await FileStore.open(backing);
-    const volume = await Volume.format(store, { name: 'work' });
-    await new Disk(volume).write(0, new Uint8Array(1 << 20).fill(1));
-    await volume.close();
-    await store.close();
+    await formattedFile(backing, 32 << 20, { name: 'work' }, (volume) => new Disk(volume).write(0, new Uint8Array(1 << 20).fill(1)));
     env = { ...process.env, CLDD_RUN_DIR: paths().runDir, CLDD_CONFIG_DIR: paths().configDir };
     daemon = await Daemon.start({ ...DEFAULT_CONFIG, name: 'work', backing }, engineOnlyBackend(noFreezer), quiet, paths());
   });
@@ -177,12 +168,7 @@ describe('a daemon whose start fails', () => {
     const dir = await mkdtemp(join(tmpdir(), 'cldd-daemon-undo-'));
     try {
       const backing = join(dir, 'disk.img');
-      const fh = await open(backing, 'w');
-      await fh.truncate(16 << 20);
-      await fh.close();
-      const formatted = await FileStore.open(backing);
-      await (await Volume.format(formatted, { name: 'undo' })).close();
-      await formatted.close();
+      await formattedFile(backing, 16 << 20, { name: 'undo' });
       const done: string[] = [];
       const inner = engineOnlyBackend(noFreezer);
       const backend = {

@@ -7,7 +7,9 @@
 import { ioError } from '../../src/errors.js';
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
 import type { BlockStore } from '../../src/io/block-store.js';
-import type { Volume } from '../../src/engine/volume.js';
+import { open } from 'node:fs/promises';
+import { type FormatOptions, Volume } from '../../src/engine/volume.js';
+import { FileStore } from '../../src/io/file-store.js';
 
 /** Runs plans on a BlockStore. */
 export class StoreExecutor implements Executor {
@@ -79,3 +81,18 @@ export class Disk {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * Creates a sparse file of `bytes` at `path` and formats it as a cldd store; `use` may write to
+ * the volume (through a Disk) before it is closed.
+ */
+export async function formattedFile(path: string, bytes: number, options: FormatOptions, use?: (volume: Volume) => Promise<void>): Promise<void> {
+  const fh = await open(path, 'w');
+  await fh.truncate(bytes);
+  await fh.close();
+  const store = await FileStore.open(path);
+  const volume = await Volume.format(store, options);
+  await use?.(volume);
+  await volume.close();
+  await store.close();
+}
