@@ -7,6 +7,7 @@ import { DaemonClient } from '../src/protocol/client.js';
 import { ControlServer, MAX_IN_FLIGHT } from '../src/daemon/control-server.js';
 import { checkedHandlers, checkReadyLine } from '../src/protocol/methods.js';
 import { checkName } from '../src/protocol/paths.js';
+import { within } from '../src/deadline.js';
 import { CldError } from '../src/errors.js';
 
 
@@ -88,7 +89,7 @@ describe('control socket', () => {
       message: 'the daemon of "pair" did not answer hold (request 1) within 0.05 s; cldd status pair shows the requests its devices hold',
     });
     // The server has the call (waited for, not hoped for): its reply comes now, too late.
-    await held;
+    await within(held, 5000, () => new Error('the server did not get the hold call within 5 s'));
     release('late');
     // The late reply reaches the client before this one: it is dropped, the connection stays.
     expect(await client.call('echo', { b: 2 })).toEqual({ b: 2 });

@@ -7,6 +7,7 @@
  * that needs the engine is reported as ordered and completed by the engine's complete(); a
  * commit's steps (inOrder) run one after another from the metadata buffer.
  */
+import { within } from '../../src/deadline.js';
 import { errnoOf } from '../../src/errors.js';
 import type { BlockStore } from '../../src/io/block-store.js';
 import type { NativeDeviceHandle, NativeDeviceOptions, NativeQueueState } from '../../src/native/native.js';
@@ -22,8 +23,12 @@ export interface KernelRequest {
   offset: number;
   /** The request's pages: the write's data, or where a read lands. */
   buffer: Uint8Array;
-  result: Promise<number>;
+  /** The result the server committed; awaited, it fails after 10 s saying which request it was. */
+  readonly result: Promise<number>;
 }
+
+/** How long a test waits for the device to complete a request. */
+const COMPLETION_BOUND_MS = 10_000;
 
 const OPS = { read: 0, write: 1, flush: 2, discard: 3, 'write-zeroes': 5 } as const satisfies Record<(typeof IO_OP)[keyof typeof IO_OP], number>;
 const FUA = 1; // wire.ts REQUEST_FLAGS.fua
@@ -77,8 +82,18 @@ export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 
     const tag = this.freeTag();
     const buffer = typeof bufferOrLength === 'number' ? new Uint8Array(bufferOrLength) : bufferOrLength;
     let settle!: (result: number) => void;
-    const result = new Promise<number>((resolve) => (settle = resolve));
-    const request: KernelRequest = { tag, op, offset, buffer, result };
+    const committed = new Promise<number>((resolve) => (settle = resolve));
+    const what = `${op} of ${buffer.length} bytes at ${offset} (tag ${tag})`;
+    // Bounded only when awaited: a request a test leaves pending on purpose rejects nothing.
+    const request: KernelRequest = {
+      tag,
+      op,
+      offset,
+      buffer,
+      get result() {
+        return within(committed, COMPLETION_BOUND_MS, () => new Error(`the device did not complete the ${what} within ${COMPLETION_BOUND_MS / 1000} s`));
+      },
+    };
     this.waiting.set(tag, { request, settle });
     const length = op === 'flush' ? 0 : buffer.length;
     this.requests.push(tag, OPS[op], options.fua ? FUA : 0, offset, length);
