@@ -12,7 +12,10 @@
         "native/system.cc",
       ],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],
-      "cflags_cc": ["-std=c++20", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fexceptions"],
+      # Hidden visibility: the addon exports its init function only (Node finds nothing else),
+      # and its own calls go direct instead of through the PLT.
+      "cflags_cc": ["-std=c++20", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-fexceptions",
+                    "-fvisibility=hidden", "-fvisibility-inlines-hidden"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
       "defines": ["NAPI_VERSION=8"],
       # Debian's liburing-dev ships a static archive; linking it keeps the addon free of a

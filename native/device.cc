@@ -20,9 +20,15 @@ namespace cldd {
 
 namespace {
 // user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index;
-// the read of the wake eventfd is the one entry with the next bit.
+// the read of the wake eventfd is the one entry with the next bit; a chained read's steps
+// (ChainRead) the next, with the chain's number, the tag and the step; its commit kChainCommit,
+// the chain's number and the tag.
 constexpr uint64_t kExtentBit = 1ULL << 63;
 constexpr uint64_t kWakeData = 1ULL << 62;
+constexpr uint64_t kChainBit = 1ULL << 61;
+constexpr uint64_t kChainCommit = 1ULL << 60;
+constexpr uint16_t kStepRead = 0, kStepCopy = 1;
+constexpr uint8_t kChainRead = 1, kChainCopy = 2;
 constexpr uint32_t kMaxExtents = 1u << 16;
 // With zero copy, extents at least this long are read or written in place (see QueueExtent).
 // Measured in the VM on Linux 7.3 against copying: reads of 64 KiB and more a draw or better
@@ -106,6 +112,15 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   std::string path = "/dev/ublkc" + std::to_string(devId_);
   charFd_.Reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
   if (!charFd_.valid()) throw ErrnoError(env, errno, "open " + path);
+  if (segmented_) {
+    // A chained read copies into the request with a write to this file through the ring
+    // (ChainRead). io_uring issues a write inline only to a file that says it can be asked not
+    // to block (FMODE_NOWAIT or O_NONBLOCK: io_file_get_flags), else it hands it to a worker
+    // thread; ublk's char device does not say so, though its copy waits for nothing but the
+    // request's pages. Nothing else done with this file looks at O_NONBLOCK.
+    int fl = ::fcntl(charFd_.get(), F_GETFL);
+    if (fl < 0 || ::fcntl(charFd_.get(), F_SETFL, fl | O_NONBLOCK) < 0) throw ErrnoError(env, errno, "fcntl " + path);
+  }
 
   size_t page = size_t(::sysconf(_SC_PAGESIZE));
   size_t stride = RoundUp(kMaxDepth * sizeof(IoDesc), page);
@@ -133,9 +148,10 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     ::madvise(q->buffers.data(), q->buffers.size(), MADV_NOHUGEPAGE);
     q->wake.Reset(::eventfd(0, EFD_CLOEXEC));
     if (!q->wake.valid()) throw ErrnoError(env, errno, name + ": eventfd for queue " + std::to_string(id));
-    // A command and a backing I/O per tag at most, the wake read and a flush's fdatasync.
+    // Three entries per tag at most (a chained read: the read, the copy, the commit; otherwise a
+    // command and a backing I/O), the wake read and a flush's fdatasync.
     unsigned entries = 64;
-    while (entries < 2 * depth_ + 2) entries *= 2;
+    while (entries < 3 * depth_ + 2) entries *= 2;
     // Cooperative task work: the kernel's completions for this ring (ublk handing a request over,
     // a backing read finishing) wait for the queue thread's next io_uring_enter instead of
     // interrupting it with an IPI, as the reference server does. Measured in the VM (6.12,
@@ -432,7 +448,7 @@ void Device::PublishOutbox(Queue& q) {
   if (async_) uv_async_send(async_);
 }
 
-void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
+void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result, uint64_t userData) {
   io_uring_sqe* sqe = q.ring.Sqe();
   if (!sqe) {
     // The ring refused its queued entries: the tag cannot go on.
@@ -453,7 +469,7 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
   // Automatic registration reads its buffer index from the SQE's addr (index in bits 0-15, no
   // flags): the tag's request is registered there when it arrives, unregistered at its commit.
   if (zeroCopy_) sqe->addr = tag;
-  sqe->user_data = tag;
+  sqe->user_data = userData | tag;
 }
 
 // How an extent's data moves. Without user copy (before 6.5) the kernel copies each request
@@ -480,7 +496,8 @@ void Device::QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result) {
 // serialises one file's writes anyway and costs two thread hops per request: measured in the
 // VM on ext4, 4 KiB random writes went from 286-340 to 458-565 IOPS at QD1 and from 4368-4856
 // to 7154-7569 at QD32. The loop driver writes synchronously from its worker too.
-// Reads try the page cache first, from this thread and without blocking (RWF_NOWAIT): a hit
+// Reads try the page cache first, without blocking (RWF_NOWAIT): a fast read of one extent as a
+// chain of ring entries with its commit (ChainRead); any other from this thread, where a hit
 // lets the commit leave in the same io_uring_enter as the next submissions instead of a round
 // trip of its own through the ring. A miss, or a part of one, goes to the ring, so that one
 // request's miss does not hold up the queue's others. A flush's fdatasync goes to the ring too,
@@ -614,6 +631,18 @@ void Device::Reap(Queue& q) {
     } else if (data == kWakeData) {
       TakeInbox(q);
       if (!q.exiting) ArmWake(q);
+    } else if (data & kChainBit) {
+      q.backingInFlight.fetch_sub(1, std::memory_order_relaxed);
+      OnChainCompletion(q, uint16_t(data >> 16), uint16_t(data >> 32), uint16_t(data), res);
+    } else if (data & kChainCommit) {
+      // The commit of a chained read: cancelled when a step before it failed (the tag went on
+      // the ordinary way, OnChainCompletion); otherwise the tag's next request, as any command.
+      uint16_t tag = uint16_t(data), seq = uint16_t(data >> 32);
+      if (tag >= depth_) continue;
+      Tag& t = q.tags[tag];
+      if (res == -ECANCELED && t.broken == seq) continue;
+      if (t.chain && t.chainSeq == seq) ChainDone(q, tag);  // its steps' completions came first
+      OnCommandCompletion(q, tag, res);
     } else {
       OnCommandCompletion(q, uint16_t(data), res);
     }
@@ -732,11 +761,111 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
   t.needsEngine = false;
   t.error = 0;
   t.state.store(uint8_t(TagState::kFast));
+  if (ChainRead(q, tag)) return true;
   size_t count = t.extents.size();
   t.pending = uint32_t(count) + 1;
   for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
   if (--t.pending == 0) ExtentsFinished(q, tag);
   return true;
+}
+
+// A fast read of one extent, served with its commit in one chain of linked ring entries: the
+// backing read (from the page cache only: RWF_NOWAIT), the copy into the request (user copy
+// without zero copy: a write to /dev/ublkcN; with zero copy the read lands in the request's own
+// pages; without user copy the kernel copies at the commit) and the commit. The queue thread
+// makes one io_uring_enter per request instead of three syscalls (preadv2, the copy, the
+// enter). Measured in the VM (TCG, ext4 on brd), against the same build without chains, one VM
+// each, medians of 6 (QD1) and 3 (QD32) alternating 4 s runs of 4 KiB random reads: on 6.12
+// (user copy) 2988 against 2783 IOPS at QD1 and 55.5k against 44.0k at QD32 (the C server 3707
+// and 43.8k); on 7.3 (zero copy) 3252 against 3210 and 57.0k against 52.3k. A step that fails or falls short (not all cached, an error) breaks the chain: the
+// steps after it come back cancelled, the commit never reaches the kernel, and the extent starts
+// again the ordinary way (QueueExtent), which goes to the file for what the cache lacks.
+bool Device::ChainRead(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  if (t.op != UBLK_IO_OP_READ || t.extents.size() != 1 || !nowaitReads_.load(std::memory_order_relaxed)) return false;
+  const Extent& e = t.extents[0];
+  bool copy = segmented_;
+  if (e.kind != kRead || e.bufferOffset != 0 || e.length != t.bytes || (!zeroCopy_ && e.length > tagBufferBytes_)) return false;
+  // The chain's entries must reach the kernel together: a full SQ would submit part of it.
+  if (io_uring_sq_space_left(q.ring.get()) < (copy ? 3u : 2u)) return false;
+  uint64_t seq = ++t.chainSeq;
+  if (seq == t.broken) seq = ++t.chainSeq;  // never the number of an old broken chain (0 is none)
+  if (seq == 0) seq = ++t.chainSeq;
+  uint64_t steps = kChainBit | (seq << 32) | (uint64_t(tag) << 16);
+  io_uring_sqe* sqe = io_uring_get_sqe(q.ring.get());
+  if (zeroCopy_) {
+    io_uring_prep_read_fixed(sqe, backingFd_, nullptr, e.length, e.offset, tag);
+  } else {
+    io_uring_prep_read(sqe, backingFd_, TagBuffer(q, tag), e.length, e.offset);
+  }
+  sqe->rw_flags = RWF_NOWAIT;
+  sqe->flags |= IOSQE_IO_LINK;
+  sqe->user_data = steps | kStepRead;
+  q.backingInFlight.fetch_add(1, std::memory_order_relaxed);
+  if (copy) {
+    sqe = io_uring_get_sqe(q.ring.get());
+    off_t pos = off_t(kUserCopyBase + (uint64_t(q.id) << kUserCopyQueueShift) + (uint64_t(tag) << kUserCopyTagShift));
+    io_uring_prep_write(sqe, charFd_.get(), TagBuffer(q, tag), e.length, pos);
+    sqe->flags |= IOSQE_IO_LINK;
+    sqe->user_data = steps | kStepCopy;
+    q.backingInFlight.fetch_add(1, std::memory_order_relaxed);
+  }
+  t.chain = kChainRead;
+  QueueCommand(q, tag, kIoCommitAndFetch, int32_t(e.length), kChainCommit | (seq << 32));
+  return true;
+}
+
+void Device::OnChainCompletion(Queue& q, uint16_t tag, uint16_t seq, uint16_t step, int res) {
+  if (tag >= depth_) return;
+  Tag& t = q.tags[tag];
+  if (t.chain == 0 || t.chainSeq != seq) return;  // a step after the one that failed: cancelled
+  uint32_t length = t.extents.empty() ? 0 : t.extents[0].length;
+  if (res == int(length) && length > 0) {
+    if (step == kStepRead && segmented_) {
+      // The backing file is done with: a state change waiting for fast requests may go on.
+      q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+      t.chain = kChainCopy;
+    } else {
+      ChainDone(q, tag);  // the last step (the commit follows in the kernel)
+    }
+    return;
+  }
+  // The chain broke here; the steps after it and its commit come back cancelled (Reap).
+  t.chain = 0;
+  t.broken = seq;
+  if (step == kStepCopy) {
+    // The read is done (and no longer counted in flight); the request fails, as a failed copy
+    // does from QueueExtent.
+    t.fast = false;
+    q.counters.errors.fetch_add(1, std::memory_order_relaxed);
+    Commit(q, tag, res < 0 ? res : -EIO);
+    return;
+  }
+  if (res == -EOPNOTSUPP) nowaitReads_.store(false, std::memory_order_relaxed);  // this file system never can
+  if (res < 0 && res != -EAGAIN && res != -EOPNOTSUPP) {
+    t.error = -res;
+    ExtentsFinished(q, tag);
+    return;
+  }
+  // Not (all) in the page cache: the ordinary way, from the start of the extent.
+  t.pending = 2;
+  QueueExtent(q, tag, 0);
+  if (--t.pending == 0) ExtentsFinished(q, tag);
+}
+
+// A chained read went through: its commit has reached the kernel (or is about to, the next
+// entry of the chain), so the tag is the kernel's again, as after Commit.
+void Device::ChainDone(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  if (t.chain == kChainRead) q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+  t.chain = 0;
+  t.fast = false;
+  Counters& c = q.counters;
+  c.reads.fetch_add(1, std::memory_order_relaxed);
+  c.bytesRead.fetch_add(t.bytes, std::memory_order_relaxed);
+  if (q.busy > 0) q.busy--;
+  t.state.store(uint8_t(TagState::kFetching));
+  t.extents.clear();
 }
 
 // A backing I/O from the ring. A segmented read has its segment in the tag's buffer: it is copied

@@ -61,6 +61,13 @@ class Device : public Napi::ObjectWrap<Device> {
     // flight on the ring, and the extents that need the ring meanwhile wait here.
     bool bufferBusy = false;
     std::vector<uint16_t> waiting;
+    // A fast read chained with its commit (ChainRead): kChainRead while the backing read is in
+    // flight, kChainCopy while the copy into the request is; 0 otherwise, and once a step
+    // failed (the steps after it come back cancelled and the tag goes on the ordinary way).
+    uint8_t chain = 0;
+    // Which chain: the steps and the commit carry it, so a cancelled step or commit of a broken
+    // chain cannot be taken for one of a later chain on the tag; `broken` is the last that broke.
+    uint16_t chainSeq = 0, broken = 0;
   };
   // Requests served by the fast path, by kind; added into the engine's counters by device.ts.
   struct Counters {
@@ -128,7 +135,10 @@ class Device : public Napi::ObjectWrap<Device> {
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
   void PublishOutbox(Queue& q);
-  void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result);
+  void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result, uint64_t userData = 0);
+  bool ChainRead(Queue& q, uint16_t tag);
+  void OnChainCompletion(Queue& q, uint16_t tag, uint16_t seq, uint16_t step, int res);
+  void ChainDone(Queue& q, uint16_t tag);
   void QueueExtent(Queue& q, uint16_t tag, uint16_t index);
   uint8_t* TagBuffer(Queue& q, uint16_t tag) { return q.buffers.data() + size_t(tag) * tagBufferBytes_; }
   // Segmented: what this thread copies from start to end without waiting (a write, a read the

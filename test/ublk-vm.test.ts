@@ -17,6 +17,8 @@ const DATA_CHECKS = {
     'the slave shows the enable-time image while the master takes raw writes; read-only; disable refused (EBUSY) while the slave is held open; resync; plain after remove + add',
   fio: 'fio --verify=crc32c on the raw master, mixed sizes, iodepth 32, two queues',
   zero_copy: 'zero copy exactly where the kernel has it and it is not turned off; fio verify passes with and without it',
+  reads:
+    'reads served with their commit in one chain of ring entries, or the ordinary way when the page cache holds none or part of a request: the data written, on master and slave, in both copy modes',
   stall:
     'QD32 random writes never stall through enable/disable cycles: plain, with fsync, held across the enable, first touches, into the resync',
   bounds:
