@@ -784,9 +784,10 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
 // enter). Measured in the VM (TCG, ext4 on brd), against the same build without chains, one VM
 // each, medians of 6 (QD1) and 3 (QD32) alternating 4 s runs of 4 KiB random reads: on 6.12
 // (user copy) 2988 against 2783 IOPS at QD1 and 55.5k against 44.0k at QD32 (the C server 3707
-// and 43.8k); on 7.3 (zero copy) 3252 against 3210 and 57.0k against 52.3k. A step that fails or falls short (not all cached, an error) breaks the chain: the
-// steps after it come back cancelled, the commit never reaches the kernel, and the extent starts
-// again the ordinary way (QueueExtent), which goes to the file for what the cache lacks.
+// and 43.8k); on 7.3 (zero copy) 3252 against 3210 and 57.0k against 52.3k. A step that fails
+// or falls short (not all cached, an error) breaks the chain: the steps after it come back
+// cancelled, the commit never reaches the kernel, and the extent starts again the ordinary way
+// (QueueExtent), which goes to the file for what the cache lacks.
 bool Device::ChainRead(Queue& q, uint16_t tag) {
   Tag& t = q.tags[tag];
   if (t.op != UBLK_IO_OP_READ || t.extents.size() != 1 || !nowaitReads_.load(std::memory_order_relaxed)) return false;
