@@ -52,6 +52,11 @@ constexpr uint32_t kChainCopyBytes = 16u << 10;
 // with them (67, 64, 73, 82 MiB, within a few MiB of noise; the target is 80).
 constexpr uint32_t kSegmentBytes = 64u << 10;
 
+// Where a tag's request is, `within` bytes in, for pread/pwrite on /dev/ublkcN (user copy).
+off_t UserCopyOffset(uint16_t queue, uint16_t tag, uint32_t within) {
+  return off_t(kUserCopyBase + (uint64_t(queue) << kUserCopyQueueShift) + (uint64_t(tag) << kUserCopyTagShift) + within);
+}
+
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 uint64_t NowNs() {
@@ -607,7 +612,7 @@ void Device::QueueExtent(Queue& q, uint16_t tag, uint16_t index) {
 // Copies between the tag buffer and the request's own pages (UBLK_F_USER_COPY): toRequest for
 // reads, from the request for writes. Returns the bytes copied (all of them) or -errno.
 int Device::CopyRequest(Queue& q, uint16_t tag, uint32_t within, uint8_t* mem, uint32_t length, bool toRequest) {
-  off_t pos = off_t(kUserCopyBase + (uint64_t(q.id) << kUserCopyQueueShift) + (uint64_t(tag) << kUserCopyTagShift) + within);
+  off_t pos = UserCopyOffset(q.id, tag, within);
   ssize_t n;
   do n = toRequest ? ::pwrite(charFd_.get(), mem, length, pos) : ::pread(charFd_.get(), mem, length, pos);
   while (n < 0 && errno == EINTR);
@@ -813,8 +818,7 @@ bool Device::ChainRead(Queue& q, uint16_t tag) {
   q.backingInFlight.fetch_add(1, std::memory_order_relaxed);
   if (copy) {
     sqe = io_uring_get_sqe(q.ring.get());
-    off_t pos = off_t(kUserCopyBase + (uint64_t(q.id) << kUserCopyQueueShift) + (uint64_t(tag) << kUserCopyTagShift));
-    io_uring_prep_write(sqe, charFd_.get(), TagBuffer(q, tag), e.length, pos);
+    io_uring_prep_write(sqe, charFd_.get(), TagBuffer(q, tag), e.length, UserCopyOffset(q.id, tag, 0));
     sqe->flags |= IOSQE_IO_LINK;
     sqe->user_data = steps | kStepCopy;
     q.backingInFlight.fetch_add(1, std::memory_order_relaxed);
