@@ -50,8 +50,9 @@ void Mapping::Reset() {
   length_ = 0;
 }
 
-void Ring::Init(Napi::Env env, unsigned entries, unsigned flags, const std::string& what) {
+void Ring::Init(Napi::Env env, unsigned entries, unsigned flags, const std::string& what, unsigned fallbackFlags) {
   int rc = io_uring_queue_init(entries, &ring_, flags);
+  if (rc == -EINVAL && fallbackFlags != flags) rc = io_uring_queue_init(entries, &ring_, flags = fallbackFlags);
   if (rc < 0) {
     if (rc == -EPERM) {
       throw CodeError(env, "EPERM",

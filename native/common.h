@@ -65,8 +65,10 @@ class Ring {
   Ring(const Ring&) = delete;
   Ring& operator=(const Ring&) = delete;
 
-  // Throws a JS Error (EPERM explains kernel.io_uring_disabled).
-  void Init(Napi::Env env, unsigned entries, unsigned flags, const std::string& what);
+  // Throws a JS Error (EPERM explains kernel.io_uring_disabled). A kernel that refuses `flags`
+  // (EINVAL: a setup flag it does not know) gets `fallbackFlags`, when they differ.
+  void Init(Napi::Env env, unsigned entries, unsigned flags, const std::string& what, unsigned fallbackFlags);
+  void Init(Napi::Env env, unsigned entries, unsigned flags, const std::string& what) { Init(env, entries, flags, what, flags); }
   // Starts calling `onReady` from the event loop whenever completions wait.
   void Watch(std::function<void()> onReady);
   // Whether the ring keeps the process alive (only while it has work outstanding).

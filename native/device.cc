@@ -170,7 +170,22 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     // TCG), two pairs side by side: 4 KiB random reads at QD32 59.9-62.8k IOPS against 38.9-42.2k
     // without it (the reference server 48.4-51.7k), random writes at QD32 39.5-43.1k against
     // 26.5-31.4k; QD1 a draw. Every 5.19+ kernel has it, and ublk needs 6.0.
-    q->ring.Init(env, entries, IORING_SETUP_COOP_TASKRUN, name + " queue " + std::to_string(id));
+    // Deferred task work (6.1+; a 6.0 kernel refuses the flags and gets cooperative task work
+    // alone) goes further: the kernel queues the ring's task work on the ring itself and runs it
+    // inside the queue thread's io_uring_enter, batched, rather than adding it to the thread as
+    // task work of its own (run once per item: `perf stat -e io_uring:*` on the thread counted
+    // 2.8 task work runs per chained read, the reference server one local run). A chained read's
+    // linked steps each go through task work, so this mattered once reads were chained: two
+    // pairs side by side in one VM, 4 rounds each, with and without it: 6.12 random writes at
+    // QD32 39.4-53.2k against 33.4-43.7k IOPS, reads at QD32 54.1-70.7k against 53.9-68.7k;
+    // 7.3 (zero copy) writes at QD32 23.0-34.9k against 14.5-26.9k, reads at QD32 55.4-70.9k
+    // against 57.9-65.7k; QD1 a draw on both. (Without chains, in the eleventh session, it was
+    // a draw: docs/benchmarks.md.) It needs a single issuer, the thread that enables the ring
+    // (Run), so the ring starts disabled; a disabled ring takes the buffer table below from
+    // this thread.
+    q->ring.Init(env, entries,
+                 IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED,
+                 name + " queue " + std::to_string(id), IORING_SETUP_COOP_TASKRUN);
     if (zeroCopy_) {
       // One empty slot per tag: the kernel installs each request's pages at index = tag.
       int rc = io_uring_register_buffers_sparse(q->ring.get(), depth_);
@@ -394,6 +409,15 @@ void Device::Run(Queue& q) {
   // must not be throttled like an ordinary writer. Best effort: it needs CAP_SYS_RESOURCE and
   // only changes reclaim behaviour, not correctness.
   ::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+  // The ring's single issuer is the thread that enables it.
+  if (q.ring.get()->flags & IORING_SETUP_R_DISABLED) {
+    int rc = io_uring_enable_rings(q.ring.get());
+    if (rc < 0) {
+      RingFailed(q, ErrnoMessage(-rc, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": enable its io_uring"));
+      if (async_) uv_async_send(async_);
+      return;
+    }
+  }
   q.live = depth_;
   for (uint32_t tag = 0; tag < depth_; tag++) {
     q.tags[tag].state.store(uint8_t(TagState::kFetching));
@@ -404,11 +428,7 @@ void Device::Run(Queue& q) {
     int rc = io_uring_submit_and_wait(q.ring.get(), 1);
     if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY && rc != -ETIME) {
       // The ring itself failed: nothing this queue holds can complete any more.
-      std::string why = ErrnoMessage(-rc, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": io_uring_enter");
-      SetLastError(why);
-      std::lock_guard<std::mutex> lock(q.mu);
-      q.failure = why;
-      q.stopped = true;
+      RingFailed(q, ErrnoMessage(-rc, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": io_uring_enter"));
       break;
     }
     Reap(q);
@@ -417,6 +437,14 @@ void Device::Run(Queue& q) {
   }
   PublishOutbox(q);
   if (async_) uv_async_send(async_);
+}
+
+// The queue's ring cannot be used: its thread stops serving, and says why (inspect, start).
+void Device::RingFailed(Queue& q, const std::string& why) {
+  SetLastError(why);
+  std::lock_guard<std::mutex> lock(q.mu);
+  q.failure = why;
+  q.stopped = true;
 }
 
 void Device::ArmWake(Queue& q) {

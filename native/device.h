@@ -132,6 +132,7 @@ class Device : public Napi::ObjectWrap<Device> {
 
   // The queue thread.
   void Run(Queue& q);
+  void RingFailed(Queue& q, const std::string& why);
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
   void PublishOutbox(Queue& q);
