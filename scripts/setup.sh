@@ -29,7 +29,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # npm dependencies: install when absent or when the lock file changed since the last install.
-# (npm install, not npm ci: this npm writes lock files without other platforms' optional
+# (npm install, not npm ci: some npm versions write lock files without other platforms' optional
 # packages, which npm ci then refuses; npm install still installs the locked versions.)
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "setup: installing npm dependencies" >&2
