@@ -4,6 +4,7 @@
       "target_name": "cldd_native",
       "sources": [
         "native/addon.cc",
+        "native/checksum.cc",
         "native/common.cc",
         "native/store.cc",
         "native/control.cc",

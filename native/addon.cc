@@ -1,5 +1,6 @@
 // The cldd native addon: the kernel-facing pieces only (io_uring, /dev/ublk-control, the ublk
 // queues). Decisions live in TypeScript; see src/native/addon.ts for the one module that loads this.
+#include "checksum.h"
 #include "common.h"
 #include "control.h"
 #include "device.h"
@@ -15,6 +16,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Device", cldd::Device::Define(env));
   cldd::DefineSystem(env, exports);
   cldd::DefineServing(env, exports);
+  cldd::DefineChecksum(env, exports);
   return exports;
 }
 

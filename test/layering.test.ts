@@ -12,7 +12,7 @@ const MAY_IMPORT: Record<string, readonly string[]> = {
   '.': [],
   native: ['.'],
   io: ['.', 'native'],
-  format: ['.', 'io'],
+  format: ['.', 'native', 'io'],
   engine: ['.', 'format', 'io'],
   system: ['.', 'native'],
   ublk: ['.', 'native', 'io', 'format', 'engine'],

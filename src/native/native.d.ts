@@ -182,6 +182,11 @@ export interface NativeAddon {
     offset: number,
     length: number,
   ): { extents: Float64Array; redirect: boolean } | null;
+  /**
+   * CRC-32C (Castagnoli) of `data[start, end)` continuing from `seed` (native/checksum.cc);
+   * throws code EINVAL for a range outside `data`.
+   */
+  crc32c(data: Uint8Array, start?: number, end?: number, seed?: number): number;
   /** native/wire.h's numbers (test/wire.test.ts checks them against src/native/wire.ts). */
   wire: {
     publishedWord: { mode: number; commitPending: number; generation: number; count: number };

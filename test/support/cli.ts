@@ -1,7 +1,7 @@
 /**
  * Runs the cldd command line in a child process, as a user runs it, from the current source.
  * src/ is transpiled (no type checks: tsc does those) into a world-readable directory under /tmp
- * together with bin/ and the packages the CLI loads. So the tests never run a stale dist/, and the
+ * together with bin/, the packages the CLI loads and the native addon. So the tests never run a stale dist/, and the
  * CLI also runs as an unprivileged user wherever the checkout is (under /root, say, where that
  * user cannot read it).
  */
@@ -50,6 +50,8 @@ export async function buildCli(): Promise<Cli> {
   }
   await cp(join(ROOT, 'bin'), join(dir, 'bin'), { recursive: true });
   await cp(join(ROOT, 'package.json'), join(dir, 'package.json'));
+  // The addon, which every command that reads a store's metadata loads (its checksums).
+  await cp(join(ROOT, 'build', 'Release', 'cldd_native.node'), join(dir, 'build', 'Release', 'cldd_native.node'));
   await copyPackage('yargs', ROOT, dir, new Set());
 
   const run = (args: string[], options: RunOptions = {}) => {
