@@ -3,9 +3,10 @@
 # master and on a kernel loop device over an identical backing file, one after the other in the
 # same machine, in CLDD_BENCH_ROUNDS rounds. Prints one JSON line per round, job and device:
 # {"round", "job", "device", "iops", "bw", "lat_us"}.
-# Each round then measures first touch after enable on the first cldd pair and on dm-snapshot
-# (lines with "phase": "before" or "after"), the first pair's resync against dd ({"resync"}), and
-# after the last round each daemon's memory ({"rss"}).
+# Each round then measures first touch after enable on the first cldd pair and on dm-snapshot,
+# into a change area never written and into one written all over, and the loop device into a
+# fresh sparse file (lines with "phase": "before" or "after"), the first pair's resync against
+# dd ({"resync"}), and after the last round each daemon's memory ({"rss"}).
 # There is one pair per mode in CLDD_BENCH_MODES ("zero-copy", the default, and
 # "no-zero-copy"), reported as devices "cldd" and "cldd-copy"; {"zeroCopy":true} is printed when
 # the kernel gave the first one zero copy.
@@ -98,18 +99,30 @@ run() { # name rw bs iodepth dev device-label round [fio options...]; $PHASE tag
 
 # First touch: the same two write jobs before and right after a snapshot is taken, so that every
 # write after it lands on a block not yet redirected (one pass of fio's random map at most, see
-# run). Each "after" gets a snapshot of its own.
+# run). Each "after" gets a snapshot of its own. Two conditions of the change area, as a store
+# meets them: never written (a file store's first snapshot: the file system allocates each block
+# a first touch lands on, as for dm-snapshot's fresh exception store beside it), and written all
+# over by earlier snapshots (every snapshot after the first: cldd never gives the space back).
 FIRST_TOUCH=("first-touch-randwrite-4k-qd32 randwrite 4k 32" "first-touch-randwrite-4k-qd1-fsync randwrite 4k 1 --fsync=1")
+# The written condition's jobs are the same under another name.
+written() { echo "${1/first-touch-/first-touch-written-area-}"; }
 first_touch_cldd() { # round
   local name=bench-${MODES%% *} job
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
-    wanted "$1" || continue
+    wanted "$1" || wanted "$(written "$1")" || continue
     PHASE=before run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
   done
+  # Never written: before each job the change area's blocks go back to the file system (the
+  # pair is plain, so nothing reads them), as in a store that never had a snapshot. Its offset
+  # is the superblock's field at byte 88 (docs/format.md); its length the master's.
+  local store=$WORK/$name.img
+  local change_offset
+  change_offset=$(od -An -t u8 -j 88 -N 8 "$store" | tr -d ' ')
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
     wanted "$1" || continue
+    fallocate --punch-hole --offset "$change_offset" --length "$bytes" "$store"
     cldd enable "$name" --no-freeze >&2
     PHASE=after run "$1" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
     # The first resync (the QD32 job's blocks) is timed against dd copying as many bytes.
@@ -131,6 +144,25 @@ first_touch_cldd() { # round
       cldd disable "$name" --wait >&2
     fi
   done
+  # Written all over: a snapshot whose every block is written once (the whole change area), then
+  # merged back, before the same jobs. The master's contents change; the jobs do not care.
+  local any=""
+  for job in "${FIRST_TOUCH[@]}"; do set -- $job; wanted "$(written "$1")" && any=1; done
+  if [ -n "$any" ]; then
+    cldd enable "$name" --no-freeze >&2
+    dd if=/dev/zero of="$master" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
+    cldd disable "$name" --wait >&2
+    sync
+    for job in "${FIRST_TOUCH[@]}"; do
+      set -- $job
+      local label
+      label=$(written "$1")
+      wanted "$label" || continue
+      cldd enable "$name" --no-freeze >&2
+      PHASE=after run "$label" "$2" "$3" "$4" "$master" cldd "$round" "${@:5}"
+      cldd disable "$name" --wait >&2
+    done
+  fi
   # Changed-block tracking: the pair is plain now, in the period the last enable started, where
   # no chunk is marked yet, so each 4 KiB write at QD1 to a chunk not yet written in it waits
   # for the commit of its mark; then, once a sequential pass has written (marked) every chunk,
@@ -148,28 +180,58 @@ first_touch_cldd() { # round
 dm() { dmsetup --noudevsync "$@"; }
 dm_dev() { echo "/dev/dm-$(dm info -c --noheadings -o minor "$1" | tr -d ' ')"; }
 first_touch_dm() { # round
-  local sectors=$((bytes / 512)) job origin cow
+  local sectors=$((bytes / 512)) job origin cow label
   dm create cldd-bench-origin --table "0 $sectors snapshot-origin $loop"
   origin=$(dm_dev cldd-bench-origin)
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
-    wanted "$1" || continue
+    wanted "$1" || wanted "$(written "$1")" || continue
     PHASE=before run "$1" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
   done
+  # Its exception store a fresh sparse file (never written), or one written all over with zeros
+  # (a zeroed store is a new one to dm-snapshot).
+  for condition in new written; do
+    for job in "${FIRST_TOUCH[@]}"; do
+      set -- $job
+      label=$1
+      [ $condition = written ] && label=$(written "$1")
+      wanted "$label" || continue
+      rm -f "$WORK/dm-cow.img"
+      if [ $condition = new ]; then
+        truncate -s "$bytes" "$WORK/dm-cow.img"
+      else
+        dd if=/dev/zero of="$WORK/dm-cow.img" bs=1M count=$((bytes / 1048576)) conv=fsync status=none
+      fi
+      cow=$(losetup --find --show "$WORK/dm-cow.img")
+      dm suspend cldd-bench-origin
+      dm create cldd-bench-snap --table "0 $sectors snapshot $loop $cow P 8"
+      dm resume cldd-bench-origin
+      PHASE=after run "$label" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
+      dm remove cldd-bench-snap
+      losetup -d "$cow"
+      rm -f "$WORK/dm-cow.img"
+    done
+  done
+  dm remove cldd-bench-origin
+}
+
+# What the file system's allocation alone costs the never-written condition: the kernel's loop
+# device over a fresh sparse file of the same size ("after") against loop over its filled file
+# ("before"), the same jobs. No server can make a first touch into blocks never written cheaper
+# than this on this file system.
+first_touch_loop() { # round
+  local job sparse
   for job in "${FIRST_TOUCH[@]}"; do
     set -- $job
     wanted "$1" || continue
-    truncate -s "$bytes" "$WORK/dm-cow.img"
-    cow=$(losetup --find --show "$WORK/dm-cow.img")
-    dm suspend cldd-bench-origin
-    dm create cldd-bench-snap --table "0 $sectors snapshot $loop $cow P 8"
-    dm resume cldd-bench-origin
-    PHASE=after run "$1" "$2" "$3" "$4" "$origin" dm-snapshot "$round" "${@:5}"
-    dm remove cldd-bench-snap
-    losetup -d "$cow"
-    rm -f "$WORK/dm-cow.img"
+    PHASE=before run "$1" "$2" "$3" "$4" "$loop" loop "$round" "${@:5}"
+    rm -f "$WORK/sparse.img"
+    truncate -s "$bytes" "$WORK/sparse.img"
+    sparse=$(losetup --find --show "$WORK/sparse.img")
+    PHASE=after run "$1" "$2" "$3" "$4" "$sparse" loop "$round" "${@:5}"
+    losetup -d "$sparse"
+    rm -f "$WORK/sparse.img"
   done
-  dm remove cldd-bench-origin
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -185,7 +247,7 @@ for round in $(seq "$ROUNDS"); do
     done
   done
   # Alternately first, like the devices above.
-  if [ $((round % 2)) = 1 ]; then first_touch_cldd; first_touch_dm; else first_touch_dm; first_touch_cldd; fi
+  if [ $((round % 2)) = 1 ]; then first_touch_cldd; first_touch_dm; first_touch_loop; else first_touch_loop; first_touch_dm; first_touch_cldd; fi
   df -h "$WORK" >&2
 done
 # Each daemon's memory after all of the above: resident now and at its peak.
