@@ -203,6 +203,8 @@ describe('superblock', () => {
     const head = crc32c(bytes, 0, 1000);
     expect(crc32c(bytes, 1000, 4096, head)).toBe(crc32c(bytes, 0, 4096));
     expect(crc32c(bytes, 3, 3 + 100, 0xdeadbeef)).toBe(reference(bytes.subarray(3, 103), 0xdeadbeef));
+    // A view into a larger buffer is checksummed from its own first byte.
+    expect(crc32c(bytes.subarray(5, 900), 7, 300)).toBe(reference(bytes.subarray(12, 305)));
   });
 
   test('crc32c_refuses_a_range_outside_its_buffer', () => {
