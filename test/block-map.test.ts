@@ -114,6 +114,36 @@ describe('BlockMap', () => {
     }
   });
 
+  test('forEachRun_over_scattered_bits_as_random_first_touches_leave_them', () => {
+    // A merge window after random 4 KiB first touches: a run every few bits, across words and
+    // a page boundary, queried from every kind of start and end within a word.
+    const seed = seedFromEnv();
+    console.log(`scattered runs seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const random = rng(seed);
+    const blocks = 2 * BITS_4K + 500;
+    const map = new BlockMap(blocks, 4096);
+    const bits = new Uint8Array(blocks);
+    for (const density of [0.05, 0.6, 0.97]) {
+      map.assign(0, blocks, false);
+      bits.fill(0);
+      for (let b = BITS_4K - 3000; b < blocks; b++) {
+        if (random() < density) {
+          map.assign(b, b + 1, true);
+          bits[b] = 1;
+        }
+      }
+      for (let i = 0; i < 300; i++) {
+        const qs = between(random, BITS_4K - 3100, blocks - 1);
+        const qe = Math.min(blocks, qs + between(random, 1, 4000));
+        const got = runsOf(map, qs, qe);
+        const want = naiveRuns(bits, qs, qe);
+        if (JSON.stringify(got) !== JSON.stringify(want)) {
+          throw new Error(`[seed ${seed}] density ${density}: runs of [${qs}, ${qe}) are ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
+        }
+      }
+    }
+  });
+
   test('runs_are_maximal_over_long_equal_stretches', () => {
     const map = new BlockMap(3 * BITS_4K, 4096);
     map.assign(10, 2 * BITS_4K + 10, true);
