@@ -9,8 +9,9 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Disk } from './support/disk.js';
+import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { type BlockStore, FLUSH } from '../src/io/block-store.js';
+import { type BlockStore, FLUSH, type IoOp } from '../src/io/block-store.js';
 import { FileStore } from '../src/io/file-store.js';
 import { NativeStore } from '../src/io/native-store.js';
 import { stamped, versionOf } from './support/stamp.js';
@@ -185,6 +186,86 @@ describe('NativeStore specifics', () => {
     expect(versionOf(back, 0, 0)).toBe(2);
     await store.close();
     await expect(store.sequence([FLUSH])).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
+  });
+
+  test("copy runs a merge's reads, then its writes, one after another", async () => {
+    const path = await backing('copy', 1 << 20);
+    const store = NativeStore.open(path);
+    await store.write(stamped(0, 64, 1), 0);
+    const buffer = new Uint8Array(16 * 512);
+    // The write to sectors 8-15 comes after every read: the second read still finds version 1
+    // there, though the first write (to sectors 16-23) and the read (of 8-15) are neighbours.
+    await store.copy(
+      [
+        { kind: 'read', offset: 0, length: 8 * 512, bufferOffset: 0 },
+        { kind: 'read', offset: 8 * 512, length: 8 * 512, bufferOffset: 8 * 512 },
+      ],
+      [
+        { kind: 'write', offset: 16 * 512, length: 8 * 512, bufferOffset: 8 * 512 },
+        { kind: 'write', offset: 8 * 512, length: 8 * 512, bufferOffset: 0 },
+      ],
+      buffer,
+    );
+    const back = new Uint8Array(24 * 512);
+    await store.read(back, 0);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, (8 + s) * 512, s)).toBe(1);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, (16 + s) * 512, 8 + s)).toBe(1);
+    // Checked before anything runs: a write past the buffer, or past the store, makes no read
+    // or write at all.
+    await store.write(stamped(32, 8, 2), 32 * 512);
+    await expect(
+      store.copy([{ kind: 'read', offset: 0, length: 512, bufferOffset: 0 }], [{ kind: 'write', offset: 32 * 512, length: 1024, bufferOffset: 15 * 512 + 1 }], buffer),
+    ).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(
+      store.copy([{ kind: 'read', offset: 0, length: 512, bufferOffset: 0 }], [{ kind: 'write', offset: 1 << 20, length: 512, bufferOffset: 0 }], buffer),
+    ).rejects.toMatchObject({ code: 'EINVAL' });
+    await store.read(back.subarray(0, 8 * 512), 32 * 512);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 32 + s)).toBe(2);
+    // A read that finds the end of a file that shrank underneath fails the copy before its write.
+    const { truncate } = await import('node:fs/promises');
+    await truncate(path, 40 * 512);
+    await expect(
+      store.copy([{ kind: 'read', offset: 36 * 512, length: 8 * 512, bufferOffset: 0 }], [{ kind: 'write', offset: 0, length: 8 * 512, bufferOffset: 0 }], buffer),
+    ).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
+    await store.read(back.subarray(0, 8 * 512), 0);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
+    await store.close();
+    await expect(store.copy([], [], buffer)).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
+  });
+
+  test('a resync on a file copies every redirected block back, through copy', async () => {
+    const path = await backing('resync', 2 * 256 * 4096 + (4 << 20));
+    const store = NativeStore.open(path);
+    const volume = await Volume.format(store);
+    const disk = new Disk(volume, store);
+    const bs = volume.blockSize;
+    const blocks = volume.layout.blocks;
+    await disk.write(0, stamped(0, (blocks * bs) / 512, 1));
+    await volume.enable();
+    // Scattered runs of one to three blocks, as random first touches leave them, and one long run.
+    const written = new Map<number, number>();
+    for (let b = 1; b < blocks - 40; b += 7 + (b % 5)) {
+      const n = 1 + (b % 3);
+      await disk.write(b * bs, stamped((b * bs) / 512, (n * bs) / 512, 2));
+      for (let i = 0; i < n; i++) written.set(b + i, 2);
+    }
+    await disk.write((blocks - 32) * bs, stamped(((blocks - 32) * bs) / 512, (32 * bs) / 512, 3));
+    for (let b = blocks - 32; b < blocks; b++) written.set(b, 3);
+    await disk.flush();
+    const copies: number[] = [];
+    const executor = { run: store.run.bind(store), copy: (r: readonly IoOp[], w: readonly IoOp[], b: Uint8Array) => (copies.push(r.length), store.copy(r, w, b)) };
+    await volume.disable();
+    await new ResyncScheduler(volume, executor, { runBytes: 64 * bs, yieldMs: 0 }).start();
+    expect(volume.state).toBe('plain');
+    expect(copies.length).toBeGreaterThan(1);
+    expect(Math.max(...copies)).toBeGreaterThan(1);
+    const back = await disk.read(0, blocks * bs);
+    for (let b = 0; b < blocks; b++) {
+      for (let s = 0; s < bs / 512; s++) expect(versionOf(back, b * bs + s * 512, (b * bs) / 512 + s)).toBe(written.get(b) ?? 1);
+    }
+    await volume.close();
+    await store.close();
   });
 
   test('a failed step rejects naming it, and the steps after it do not run', async () => {

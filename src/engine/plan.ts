@@ -39,4 +39,9 @@ export interface Plan {
 /** Runs the I/O of plans. Rejects with a CldError carrying an errno code. */
 export interface Executor {
   run(ops: readonly IoOp[], buffer: Uint8Array): Promise<void>;
+  /**
+   * Does what `run(reads)` then `run(writes)` would, one op after another, where the executor
+   * has a cheaper way to (a merge's many short runs: NativeStore, blocking calls on one thread).
+   */
+  copy?(reads: readonly IoOp[], writes: readonly IoOp[], buffer: Uint8Array): Promise<void>;
 }

@@ -116,8 +116,12 @@ export class ResyncScheduler {
         let ok = false;
         try {
           const view = buffer.subarray(0, merge.bufferLength);
-          await this.executor.run(merge.reads, view);
-          await this.executor.run(merge.writes, view);
+          if (this.executor.copy) {
+            await this.executor.copy(merge.reads, merge.writes, view);
+          } else {
+            await this.executor.run(merge.reads, view);
+            await this.executor.run(merge.writes, view);
+          }
           ok = true;
         } finally {
           merge.finish(ok);

@@ -25,8 +25,8 @@ export declare class NativeStoreHandle {
   /** Runs (kind 0 read | 1 write | 2 zero, offset, length, bufferOffset) records concurrently. */
   run(ops: Float64Array, buffer: Uint8Array): Promise<void>;
   /**
-   * Runs (kind 1 write | 3 flush, offset, length, bufferOffset) records one after another, with
-   * blocking calls on a worker thread; the first error rejects and skips the rest.
+   * Runs (kind 0 read | 1 write | 3 flush, offset, length, bufferOffset) records one after
+   * another, with blocking calls on a worker thread; the first error rejects and skips the rest.
    */
   sequence(ops: Float64Array, buffer: Uint8Array): Promise<void>;
   /** Waits for the requests in flight, then closes the ring and the fd. */
