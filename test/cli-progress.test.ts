@@ -4,6 +4,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import { followResync } from '../src/cli/progress.js';
+import { CldError } from '../src/errors.js';
 import type { DaemonClient } from '../src/protocol/client.js';
 import type { Result } from '../src/protocol/methods.js';
 
@@ -19,11 +20,23 @@ const step = (state: string, blocksLeft: number, extra: Partial<Progress> = {}):
   ...extra,
 });
 
-/** A daemon whose progress replies are `steps`, the last one repeated. */
-function daemon(steps: Progress[]): { client: DaemonClient; asked: () => number } {
+/**
+ * A daemon whose progress replies are `steps`, the last one repeated. It holds a reply asked with
+ * `waitMs` for 5 ms (standing in for the resync running on); one from before `waitMs` (`old`)
+ * refuses it as the daemon refuses any unknown parameter.
+ */
+function daemon(steps: Progress[], old = false): { client: DaemonClient; asked: () => number; waits: (number | undefined)[] } {
   let n = 0;
-  const client = { request: async () => steps[Math.min(n++, steps.length - 1)] } as unknown as DaemonClient;
-  return { client, asked: () => n };
+  const waits: (number | undefined)[] = [];
+  const request = async (_method: string, params: { waitMs?: number } = {}) => {
+    waits.push(params.waitMs);
+    if (params.waitMs !== undefined) {
+      if (old) throw new CldError('EINVAL', 'progress: params has no member "waitMs"');
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    return steps[Math.min(n++, steps.length - 1)];
+  };
+  return { client: { request } as unknown as DaemonClient, asked: () => n, waits };
 }
 
 function sink(): NodeJS.WriteStream & { text: string } {
@@ -36,6 +49,22 @@ describe('following a resync', () => {
     const out = sink();
     await followResync(daemon([step('resync', 4), step('plain', 0)]).client, 4, out);
     expect(out.text).toMatch(/^resync: 0\.0% .*\(4 blocks left\)\nresync: 100\.0% .*done \(0 blocks left\)\n$/);
+  });
+
+  test('asks the daemon to hold each reply after the first until the resync ends', async () => {
+    const d = daemon([step('resync', 4), step('resync', 2), step('plain', 0)]);
+    const out = sink();
+    await followResync(d.client, 4, out);
+    expect(d.waits).toEqual([undefined, 1000, 1000]);
+    expect(out.text).toMatch(/\(0 blocks left\)\n$/);
+  });
+
+  test('polls a daemon that does not know waitMs, as before', async () => {
+    const d = daemon([step('resync', 4), step('resync', 2), step('plain', 0)], true);
+    const out = sink();
+    await followResync(d.client, 4, out);
+    expect(d.waits).toEqual([undefined, 1000, undefined, undefined]);
+    expect(out.text).toMatch(/\(0 blocks left\)\n$/);
   });
 
   test('fails at once when the resync failed or is not running', async () => {

@@ -13,6 +13,7 @@ import { CldError } from '../src/errors.js';
 import { engineOnlyBackend } from './support/engine-backend.js';
 import { DaemonClient } from '../src/protocol/client.js';
 import { DEFAULT_CONFIG } from '../src/protocol/config.js';
+import { PROGRESS_WAIT_MAX_MS } from '../src/protocol/methods.js';
 import { socketPath } from '../src/protocol/paths.js';
 import type { Freezer } from '../src/system/freeze.js';
 import type { Logger } from '../src/daemon/logger.js';
@@ -156,7 +157,11 @@ describe('daemon without devices', () => {
       await expect(client.call('stop', { force: 'yes' })).rejects.toMatchObject({ code: 'EINVAL' });
       expect(await client.call('resync-rate', { bytesPerSecond: 1 << 20 })).toEqual({ bytesPerSecond: 1 << 20 });
       expect(await client.call('resync-rate', { bytesPerSecond: 0 })).toEqual({ bytesPerSecond: 0 });
-      expect(await client.request('progress')).toMatchObject({ state: 'plain' });
+      expect(await client.request('progress', { waitMs: undefined })).toMatchObject({ state: 'plain' });
+      // No resync runs: a wait asked for ends at once.
+      expect(await client.request('progress', { waitMs: PROGRESS_WAIT_MAX_MS })).toMatchObject({ state: 'plain', running: false });
+      await expect(client.call('progress', { waitMs: PROGRESS_WAIT_MAX_MS + 1 })).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringMatching(/^progress: params\.waitMs must be/) });
+      await expect(client.call('progress', { waitMs: -1 })).rejects.toMatchObject({ code: 'EINVAL' });
     } finally {
       client.close();
     }

@@ -76,6 +76,44 @@ describe('enable --wait behind a resync', () => {
   });
 });
 
+describe('progress with waitMs', () => {
+  /** An executor whose merges wait until `open()`. */
+  function gated(store: MemoryStore): Executor & { open: () => void } {
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const inner = new StoreExecutor(store);
+    return { open, run: async (ops, buffer) => (await gate, inner.run(ops, buffer)) };
+  }
+
+  test('answers the moment the resync ends, and at once when none runs', async () => {
+    const volume = await resyncing(3);
+    const executor = gated(volume.store as MemoryStore);
+    const scheduler = new ResyncScheduler(volume, executor, { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
+    void scheduler.start();
+    let answered = false;
+    const waiting = service.progress(10_000).then((p) => ((answered = true), p));
+    // The merge cannot finish before the gate opens: the reply is still held.
+    await new Promise((r) => setImmediate(r));
+    expect(answered).toBe(false);
+    executor.open();
+    await expect(bounded(waiting, 5000, 'progress')).resolves.toMatchObject({ state: 'plain', running: false, blocksLeft: 0 });
+    // Nothing runs now: no wait at all (the bound is half the asked wait).
+    await expect(bounded(service.progress(10_000), 5000, 'progress')).resolves.toMatchObject({ state: 'plain', running: false });
+  });
+
+  test('answers after waitMs while the resync runs on', async () => {
+    const volume = await resyncing(2);
+    const executor = gated(volume.store as MemoryStore);
+    const scheduler = new ResyncScheduler(volume, executor, { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog());
+    const loop = scheduler.start();
+    await expect(bounded(service.progress(20), 5000, 'progress')).resolves.toMatchObject({ state: 'resync', running: true, blocksLeft: 2 });
+    executor.open();
+    await bounded(loop, 5000, 'the resync');
+  });
+});
+
 describe('FIFREEZE is bounded', () => {
   test('a freeze that does not return fails the enable in time, and is thawed when it does', async () => {
     let release!: () => void;

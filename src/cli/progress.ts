@@ -29,8 +29,18 @@ export async function followResync(client: DaemonClient, total: number, out: Nod
   let lastPercent = -100;
   let lastLeft = -1;
   let movedAt = Date.now();
+  // The first report at once; then each reply waits in the daemon for the resync's end, so the
+  // follower ends the moment it does rather than at its next poll.
+  let waitMs = 0;
+  let longPoll = true;
   for (;;) {
-    const p = await client.request('progress');
+    const asked = Date.now();
+    const p = await progressWithin(client, longPoll ? waitMs : 0).catch((err: unknown) => {
+      // A daemon started before `waitMs` existed refuses it: poll it as before.
+      if (!longPoll || !(err instanceof CldError) || err.code !== 'EINVAL') throw err;
+      longPoll = false;
+      return client.request('progress', { waitMs: undefined });
+    });
     if (p.error) throw new CldError('EIO', `resync failed: ${p.error}`);
     const done = p.state === 'plain';
     if (!done && p.state !== 'resync') throw new CldError('CLDD_STATE', `the pair is in state ${p.state}, not resyncing`);
@@ -55,9 +65,17 @@ export async function followResync(client: DaemonClient, total: number, out: Nod
       lastPercent = percent;
     }
     if (done) return;
-    await new Promise((r) => setTimeout(r, tty ? 250 : 1000));
+    const period = tty ? 250 : 1000;
+    // Asked again at once after a reply the daemon held while the resync ran (a daemon that
+    // answered sooner is asked when the wait would have ended); without the long poll, a
+    // period after each reply.
+    const pause = longPoll ? waitMs - (Date.now() - asked) : period;
+    waitMs = period;
+    if (pause > 0) await new Promise((r) => setTimeout(r, pause));
   }
 }
+
+const progressWithin = (client: DaemonClient, waitMs: number) => client.request('progress', { waitMs: waitMs > 0 ? waitMs : undefined });
 
 /**
  * Reports a copy's progress: on a terminal a bar with bytes, rate and time left, redrawn at most

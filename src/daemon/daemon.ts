@@ -270,7 +270,7 @@ function handlers(service: PairService, daemon: () => Daemon | null, log: Logger
     requests: async () => ({ devices: service.requests() }),
     enable: async (p) => service.enable(p),
     disable: async () => service.disable(),
-    progress: async () => service.progress(),
+    progress: async (params) => service.progress(params.waitMs),
     changes: async (p) => service.changes(p),
     'resync-rate': async (p) => {
       service.setResyncRate(p.bytesPerSecond);

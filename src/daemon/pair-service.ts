@@ -295,7 +295,13 @@ export class PairService {
     }
   }
 
-  progress(): Result<'progress'> {
+  /** The resync's progress; with `waitMs`, once the resync has ended or after that long. */
+  async progress(waitMs = 0): Promise<Result<'progress'>> {
+    if (waitMs > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([this.scheduler.ended(), new Promise<void>((resolve) => (timer = setTimeout(resolve, waitMs)))]);
+      clearTimeout(timer);
+    }
     return { state: this.volume.state, ...this.scheduler.progress() };
   }
 

@@ -83,6 +83,12 @@ export class ResyncScheduler {
     await this.loop;
   }
 
+  /** Resolves once no loop runs (at once if none does), however the loop ended. */
+  ended(): Promise<void> {
+    const nothing = () => {};
+    return this.loop ? this.loop.then(nothing, nothing) : Promise.resolve();
+  }
+
   setRateLimit(bytesPerSecond: number): void {
     this.rateLimit = Math.max(0, bytesPerSecond);
   }

@@ -69,6 +69,9 @@ const object =
     return out as Checked<S>;
   };
 
+/** The longest `progress` reply may wait for a resync to end: well inside its reply bound. */
+export const PROGRESS_WAIT_MAX_MS = 10_000;
+
 const resyncProgress = {
   running: boolean,
   blocksLeft: count,
@@ -150,7 +153,12 @@ export const METHODS = {
     result: object({ epoch: count, frozen: nullable(string), frozenMs: nullable(amount) }),
   },
   disable: { params: none, result: object({ state: string, blocks: count }) },
-  progress: { params: none, result: object({ state: string, ...resyncProgress }) },
+  /**
+   * The resync's progress. With `waitMs`, the reply waits while the resync runs, up to that long,
+   * and comes the moment it ends (done, stopped or failed): a follower learns of the end when it
+   * happens, without polling the daemon's event loop every few milliseconds.
+   */
+  progress: { params: object({ waitMs: optional(integer(0, PROGRESS_WAIT_MAX_MS)) }, true), result: object({ state: string, ...resyncProgress }) },
   /**
    * What differs between snapshot `since` (default: the one before) and the enabled snapshot:
    * extents of the master in order, CHANGES_PAGE per reply from byte offset `after` on; `next`

@@ -34,7 +34,7 @@ export const enableCommand: CommandModule<object, Args> = {
       if (args.wait) {
         // Follow a running resync here, where its progress shows and a stall is noticed, then
         // enable as usual (the daemon waits too, should one be between the two).
-        const p = await client.request('progress');
+        const p = await client.request('progress', { waitMs: undefined });
         if (p.state === 'resync') await followResync(client, p.blocksLeft, process.stderr);
       }
       return client.request('enable', { freeze, noFreeze, wait: args.wait });
