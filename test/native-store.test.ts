@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Disk } from './support/disk.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
-import { type BlockStore, FLUSH, type IoOp } from '../src/io/block-store.js';
+import { type BlockStore, FLUSH } from '../src/io/block-store.js';
 import { FileStore } from '../src/io/file-store.js';
 import { NativeStore } from '../src/io/native-store.js';
 import { stamped, versionOf } from './support/stamp.js';
@@ -193,19 +193,9 @@ describe('NativeStore specifics', () => {
     const store = NativeStore.open(path);
     await store.write(stamped(0, 64, 1), 0);
     const buffer = new Uint8Array(16 * 512);
-    // The write to sectors 8-15 comes after every read: the second read still finds version 1
-    // there, though the first write (to sectors 16-23) and the read (of 8-15) are neighbours.
-    await store.copy(
-      [
-        { kind: 'read', offset: 0, length: 8 * 512, bufferOffset: 0 },
-        { kind: 'read', offset: 8 * 512, length: 8 * 512, bufferOffset: 8 * 512 },
-      ],
-      [
-        { kind: 'write', offset: 16 * 512, length: 8 * 512, bufferOffset: 8 * 512 },
-        { kind: 'write', offset: 8 * 512, length: 8 * 512, bufferOffset: 0 },
-      ],
-      buffer,
-    );
+    // Runs of (from, to, length, buffer offset). The write to sectors 8-15 comes after every
+    // read: the second run's read still finds version 1 there, though the first run writes it.
+    await store.copy(Float64Array.of(0, 8 * 512, 8 * 512, 0, 8 * 512, 16 * 512, 8 * 512, 8 * 512), buffer);
     const back = new Uint8Array(24 * 512);
     await store.read(back, 0);
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
@@ -214,24 +204,18 @@ describe('NativeStore specifics', () => {
     // Checked before anything runs: a write past the buffer, or past the store, makes no read
     // or write at all.
     await store.write(stamped(32, 8, 2), 32 * 512);
-    await expect(
-      store.copy([{ kind: 'read', offset: 0, length: 512, bufferOffset: 0 }], [{ kind: 'write', offset: 32 * 512, length: 1024, bufferOffset: 15 * 512 + 1 }], buffer),
-    ).rejects.toMatchObject({ code: 'EINVAL' });
-    await expect(
-      store.copy([{ kind: 'read', offset: 0, length: 512, bufferOffset: 0 }], [{ kind: 'write', offset: 1 << 20, length: 512, bufferOffset: 0 }], buffer),
-    ).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 32 * 512, 1024, 15 * 512 + 1), buffer)).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 1 << 20, 512, 0), buffer)).rejects.toMatchObject({ code: 'EINVAL' });
     await store.read(back.subarray(0, 8 * 512), 32 * 512);
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 32 + s)).toBe(2);
     // A read that finds the end of a file that shrank underneath fails the copy before its write.
     const { truncate } = await import('node:fs/promises');
     await truncate(path, 40 * 512);
-    await expect(
-      store.copy([{ kind: 'read', offset: 36 * 512, length: 8 * 512, bufferOffset: 0 }], [{ kind: 'write', offset: 0, length: 8 * 512, bufferOffset: 0 }], buffer),
-    ).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
+    await expect(store.copy(Float64Array.of(36 * 512, 0, 8 * 512, 0), buffer)).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
     await store.read(back.subarray(0, 8 * 512), 0);
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
     await store.close();
-    await expect(store.copy([], [], buffer)).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
+    await expect(store.copy(new Float64Array(0), buffer)).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
   });
 
   test('a resync on a file copies every redirected block back, through copy', async () => {
@@ -254,7 +238,7 @@ describe('NativeStore specifics', () => {
     for (let b = blocks - 32; b < blocks; b++) written.set(b, 3);
     await disk.flush();
     const copies: number[] = [];
-    const executor = { run: store.run.bind(store), copy: (r: readonly IoOp[], w: readonly IoOp[], b: Uint8Array) => (copies.push(r.length), store.copy(r, w, b)) };
+    const executor = { run: store.run.bind(store), copy: (runs: Float64Array, b: Uint8Array) => (copies.push(runs.length / 4), store.copy(runs, b)) };
     await volume.disable();
     await new ResyncScheduler(volume, executor, { runBytes: 64 * bs, yieldMs: 0 }).start();
     expect(volume.state).toBe('plain');

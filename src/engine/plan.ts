@@ -40,8 +40,9 @@ export interface Plan {
 export interface Executor {
   run(ops: readonly IoOp[], buffer: Uint8Array): Promise<void>;
   /**
-   * Does what `run(reads)` then `run(writes)` would, one op after another, where the executor
-   * has a cheaper way to (a merge's many short runs: NativeStore, blocking calls on one thread).
+   * A merge's copy (`Merge.runs`: change-area offset, data-area offset, length, buffer offset per
+   * run): what `run(merge.reads)` then `run(merge.writes)` would do, one op after another, where
+   * the executor has a cheaper way to (NativeStore: blocking calls on one thread).
    */
-  copy?(reads: readonly IoOp[], writes: readonly IoOp[], buffer: Uint8Array): Promise<void>;
+  copy?(runs: Float64Array, buffer: Uint8Array): Promise<void>;
 }

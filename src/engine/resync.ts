@@ -123,7 +123,7 @@ export class ResyncScheduler {
         try {
           const view = buffer.subarray(0, merge.bufferLength);
           if (this.executor.copy) {
-            await this.executor.copy(merge.reads, merge.writes, view);
+            await this.executor.copy(merge.runs, view);
           } else {
             await this.executor.run(merge.reads, view);
             await this.executor.run(merge.writes, view);

@@ -87,6 +87,17 @@ export interface Merge {
   readonly end: number;
   /** Blocks actually copied (bits still set once the range was locked). */
   readonly blocks: number;
+  /**
+   * The window's redirected runs, four numbers each, in bytes: the change-area offset, the
+   * data-area offset, the length and the offset in the copy buffer. Built once per window, for
+   * a native copy to take as they are: a window of random first touches holds about 200 runs,
+   * and their op objects, built and collected for every window, took the daemon's main thread
+   * (and V8's collector) from the copy, which shares the VM's two vCPUs with them. Picking the
+   * 128 windows of such a resync took 104-167 ms so, 208-270 ms with the op objects (7.3 TCG
+   * VM, three alternating rounds; docs/benchmarks.md).
+   */
+  readonly runs: Float64Array;
+  /** The runs as ops (`reads` of the change area, `writes` of the data area), made when asked. */
   readonly reads: readonly IoOp[];
   readonly writes: readonly IoOp[];
   readonly bufferLength: number;
@@ -568,26 +579,45 @@ export class Volume {
       this.inFlight++;
       this.mergesInFlight++;
       const lock = await this.locks.acquire('merge', start, end);
-      const runs: [number, number][] = [];
+      const { blockSize: bs, changeOffset, dataOffset } = this.layout;
+      // Redirected runs are at least a clear block apart: at most one in every two blocks.
+      const all = new Float64Array((Math.floor((end - start + 1) / 2) + 1) * 4);
+      let used = 0;
+      let blocks = 0;
       this.map.forEachRun(start, end, (s, e, redirected) => {
-        if (redirected) runs.push([s, e]);
+        if (!redirected) return;
+        all[used] = changeOffset + s * bs;
+        all[used + 1] = dataOffset + s * bs;
+        all[used + 2] = (e - s) * bs;
+        all[used + 3] = (s - start) * bs;
+        used += 4;
+        blocks += e - s;
       });
-      if (runs.length === 0) {
+      if (used === 0) {
         this.locks.release(lock);
         this.leave(true);
         continue;
       }
-      const bs = this.layout.blockSize;
-      const reads = runs.map(([s, e]) => extent(this.layout, 'read', 'change', s, e, (s - start) * bs));
-      const writes = runs.map(([s, e]) => extent(this.layout, 'write', 'data', s, e, (s - start) * bs));
-      const blocks = runs.reduce((n, [s, e]) => n + e - s, 0);
+      const runs = all.subarray(0, used);
+      const opsOf = (kind: 'read' | 'write', at: 0 | 1): IoOp[] => {
+        const ops: IoOp[] = [];
+        for (let i = 0; i < runs.length; i += 4) ops.push({ kind, offset: runs[i + at], length: runs[i + 2], bufferOffset: runs[i + 3] });
+        return ops;
+      };
+      let reads: IoOp[] | null = null;
+      let writes: IoOp[] | null = null;
       let done = false;
       return {
         start,
         end,
         blocks,
-        reads,
-        writes,
+        runs,
+        get reads() {
+          return (reads ??= opsOf('read', 0));
+        },
+        get writes() {
+          return (writes ??= opsOf('write', 1));
+        },
         bufferLength: (end - start) * bs,
         finish: (ok: boolean) => {
           if (done) return;
