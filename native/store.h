@@ -32,6 +32,7 @@ class Store : public Napi::ObjectWrap<Store> {
   Napi::Value Flush(const Napi::CallbackInfo& info);
   Napi::Value Run(const Napi::CallbackInfo& info);
   Napi::Value Sequence(const Napi::CallbackInfo& info);
+  Napi::Value Copy(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckOpen(Napi::Env env, const char* op);
@@ -40,6 +41,7 @@ class Store : public Napi::ObjectWrap<Store> {
   void AddPart(Job* job, uint8_t kind, uint8_t* data, uint64_t offset, uint64_t length);
   bool Queue(Part* part);
   Napi::Value Launch(Napi::Env env, Job* job);
+  Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps);
   void OnCompletions();
   void PartDone(Part* part, int err);
   void Release(Job* job);

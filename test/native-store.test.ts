@@ -205,7 +205,11 @@ describe('NativeStore specifics', () => {
     // or write at all.
     await store.write(stamped(32, 8, 2), 32 * 512);
     await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 32 * 512, 1024, 15 * 512 + 1), buffer)).rejects.toMatchObject({ code: 'EINVAL' });
-    await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 1 << 20, 512, 0), buffer)).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 1 << 20, 512, 0), buffer)).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringContaining('run 1 is outside') });
+    // The addon checks each number: a read past the store, negative, fractional, NaN, a last run cut short.
+    for (const bad of [[1 << 20, 0, 512, 0], [-512, 0, 512, 0], [0, 0, 0.5, 0], [0, 0, 512, NaN], [0, 0, 512, 0, 0]]) {
+      await expect(store.copy(Float64Array.of(0, 32 * 512, 512, 0, ...bad), buffer), `${bad}`).rejects.toMatchObject({ code: 'EINVAL' });
+    }
     await store.read(back.subarray(0, 8 * 512), 32 * 512);
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 32 + s)).toBe(2);
     // A read that finds the end of a file that shrank underneath fails the copy before its write.

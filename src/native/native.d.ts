@@ -29,6 +29,11 @@ export declare class NativeStoreHandle {
    * another, with blocking calls on a worker thread; the first error rejects and skips the rest.
    */
   sequence(ops: Float64Array, buffer: Uint8Array): Promise<void>;
+  /**
+   * A merge window's copy: (from, to, length, bufferOffset) runs, every read into `buffer` and
+   * then every write from it, as sequence() runs them; every run checked first (EINVAL).
+   */
+  copy(runs: Float64Array, buffer: Uint8Array): Promise<void>;
   /** Waits for the requests in flight, then closes the ring and the fd. */
   close(): Promise<void>;
 }
