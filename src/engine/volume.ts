@@ -713,7 +713,10 @@ export class Volume {
         throw new CldError('CLDD_STATE', `the slave is not enabled (the state is ${this.sb.state})`);
       }
       await this.withGateClosed('disable', async () => {
-        await this.commit();
+        // One commit, not enable's two: nothing is in flight, and it writes the map as it stands
+        // before the superblock that says resync (docs/format.md, "Commits"), so a crash inside
+        // it leaves the snapshot with its map either side of the commit, as a crash inside any
+        // commit does. The first commit's fdatasync was a second one in a row here.
         this.setState(this.map.count === 0 ? 'plain' : 'resync');
         await this.commit();
       });
