@@ -12,9 +12,23 @@ const BITS_4K = (4096 - MAP_SLOT_HEADER) * 8; // 32256 bits per page at 4 KiB
 
 type Run = [number, number, boolean];
 
+/** The end of a window from `start` below `limit` holding at most `most` set bits, as BlockMap.windowEnd. */
+function naiveWindowEnd(bits: Uint8Array, start: number, limit: number, most: number): number {
+  let end = start;
+  for (let b = start, taken = 0; b < Math.min(limit, bits.length) && taken < most; b++) {
+    if (bits[b]) {
+      taken++;
+      end = b + 1;
+    }
+  }
+  return end;
+}
+
 function runsOf(map: BlockMap, start: number, end: number): Run[] {
   const runs: Run[] = [];
-  map.forEachRun(start, end, (s, e, v) => runs.push([s, e, v]));
+  map.forEachRun(start, end, (s, e, v) => {
+    runs.push([s, e, v]);
+  });
   return runs;
 }
 
@@ -101,12 +115,13 @@ describe('BlockMap', () => {
         if (JSON.stringify(got) !== JSON.stringify(want)) {
           throw new Error(`[seed ${seed}] op ${i}: runs of [${qs}, ${qe}) are ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
         }
-        // nextSet and lastSetBefore agree with the naive array.
+        // nextSet and windowEnd agree with the naive array.
         const from = between(random, 0, blocks - 1);
         const next = bits.indexOf(1, from);
         expect(map.nextSet(from), `[seed ${seed}] nextSet(${from})`).toBe(next);
-        const limit = between(random, 0, blocks);
-        expect(map.lastSetBefore(limit), `[seed ${seed}] lastSetBefore(${limit})`).toBe(limit === 0 ? -1 : bits.lastIndexOf(1, limit - 1));
+        const limit = between(random, from, blocks + 8);
+        const most = between(random, 1, random() < 0.5 ? 8 : 400);
+        expect(map.windowEnd(from, limit, most), `[seed ${seed}] windowEnd(${from}, ${limit}, ${most})`).toBe(naiveWindowEnd(bits, from, limit, most));
       }
       expectMatches(map, bits, `[seed ${seed}] block size ${blockSize}`);
       const all = runsOf(map, 0, blocks);
@@ -163,25 +178,29 @@ describe('BlockMap', () => {
     expect(runsOf(empty, 0, 3 * BITS_4K)).toEqual([[0, 3 * BITS_4K, false]]);
   });
 
-  test('nextSet_and_lastSetBefore_at_the_edges', () => {
+  test('nextSet_and_windowEnd_at_the_edges', () => {
     const blocks = BITS_4K + 50;
     const map = new BlockMap(blocks, 4096);
     expect(map.nextSet(0)).toBe(-1);
     map.assign(blocks - 1, blocks, true);
     expect(map.nextSet(0)).toBe(blocks - 1);
     expect(map.nextSet(blocks - 1)).toBe(blocks - 1);
-    expect(map.lastSetBefore(blocks)).toBe(blocks - 1);
-    expect(map.lastSetBefore(blocks - 1)).toBe(-1);
+    expect(map.windowEnd(0, blocks, 1)).toBe(blocks);
+    expect(map.windowEnd(0, blocks - 1, 1)).toBe(0);
     map.assign(31, 32, true); // bit 31 of a word: the sign bit
     expect(map.nextSet(0)).toBe(31);
     expect(map.nextSet(31)).toBe(31);
     expect(map.nextSet(32)).toBe(blocks - 1);
     map.assign(40, 100, true);
-    expect(map.lastSetBefore(1000)).toBe(99);
-    expect(map.lastSetBefore(70)).toBe(69);
-    expect(map.lastSetBefore(40)).toBe(31);
-    expect(map.lastSetBefore(31)).toBe(-1);
-    expect(map.lastSetBefore(0)).toBe(-1);
+    // Counted in redirected blocks: a run is cut where the count is reached.
+    expect(map.windowEnd(0, 1000, 1000)).toBe(100);
+    expect(map.windowEnd(0, 1000, 10)).toBe(49);
+    expect(map.windowEnd(32, 1000, 10)).toBe(50);
+    expect(map.windowEnd(0, 60, 1000)).toBe(60);
+    expect(map.windowEnd(32, 70, 1000)).toBe(70);
+    expect(map.windowEnd(0, 40, 1000)).toBe(32);
+    expect(map.windowEnd(0, 31, 1000)).toBe(0);
+    expect(map.windowEnd(0, 0, 1000)).toBe(0);
   });
 
   test('payload_and_load_round_trip', () => {

@@ -244,7 +244,7 @@ describe('extent splitting', () => {
     plan.finish(true);
     expect(volume.map.count).toBe(197);
     expect(volume.map.nextSet(0)).toBe(3);
-    expect(volume.map.lastSetBefore(1000)).toBe(199);
+    expect(volume.map.windowEnd(0, 1000, 1000)).toBe(200);
     // Discards and write-zeroes in snapshot are one zero op on the change area.
     for (const op of ['discard', 'write-zeroes'] as const) {
       const z = syncPlan(volume, { target: 'master', op, offset: 150 * BS, length: 100 * BS });
@@ -298,7 +298,9 @@ describe('extent splitting', () => {
     const { blocks } = volume.layout;
     const bits = (s: number, e: number) => {
       const runs: unknown[] = [];
-      volume.map.forEachRun(s, e, (a, b, v) => runs.push([a, b, v]));
+      volume.map.forEachRun(s, e, (a, b, v) => {
+        runs.push([a, b, v]);
+      });
       return JSON.stringify(runs) + `/${volume.map.count}`;
     };
     const seen = new Set<string>();
@@ -744,10 +746,12 @@ describe('snapshot and resync', () => {
     await merging;
     if (!merge) throw new Error('no merge');
     expect([merge.start, merge.end, merge.blocks]).toEqual([0, 64, 60]);
+    // Packed in the buffer: the second run right after the first.
     expect(merge.reads.map((op) => [op.offset - volume.layout.changeOffset, op.length, op.bufferOffset])).toEqual([
       [0, 40 * BS, 0],
-      [44 * BS, 20 * BS, 44 * BS],
+      [44 * BS, 20 * BS, 40 * BS],
     ]);
+    expect(merge.bufferLength).toBe(60 * BS);
     const buffer = new Uint8Array(merge.bufferLength);
     await executor.run(merge.reads, buffer);
     await executor.run(merge.writes, buffer);

@@ -106,9 +106,10 @@ export class BlockMap {
   }
 
   /**
-   * Calls `visit(start, end, redirected)` for each maximal run of equal bits in [start, end).
+   * Calls `visit(start, end, redirected)` for each maximal run of equal bits in [start, end),
+   * until it returns false.
    */
-  forEachRun(start: number, end: number, visit: (start: number, end: number, redirected: boolean) => void): void {
+  forEachRun(start: number, end: number, visit: (start: number, end: number, redirected: boolean) => void | boolean): void {
     let runStart = start;
     let runValue = this.test(start);
     let b = start;
@@ -118,7 +119,7 @@ export class BlockMap {
       const page = this.pages[p];
       if (!page) {
         if (runValue) {
-          visit(runStart, b, true);
+          if (visit(runStart, b, true) === false) return;
           runStart = b;
           runValue = false;
         }
@@ -142,13 +143,30 @@ export class BlockMap {
           b = pageEnd;
           break;
         }
-        visit(runStart, next, runValue);
+        if (visit(runStart, next, runValue) === false) return;
         runStart = next;
         runValue = !runValue;
         b = next;
       }
     }
     visit(runStart, end, runValue);
+  }
+
+  /**
+   * The end of a window from `start` to at most `limit` that holds at most `maxSet` redirected
+   * blocks: right after the last one it takes (a run may be cut), or `start` when it takes none.
+   */
+  windowEnd(start: number, limit: number, maxSet: number): number {
+    let end = start;
+    let left = maxSet;
+    this.forEachRun(start, Math.min(limit, this.blocks), (s, e, redirected) => {
+      if (!redirected) return true;
+      const take = Math.min(e - s, left);
+      end = s + take;
+      left -= take;
+      return left > 0;
+    });
+    return end;
   }
 
   /** The first redirected block at or after `from`, or -1. */
@@ -167,26 +185,6 @@ export class BlockMap {
         }
         bit = (w + 1) * 32;
       }
-    }
-    return -1;
-  }
-
-  /** The last redirected block before `limit`, or -1. */
-  lastSetBefore(limit: number): number {
-    for (let b = Math.min(limit, this.blocks) - 1; b >= 0; ) {
-      const p = Math.floor(b / this.bitsPerPage);
-      const base = p * this.bitsPerPage;
-      const page = this.pages[p];
-      // A whole empty page is skipped at once, then a word at a time.
-      if (!page) {
-        b = base - 1;
-        continue;
-      }
-      const bit = b - base;
-      const w = bit >>> 5;
-      const set = page[w] & (0xffffffff >>> (31 - (bit & 31)));
-      if (set !== 0) return base + w * 32 + 31 - Math.clz32(set);
-      b = base + w * 32 - 1;
     }
     return -1;
   }

@@ -3,7 +3,7 @@ import type { Executor } from './plan.js';
 import type { Volume } from './volume.js';
 
 export interface ResyncOptions {
-  /** Largest run copied in one step, in bytes (default 4 MiB). */
+  /** Most redirected bytes copied in one step (a merge window), in bytes (default 4 MiB). */
   runBytes?: number;
   /** Upper bound on the copy rate in bytes per second; 0 for none (default). */
   rateLimit?: number;

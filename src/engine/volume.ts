@@ -39,6 +39,14 @@ export type { FormatOptions, OpenOptions } from './open.js';
 /** See Volume.drainLimitMs. */
 export const DRAIN_LIMIT_MS = 30_000;
 
+/**
+ * How far a merge window may span, in multiples of the redirected blocks it may hold. A master
+ * write inside the span waits for the window's copy. Four: the bench's random first touches
+ * leave about 60% of the blocks redirected, so a full window spans 1.7 times its blocks; windows
+ * stay full down to a quarter redirected, and sparser maps get windows of a quarter of their span.
+ */
+export const MERGE_SPAN_FACTOR = 4;
+
 export interface VolumeCounters {
   reads: number;
   writes: number;
@@ -89,7 +97,8 @@ export interface Merge {
   readonly blocks: number;
   /**
    * The window's redirected runs, four numbers each, in bytes: the change-area offset, the
-   * data-area offset, the length and the offset in the copy buffer. Built once per window, for
+   * data-area offset, the length and the offset in the copy buffer (the runs packed one after
+   * another, `bufferLength` in all). Built once per window, for
    * a native copy to take as they are: a window of random first touches holds about 200 runs,
    * and their op objects, built and collected for every window, took the daemon's main thread
    * (and V8's collector) from the copy, which shares the VM's two vCPUs with them. Picking the
@@ -554,10 +563,15 @@ export class Volume {
   // ---------------------------------------------------------------- resync merges
 
   /**
-   * Picks the next window of `maxBlocks` blocks that starts with a redirected one, locks it
-   * against master writes, and returns every redirected run in it to copy. Null when there is
-   * nothing left to merge. A window rather than one run: blocks redirected one by one (random
-   * 4 KiB writes) made one merge each, and the resync ran at a twentieth of a dd copy.
+   * Picks the next window that starts with a redirected block and holds at most `maxBlocks` of
+   * them, locks it against master writes, and returns every redirected run in it to copy, packed
+   * one after another in the copy buffer. Null when there is nothing left to merge. A window
+   * rather than one run: blocks redirected one by one (random 4 KiB writes) made one merge each,
+   * and the resync ran at a twentieth of a dd copy. Counted in redirected blocks rather than
+   * spanning `maxBlocks`: after random first touches a 4 MiB span held 2.4 MiB of them, and each
+   * window costs the main thread its picking, its hand-off and its journal record whatever it
+   * holds. The span stays within MERGE_SPAN_FACTOR times `maxBlocks`, which bounds the range a
+   * master write may find locked.
    */
   async beginMerge(maxBlocks: number): Promise<Merge | null> {
     for (;;) {
@@ -571,17 +585,17 @@ export class Volume {
       let start = this.map.nextSet(this.mergeCursor);
       if (start < 0) start = this.map.nextSet(0);
       if (start < 0) return null;
-      // The window ends after its last redirected block, so the copy buffer and the lock are no
-      // larger than they need to be.
-      const limit = Math.min(this.layout.blocks, start + Math.max(1, maxBlocks));
-      const end = this.map.lastSetBefore(limit) + 1;
+      // The window ends after its last redirected block, so the lock is no larger than it needs
+      // to be. In resync bits are only cleared, so once locked it holds at most that many.
+      const most = Math.max(1, maxBlocks);
+      const end = this.map.windowEnd(start, start + most * MERGE_SPAN_FACTOR, most);
       this.mergeCursor = end >= this.layout.blocks ? 0 : end;
       this.inFlight++;
       this.mergesInFlight++;
       const lock = await this.locks.acquire('merge', start, end);
       const { blockSize: bs, changeOffset, dataOffset } = this.layout;
       // Redirected runs are at least a clear block apart: at most one in every two blocks.
-      const all = new Float64Array((Math.floor((end - start + 1) / 2) + 1) * 4);
+      const all = new Float64Array((Math.min(most, Math.floor((end - start + 1) / 2)) + 1) * 4);
       let used = 0;
       let blocks = 0;
       this.map.forEachRun(start, end, (s, e, redirected) => {
@@ -589,7 +603,7 @@ export class Volume {
         all[used] = changeOffset + s * bs;
         all[used + 1] = dataOffset + s * bs;
         all[used + 2] = (e - s) * bs;
-        all[used + 3] = (s - start) * bs;
+        all[used + 3] = blocks * bs;
         used += 4;
         blocks += e - s;
       });
@@ -618,7 +632,7 @@ export class Volume {
         get writes() {
           return (writes ??= opsOf('write', 1));
         },
-        bufferLength: (end - start) * bs,
+        bufferLength: blocks * bs,
         finish: (ok: boolean) => {
           if (done) return;
           done = true;
