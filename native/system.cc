@@ -1,5 +1,5 @@
-// Two small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
-// and FIFREEZE / FITHAW on a mounted filesystem.
+// Small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
+// FIFREEZE / FITHAW on a mounted filesystem, and giving a buffer's pages back (madvise).
 //
 // freeze() and thaw() run on the libuv thread pool: FIFREEZE writes back the filesystem's dirty
 // data and waits for it, and that I/O reaches the master device, whose queues this process
@@ -10,6 +10,7 @@
 #include <linux/fs.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -87,11 +88,32 @@ Napi::Value FreezeOrThaw(const Napi::CallbackInfo& info, bool freeze) {
   return promise;
 }
 
+// releasePages(bytes): the whole pages inside `bytes` go back to the kernel (MADV_DONTNEED): they
+// hold no memory until written again, and read as zeros. Returns how many bytes that was. Only
+// for an array that is its whole buffer, so no one else's bytes share those pages.
+Napi::Value ReleasePages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray()) throw CodeError(env, "EINVAL", "releasePages(bytes): a Uint8Array is expected");
+  Napi::TypedArray array = info[0].As<Napi::TypedArray>();
+  Napi::ArrayBuffer buffer = array.ArrayBuffer();
+  if (array.ByteOffset() != 0 || array.ByteLength() != buffer.ByteLength()) {
+    throw CodeError(env, "EINVAL", "releasePages(bytes): the array must be its whole buffer");
+  }
+  const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(buffer.Data());
+  const uintptr_t from = (start + page - 1) & ~(page - 1);
+  const uintptr_t to = (start + array.ByteLength()) & ~(page - 1);
+  if (to <= from) return Napi::Number::New(env, 0);
+  if (::madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED) < 0) throw ErrnoError(env, errno, "releasePages");
+  return Napi::Number::New(env, double(to - from));
+}
+
 }  // namespace
 
 void DefineSystem(Napi::Env env, Napi::Object exports) {
   exports.Set("notify", Napi::Function::New(env, Notify, "notify"));
   exports.Set("freeze", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, true); }, "freeze"));
+  exports.Set("releasePages", Napi::Function::New(env, ReleasePages, "releasePages"));
   exports.Set("thaw", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, false); }, "thaw"));
 }
 

@@ -242,10 +242,20 @@ describe('NativeStore specifics', () => {
     for (let b = blocks - 32; b < blocks; b++) written.set(b, 3);
     await disk.flush();
     const copies: number[] = [];
-    const executor = { run: store.run.bind(store), copy: (runs: Float64Array, b: Uint8Array) => (copies.push(runs.length / 4), store.copy(runs, b)) };
+    const released: Uint8Array[] = [];
+    const executor = {
+      run: store.run.bind(store),
+      copy: (runs: Float64Array, b: Uint8Array) => (copies.push(runs.length / 4), store.copy(runs, b)),
+      releaseBuffer: (b: Uint8Array) => {
+        released.push(b);
+        store.releaseBuffer(b);
+      },
+    };
     await volume.disable();
     await new ResyncScheduler(volume, executor, { runBytes: 64 * bs, yieldMs: 0 }).start();
     expect(volume.state).toBe('plain');
+    // The copy buffer's pages go back once the resync is done: the whole buffer, once.
+    expect(released.map((b) => b.length)).toEqual([64 * bs]);
     expect(copies.length).toBeGreaterThan(1);
     expect(Math.max(...copies)).toBeGreaterThan(1);
     const back = await disk.read(0, blocks * bs);
@@ -253,6 +263,26 @@ describe('NativeStore specifics', () => {
       for (let s = 0; s < bs / 512; s++) expect(versionOf(back, b * bs + s * 512, (b * bs) / 512 + s)).toBe(written.get(b) ?? 1);
     }
     await volume.close();
+    await store.close();
+  });
+
+  test('releaseBuffer gives the whole pages of a buffer back, which then read as zeros', async () => {
+    const store = NativeStore.open(await backing('release', 1 << 20));
+    const bytes = new Uint8Array(64 * 1024).fill(7);
+    store.releaseBuffer(bytes);
+    // Only the bytes before the first page boundary and after the last keep their value.
+    const first = bytes.indexOf(0);
+    const last = bytes.lastIndexOf(0);
+    expect(first).toBeGreaterThanOrEqual(0);
+    expect(first).toBeLessThan(4096);
+    expect(last).toBeGreaterThanOrEqual(bytes.length - 4097);
+    expect(bytes.subarray(first, last + 1).every((b) => b === 0)).toBe(true);
+    expect(bytes.subarray(0, first).every((b) => b === 7) && bytes.subarray(last + 1).every((b) => b === 7)).toBe(true);
+    // The pages are usable again.
+    bytes.fill(9);
+    expect(bytes.every((b) => b === 9)).toBe(true);
+    // A view into a larger buffer shares its pages with bytes that are not the caller's.
+    expect(() => store.releaseBuffer(new Uint8Array(64 * 1024).subarray(4096))).toThrow(expect.objectContaining({ code: 'EINVAL' }));
     await store.close();
   });
 

@@ -45,4 +45,6 @@ export interface Executor {
    * the executor has a cheaper way to (NativeStore: blocking calls on one thread).
    */
   copy?(runs: Float64Array, buffer: Uint8Array): Promise<void>;
+  /** The caller is done with `buffer` for now: its memory may go back (its contents need not stay). */
+  releaseBuffer?(buffer: Uint8Array): void;
 }

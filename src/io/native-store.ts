@@ -109,6 +109,20 @@ export class NativeStore implements BlockStore {
     await copied.catch(rethrow);
   }
 
+  /**
+   * Gives the pages of a copy buffer back to the kernel between resyncs. The resync keeps one
+   * 4 MiB buffer for its life (a new one per resync stayed resident until V8's next full
+   * collection), and after the first resync it held those 4 MiB for good, in every later peak of
+   * the daemon's memory, whose target is 80 MiB (docs/benchmarks.md).
+   */
+  releaseBuffer(buffer: Uint8Array): void {
+    try {
+      addon().releasePages(buffer);
+    } catch (err) {
+      throw asCldError(err);
+    }
+  }
+
   /** The steps one after another on a worker thread, with blocking calls: one round trip. */
   async sequence(steps: readonly OrderedStep[]): Promise<void> {
     if (this.closed) throw this.closedError('sequence');

@@ -176,6 +176,12 @@ export interface NativeAddon {
   /** FITHAW, on a worker thread. */
   thaw(mountpoint: string): Promise<void>;
   /**
+   * Gives the whole pages inside `bytes` back to the kernel (MADV_DONTNEED): they read as zeros
+   * afterwards and hold no memory until written. Returns the bytes released; EINVAL unless
+   * `bytes` is its whole ArrayBuffer.
+   */
+  releasePages(bytes: Uint8Array): number;
+  /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
    * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects
    * its blocks after them (Volume.finishFastRedirect), or null when the engine must decide.
