@@ -25,8 +25,8 @@ export class NativeStore implements BlockStore {
   private closed = false;
   /**
    * The size the addon measured at open, read once: every op checks its range against it, and
-   * a property of the native object costs a call into the addon. A resync's 26,000 runs read it
-   * twice each, 0.27-0.31 s of the main thread's time in the 7.3 VM (docs/benchmarks.md).
+   * a property of the native object costs a call into the addon, which a resync's 26,000 runs
+   * made twice each on the main thread the copy shares two vCPUs with (docs/benchmarks.md).
    */
   readonly size: number;
 
