@@ -1,5 +1,6 @@
 // Small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
-// FIFREEZE / FITHAW on a mounted filesystem, and giving a buffer's pages back (madvise).
+// FIFREEZE / FITHAW on a mounted filesystem, giving a buffer's pages back (madvise), and turning
+// off transparent huge pages for the process (prctl).
 //
 // freeze() and thaw() run on the libuv thread pool: FIFREEZE writes back the filesystem's dirty
 // data and waits for it, and that I/O reaches the master device, whose queues this process
@@ -11,6 +12,7 @@
 #include <stddef.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -108,9 +110,18 @@ Napi::Value ReleasePages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, double(to - from));
 }
 
+// disableHugePages(): no transparent huge pages for this process from now on, nor for its
+// children (PR_SET_THP_DISABLE; the pages already huge stay so).
+Napi::Value DisableHugePages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (::prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) < 0) throw ErrnoError(env, errno, "prctl(PR_SET_THP_DISABLE)");
+  return env.Undefined();
+}
+
 }  // namespace
 
 void DefineSystem(Napi::Env env, Napi::Object exports) {
+  exports.Set("disableHugePages", Napi::Function::New(env, DisableHugePages, "disableHugePages"));
   exports.Set("notify", Napi::Function::New(env, Notify, "notify"));
   exports.Set("freeze", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, true); }, "freeze"));
   exports.Set("releasePages", Napi::Function::New(env, ReleasePages, "releasePages"));

@@ -15,7 +15,8 @@ describe('cldd on real devices', () => {
       clddsetup: 'clddsetup -m, status, -e, -d with /dev/cldmN and /dev/cldsN',
       refusals:
         'foreign data, missing, too small, bad options and block size (nothing created), swap over a store, attached, running, mounted, enabled twice, wrong name, not root (enable, list)',
-      restart: 'SIGKILL of the daemon under a writer; cldd add again reattaches the same live device, nothing lost',
+      restart:
+        'the daemon runs without transparent huge pages; SIGKILL of it under a writer; cldd add again reattaches the same live device, nothing lost',
       restart_raw:
         'raw writes acknowledged but never flushed survive SIGKILL of the daemon, in snapshot and mid-resync (map journal); O_DIRECT read-back',
       persist: 'add --persist writes the configuration and enables cldd@NAME; remove undoes it',

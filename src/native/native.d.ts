@@ -181,6 +181,8 @@ export interface NativeAddon {
    * `bytes` is its whole ArrayBuffer.
    */
   releasePages(bytes: Uint8Array): number;
+  /** No transparent huge pages for this process and its children from now on (PR_SET_THP_DISABLE). */
+  disableHugePages(): void;
   /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
    * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects

@@ -1,4 +1,4 @@
-/** The daemon's system calls: sd_notify, filesystem freeze/thaw, block queue settings. */
+/** The daemon's system calls: sd_notify, filesystem freeze/thaw, block queue settings, huge pages. */
 import { writeFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import type { Freezer } from './freeze.js';
@@ -10,6 +10,21 @@ export function sdNotify(message: string, socket = process.env.NOTIFY_SOCKET): v
   if (!socket) return;
   try {
     addon().notify(socket, message);
+  } catch (err) {
+    throw asCldError(err);
+  }
+}
+
+/**
+ * Turns off transparent huge pages for the daemon (PR_SET_THP_DISABLE), before it serves anything.
+ * Where the kernel gives anonymous memory huge pages unasked (THP "always"), each 2 MiB region
+ * that malloc's arenas or V8's heap touch a page of becomes resident whole. The daemon allocates
+ * little and keeps it a long time; its data buffers are 4 KiB to 1 MiB requests, so huge pages
+ * save it few TLB misses and cost it resident memory that users count.
+ */
+export function disableHugePages(): void {
+  try {
+    addon().disableHugePages();
   } catch (err) {
     throw asCldError(err);
   }
