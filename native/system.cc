@@ -1,6 +1,6 @@
 // Small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
-// FIFREEZE / FITHAW on a mounted filesystem, giving a buffer's pages back (madvise), and turning
-// off transparent huge pages for the process (prctl).
+// FIFREEZE / FITHAW on a mounted filesystem, giving a buffer's pages back (madvise), and the
+// process's memory settings (prctl, mallopt).
 //
 // freeze() and thaw() run on the libuv thread pool: FIFREEZE writes back the filesystem's dirty
 // data and waits for it, and that I/O reaches the master device, whose queues this process
@@ -8,6 +8,7 @@
 #include "system.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <linux/fs.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
@@ -118,14 +119,30 @@ Napi::Value DisableHugePages(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// fixMmapThreshold(bytes): malloc serves every allocation of `bytes` or more with a mapping of
+// its own, which goes back to the kernel when freed. Setting it turns off glibc's moving
+// threshold, which rises to the size of each large block freed (up to 32 MiB) and with it the
+// free space the heap keeps before giving any back.
+Napi::Value FixMmapThreshold(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  double bytes = info.Length() < 1 || !info[0].IsNumber() ? -1 : info[0].As<Napi::Number>().DoubleValue();
+  // glibc refuses more than HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
+  if (!(bytes >= 0 && bytes <= (32 << 20) && bytes == double(int(bytes)))) {
+    throw CodeError(env, "EINVAL", "fixMmapThreshold(bytes): a whole number of bytes up to 32 MiB is expected");
+  }
+  if (::mallopt(M_MMAP_THRESHOLD, int(bytes)) != 1) throw CodeError(env, "EINVAL", "mallopt(M_MMAP_THRESHOLD) refused " + std::to_string(int(bytes)));
+  return env.Undefined();
+}
+
 }  // namespace
 
 void DefineSystem(Napi::Env env, Napi::Object exports) {
-  exports.Set("disableHugePages", Napi::Function::New(env, DisableHugePages, "disableHugePages"));
   exports.Set("notify", Napi::Function::New(env, Notify, "notify"));
   exports.Set("freeze", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, true); }, "freeze"));
   exports.Set("releasePages", Napi::Function::New(env, ReleasePages, "releasePages"));
   exports.Set("thaw", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, false); }, "thaw"));
+  exports.Set("disableHugePages", Napi::Function::New(env, DisableHugePages, "disableHugePages"));
+  exports.Set("fixMmapThreshold", Napi::Function::New(env, FixMmapThreshold, "fixMmapThreshold"));
 }
 
 }  // namespace cldd

@@ -5,6 +5,7 @@ import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
+import { addon } from '../src/native/addon.js';
 
 const run = promisify(execFile);
 const ADDON = join(import.meta.dirname, '..', 'build', 'Release', 'cldd_native.node');
@@ -23,4 +24,14 @@ test('disableHugePages turns transparent huge pages off for the process and for 
   `;
   const { stdout } = await run(process.execPath, ['-e', script, ADDON]);
   expect(JSON.parse(stdout)).toEqual({ before: '1', after: '0', child: '0' });
+});
+
+test('fixMmapThreshold takes a whole number of bytes up to 32 MiB and refuses anything else', () => {
+  // In this process: 128 KiB is glibc's default threshold, so setting it changes nothing but
+  // stopping the threshold from moving.
+  const { fixMmapThreshold } = addon();
+  for (const bad of [-1, 1.5, Number.NaN, (32 << 20) + 1, '4096' as unknown as number]) {
+    expect(() => fixMmapThreshold(bad)).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+  }
+  expect(fixMmapThreshold(128 * 1024)).toBeUndefined();
 });

@@ -3,7 +3,7 @@ import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
 import { UBLK_F } from '../ublk/uapi.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { disableHugePages, disableScheduler, ioctlFreezer, sdNotify } from '../system/system.js';
+import { disableScheduler, ioctlFreezer, limitDaemonMemory, sdNotify } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
 import type { DeviceLayout } from '../protocol/methods.js';
@@ -12,9 +12,9 @@ import type { DeviceInfo, PairDevices } from './pair-service.js';
 /** The daemon's real backend: io_uring store, ublk devices, fsfreeze, sd_notify. */
 export async function ublkBackend(log: Logger): Promise<Backend> {
   try {
-    disableHugePages();
+    limitDaemonMemory();
   } catch (err) {
-    log.warn(`transparent huge pages stay on: ${err instanceof Error ? err.message : String(err)}`);
+    log.warn(`memory settings not made: ${err instanceof Error ? err.message : String(err)}`);
   }
   return {
     async open(path) {

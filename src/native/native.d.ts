@@ -183,6 +183,8 @@ export interface NativeAddon {
   releasePages(bytes: Uint8Array): number;
   /** No transparent huge pages for this process and its children from now on (PR_SET_THP_DISABLE). */
   disableHugePages(): void;
+  /** malloc maps every block of `bytes` or more on its own, and stops moving that threshold (mallopt). EINVAL past 32 MiB. */
+  fixMmapThreshold(bytes: number): void;
   /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
    * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects
