@@ -1,13 +1,15 @@
 // Small system calls the daemon needs and Node lacks: sd_notify(3)'s datagram to systemd,
-// FIFREEZE / FITHAW on a mounted filesystem, giving a buffer's pages back (madvise), and the
-// process's memory settings (prctl, mallopt).
+// FIFREEZE / FITHAW on a mounted filesystem, giving a buffer's pages back (madvise), the
+// process's memory settings (prctl, mallopt), and who holds a file open (a scan of /proc).
 //
 // freeze() and thaw() run on the libuv thread pool: FIFREEZE writes back the filesystem's dirty
 // data and waits for it, and that I/O reaches the master device, whose queues this process
 // serves on its main thread. Issued from the main thread, the ioctl would wait for itself.
 #include "system.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <malloc.h>
 #include <linux/fs.h>
 #include <stddef.h>
@@ -21,6 +23,8 @@
 #include <cerrno>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace cldd {
 namespace {
@@ -134,6 +138,96 @@ Napi::Value FixMmapThreshold(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// openersOf(path): the processes other than this one with `path` open, as fuser finds them: every
+// /proc/PID/fd link whose target reads exactly `path`. On a thread of libuv's pool, in one pass.
+// The same scan with Node's fs calls made a pool round trip per process and per link: 125-173 ms
+// of every disable in the 7.3 TCG VM (about 150 processes, most of them kernel threads), half
+// the time from the command to the start of the resync; 25-38 ms this way, the mount check
+// included (three rounds each).
+class OpenersWorker : public Napi::AsyncWorker {
+ public:
+  OpenersWorker(Napi::Env env, std::string path)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    DIR* proc = ::opendir("/proc");
+    if (!proc) {
+      err_ = errno;
+      return;
+    }
+    const pid_t self = ::getpid();
+    char target[PATH_MAX + 1];
+    while (dirent* entry = ::readdir(proc)) {
+      pid_t pid = 0;
+      const char* c = entry->d_name;
+      for (; *c >= '0' && *c <= '9' && pid < 1 << 24; c++) pid = pid * 10 + (*c - '0');
+      if (*c || pid <= 0 || pid == self) continue;
+      std::string dir = "/proc/" + std::string(entry->d_name);
+      int fdDir = ::open((dir + "/fd").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (fdDir < 0) continue;  // gone, or not ours to see
+      DIR* fds = ::fdopendir(fdDir);
+      if (!fds) {
+        ::close(fdDir);
+        continue;
+      }
+      while (dirent* fd = ::readdir(fds)) {
+        if (fd->d_name[0] == '.') continue;
+        ssize_t n = ::readlinkat(fdDir, fd->d_name, target, sizeof target);
+        if (n < 0 || size_t(n) != path_.size() || memcmp(target, path_.data(), path_.size()) != 0) continue;
+        openers_.emplace_back(pid, Command(dir));
+        break;
+      }
+      ::closedir(fds);
+    }
+    ::closedir(proc);
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_) {
+      deferred_.Reject(ErrnoError(env, err_, "list the processes in /proc").Value());
+      return;
+    }
+    Napi::Array list = Napi::Array::New(env, openers_.size());
+    for (size_t i = 0; i < openers_.size(); i++) {
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("pid", Napi::Number::New(env, openers_[i].first));
+      o.Set("command", Napi::String::New(env, openers_[i].second));
+      list.Set(uint32_t(i), o);
+    }
+    deferred_.Resolve(list);
+  }
+
+ private:
+  // The process's command name (/proc/PID/comm), or "?" when it cannot be read.
+  static std::string Command(const std::string& dir) {
+    Fd fd(::open((dir + "/comm").c_str(), O_RDONLY | O_CLOEXEC));
+    char name[64];
+    ssize_t n = fd.valid() ? ::read(fd.get(), name, sizeof name) : -1;
+    if (n <= 0) return "?";
+    while (n > 0 && (name[n - 1] == '\n' || name[n - 1] == ' ')) n--;
+    return std::string(name, size_t(n));
+  }
+
+  Napi::Promise::Deferred deferred_;
+  std::string path_;
+  std::vector<std::pair<pid_t, std::string>> openers_;
+  int err_ = 0;
+};
+
+Napi::Value OpenersOf(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw CodeError(env, "EINVAL", "openersOf(path): a path is expected");
+  std::string path = info[0].As<Napi::String>();
+  if (path.empty() || path.size() > PATH_MAX) throw CodeError(env, "EINVAL", "openersOf(path): a path of 1 to PATH_MAX bytes is expected");
+  auto* worker = new OpenersWorker(env, std::move(path));
+  Napi::Promise promise = worker->Promise();
+  worker->Queue();
+  return promise;
+}
+
 }  // namespace
 
 void DefineSystem(Napi::Env env, Napi::Object exports) {
@@ -143,6 +237,7 @@ void DefineSystem(Napi::Env env, Napi::Object exports) {
   exports.Set("thaw", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return FreezeOrThaw(info, false); }, "thaw"));
   exports.Set("disableHugePages", Napi::Function::New(env, DisableHugePages, "disableHugePages"));
   exports.Set("fixMmapThreshold", Napi::Function::New(env, FixMmapThreshold, "fixMmapThreshold"));
+  exports.Set("openersOf", Napi::Function::New(env, OpenersOf, "openersOf"));
 }
 
 }  // namespace cldd

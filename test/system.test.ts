@@ -1,11 +1,15 @@
 /**
- * Tier 2: the daemon's small system calls that need no device (src/system/system.ts).
+ * Tier 2: the daemon's small system calls that need no device (src/system/system.ts,
+ * src/system/device-users.ts).
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { mkdtemp, open, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
 import { addon } from '../src/native/addon.js';
+import { usersOf } from '../src/system/device-users.js';
 
 const run = promisify(execFile);
 const ADDON = join(import.meta.dirname, '..', 'build', 'Release', 'cldd_native.node');
@@ -34,4 +38,41 @@ test('fixMmapThreshold takes a whole number of bytes up to 32 MiB and refuses an
     expect(() => fixMmapThreshold(bad)).toThrow(expect.objectContaining({ code: 'EINVAL' }));
   }
   expect(fixMmapThreshold(128 * 1024)).toBeUndefined();
+});
+
+test('usersOf finds the processes holding a path open, not this one, and forgets them once they let go', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'cldd users '));
+  const held = join(dir, 'held dev');
+  const free = join(dir, 'free');
+  await writeFile(held, 'x');
+  await writeFile(free, 'x');
+  const own = await open(held, 'r'); // this process's own fds are never listed
+  const child = spawn('sh', ['-c', 'exec 3<"$0"; exec sleep 60', held], { stdio: 'ignore' });
+  try {
+    // Created, not hoped for: wait (bounded) until the child's fd 3 is the file.
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      const target = await readlink(`/proc/${child.pid}/fd/3`).catch(() => null);
+      if (target === held && (await readFile(`/proc/${child.pid}/comm`, 'utf8')).trim() === 'sleep') break;
+      if (Date.now() > deadline) throw new Error(`the child (pid ${child.pid}) did not open ${held} within 10 s`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(await usersOf(held)).toEqual({ mounts: [], openers: [{ pid: child.pid, command: 'sleep' }] });
+    expect(await usersOf(free)).toEqual({ mounts: [], openers: [] });
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGKILL');
+    await exited;
+    expect((await usersOf(held)).openers).toEqual([]);
+  } finally {
+    child.kill('SIGKILL');
+    await own.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('openersOf refuses anything but a path', async () => {
+  const { openersOf } = addon();
+  for (const bad of ['', 'x'.repeat(5000), 42 as unknown as string]) {
+    expect(() => openersOf(bad)).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+  }
 });

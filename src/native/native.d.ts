@@ -185,6 +185,8 @@ export interface NativeAddon {
   disableHugePages(): void;
   /** malloc maps every block of `bytes` or more on its own, and stops moving that threshold (mallopt). EINVAL past 32 MiB. */
   fixMmapThreshold(bytes: number): void;
+  /** The processes other than this one holding `path` open: each /proc/PID/fd link that reads exactly `path`. */
+  openersOf(path: string): Promise<{ pid: number; command: string }[]>;
   /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
    * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects

@@ -1,5 +1,7 @@
-import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { devId } from '../devnum.js';
+import { asCldError } from '../errors.js';
+import { addon } from '../native/addon.js';
 
 export interface DeviceUsers {
   /** Mount points of the device. */
@@ -22,33 +24,16 @@ export async function mountsOf(devPath: string): Promise<string[]> {
 
 /**
  * Who uses a block device: mounts, and processes with it open (a scan of /proc/PID/fd, as
- * fuser does). Our own process is left out: the daemon holds its devices' character ends only.
+ * fuser does, in the addon: one pass on a pool thread). Our own process is left out: the daemon
+ * holds its devices' character ends only.
  */
 export async function usersOf(devPath: string): Promise<DeviceUsers> {
   const mounts = await mountsOf(devPath);
-  const openers: DeviceUsers['openers'] = [];
-  for (const entry of await readdir('/proc')) {
-    const pid = Number(entry);
-    if (!Number.isInteger(pid) || pid === process.pid) continue;
-    let fds: string[];
-    try {
-      fds = await readdir(`/proc/${pid}/fd`);
-    } catch {
-      continue; // gone, or not ours to see
-    }
-    for (const fd of fds) {
-      let target: string;
-      try {
-        target = await readlink(`/proc/${pid}/fd/${fd}`);
-      } catch {
-        continue;
-      }
-      if (target === devPath) {
-        const command = (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '?')).trim();
-        openers.push({ pid, command });
-        break;
-      }
-    }
+  let openers: DeviceUsers['openers'];
+  try {
+    openers = await addon().openersOf(devPath);
+  } catch (err) {
+    throw asCldError(err);
   }
   return { mounts, openers };
 }
