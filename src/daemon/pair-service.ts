@@ -262,13 +262,18 @@ export class PairService {
       }
       // The device first: until it is gone (a stop can time out) the pair still has its slave.
       await this.devices!.removeSlave();
-      await this.links?.slaveRemoved();
     }
-    await this.volume.disable();
-    const blocks = this.volume.map.count;
-    this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
-    void this.scheduler.start();
-    return { state: this.volume.state, blocks };
+    try {
+      await this.volume.disable();
+      const blocks = this.volume.map.count;
+      this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
+      void this.scheduler.start();
+      return { state: this.volume.state, blocks };
+    } finally {
+      // Its links once the resync runs: they name a device that is gone already, and removing
+      // them first held the copy up by 16-20 ms (7.3 TCG VM).
+      if (slave) await this.links?.slaveRemoved();
+    }
   }
 
   /**
