@@ -38,6 +38,8 @@ CLDD_JS=$PWD/bin/cldd.js
 cldd() { node "$CLDD_JS" "$@"; }
 
 MODES=${CLDD_BENCH_MODES:-zero-copy}
+# The program that copies the resync's runs without cldd, built by device.ts (an absolute path).
+COPY_RUNS=${CLDD_BENCH_COPY_RUNS:?the path of copy-runs, built from scripts/bench/copy-runs.c by device.ts}
 # CLDD_BENCH_JOBS: an extended regular expression; only the jobs whose names match it run (all by
 # default). For a quick look at a few rows while working on them: `npm run bench` runs them all.
 JOBS=${CLDD_BENCH_JOBS:-.}
@@ -130,6 +132,12 @@ first_touch_cldd() { # round
       # The job's own writes are written back first, as dd's source is below: the disable's
       # commit would otherwise spend its fdatasync on them and count it as the resync's.
       sync
+      # The runs the resync will copy, read from the store's map: committed first by a flush of
+      # the master (fio's O_DIRECT writes sent none, and sync sends none to a raw device), as a
+      # filesystem's fsync would have; the disable's commit then writes the state alone.
+      sync "$master"
+      local runs
+      runs=$(node scripts/bench/resync-runs.mjs "$store" "$WORK/runs")
       resync=$(node scripts/bench/resync-time.mjs "$name")
       resync_bytes=$(node -e 'console.log(JSON.parse(process.argv[1]).bytes)' "$resync")
       # The source is the loop device's backing file, in the page cache like the change area that
@@ -147,7 +155,15 @@ first_touch_cldd() { # round
         copies+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
       done
       rm -f "$WORK/dd-dst"
-      echo "{\"round\":$round,\"resync\":$resync,\"dd_new_seconds\":${copies[0]},\"dd_seconds\":${copies[1]}}"
+      # The same runs copied by a program that does nothing else (scripts/bench/copy-runs.c, built
+      # by device.ts): a blocking read and write per run, then an fdatasync, into the loop
+      # device's file at the runs' own offsets, over blocks written before. Nothing uses the loop
+      # device now, and its jobs do not care what its blocks hold.
+      sync
+      local copied
+      copied=$("$COPY_RUNS" "$store" "$WORK/loop.img" "$WORK/runs")
+      rm -f "$WORK/runs"
+      echo "{\"round\":$round,\"resync\":$resync,\"dd_new_seconds\":${copies[0]},\"dd_seconds\":${copies[1]},\"runs\":$runs,\"runs_copy\":$copied}"
     else
       cldd disable "$name" --wait >&2
     fi

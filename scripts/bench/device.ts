@@ -9,8 +9,9 @@
  * is measured beside it. Only ratios from one run count: software emulation inflates user-space
  * cost.
  */
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { BlockMap } from '../../src/engine/block-map.js';
 import { writeSection } from './report.js';
 
@@ -29,12 +30,17 @@ interface Row {
  * One round's resync of the first pair, and dd copying as many bytes on the same file system:
  * over blocks written before (dd_seconds, as the resync overwrites allocated blocks), and into a
  * new file (dd_new_seconds, which the file system's allocation adds to; absent in older logs).
+ * runs: the resync's own runs (scripts/bench/resync-runs.mjs), and runs_copy: their copy by a
+ * program that does nothing else (scripts/bench/copy-runs.c), over blocks written before (both
+ * absent in older logs).
  */
 interface Resync {
   round: number;
   resync: { blocks: number; bytes: number; seconds: number };
   dd_seconds: number;
   dd_new_seconds?: number;
+  runs?: { runs: number; bytes: number };
+  runs_copy?: { seconds: number };
 }
 
 interface Rss {
@@ -78,7 +84,7 @@ interface Measured {
   kernel: string;
 }
 
-async function measure(run: Run): Promise<Measured> {
+async function measure(run: Run, copyRuns: string): Promise<Measured> {
   const script = 'scripts/bench/device-inside.sh';
   const [cmd, args] = run.suite
     ? ['bash', ['scripts/vm/run.sh', '--timeout', '3000', '--mem', '10240', '--', 'bash', '-c', `uname -r >&2 && exec bash ${script}`]]
@@ -95,6 +101,7 @@ async function measure(run: Run): Promise<Measured> {
   const env = {
     ...process.env,
     CLDD_BENCH_MODES: run.modes,
+    CLDD_BENCH_COPY_RUNS: copyRuns,
     ...(run.suite
       ? {
           CLDD_VM_SUITE: run.suite,
@@ -272,6 +279,24 @@ function otherTable(resyncs: Resync[], rss: Rss['rss'][], mapMiBPerTiB: number):
     const ddNew = median(intoNew.map((r) => r.resync.bytes / MiB / (r.dd_new_seconds as number)));
     lines.push(`| the same resync against dd into a new file (allocating) | | ${ddNew.toFixed(1)} MiB/s | ${newRatio.toFixed(2)}x | ${newRange} | | |`);
   }
+  const copied = resyncs.filter((r) => r.runs !== undefined && r.runs_copy !== undefined);
+  for (const r of copied) {
+    // The list is read from the map the resync starts from: anything else copied other blocks.
+    if (r.runs!.bytes !== r.resync.bytes) {
+      throw new Error(`round ${r.round}: the list of runs holds ${r.runs!.bytes} bytes, the resync copied ${r.resync.bytes}`);
+    }
+  }
+  if (copied.length) {
+    const seconds = (r: Resync) => r.runs_copy!.seconds;
+    const runs = median(copied.map((r) => r.runs!.runs));
+    const program = median(copied.map((r) => r.resync.bytes / MiB / seconds(r)));
+    const [toProgram, toProgramRange] = summary(copied.map((r) => seconds(r) / r.resync.seconds));
+    const [programToDd, programToDdRange] = summary(copied.map((r) => r.dd_seconds / seconds(r)));
+    lines.push(
+      `| the same resync against a program copying only its runs (median ${runs.toFixed(0)} runs: a read and a write each, then fdatasync) | | ${program.toFixed(1)} MiB/s | ${toProgram.toFixed(2)}x | ${toProgramRange} | | |`,
+      `| that program's copy against dd over written blocks | | | ${programToDd.toFixed(2)}x | ${programToDdRange} | | |`,
+    );
+  }
   for (const r of rss) {
     const name = r.device === 'cldd-copy' ? 'daemon memory, --no-zero-copy pair' : 'daemon memory';
     const hwm = r.hwm_kib / 1024;
@@ -285,7 +310,22 @@ function otherTable(resyncs: Resync[], rss: Rss['rss'][], mapMiBPerTiB: number):
   return lines;
 }
 
+/**
+ * Builds scripts/bench/copy-runs.c into build/bench/ and returns its path. Statically linked: the
+ * VM's guests run it, and their C library may be older than the one it is built against.
+ */
+function buildCopyRuns(): string {
+  const out = resolve('build/bench/copy-runs');
+  mkdirSync(resolve('build/bench'), { recursive: true });
+  const cc = spawnSync('cc', ['-O2', '-Wall', '-static', '-o', out, 'scripts/bench/copy-runs.c'], { encoding: 'utf8' });
+  if (cc.error || cc.status !== 0) {
+    throw new Error(`cc could not build scripts/bench/copy-runs.c (it needs a C compiler and a static C library, as build-essential has): ${cc.error?.message ?? cc.stderr.trim()}`);
+  }
+  return out;
+}
+
 async function main(): Promise<void> {
+  const copyRuns = buildCopyRuns();
   const native = existsSync('/dev/ublk-control') && process.getuid?.() === 0;
   // CLDD_BENCH_SUITES picks some of the VM's kernels (e.g. "trixie-backports") to try a change.
   const suites = process.env.CLDD_BENCH_SUITES?.split(/\s+/).filter(Boolean);
@@ -307,10 +347,10 @@ async function main(): Promise<void> {
     'First touch: the same fio job on the same device right after a snapshot is taken (every write then lands on a block not yet redirected in it) against that job just before, in the same round; dm-snapshot (persistent, 4 KiB chunks, exception store on a loop device over a file on the same file system, origin the loop device above) measured the same way beside it.',
     "Two conditions of the change area: never written (its blocks given back to the file system before each job, as in a file store's first snapshot; dm-snapshot's exception store a fresh sparse file), where the file system allocates each block a first touch lands on, and, in the written-area rows, written all over by an earlier snapshot, as every later snapshot finds it (dm-snapshot's store written with zeros). For the first, the loop device's ratio into a fresh sparse file against its filled one shows what the allocation alone leaves of the job.",
     'Changed-block tracking: after the first-touch jobs, on the plain master in the tracking period their last snapshot started, 4 KiB random writes at QD1 to chunks not yet written in it (each waits for the commit of its chunk\'s mark), against the same job once a sequential pass has written every chunk; the plain rows above run in that marked state.',
-    "Resync: disabling after the QD32 first-touch job (and a sync of its writes) until the resync is done, against dd (1 MiB blocks, conv=fsync) copying as many bytes between two files on the same file system: over blocks written before (conv=notrunc), as the resync overwrites blocks the fill allocated, which is the target's reference; and into a new file, where the file system's allocation adds to the copy.",
+    "Resync: disabling after the QD32 first-touch job (and a sync of its writes, then a flush of the master, which commits its map) until the resync is done, against dd (1 MiB blocks, conv=fsync) copying as many bytes between two files on the same file system: over blocks written before (conv=notrunc), as the resync overwrites blocks the fill allocated, which is the target's reference; and into a new file, where the file system's allocation adds to the copy. Beside them, a program that copies exactly the resync's runs and does nothing else (scripts/bench/copy-runs.c; the runs read from the map before the disable; per run a blocking read from the change area and a blocking write to the same offset of the loop device's file, written before; then an fdatasync): what the scattered runs leave of dd's rate to any program that copies only them.",
   ];
   for (const run of runs) {
-    const r = await measure(run);
+    const r = await measure(run, copyRuns);
     const where = run.suite
       ? `In the test VM (qemu TCG, -cpu ${process.env.CLDD_VM_CPU ?? 'max,-erms'}, 2 vCPUs), Debian ${run.suite} kernel ${r.kernel}`
       : `Natively on this host, kernel ${r.kernel}`;
