@@ -23,6 +23,20 @@ static void fail(const char* what, const char* path) {
   exit(1);
 }
 
+// One run's read (write 0) or write (write 1) of `length` bytes at `offset`, in as many calls as
+// it takes.
+static void transfer(int fd, const char* path, char* buffer, unsigned long long length, unsigned long long offset, int write) {
+  for (unsigned long long done = 0; done < length;) {
+    ssize_t n = write ? pwrite(fd, buffer + done, length - done, (off_t)(offset + done))
+                      : pread(fd, buffer + done, length - done, (off_t)(offset + done));
+    if (n <= 0) {
+      if (n == 0) errno = write ? EIO : ENODATA;
+      fail(write ? "write" : "read", path);
+    }
+    done += (unsigned long long)n;
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: copy-runs SOURCE TARGET RUNS\n");
@@ -33,12 +47,13 @@ int main(int argc, char** argv) {
   size_t count = 0, room = 1 << 16;
   unsigned long long(*runs)[3] = malloc(room * sizeof *runs);
   unsigned long long from, to, length, most = 0;
-  while (fscanf(list, "%llu %llu %llu", &from, &to, &length) == 3) {
+  int fields;
+  while ((fields = fscanf(list, "%llu %llu %llu", &from, &to, &length)) == 3) {
     if (count == room && !(runs = realloc(runs, (room *= 2) * sizeof *runs))) fail("grow the list of", argv[3]);
     runs[count][0] = from, runs[count][1] = to, runs[count][2] = length, count++;
     if (length > most) most = length;
   }
-  if (!feof(list)) {
+  if (fields != EOF || ferror(list)) {
     fprintf(stderr, "copy-runs: %s: run %zu is not \"from to length\"\n", argv[3], count + 1);
     return 1;
   }
@@ -50,22 +65,8 @@ int main(int argc, char** argv) {
   if (!buffer) fail("allocate a buffer for", argv[3]);
   double start = now();
   for (size_t i = 0; i < count; i++) {
-    for (unsigned long long done = 0; done < runs[i][2];) {
-      ssize_t n = pread(source, buffer + done, runs[i][2] - done, (off_t)(runs[i][0] + done));
-      if (n <= 0) {
-        if (n == 0) errno = ENODATA;
-        fail("read", argv[1]);
-      }
-      done += (unsigned long long)n;
-    }
-    for (unsigned long long done = 0; done < runs[i][2];) {
-      ssize_t n = pwrite(target, buffer + done, runs[i][2] - done, (off_t)(runs[i][1] + done));
-      if (n <= 0) {
-        if (n == 0) errno = EIO;
-        fail("write", argv[2]);
-      }
-      done += (unsigned long long)n;
-    }
+    transfer(source, argv[1], buffer, runs[i][2], runs[i][0], 0);
+    transfer(target, argv[2], buffer, runs[i][2], runs[i][1], 1);
   }
   if (fdatasync(target) < 0) fail("fdatasync", argv[2]);
   printf("{\"seconds\":%.6f}\n", now() - start);
