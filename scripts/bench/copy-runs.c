@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
   if (!list) fail("open", argv[3]);
   size_t count = 0, room = 1 << 16;
   unsigned long long(*runs)[3] = malloc(room * sizeof *runs);
+  if (!runs) fail("allocate the list of", argv[3]);
   unsigned long long from, to, length, most = 0;
   int fields;
   while ((fields = fscanf(list, "%llu %llu %llu", &from, &to, &length)) == 3) {

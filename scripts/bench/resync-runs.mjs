@@ -1,15 +1,13 @@
 // What a resync will copy, for scripts/bench/copy-runs.c to copy without cldd: run by
 // device-inside.sh after a first-touch job and a flush of the master, before the disable. Reads
-// the store's committed map (read-only, as `cldd check` does) and writes one "from to length"
+// the store's committed map (read-only, recovered as open does) and writes one "from to length"
 // line per redirected run: from the store's change area to the run's own offset in another file
 // (where the resync writes the store's data area). Prints {"runs", "bytes"}; the bench checks
 // that bytes is what the resync copied.
 //   node scripts/bench/resync-runs.mjs STORE LIST
 import { writeFileSync } from 'node:fs';
 import { FileStore } from '../../dist/io/file-store.js';
-import { readMap, readSuperblocks } from '../../dist/format/recovery.js';
-import { BlockMap } from '../../dist/engine/block-map.js';
-import { ChangeTracking } from '../../dist/engine/change-tracking.js';
+import { recoverStore } from '../../dist/engine/open.js';
 
 const [storePath, list] = process.argv.slice(2);
 if (!storePath || !list) throw new Error('usage: resync-runs.mjs STORE LIST');
@@ -18,16 +16,8 @@ const store = await FileStore.open(storePath, { readOnly: true });
 let map;
 let layout;
 try {
-  const { sb } = await readSuperblocks(store);
-  layout = sb.layout;
-  map = new BlockMap(layout.blocks, layout.blockSize);
-  const tracking = ChangeTracking.forStore(layout, sb.epoch);
-  const { findings } = await readMap(store, sb, (page, payload) => {
-    if (tracking?.isTrackingPage(page)) tracking.load(page, payload);
-    else map.load(page, payload);
-  });
-  const errors = findings.filter((f) => f.severity === 'error');
-  if (errors.length) throw new Error(`${storePath}: ${errors.map((f) => f.message).join('; ')}`);
+  // The map as open recovers it (and refuses a damaged one), without writing anything.
+  ({ map, sb: { layout } } = await recoverStore(store));
 } finally {
   await store.close();
 }
