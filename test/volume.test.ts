@@ -675,6 +675,67 @@ describe('snapshot and resync', () => {
     expect(dataArea(store, volume, 0, 64)).toEqual(want);
   });
 
+  test('the_scheduler_copies_two_disjoint_windows_at_once_and_a_failed_one_stops_both', async () => {
+    const { store, volume, disk } = await setup();
+    const inner = new StoreExecutor(store);
+    await put(disk, 0, 64, 1);
+    await volume.enable();
+    await put(disk, 0, 32, 2);
+    await volume.disable();
+    // Every copy waits until the test lets it go; releaseBuffer must come after both.
+    const held: { runs: Float64Array; buffer: Uint8Array; go: (ok: boolean) => void }[] = [];
+    const events: string[] = [];
+    const executor = {
+      run: (ops: Parameters<StoreExecutor['run']>[0], buffer: Uint8Array) => inner.run(ops, buffer),
+      copy: (runs: Float64Array, buffer: Uint8Array) =>
+        new Promise<void>((resolve, reject) => {
+          held.push({
+            runs,
+            buffer,
+            go: (ok) => {
+              events.push(ok ? 'copied' : 'failed');
+              if (!ok) return reject(new CldError('EIO', 'injected copy failure'));
+              const reads = [];
+              const writes = [];
+              for (let i = 0; i < runs.length; i += 4) {
+                reads.push({ kind: 'read' as const, offset: runs[i], length: runs[i + 2], bufferOffset: runs[i + 3] });
+                writes.push({ kind: 'write' as const, offset: runs[i + 1], length: runs[i + 2], bufferOffset: runs[i + 3] });
+              }
+              inner.run(reads, buffer).then(() => inner.run(writes, buffer)).then(resolve, reject);
+            },
+          });
+        }),
+      releaseBuffer: () => events.push('released'),
+    };
+    const scheduler = new ResyncScheduler(volume, executor, { runBytes: 8 * BS, yieldMs: 0 });
+    const done = scheduler.start();
+    done.catch(() => {});
+    const until = async (what: string, ok: () => boolean) => {
+      for (let i = 0; i < 1000 && !ok(); i++) await ticks(1);
+      if (!ok()) throw new Error(`still waiting for ${what} after 1000 turns of the event loop`);
+    };
+    await until('two copies in flight', () => held.length === 2);
+    const [a, b] = held;
+    // Two windows of four blocks each, one after the other, each in its own half of one buffer.
+    expect([a.runs[1], a.runs[2], b.runs[1], b.runs[2]]).toEqual([volume.layout.dataOffset, 4 * BS, volume.layout.dataOffset + 4 * BS, 4 * BS]);
+    expect(a.buffer.buffer).toBe(b.buffer.buffer);
+    expect([a.buffer.byteOffset, b.buffer.byteOffset, a.buffer.length, b.buffer.length]).toEqual([0, 4 * BS, 4 * BS, 4 * BS]);
+    await ticks();
+    expect(held.length).toBe(2);
+    b.go(false);
+    await ticks();
+    // The other lane's window is still copying: nothing released, no new window taken.
+    expect([held.length, events]).toEqual([2, ['failed']]);
+    a.go(true);
+    await rejects(done, 'EIO', /injected copy failure/);
+    expect(events).toEqual(['failed', 'copied', 'released']);
+    expect(held.length).toBe(2);
+    expect(volume.map.count).toBe(28);
+    expect(volume.map.nextSet(0)).toBe(4);
+    expect(volume.counters.errors).toBe(1);
+    expect(dataArea(store, volume, 0, 8)).toEqual([2, 2, 2, 2, 1, 1, 1, 1]);
+  });
+
   test('a_write_to_blocks_being_merged_waits_for_the_merge_and_wins', async () => {
     const { store, volume, disk } = await setup();
     const executor = new StoreExecutor(store);
@@ -1292,7 +1353,8 @@ describe('I/O errors', () => {
     expect(volume.map.nextSet(0)).toBe(10);
     expect(volume.state).toBe('resync');
     expect(volume.failed).toBeNull();
-    expect(volume.counters.errors).toBe(1);
+    // Both lanes' first windows failed: the scheduler copies two at once.
+    expect(volume.counters.errors).toBe(2);
     store.failWhen(null);
     await scheduler.start();
     expect(volume.state).toBe('plain');
