@@ -5,7 +5,10 @@
 import { describe, expect, test } from 'vitest';
 import { within } from '../src/deadline.js';
 import { CldError } from '../src/errors.js';
-import { FREEZE_LIMIT_MS, PairService, freezeWithin } from '../src/daemon/pair-service.js';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type DeviceInfo, FREEZE_LIMIT_MS, type LinkKeeper, type PairDevices, PairService, freezeWithin } from '../src/daemon/pair-service.js';
 import type { Logger } from '../src/daemon/logger.js';
 import type { Executor } from '../src/engine/plan.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
@@ -147,5 +150,103 @@ describe('FIFREEZE is bounded', () => {
     expect(calls).toEqual(['freeze /srv']);
     const refusing: Freezer = { freeze: async () => Promise.reject(new CldError('EOPNOTSUPP', 'FIFREEZE /srv: not supported')), thaw: async () => {} };
     await expect(freezeWithin(refusing, '/srv', FREEZE_LIMIT_MS, recordingLog())).rejects.toMatchObject({ code: 'EOPNOTSUPP' });
+  });
+});
+
+describe("disable removes the slave's device beside the resync", () => {
+  /**
+   * Devices whose slave is a file nobody holds open (so the users check passes); removeSlave
+   * records the volume's state and whether the resync runs, and fails while `failRemoval` is set.
+   */
+  async function fakeDevices(volume: Volume, scheduler: ResyncScheduler) {
+    const dir = await mkdtemp(join(tmpdir(), 'cldd-pair-'));
+    const path = join(dir, 'slave');
+    await writeFile(path, '');
+    const calls: string[] = [];
+    let slave: DeviceInfo | null = null;
+    let failRemoval = false;
+    let made = 0;
+    const devices: PairDevices = {
+      master: { id: 0, path: join(dir, 'master') },
+      get slave() {
+        return slave;
+      },
+      recovered: false,
+      layout: { queues: 1, depth: 1, zeroCopy: false },
+      addSlave: async () => {
+        slave = { id: ++made, path };
+        calls.push(`add slave ${made}`);
+        return slave;
+      },
+      removeSlave: async () => {
+        calls.push(`remove slave ${slave?.id} (${volume.state}, resync ${scheduler.progress().running ? 'running' : 'not running'})`);
+        if (failRemoval) throw new CldError('ETIMEDOUT', 'STOP_DEV did not finish within 30 s');
+        slave = null;
+      },
+      stop: async () => {},
+      outstanding: () => [],
+    };
+    const links: LinkKeeper = {
+      slaveAdded: async (s) => void calls.push(`link slave ${s.id}`),
+      slaveRemoved: async () => void calls.push('unlink slave'),
+    };
+    return { devices, links, calls, dir, setFailRemoval: (v: boolean) => (failRemoval = v) };
+  }
+
+  test('the slave goes after the move to resync, with the copy already running', async () => {
+    const volume = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'pair' });
+    const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
+    const fake = await fakeDevices(volume, scheduler);
+    try {
+      const service = new PairService('pair', 'memory', volume, scheduler, fake.devices, noFreezer, recordingLog(), fake.links);
+      await service.enable({ noFreeze: true });
+      await new Disk(volume).write(0, new Uint8Array(3 * BS).fill(7));
+      await expect(service.disable()).resolves.toEqual({ state: 'resync', blocks: 3 });
+      expect(fake.calls).toEqual(['add slave 1', 'link slave 1', 'remove slave 1 (resync, resync running)', 'unlink slave']);
+      expect(fake.devices.slave).toBeNull();
+      await bounded(scheduler.ended(), 5000, 'the resync');
+      expect(volume.state).toBe('plain');
+    } finally {
+      await rm(fake.dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a slave whose removal failed serves nothing, and the next enable removes it before adding a fresh one', async () => {
+    const volume = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'pair' });
+    const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
+    const fake = await fakeDevices(volume, scheduler);
+    try {
+      const service = new PairService('pair', 'memory', volume, scheduler, fake.devices, noFreezer, recordingLog(), fake.links);
+      await service.enable({ noFreeze: true });
+      await new Disk(volume).write(0, new Uint8Array(2 * BS).fill(7));
+      fake.setFailRemoval(true);
+      await expect(service.disable()).rejects.toMatchObject({
+        code: 'ETIMEDOUT',
+        message: `the slave is disabled (resync), but its device ${fake.devices.slave?.path} could not be removed: STOP_DEV did not finish within 30 s; it serves no I/O, and the next enable removes it first`,
+      });
+      expect(fake.devices.slave?.id).toBe(1);
+      // The engine refuses the old slave's requests from the move on.
+      expect(() => volume.plan({ target: 'slave', op: 'read', offset: 0, length: BS })).toThrow(expect.objectContaining({ code: 'ENODEV' }));
+      await bounded(scheduler.ended(), 5000, 'the resync');
+      expect(volume.state).toBe('plain');
+      // Still failing: the enable changes nothing.
+      await expect(service.enable({ noFreeze: true })).rejects.toMatchObject({ code: 'ETIMEDOUT', message: expect.stringMatching(/^the device of the last snapshot's slave .* could not be removed/) });
+      expect(volume.state).toBe('plain');
+      fake.setFailRemoval(false);
+      await expect(service.enable({ noFreeze: true })).resolves.toMatchObject({ epoch: 2 });
+      expect(fake.calls).toEqual([
+        'add slave 1',
+        'link slave 1',
+        'remove slave 1 (resync, resync running)',
+        'remove slave 1 (plain, resync not running)',
+        'remove slave 1 (plain, resync not running)',
+        'unlink slave',
+        'add slave 2',
+        'link slave 2',
+      ]);
+      expect(fake.devices.slave?.id).toBe(2);
+    } finally {
+      await rm(fake.dir, { recursive: true, force: true });
+    }
   });
 });

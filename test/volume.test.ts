@@ -695,11 +695,11 @@ describe('snapshot and resync', () => {
             go: (ok) => {
               events.push(ok ? 'copied' : 'failed');
               if (!ok) return reject(new CldError('EIO', 'injected copy failure'));
-              const reads = [];
-              const writes = [];
+              const reads: IoOp[] = [];
+              const writes: IoOp[] = [];
               for (let i = 0; i < runs.length; i += 4) {
-                reads.push({ kind: 'read' as const, offset: runs[i], length: runs[i + 2], bufferOffset: runs[i + 3] });
-                writes.push({ kind: 'write' as const, offset: runs[i + 1], length: runs[i + 2], bufferOffset: runs[i + 3] });
+                reads.push({ kind: 'read', offset: runs[i], length: runs[i + 2], bufferOffset: runs[i + 3] });
+                writes.push({ kind: 'write', offset: runs[i + 1], length: runs[i + 2], bufferOffset: runs[i + 3] });
               }
               inner.run(reads, buffer).then(() => inner.run(writes, buffer)).then(resolve, reject);
             },

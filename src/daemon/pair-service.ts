@@ -1,5 +1,5 @@
 import { within } from '../deadline.js';
-import { CldError } from '../errors.js';
+import { asCldError, CldError } from '../errors.js';
 import type { ResyncScheduler } from '../engine/resync.js';
 import type { Volume } from '../engine/volume.js';
 import { deviceNumber, deviceOfPath, mountsOf, usersOf } from '../system/device-users.js';
@@ -19,7 +19,7 @@ export interface DeviceInfo {
 /**
  * The kernel devices that serve a volume. The master lives as long as the daemon; the slave is
  * a fresh device for each snapshot (no page cache of an older snapshot can be served from it),
- * added after enable and removed before disable.
+ * added after enable and removed once disable has moved the volume out of snapshot.
  */
 export interface PairDevices {
   readonly master: DeviceInfo;
@@ -192,6 +192,9 @@ export class PairService {
       const after = this.volume.enableRefusal();
       if (after) throw after;
     }
+    // A slave whose device a disable could not remove: gone before anything is frozen or enabled.
+    const old = this.devices?.slave;
+    if (old && this.volume.state !== 'snapshot') await this.removeOldSlave(old, 'enable');
     const mountpoint = await this.freezeTarget(params);
     if (!mountpoint) {
       await this.volume.enable();
@@ -260,20 +263,32 @@ export class PairService {
         const who = users.openers.map((o) => `${o.command} (pid ${o.pid})`).join(', ');
         throw new CldError('EBUSY', `the slave is open by ${who}: close it first`);
       }
-      // The device first: until it is gone (a stop can time out) the pair still has its slave.
-      await this.devices!.removeSlave();
     }
+    await this.volume.disable();
+    const blocks = this.volume.map.count;
+    this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
+    void this.scheduler.start();
+    if (slave) await this.removeOldSlave(slave, 'disable');
+    return { state: this.volume.state, blocks };
+  }
+
+  /**
+   * Removes the device of a slave the volume no longer serves. From the move out of snapshot on,
+   * the engine refuses every request of the slave's (docs/serving.md), so its device goes while
+   * the resync already copies: removing it first (STOP_DEV, DEL_DEV, the queues' close) held the
+   * copy up by 60-100 ms (7.3 TCG VM, docs/benchmarks.md). A removal that fails leaves the device,
+   * serving nothing; the next enable removes it before it adds a fresh one (a slave is never
+   * reused: its page cache holds the older snapshot).
+   */
+  private async removeOldSlave(slave: DeviceInfo, during: 'disable' | 'enable'): Promise<void> {
     try {
-      await this.volume.disable();
-      const blocks = this.volume.map.count;
-      this.log.info(`disabled the slave; ${blocks} blocks to merge back`);
-      void this.scheduler.start();
-      return { state: this.volume.state, blocks };
-    } finally {
-      // Its links once the resync runs: they name a device that is gone already, and removing
-      // them first held the copy up by 16-20 ms (7.3 TCG VM).
-      if (slave) await this.links?.slaveRemoved();
+      await this.devices!.removeSlave();
+    } catch (err) {
+      const e = asCldError(err);
+      const then = during === 'disable' ? `the slave is disabled (${this.volume.state}), but its device` : 'the device of the last snapshot\'s slave';
+      throw new CldError(e.code, `${then} ${slave.path} could not be removed: ${e.message}; it serves no I/O, and the next enable removes it first`, { cause: err });
     }
+    await this.links?.slaveRemoved();
   }
 
   /**
