@@ -193,32 +193,36 @@ describe("disable removes the slave's device beside the resync", () => {
     return { devices, links, calls, dir, setFailRemoval: (v: boolean) => (failRemoval = v) };
   }
 
-  test('the slave goes after the move to resync, with the copy already running', async () => {
+  /** Runs `fn` on a pair in snapshot with its slave added and `blocks` blocks redirected. */
+  async function inSnapshot(
+    blocks: number,
+    fn: (pair: { volume: Volume; scheduler: ResyncScheduler; service: PairService } & Awaited<ReturnType<typeof fakeDevices>>) => Promise<void>,
+  ): Promise<void> {
     const volume = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'pair' });
     const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
     const fake = await fakeDevices(volume, scheduler);
     try {
       const service = new PairService('pair', 'memory', volume, scheduler, fake.devices, noFreezer, recordingLog(), fake.links);
       await service.enable({ noFreeze: true });
-      await new Disk(volume).write(0, new Uint8Array(3 * BS).fill(7));
+      await new Disk(volume).write(0, new Uint8Array(blocks * BS).fill(7));
+      await fn({ volume, scheduler, service, ...fake });
+    } finally {
+      await rm(fake.dir, { recursive: true, force: true });
+    }
+  }
+
+  test('the slave goes after the move to resync, with the copy already running', async () => {
+    await inSnapshot(3, async ({ volume, scheduler, service, ...fake }) => {
       await expect(service.disable()).resolves.toEqual({ state: 'resync', blocks: 3 });
       expect(fake.calls).toEqual(['add slave 1', 'link slave 1', 'remove slave 1 (resync, resync running)', 'unlink slave']);
       expect(fake.devices.slave).toBeNull();
       await bounded(scheduler.ended(), 5000, 'the resync');
       expect(volume.state).toBe('plain');
-    } finally {
-      await rm(fake.dir, { recursive: true, force: true });
-    }
+    });
   });
 
   test('a slave whose removal failed serves nothing, and the next enable removes it before adding a fresh one', async () => {
-    const volume = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'pair' });
-    const scheduler = new ResyncScheduler(volume, new StoreExecutor(volume.store), { yieldMs: 0 });
-    const fake = await fakeDevices(volume, scheduler);
-    try {
-      const service = new PairService('pair', 'memory', volume, scheduler, fake.devices, noFreezer, recordingLog(), fake.links);
-      await service.enable({ noFreeze: true });
-      await new Disk(volume).write(0, new Uint8Array(2 * BS).fill(7));
+    await inSnapshot(2, async ({ volume, scheduler, service, ...fake }) => {
       fake.setFailRemoval(true);
       await expect(service.disable()).rejects.toMatchObject({
         code: 'ETIMEDOUT',
@@ -245,8 +249,6 @@ describe("disable removes the slave's device beside the resync", () => {
         'link slave 2',
       ]);
       expect(fake.devices.slave?.id).toBe(2);
-    } finally {
-      await rm(fake.dir, { recursive: true, force: true });
-    }
+    });
   });
 });
