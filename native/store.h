@@ -22,6 +22,8 @@ class Store : public Napi::ObjectWrap<Store> {
   struct Job;
   struct Part;
   struct Record;
+  struct Span;
+  struct CopyRun;
 
   Napi::Value Size(const Napi::CallbackInfo& info);
   Napi::Value IsBlockDevice(const Napi::CallbackInfo& info);
@@ -41,7 +43,7 @@ class Store : public Napi::ObjectWrap<Store> {
   void AddPart(Job* job, uint8_t kind, uint8_t* data, uint64_t offset, uint64_t length);
   bool Queue(Part* part);
   Napi::Value Launch(Napi::Env env, Job* job);
-  Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps);
+  Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps, std::vector<CopyRun> runs = {});
   void OnCompletions();
   void PartDone(Part* part, int err);
   void Release(Job* job);

@@ -96,7 +96,9 @@ export class NativeStore implements BlockStore {
    * write to an io_uring worker, which runs one file's writes one at a time: a resync of about
    * 26,000 short runs copied in 1.46-1.95 s that way, in 1.20-1.25 s this way (7.3 TCG VM,
    * docs/benchmarks.md). The addon checks every run against the store and the buffer before the
-   * first read, and takes `runs` as they are.
+   * first read, and takes `runs` as they are. Where a run's source is a hole of 256 KiB or more
+   * (a discard in the snapshot punched the change area), it punches the destination instead of
+   * writing the zeros the hole reads as, so the resync does not take that space again.
    */
   async copy(runs: Float64Array, buffer: Uint8Array): Promise<void> {
     if (this.closed) throw this.closedError('copy');

@@ -31,7 +31,8 @@ export declare class NativeStoreHandle {
   sequence(ops: Float64Array, buffer: Uint8Array): Promise<void>;
   /**
    * A merge window's copy: (from, to, length, bufferOffset) runs, every read into `buffer` and
-   * then every write from it, as sequence() runs them; every run checked first (EINVAL).
+   * then every write from it, as sequence() runs them; every run checked first (EINVAL). Where
+   * a run's source is a hole of 256 KiB or more (SEEK_HOLE), its destination is punched instead.
    */
   copy(runs: Float64Array, buffer: Uint8Array): Promise<void>;
   /** Waits for the requests in flight, then closes the ring and the fd. */
