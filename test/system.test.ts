@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
 import { addon } from '../src/native/addon.js';
 import { usersOf } from '../src/system/device-users.js';
+import { punchesHoles, writesZeroes } from '../src/system/system.js';
 
 const run = promisify(execFile);
 const ADDON = join(import.meta.dirname, '..', 'build', 'Release', 'cldd_native.node');
@@ -74,5 +75,43 @@ test('openersOf refuses anything but a path', async () => {
   const { openersOf } = addon();
   for (const bad of ['', 'x'.repeat(5000), 42 as unknown as string]) {
     expect(() => openersOf(bad)).toThrow(expect.objectContaining({ code: 'EINVAL' }));
+  }
+});
+
+test('writesZeroes reads the queue of the device, or of the disk a partition is on', async () => {
+  // A sysfs tree of its own: /sys/dev/block/MAJ:MIN links to the device's directory, a
+  // partition's directory (holding "partition") sits in its disk's, which holds the queue.
+  const sysfs = await mkdtemp(join(tmpdir(), 'cldd-sysfs-'));
+  try {
+    const { mkdir, symlink } = await import('node:fs/promises');
+    await mkdir(join(sysfs, 'dev', 'block'), { recursive: true });
+    for (const [disk, major, bytes] of [['sda', 8, '0'], ['nvme0n1', 259, '131072']] as const) {
+      const dir = join(sysfs, 'devices', 'pci', 'block', disk);
+      await mkdir(join(dir, 'queue'), { recursive: true });
+      await writeFile(join(dir, 'queue', 'write_zeroes_max_bytes'), `${bytes}\n`);
+      await mkdir(join(dir, `${disk}1`));
+      await writeFile(join(dir, `${disk}1`, 'partition'), '1\n');
+      await symlink(`../../devices/pci/block/${disk}`, join(sysfs, 'dev', 'block', `${major}:0`));
+      await symlink(`../../devices/pci/block/${disk}/${disk}1`, join(sysfs, 'dev', 'block', `${major}:1`));
+    }
+    // dev_t as Node gives it: major in bits 8-19, minor in bits 0-7.
+    const rdev = (major: number, minor: number) => major * 256 + minor;
+    expect(await writesZeroes(rdev(8, 0), sysfs)).toBe(false);
+    expect(await writesZeroes(rdev(8, 1), sysfs)).toBe(false);
+    expect(await writesZeroes(rdev(259, 0), sysfs)).toBe(true);
+    expect(await writesZeroes(rdev(259, 1), sysfs)).toBe(true);
+    await expect(writesZeroes(rdev(7, 0), sysfs)).rejects.toMatchObject({ code: 'ENOENT' });
+  } finally {
+    await rm(sysfs, { recursive: true, force: true });
+  }
+});
+
+test('punchesHoles: a file always', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'cldd-punch-'));
+  try {
+    await writeFile(join(dir, 'f'), '');
+    expect(await punchesHoles(join(dir, 'f'))).toBe(true);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 });

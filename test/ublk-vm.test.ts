@@ -17,6 +17,8 @@ const DATA_CHECKS = {
     'the slave shows the enable-time image while the master takes raw writes; read-only; disable refused (EBUSY) while the slave is held open; resync; plain after remove + add',
   discard:
     'a file deleted and trimmed (fstrim) on the mounted master in a snapshot: the slave keeps it; once resynced its space is back in the backing file; e2fsck clean',
+  blockdev:
+    'a pair on a loop device: the master takes discards, fstrim of a deleted file gives its space back under the loop device, no request fails; e2fsck clean',
   fio: 'fio --verify=crc32c on the raw master, mixed sizes, iodepth 32, two queues',
   zero_copy: 'zero copy exactly where the kernel has it and it is not turned off; fio verify passes with and without it',
   reads:

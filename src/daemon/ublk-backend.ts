@@ -3,7 +3,7 @@ import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
 import { UBLK_F } from '../ublk/uapi.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { disableScheduler, ioctlFreezer, limitDaemonMemory, sdNotify } from '../system/system.js';
+import { disableScheduler, ioctlFreezer, limitDaemonMemory, punchesHoles, sdNotify } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
 import type { DeviceLayout } from '../protocol/methods.js';
@@ -91,7 +91,8 @@ class UblkPair implements PairDevices {
         return pair;
       }
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
-      const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags });
+      const maxDiscardBytes = (await takesDiscards(store, options.log)) ? queueOptions.maxDiscardBytes : 0;
+      const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags, maxDiscardBytes });
       if (hasZeroCopy(master.info.flags)) options.log.info('zero copy: large requests are read and written in place');
       else if (master.info.flags & UBLK_F.USER_COPY) options.log.info('user copy: the queue threads copy requests themselves, through small buffers');
       await withoutScheduler(master, options.log);
@@ -140,6 +141,22 @@ class UblkPair implements PairDevices {
     if (failures.length) throw failures[0];
     this.control.close();
   }
+}
+
+/**
+ * Whether the master may take discards and writes of zeros: only where the backing store can
+ * make a range read as zeros without writing it (punchesHoles), for otherwise every one fails.
+ * The kernel then zeroes by writing zeros itself, and fstrim says the master cannot discard.
+ */
+async function takesDiscards(store: NativeStore, log: Logger): Promise<boolean> {
+  try {
+    // The fd the store opened (with O_EXCL, for a block device), not its path again.
+    if (await punchesHoles(`/proc/self/fd/${store.fd}`)) return true;
+    log.info(`${store.description} cannot zero a range without writing it (its queue takes no write zeroes): the master takes no discards`);
+  } catch (err) {
+    log.warn(`${store.description}: could not tell whether it can zero a range without writing it (${err instanceof Error ? err.message : String(err)}): the master takes no discards`);
+  }
+  return false;
 }
 
 /** A device keeps working with the kernel's scheduler, only slower: say so, do not fail. */
