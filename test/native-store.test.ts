@@ -273,8 +273,9 @@ describe('NativeStore specifics', () => {
     await store.close();
   });
 
-  test('a resync on a file copies every redirected block back, through copy', async () => {
-    const path = await backing('resync', 2 * 256 * 4096 + (4 << 20));
+  /** A volume of about `areaBlocks` 4 KiB blocks on a file, every block written (version 1), enabled. */
+  async function enabledOnFile(name: string, areaBlocks: number) {
+    const path = await backing(name, 2 * areaBlocks * 4096 + (4 << 20));
     const store = NativeStore.open(path);
     const volume = await Volume.format(store);
     const disk = new Disk(volume, store);
@@ -282,6 +283,11 @@ describe('NativeStore specifics', () => {
     const blocks = volume.layout.blocks;
     await disk.write(0, stamped(0, (blocks * bs) / 512, 1));
     await volume.enable();
+    return { path, store, volume, disk, bs, blocks };
+  }
+
+  test('a resync on a file copies every redirected block back, through copy', async () => {
+    const { store, volume, disk, bs, blocks } = await enabledOnFile('resync', 256);
     // Scattered runs of one to three blocks, as random first touches leave them, and one long run.
     const written = new Map<number, number>();
     for (let b = 1; b < blocks - 40; b += 7 + (b % 5)) {
@@ -318,14 +324,7 @@ describe('NativeStore specifics', () => {
   });
 
   test('a discard in a snapshot gives its space back in the data area too, once resynced', async () => {
-    const path = await backing('resync-discard', 2 * 1024 * 4096 + (4 << 20));
-    const store = NativeStore.open(path);
-    const volume = await Volume.format(store);
-    const disk = new Disk(volume, store);
-    const bs = volume.blockSize;
-    const blocks = volume.layout.blocks;
-    await disk.write(0, stamped(0, (blocks * bs) / 512, 1));
-    await volume.enable();
+    const { path, store, volume, disk, bs, blocks } = await enabledOnFile('resync-discard', 1024);
     // 1 MiB discarded (the change area punched there), a block written on either side of it.
     await disk.write(99 * bs, stamped((99 * bs) / 512, bs / 512, 2));
     await disk.discard(100 * bs, 256 * bs);
