@@ -62,6 +62,7 @@ Napi::Function Store::Define(Napi::Env env) {
                          InstanceMethod<&Store::Run>("run"),
                          InstanceMethod<&Store::Sequence>("sequence"),
                          InstanceMethod<&Store::Copy>("copy"),
+                         InstanceMethod<&Store::PunchesHoles>("punchesHoles"),
                          InstanceMethod<&Store::Close>("close"),
                      });
 }
@@ -119,6 +120,25 @@ void Store::Shutdown() {
 
 Napi::Value Store::Size(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(size_)); }
 Napi::Value Store::IsBlockDevice(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), blockDevice_); }
+
+// punchesHoles(): whether the file's file system punches holes, asked with a punch of a block
+// past the end of the file (KEEP_SIZE: nothing the file holds changes). vfat, exFAT and NFSv3
+// refuse it (EOPNOTSUPP). Not for a block device: a punch past its end is EINVAL whatever it can
+// do, and one inside it would change data (src/system/system.ts asks sysfs instead).
+Napi::Value Store::PunchesHoles(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env, "punchesHoles");
+  if (blockDevice_) throw CodeError(env, "EINVAL", "punchesHoles on " + path_ + ": a block device is asked through sysfs");
+  struct stat st;
+  if (::fstat(fd_.get(), &st) < 0) throw ErrnoError(env, errno, "size of " + path_);
+  off_t past = (st.st_size + 4095) / 4096 * 4096;
+  int rc;
+  do rc = ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, past, 4096);
+  while (rc < 0 && errno == EINTR);
+  if (rc == 0) return Napi::Boolean::New(env, true);
+  if (errno == EOPNOTSUPP || errno == ENOSYS) return Napi::Boolean::New(env, false);
+  throw ErrnoError(env, errno, "punch past the end of " + path_);
+}
 Napi::Value Store::FdValue(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), fd_.get()); }
 
 void Store::CheckOpen(Napi::Env env, const char* op) {
@@ -349,9 +369,9 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
         do rc = ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(run.to + at), off_t(length));
         while (rc < 0 && errno == EINTR);
         if (rc == 0) return true;
-        // Where punching is refused the zeros are written (the buffer holds them).
-        if (errno == EOPNOTSUPP) return Transfer(kWrite, run.data + at, run.to + at, length);
-        return Fail(kZero, run.to + at, length, errno, 0);
+        // A punch refused (no support, or ENOSPC: splitting an extent can need a block on a
+        // full file system) leaves writing the zeros, which the buffer holds, as before.
+        return Transfer(kWrite, run.data + at, run.to + at, length);
       });
       if (!ok) return;
     }

@@ -35,6 +35,7 @@ class Store : public Napi::ObjectWrap<Store> {
   Napi::Value Run(const Napi::CallbackInfo& info);
   Napi::Value Sequence(const Napi::CallbackInfo& info);
   Napi::Value Copy(const Napi::CallbackInfo& info);
+  Napi::Value PunchesHoles(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   void CheckOpen(Napi::Env env, const char* op);

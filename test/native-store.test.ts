@@ -254,6 +254,11 @@ describe('NativeStore specifics', () => {
     });
     await store.copy(records, buffer);
     await store.flush();
+    // The holes punched were zeroed in the buffer too (where a punch is refused, the zeros in it
+    // are written instead).
+    for (const [from, to] of [[8 * page, 72 * page], [200 * page, 264 * page]]) {
+      expect(buffer.subarray(from, to).every((b) => b === 0)).toBe(true);
+    }
     const back = new Uint8Array(at * page);
     await store.read(back, 512 * page);
     const holes = (p: number) => (p >= 8 && p < 72) || p === 100 || p === 101 || p >= 200;
@@ -271,6 +276,20 @@ describe('NativeStore specifics', () => {
     expect(given).toBeGreaterThanOrEqual(126);
     expect(given).toBeLessThanOrEqual(128);
     await store.close();
+  });
+
+  test('punchesHoles asks with a punch past the end of the file, which changes nothing', async () => {
+    const path = await backing('probe', 0);
+    const store = NativeStore.open(path);
+    // 4.5 KiB: the punch starts at the next 4 KiB boundary, past the last byte.
+    await writeFile(path, stamped(0, 9, 1));
+    expect(store.punchesHoles()).toBe(true);
+    expect((await stat(path)).size).toBe(9 * 512);
+    const { readFile } = await import('node:fs/promises');
+    const bytes = new Uint8Array(await readFile(path));
+    for (let s = 0; s < 9; s++) expect(versionOf(bytes, s * 512, s)).toBe(1);
+    await store.close();
+    expect(() => store.punchesHoles()).toThrow(expect.objectContaining({ code: 'CLDD_CLOSED' }));
   });
 
   /** A volume of about `areaBlocks` 4 KiB blocks on a file, every block written (version 1), enabled. */

@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
 import { addon } from '../src/native/addon.js';
 import { usersOf } from '../src/system/device-users.js';
-import { punchesHoles, writesZeroes } from '../src/system/system.js';
+import { writesZeroes } from '../src/system/system.js';
 
 const run = promisify(execFile);
 const ADDON = join(import.meta.dirname, '..', 'build', 'Release', 'cldd_native.node');
@@ -103,15 +103,5 @@ test('writesZeroes reads the queue of the device, or of the disk a partition is 
     await expect(writesZeroes(rdev(7, 0), sysfs)).rejects.toMatchObject({ code: 'ENOENT' });
   } finally {
     await rm(sysfs, { recursive: true, force: true });
-  }
-});
-
-test('punchesHoles: a file always', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'cldd-punch-'));
-  try {
-    await writeFile(join(dir, 'f'), '');
-    expect(await punchesHoles(join(dir, 'f'))).toBe(true);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
   }
 });

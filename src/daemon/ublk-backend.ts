@@ -3,7 +3,8 @@ import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
 import { UBLK_F } from '../ublk/uapi.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { disableScheduler, ioctlFreezer, limitDaemonMemory, punchesHoles, sdNotify } from '../system/system.js';
+import { stat } from 'node:fs/promises';
+import { disableScheduler, ioctlFreezer, limitDaemonMemory, sdNotify, writesZeroes } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
 import type { DeviceLayout } from '../protocol/methods.js';
@@ -145,14 +146,15 @@ class UblkPair implements PairDevices {
 
 /**
  * Whether the master may take discards and writes of zeros: only where the backing store can
- * make a range read as zeros without writing it (punchesHoles), for otherwise every one fails.
- * The kernel then zeroes by writing zeros itself, and fstrim says the master cannot discard.
+ * make a range read as zeros without writing it (a punch), for otherwise every one fails. The
+ * kernel then zeroes by writing zeros itself, and fstrim says the master cannot discard.
  */
 async function takesDiscards(store: NativeStore, log: Logger): Promise<boolean> {
   try {
-    // The fd the store opened (with O_EXCL, for a block device), not its path again.
-    if (await punchesHoles(`/proc/self/fd/${store.fd}`)) return true;
-    log.info(`${store.description} cannot zero a range without writing it (its queue takes no write zeroes): the master takes no discards`);
+    // The device the store opened (with O_EXCL), not its path again.
+    if (store.isBlockDevice ? await writesZeroes((await stat(`/proc/self/fd/${store.fd}`)).rdev) : store.punchesHoles()) return true;
+    const why = store.isBlockDevice ? 'its queue takes no write zeroes' : 'its file system punches no holes';
+    log.info(`${store.description} cannot zero a range without writing it (${why}): the master takes no discards`);
   } catch (err) {
     log.warn(`${store.description}: could not tell whether it can zero a range without writing it (${err instanceof Error ? err.message : String(err)}): the master takes no discards`);
   }

@@ -52,6 +52,19 @@ export class NativeStore implements BlockStore {
     return this.handle.isBlockDevice;
   }
 
+  /**
+   * A file only: whether its file system punches holes, which zero() and a merge's copy ask of
+   * it (vfat, exFAT and NFSv3 refuse). Asked with a punch past the end, which changes nothing.
+   */
+  punchesHoles(): boolean {
+    if (this.closed) throw this.closedError('punchesHoles');
+    try {
+      return this.handle.punchesHoles();
+    } catch (err) {
+      throw asCldError(err);
+    }
+  }
+
   /** The backing fd, shared with the ublk queues. */
   get fd(): number {
     return this.handle.fd;

@@ -35,6 +35,8 @@ export declare class NativeStoreHandle {
    * a run's source is a hole of 256 KiB or more (SEEK_HOLE), its destination is punched instead.
    */
   copy(runs: Float64Array, buffer: Uint8Array): Promise<void>;
+  /** A file only: whether its file system punches holes (a punch past its end, which changes nothing). */
+  punchesHoles(): boolean;
   /** Waits for the requests in flight, then closes the ring and the fd. */
   close(): Promise<void>;
 }

@@ -1,5 +1,5 @@
 /** The daemon's system calls: sd_notify, filesystem freeze/thaw, block queue settings, memory. */
-import { access, readFile, realpath, stat, writeFile } from 'node:fs/promises';
+import { access, readFile, realpath, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { Freezer } from './freeze.js';
 import { devId } from '../devnum.js';
@@ -61,19 +61,13 @@ export const ioctlFreezer: Freezer = {
 };
 
 /**
- * Whether the backing store can make a range read as zeros without writing them, as the engine
- * does for a discard or a write of zeros (a punched hole: native/store.cc). A file can; a block
- * device only where its queue takes REQ_OP_WRITE_ZEROES (`queue/write_zeroes_max_bytes` above
- * 0; a partition's is its disk's), for a punch on a block device has no fallback. brd has none
- * (6.12 VM), nor, commonly, a SATA disk: there every discard the master passed on failed with
- * EOPNOTSUPP and was counted as an error while fstrim reported the space trimmed.
+ * Whether the block device `rdev` can make a range read as zeros without writing it, as the
+ * engine does for a discard or a write of zeros (a punch: native/store.cc): only where its queue
+ * takes REQ_OP_WRITE_ZEROES (`queue/write_zeroes_max_bytes` above 0; a partition's is its
+ * disk's), for a punch on a block device has no fallback. brd has none (6.12 VM), nor, commonly,
+ * a SATA disk: there every discard the master passed on failed with EOPNOTSUPP and was counted
+ * as an error while fstrim reported the space trimmed.
  */
-export async function punchesHoles(path: string): Promise<boolean> {
-  const st = await stat(path);
-  return st.isBlockDevice() ? writesZeroes(st.rdev) : true;
-}
-
-/** Whether the block device `rdev` (a partition: its disk) takes REQ_OP_WRITE_ZEROES. */
 export async function writesZeroes(rdev: number, sysfs = '/sys'): Promise<boolean> {
   let dir = await realpath(join(sysfs, 'dev', 'block', devId(rdev)));
   if (await access(join(dir, 'partition')).then(() => true, () => false)) dir = dirname(dir);
