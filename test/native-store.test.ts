@@ -275,6 +275,15 @@ describe('NativeStore specifics', () => {
     const given = (before - (await stat(path)).blocks) / (page / 512);
     expect(given).toBeGreaterThanOrEqual(126);
     expect(given).toBeLessThanOrEqual(128);
+    // Past the end of a file that shrank under the store is no hole: the read fails there, and
+    // nothing is written or punched.
+    const { truncate } = await import('node:fs/promises');
+    await truncate(path, 900 * page);
+    await store.write(stamped(0, (64 * page) / 512, 7), 600 * page);
+    const cut = store.copy(Float64Array.of(880 * page, 600 * page, 64 * page, 0), buffer);
+    await expect(cut).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
+    await store.read(back.subarray(0, 64 * page), 600 * page);
+    for (let p = 0; p < 64; p++) expect(versionOf(back, p * page, p * 8), `page ${600 + p}`).toBe(7);
     await store.close();
   });
 
