@@ -1,9 +1,9 @@
+import { stat } from 'node:fs/promises';
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
 import { UBLK_F } from '../ublk/uapi.js';
 import { DEFAULT_QUEUE_OPTIONS, type OutstandingRequest, type QueueOptions, UblkDevice } from '../ublk/device.js';
-import { stat } from 'node:fs/promises';
 import { disableScheduler, ioctlFreezer, limitDaemonMemory, sdNotify, writesZeroes } from '../system/system.js';
 import type { Backend, StartDevicesOptions } from './daemon.js';
 import type { Logger } from './logger.js';
@@ -151,8 +151,9 @@ class UblkPair implements PairDevices {
  */
 async function takesDiscards(store: NativeStore, log: Logger): Promise<boolean> {
   try {
-    // The device the store opened (with O_EXCL), not its path again.
-    if (store.isBlockDevice ? await writesZeroes((await stat(`/proc/self/fd/${store.fd}`)).rdev) : store.punchesHoles()) return true;
+    // A block device: the one the store opened (with O_EXCL), not its path again.
+    const can = store.isBlockDevice ? await writesZeroes((await stat(`/proc/self/fd/${store.fd}`)).rdev) : store.punchesHoles();
+    if (can) return true;
     const why = store.isBlockDevice ? 'its queue takes no write zeroes' : 'its file system punches no holes';
     log.info(`${store.description} cannot zero a range without writing it (${why}): the master takes no discards`);
   } catch (err) {
