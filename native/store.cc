@@ -364,13 +364,9 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
     }
     for (const CopyRun& run : runs_) {
       bool ok = ForEachSpan(run, [&](uint64_t at, uint64_t length, bool hole) {
-        if (!hole) return Transfer(kWrite, run.data + at, run.to + at, length);
-        int rc;
-        do rc = ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(run.to + at), off_t(length));
-        while (rc < 0 && errno == EINTR);
-        if (rc == 0) return true;
         // A punch refused (no support, or ENOSPC: splitting an extent can need a block on a
         // full file system) leaves writing the zeros, which the buffer holds, as before.
+        if (hole && Punch(run.to + at, length)) return true;
         return Transfer(kWrite, run.data + at, run.to + at, length);
       });
       if (!ok) return;
@@ -431,6 +427,13 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
       if (!f(span.at, span.length, span.hole)) return false;
     }
     return true;
+  }
+
+  bool Punch(uint64_t offset, uint64_t length) {
+    int rc;
+    do rc = ::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(length));
+    while (rc < 0 && errno == EINTR);
+    return rc == 0;
   }
 
   // Reads or writes all of `length` bytes; false (the worker failed) otherwise.
