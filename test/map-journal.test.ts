@@ -4,7 +4,7 @@
  * process. The map journal on tmpfs brings them back. A MemoryStore plays the page cache here:
  * a volume is abandoned without close, as a killed process would leave it.
  */
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
@@ -13,6 +13,8 @@ import { ResyncScheduler } from '../src/engine/resync.js';
 import { Volume } from '../src/engine/volume.js';
 import { mapJournalPath } from '../src/daemon/daemon.js';
 import { MemoryStore } from '../src/io/memory-store.js';
+import { inOrder } from '../src/io/block-store.js';
+import { COMPACT_BYTES } from '../src/format/map-journal.js';
 
 const BS = 4096;
 const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);
@@ -119,6 +121,80 @@ describe('map journal', () => {
     expect((await stat(journalPath)).size).toBe(32);
     await v.close();
     await expect(stat(journalPath)).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
+  describe('under a writer that never pauses', () => {
+    // Enough first touches before a commit that the records it covers reach COMPACT_BYTES.
+    const covered = Math.ceil(COMPACT_BYTES / 24);
+    let big: MemoryStore;
+
+    beforeEach(async () => {
+      big = new MemoryStore(64 << 20);
+      const v = await Volume.format(big);
+      await v.enable();
+      await v.close();
+    });
+
+    /** First touches as a queue thread leaves them: written to the change area, then redirected. */
+    async function firstTouches(v: Volume, from: number, to: number, value: number): Promise<void> {
+      const blocks = Array.from({ length: to - from }, (_, i) => from + i);
+      for (const b of blocks) await big.write(fill(value), v.layout.changeOffset + b * BS);
+      expect(v.finishFastRedirects(blocks.map((b) => ({ offset: b * BS, length: BS, ok: true })))).toEqual(blocks.map(() => null));
+    }
+
+    /**
+     * A commit of blocks [0, covered), during which five more first touches arrive: the commit
+     * runs its steps only once they are in, so their records follow its mark.
+     */
+    async function commitWhileWriting(v: Volume): Promise<void> {
+      await firstTouches(v, 0, covered, 2);
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      const committed = v.commit((steps) => held.then(() => inOrder(big, steps)));
+      await firstTouches(v, covered, covered + 5, 3);
+      release();
+      await committed;
+    }
+
+    async function expectAllThere(): Promise<void> {
+      const d = new Disk(await Volume.open(big, { journalPath }));
+      expect(await Promise.all([0, covered - 1, covered, covered + 4, covered + 5].map((b) => valueOf(d, b)))).toEqual([2, 2, 3, 3, 0]);
+      expect(d.volume.map.count).toBe(covered + 5);
+    }
+
+    test('the records a commit covered are dropped, the rest survive the death of the daemon', async () => {
+      const v = await Volume.open(big, { journalPath });
+      await commitWhileWriting(v);
+      // Before, a commit left the journal as it was whenever records had come in while it ran.
+      expect((await stat(journalPath)).size).toBe(32 + 5 * 24);
+      await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
+      // The journal goes on after the rename: the next record lands after the five.
+      await firstTouches(v, covered + 10, covered + 11, 4);
+      expect((await stat(journalPath)).size).toBe(32 + 6 * 24);
+      // The daemon dies here: no close, no flush.
+      const d = new Disk(await Volume.open(big, { journalPath }));
+      expect(await Promise.all([0, covered - 1, covered, covered + 4, covered + 5, covered + 10].map((b) => valueOf(d, b)))).toEqual([2, 2, 3, 3, 0, 4]);
+      expect(d.volume.map.count).toBe(covered + 6);
+    });
+
+    test('a compaction that cannot write its file leaves the journal whole, and the daemon can die at that point', async () => {
+      // As a death before the rename leaves it: the journal, and something at PATH.new.
+      await mkdir(`${journalPath}.new`);
+      const v = await Volume.open(big, { journalPath });
+      await commitWhileWriting(v);
+      expect((await stat(journalPath)).size).toBe(32 + (covered + 5) * 24);
+      // The daemon dies here; the next one starts over the directory, replays all of it.
+      await expectAllThere();
+      await rm(`${journalPath}.new`, { recursive: true });
+    });
+
+    test('a compaction the last daemon did not finish is cleaned up by the next', async () => {
+      await writeFile(`${journalPath}.new`, 'half a journal');
+      const v = await Volume.open(big, { journalPath });
+      await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
+      await commitWhileWriting(v);
+      await expectAllThere();
+    });
   });
 
   /** Refuses the open, and proves that neither the store nor the journal changed. */

@@ -13,13 +13,28 @@
  * whenever the journal is emptied; a state change empties it (its commits capture everything).
  * Records are assignments, so replaying them in order over the committed map gives the map the
  * process had, however many of them a commit already covered.
+ *
+ * A commit that captured every record cuts the file back to its header. Under a steady writer
+ * records keep arriving while each commit runs, so that alone never happens: a busy snapshot's
+ * journal grew by a record per first touch (33,874 records, 813 KB, in 25 s of one random writer
+ * with an fsync every 100 ms in the test VM; up to 24 bytes per block of the data area, in RAM).
+ * So once the records a commit covered take COMPACT_BYTES, the ones after them are written to
+ * `PATH.new` and that file renamed over the journal: a rename is atomic, so a death at any point
+ * leaves one whole journal holding every record not yet committed.
  */
-import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
 import { CldError } from '../errors.js';
 
 const MAGIC = 'cldd-mj1';
 const HEADER = 32;
 const RECORD = 24;
+
+/**
+ * Committed records are dropped from a journal still in use once they take this much: at most
+ * 2,730 records, written off in one rename (six system calls and a copy of the records after
+ * them), against the system call every record cost.
+ */
+export const COMPACT_BYTES = 64 << 10;
 
 /** What a previous process left: its changes, and the snapshot epoch they belong to (null: not recorded). */
 export interface Leftover {
@@ -76,7 +91,9 @@ export class MapJournal {
    * changes are committed they must survive another death too.
    */
   static create(path: string, uuid: Uint8Array, epoch: number, leftover: MapChange[]): MapJournal {
-    const fd = openSync(path, 'w', 0o600);
+    // What a compaction the last process did not finish left; the journal itself is whole.
+    removeQuietly(`${path}.new`);
+    const fd = openSync(path, 'w+', 0o600);
     const header = new Uint8Array(HEADER);
     header.set(Buffer.from(MAGIC, 'latin1'), 0);
     header.set(uuid, 8);
@@ -120,13 +137,43 @@ export class MapJournal {
 
   /**
    * After the commit that captured at `mark`: drop the records when none came after, and record
-   * the `epoch` the next ones will belong to.
+   * the `epoch` the next ones will belong to. When some came after, drop the ones before `mark`
+   * once they take COMPACT_BYTES (they are all of this epoch: a state change commits with
+   * nothing in flight).
    */
   trim(mark: number, epoch: number): void {
-    if (this.length !== mark) return;
+    if (this.length !== mark) {
+      if (mark - HEADER >= COMPACT_BYTES && epoch === this.epoch) this.compact(mark);
+      return;
+    }
     if (mark !== HEADER) ftruncateSync(this.fd, HEADER);
     this.length = HEADER;
     if (epoch !== this.epoch) this.setEpoch(epoch);
+  }
+
+  /**
+   * Rewrites the journal without the records before `mark`: the header and the records after it
+   * go to PATH.new, which is renamed over PATH. Any failure leaves the journal as it was, whole,
+   * to be compacted by a later commit; it is not the request's failure (its record is written).
+   */
+  private compact(mark: number): void {
+    const kept = new Uint8Array(HEADER + this.length - mark);
+    const tmp = `${this.path}.new`;
+    let fd = -1;
+    try {
+      readFully(this.fd, kept, 0, HEADER, 0);
+      readFully(this.fd, kept, HEADER, kept.length - HEADER, mark);
+      fd = openSync(tmp, 'w+', 0o600);
+      if (writeSync(fd, kept, 0, kept.length, 0) !== kept.length) throw new Error(`short write to ${tmp}`);
+      renameSync(tmp, this.path);
+    } catch {
+      if (fd >= 0) closeSync(fd);
+      removeQuietly(tmp);
+      return;
+    }
+    closeSync(this.fd);
+    this.fd = fd;
+    this.length = kept.length;
   }
 
   private epoch = -1;
@@ -144,6 +191,26 @@ export class MapJournal {
     closeSync(this.fd);
     this.fd = -1;
     if (remove) unlinkSync(this.path);
+  }
+}
+
+/**
+ * Removes a compaction's file, if any. Best effort: something else there (a directory) makes
+ * every compaction fail, which leaves the journal whole as it grows.
+ */
+function removeQuietly(path: string): void {
+  try {
+    rmSync(path, { force: true });
+  } catch {
+    // See above.
+  }
+}
+
+function readFully(fd: number, into: Uint8Array, at: number, length: number, position: number): void {
+  for (let done = 0; done < length; ) {
+    const n = readSync(fd, into, at + done, length - done, position + done);
+    if (n === 0) throw new Error(`the journal ended ${length - done} bytes early`);
+    done += n;
   }
 }
 
