@@ -14,7 +14,11 @@ import { Volume } from '../src/engine/volume.js';
 import { mapJournalPath } from '../src/daemon/daemon.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import { inOrder } from '../src/io/block-store.js';
-import { COMPACT_BYTES } from '../src/format/map-journal.js';
+import { COMPACT_BYTES, MapJournal } from '../src/format/map-journal.js';
+import { execFile, spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { promisify } from 'node:util';
+import { within } from '../src/deadline.js';
 
 const BS = 4096;
 const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);
@@ -178,23 +182,52 @@ describe('map journal', () => {
     });
 
     test('a compaction that cannot write its file leaves the journal whole, and the daemon can die at that point', async () => {
-      // As a death before the rename leaves it: the journal, and something at PATH.new.
-      await mkdir(`${journalPath}.new`);
       const v = await Volume.open(big, { journalPath });
+      await mkdir(`${journalPath}.new`); // openSync of PATH.new fails: EISDIR
       await commitWhileWriting(v);
       expect((await stat(journalPath)).size).toBe(32 + (covered + 5) * 24);
-      // The daemon dies here; the next one starts over the directory, replays all of it.
-      await expectAllThere();
+      // The daemon dies here; the next one replays all of it.
       await rm(`${journalPath}.new`, { recursive: true });
+      await expectAllThere();
     });
 
-    test('a compaction the last daemon did not finish is cleaned up by the next', async () => {
-      await writeFile(`${journalPath}.new`, 'half a journal');
+    test('a daemon that dies while it rewrites the journal (at its start, or in a compaction) leaves the old one whole', async () => {
       const v = await Volume.open(big, { journalPath });
-      await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
       await commitWhileWriting(v);
+      // As a death before the rename leaves it: PATH.new written in part.
+      await writeFile(`${journalPath}.new`, 'half a journal');
       await expectAllThere();
+      await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
     });
+  });
+
+  test('a record that tmpfs takes only in part is cut off, so the records after it stay readable', async () => {
+    // A child whose files may hold 1024 bytes: the journal's header and 41 records fit, the 42nd
+    // is written in part and fails (EFBIG here, ENOSPC on a full tmpfs). Then the limit is
+    // lifted (as space is freed) and five more records go in.
+    const script = `
+      import { MapJournal } from ${JSON.stringify(join(__dirname, '..', 'dist', 'format', 'map-journal.js'))};
+      const j = MapJournal.create(process.argv[1], new Uint8Array(16).fill(7), 0, []);
+      let ok = 0;
+      try { for (;; ok++) j.record(ok, ok + 1, true); } catch (err) { console.log(ok, err.code); }
+      process.stdin.once('data', () => {
+        for (let i = 0; i < 5; i++) j.record(100 + i, 101 + i, true);
+        console.log('done'); // and dies without closing it
+        process.exit(0);
+      });`;
+    const child = spawn('prlimit', ['--fsize=1024:unlimited', process.execPath, '--input-type=module', '-e', script, journalPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+      const line = (what: string) => within(lines.next(), 10_000, () => new Error(`no line from the child after 10 s: waited for ${what}`));
+      expect((await line('its failed journal write')).value).toBe('41 EFBIG');
+      await promisify(execFile)('prlimit', ['--pid', String(child.pid), '--fsize=unlimited:unlimited']);
+      child.stdin!.write('go\n');
+      expect((await line('its five more records')).value).toBe('done');
+    } finally {
+      child.kill();
+    }
+    const records = (from: number, n: number) => Array.from({ length: n }, (_, i) => ({ start: from + i, end: from + i + 1, redirected: true }));
+    expect(MapJournal.leftover(journalPath, new Uint8Array(16).fill(7), 1000)).toEqual({ epoch: 0, changes: [...records(0, 41), ...records(100, 5)] });
   });
 
   /** Refuses the open, and proves that neither the store nor the journal changed. */

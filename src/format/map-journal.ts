@@ -19,8 +19,8 @@
  * journal grew by a record per first touch (33,874 records, 813 KB, in 25 s of one random writer
  * with an fsync every 100 ms in the test VM; up to 24 bytes per block of the data area, in RAM).
  * So once the records a commit covered take COMPACT_BYTES, the ones after them are written to
- * `PATH.new` and that file renamed over the journal: a rename is atomic, so a death at any point
- * leaves one whole journal holding every record not yet committed.
+ * `PATH.new` and that file renamed over the journal, as create() starts it: a rename is atomic,
+ * so a death at any point leaves one whole journal holding every record not yet committed.
  */
 import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
 import { CldError } from '../errors.js';
@@ -88,19 +88,18 @@ export class MapJournal {
 
   /**
    * Starts the journal of the store with `uuid` anew, holding `leftover`: until the replayed
-   * changes are committed they must survive another death too.
+   * changes are committed they must survive another death too. The new journal replaces the old
+   * one in a rename, so a death while it is written leaves the old one, whose records are the
+   * same; writing it in place would lose them in between.
    */
-  static create(path: string, uuid: Uint8Array, epoch: number, leftover: MapChange[]): MapJournal {
-    // What a compaction the last process did not finish left; the journal itself is whole.
-    removeQuietly(`${path}.new`);
-    const fd = openSync(path, 'w+', 0o600);
-    const header = new Uint8Array(HEADER);
-    header.set(Buffer.from(MAGIC, 'latin1'), 0);
-    header.set(uuid, 8);
-    writeSync(fd, header, 0, HEADER, 0);
-    const journal = new MapJournal(path, fd, HEADER);
-    journal.setEpoch(epoch);
-    journal.recordAll(leftover);
+  static create(path: string, uuid: Uint8Array, epoch: number, leftover: readonly MapChange[]): MapJournal {
+    const bytes = new Uint8Array(HEADER + RECORD * leftover.length);
+    bytes.set(Buffer.from(MAGIC, 'latin1'), 0);
+    bytes.set(uuid, 8);
+    new DataView(bytes.buffer).setBigUint64(24, BigInt(epoch) + 1n, true);
+    encodeRecords(leftover, bytes, HEADER);
+    const journal = new MapJournal(path, replaceFile(path, bytes), bytes.length);
+    journal.epoch = epoch;
     return journal;
   }
 
@@ -108,8 +107,7 @@ export class MapJournal {
     this.view.setFloat64(0, start, true);
     this.view.setFloat64(8, end, true);
     this.record24[16] = redirected ? 1 : 0;
-    writeSync(this.fd, this.record24, 0, RECORD, this.length);
-    this.length += RECORD;
+    this.append(this.record24);
   }
 
   /**
@@ -120,13 +118,26 @@ export class MapJournal {
     if (changes.length === 1) return this.record(changes[0].start, changes[0].end, changes[0].redirected);
     if (changes.length === 0) return;
     const bytes = new Uint8Array(RECORD * changes.length);
-    const view = new DataView(bytes.buffer);
-    changes.forEach((c, i) => {
-      view.setFloat64(i * RECORD, c.start, true);
-      view.setFloat64(i * RECORD + 8, c.end, true);
-      bytes[i * RECORD + 16] = c.redirected ? 1 : 0;
-    });
-    writeSync(this.fd, bytes, 0, bytes.length, this.length);
+    encodeRecords(changes, bytes, 0);
+    this.append(bytes);
+  }
+
+  /**
+   * Writes `bytes` at the end. A full tmpfs stops a write part way: the part is cut off again, so
+   * that the next record starts where the last whole one ends (a record left half written in
+   * the middle would make the journal unreadable; one at the end is a death's, and skipped).
+   */
+  private append(bytes: Uint8Array): void {
+    try {
+      writeFully(this.fd, bytes, this.length);
+    } catch (err) {
+      try {
+        ftruncateSync(this.fd, this.length);
+      } catch {
+        // The next append overwrites the part; a death before it leaves it at the end.
+      }
+      throw err;
+    }
     this.length += bytes.length;
   }
 
@@ -158,17 +169,12 @@ export class MapJournal {
    */
   private compact(mark: number): void {
     const kept = new Uint8Array(HEADER + this.length - mark);
-    const tmp = `${this.path}.new`;
-    let fd = -1;
+    let fd: number;
     try {
       readFully(this.fd, kept, 0, HEADER, 0);
       readFully(this.fd, kept, HEADER, kept.length - HEADER, mark);
-      fd = openSync(tmp, 'w+', 0o600);
-      if (writeSync(fd, kept, 0, kept.length, 0) !== kept.length) throw new Error(`short write to ${tmp}`);
-      renameSync(tmp, this.path);
+      fd = replaceFile(this.path, kept);
     } catch {
-      if (fd >= 0) closeSync(fd);
-      removeQuietly(tmp);
       return;
     }
     closeSync(this.fd);
@@ -191,26 +197,6 @@ export class MapJournal {
     closeSync(this.fd);
     this.fd = -1;
     if (remove) unlinkSync(this.path);
-  }
-}
-
-/**
- * Removes a compaction's file, if any. Best effort: something else there (a directory) makes
- * every compaction fail, which leaves the journal whole as it grows.
- */
-function removeQuietly(path: string): void {
-  try {
-    rmSync(path, { force: true });
-  } catch {
-    // See above.
-  }
-}
-
-function readFully(fd: number, into: Uint8Array, at: number, length: number, position: number): void {
-  for (let done = 0; done < length; ) {
-    const n = readSync(fd, into, at + done, length - done, position + done);
-    if (n === 0) throw new Error(`the journal ended ${length - done} bytes early`);
-    done += n;
   }
 }
 
@@ -237,4 +223,50 @@ function parseRecords(bytes: Uint8Array, path: string, blocks: number): MapChang
     changes.push({ start, end, redirected: flag === 1 });
   }
   return changes;
+}
+
+function encodeRecords(changes: readonly MapChange[], into: Uint8Array, at: number): void {
+  const view = new DataView(into.buffer, into.byteOffset, into.byteLength);
+  changes.forEach((c, i) => {
+    view.setFloat64(at + i * RECORD, c.start, true);
+    view.setFloat64(at + i * RECORD + 8, c.end, true);
+    into[at + i * RECORD + 16] = c.redirected ? 1 : 0;
+  });
+}
+
+/**
+ * Writes `bytes` to PATH.new and renames it over `path`: a death at any point leaves a whole
+ * file at `path`, the old or the new. Returns the new file, open for reading and writing. On a
+ * failure PATH.new is removed (best effort: something else there, a directory, makes it fail
+ * again the next time).
+ */
+function replaceFile(path: string, bytes: Uint8Array): number {
+  const tmp = `${path}.new`;
+  const fd = openSync(tmp, 'w+', 0o600);
+  try {
+    writeFully(fd, bytes, 0);
+    renameSync(tmp, path);
+    return fd;
+  } catch (err) {
+    closeSync(fd);
+    try {
+      rmSync(tmp, { force: true });
+    } catch {
+      // See above.
+    }
+    throw err;
+  }
+}
+
+/** A write to tmpfs that runs out of space returns short; the next one says why. */
+function writeFully(fd: number, bytes: Uint8Array, position: number): void {
+  for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done, position + done);
+}
+
+function readFully(fd: number, into: Uint8Array, at: number, length: number, position: number): void {
+  for (let done = 0; done < length; ) {
+    const n = readSync(fd, into, at + done, length - done, position + done);
+    if (n === 0) throw new Error(`the journal ended ${length - done} bytes early`);
+    done += n;
+  }
 }
