@@ -4,7 +4,7 @@
  * process. The map journal on tmpfs brings them back. A MemoryStore plays the page cache here:
  * a volume is abandoned without close, as a killed process would leave it.
  */
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
@@ -168,9 +168,13 @@ describe('map journal', () => {
 
     test('the records a commit covered are dropped, the rest survive the death of the daemon', async () => {
       const v = await Volume.open(big, { journalPath });
+      const fds = (await readdir('/proc/self/fd')).length;
       await commitWhileWriting(v);
       // Before, a commit left the journal as it was whenever records had come in while it ran.
       expect((await stat(journalPath)).size).toBe(32 + 5 * 24);
+      // The header came along: the epoch the records belong to (plus one) guards the replay.
+      expect((await readFile(journalPath)).readBigUInt64LE(24)).toBe(BigInt(v.epoch) + 1n);
+      expect((await readdir('/proc/self/fd')).length, 'the replaced journal is closed').toBe(fds);
       await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
       // The journal goes on after the rename: the next record lands after the five.
       await firstTouches(v, covered + 10, covered + 11, 4);
@@ -188,6 +192,18 @@ describe('map journal', () => {
       expect((await stat(journalPath)).size).toBe(32 + (covered + 5) * 24);
       // The daemon dies here; the next one replays all of it.
       await rm(`${journalPath}.new`, { recursive: true });
+      await expectAllThere();
+    });
+
+    test('a symbolic link at PATH.new is not followed: the compaction fails, the journal stays whole', async () => {
+      const v = await Volume.open(big, { journalPath });
+      const victim = join(dir, 'victim');
+      await writeFile(victim, 'not a journal');
+      await symlink(victim, `${journalPath}.new`);
+      await commitWhileWriting(v);
+      expect((await readFile(victim)).toString()).toBe('not a journal');
+      expect((await stat(journalPath)).size).toBe(32 + (covered + 5) * 24);
+      await rm(`${journalPath}.new`);
       await expectAllThere();
     });
 

@@ -22,7 +22,7 @@
  * `PATH.new` and that file renamed over the journal, as create() starts it: a rename is atomic,
  * so a death at any point leaves one whole journal holding every record not yet committed.
  */
-import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, constants, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
 import { CldError } from '../errors.js';
 
 const MAGIC = 'cldd-mj1';
@@ -177,9 +177,14 @@ export class MapJournal {
     } catch {
       return;
     }
-    closeSync(this.fd);
+    const replaced = this.fd;
     this.fd = fd;
     this.length = kept.length;
+    try {
+      closeSync(replaced);
+    } catch {
+      // The commit succeeded, and the journal is the new file: nothing to undo.
+    }
   }
 
   private epoch = -1;
@@ -242,7 +247,8 @@ function encodeRecords(changes: readonly MapChange[], into: Uint8Array, at: numb
  */
 function replaceFile(path: string, bytes: Uint8Array): number {
   const tmp = `${path}.new`;
-  const fd = openSync(tmp, 'w+', 0o600);
+  // Not through a symbolic link someone left there: the journal would become its target.
+  const fd = openSync(tmp, constants.O_RDWR | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o600);
   try {
     writeFully(fd, bytes, 0);
     renameSync(tmp, path);
