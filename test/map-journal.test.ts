@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 import { Disk, StoreExecutor } from './support/disk.js';
 import { ResyncScheduler } from '../src/engine/resync.js';
-import { Volume } from '../src/engine/volume.js';
+import { JOURNAL_COMMIT_BYTES, Volume } from '../src/engine/volume.js';
 import { mapJournalPath } from '../src/daemon/daemon.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import { inOrder } from '../src/io/block-store.js';
@@ -215,6 +215,32 @@ describe('map journal', () => {
       await expectAllThere();
       await expect(stat(`${journalPath}.new`)).rejects.toMatchObject({ code: 'ENOENT' });
     });
+  });
+
+  test('under a writer that never flushes, the volume commits once JOURNAL_COMMIT_BYTES of records wait', async () => {
+    const huge = new MemoryStore(2 * 2 ** 30);
+    const v0 = await Volume.format(huge);
+    await v0.enable();
+    await v0.close();
+    const v = await Volume.open(huge, { journalPath });
+    const redirect = (from: number, to: number) =>
+      expect(v.finishFastRedirects(Array.from({ length: to - from }, (_, i) => ({ offset: (from + i) * BS, length: BS, ok: true }))).every((r) => r === null)).toBe(true);
+    const below = Math.floor(JOURNAL_COMMIT_BYTES / 24); // records that stay under it
+    const commits = v.counters.commits;
+    redirect(0, below);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(v.counters.commits, 'no commit below the threshold').toBe(commits);
+    expect((await stat(journalPath)).size).toBe(32 + below * 24);
+    redirect(below, below + 1);
+    const deadline = Date.now() + 10_000;
+    while ((await stat(journalPath)).size !== 32) {
+      if (Date.now() > deadline) throw new Error(`the journal still holds ${(await stat(journalPath)).size} bytes 10 s after it passed the threshold: no commit emptied it`);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    expect(v.counters.commits).toBe(commits + 1);
+    // The daemon dies here: the commit holds what the journal no longer does.
+    const reopened = await Volume.open(huge, { journalPath });
+    expect(reopened.map.count).toBe(below + 1);
   });
 
   test('a record that tmpfs takes only in part is cut off, so the records after it stay readable', async () => {

@@ -141,6 +141,11 @@ export class MapJournal {
     this.length += bytes.length;
   }
 
+  /** Bytes of records that no finished commit covers (a writer that never flushes adds them up). */
+  get pending(): number {
+    return this.length - this.committedUpTo;
+  }
+
   /** Where the journal ends now: a commit that captures the map here covers every record. */
   mark(): number {
     return this.length;
@@ -154,11 +159,13 @@ export class MapJournal {
    */
   trim(mark: number, epoch: number): void {
     if (this.length !== mark) {
+      this.committedUpTo = mark;
       if (mark - HEADER >= COMPACT_BYTES && epoch === this.epoch) this.compact(mark);
       return;
     }
     if (mark !== HEADER) ftruncateSync(this.fd, HEADER);
     this.length = HEADER;
+    this.committedUpTo = HEADER;
     if (epoch !== this.epoch) this.setEpoch(epoch);
   }
 
@@ -180,6 +187,7 @@ export class MapJournal {
     const replaced = this.fd;
     this.fd = fd;
     this.length = kept.length;
+    this.committedUpTo = HEADER;
     try {
       closeSync(replaced);
     } catch {
@@ -188,6 +196,8 @@ export class MapJournal {
   }
 
   private epoch = -1;
+  /** Where the records no finished commit covers begin. */
+  private committedUpTo = HEADER;
 
   private setEpoch(epoch: number): void {
     const field = new Uint8Array(8);
