@@ -6,9 +6,10 @@
  * written only after the data it describes is durable: a record saying `complete` is never
  * ahead of the image.
  */
-import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
-import { CldError, ioError } from '../errors.js';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { replaceFileDurably } from '../durable-file.js';
+import { ioError } from '../errors.js';
 
 export const RECORD_FORMAT = 'cldd-backup';
 export const RECORD_VERSION = 1;
@@ -76,27 +77,6 @@ export async function readRecord(path: string): Promise<RecordRead> {
 /** Replaces the record durably: it is on disk, under its name, when this returns. */
 export async function writeRecord(path: string, record: Omit<BackupRecord, 'format' | 'version' | 'updatedAt'>): Promise<void> {
   const full: BackupRecord = { format: RECORD_FORMAT, version: RECORD_VERSION, ...record, updatedAt: new Date().toISOString() };
-  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  try {
-    // A block device's records live in their own directory (a file's beside it, which exists).
-    await mkdir(dirname(path), { recursive: true, mode: 0o755 });
-    const fh = await open(temp, 'w', 0o644);
-    try {
-      await fh.writeFile(`${JSON.stringify(full, null, 2)}\n`);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(temp, path);
-    const dir = await open(dirname(path), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
-  } catch (err) {
-    await rm(temp, { force: true });
-    if (err instanceof CldError) throw err;
-    throw ioError(`write the backup record ${path}`, err);
-  }
+  // A block device's records live in their own directory (a file's beside it, which exists).
+  await replaceFileDurably(path, `${JSON.stringify(full, null, 2)}\n`, 0o644, 'the backup record');
 }

@@ -1,7 +1,8 @@
 import { execFile } from 'node:child_process';
-import { access, mkdir, rm, symlink, writeFile } from 'node:fs/promises';
+import { access, mkdir, readFile, readlink, rm, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { replaceFileDurably } from '../durable-file.js';
 import { formatConfig, type PairConfig } from '../protocol/config.js';
 import { configPath, type Paths } from '../protocol/paths.js';
 import { renderUnit } from './systemd-unit.js';
@@ -24,10 +25,11 @@ export async function systemdRunning(): Promise<boolean> {
  * the same symlink systemctl would make is made by hand.
  */
 export async function persist(paths: Paths, name: string, config: PairConfig): Promise<string> {
-  await mkdir(paths.configDir, { recursive: true });
-  await writeFile(configPath(paths, name), formatConfig(config), { mode: 0o644 });
-  await mkdir(UNIT_DIR, { recursive: true });
-  await writeFile(join(UNIT_DIR, 'cldd@.service'), await renderUnit(), { mode: 0o644 });
+  // Replaced whole and synced (durable-file.ts): every pair's unit is this one template.
+  await replaceFileDurably(configPath(paths, name), formatConfig(config), 0o644, 'the pair configuration');
+  const template = join(UNIT_DIR, 'cldd@.service');
+  const text = await renderUnit();
+  if ((await readFile(template, 'utf8').catch(() => null)) !== text) await replaceFileDurably(template, text, 0o644, 'the systemd unit');
   const unit = `cldd@${name}.service`;
   if (await systemdRunning()) {
     await run('systemctl', ['daemon-reload']);
@@ -35,8 +37,10 @@ export async function persist(paths: Paths, name: string, config: PairConfig): P
   } else {
     await mkdir(join(UNIT_DIR, WANTS), { recursive: true });
     const link = join(UNIT_DIR, WANTS, unit);
-    await rm(link, { force: true });
-    await symlink('../cldd@.service', link);
+    if ((await readlink(link).catch(() => null)) !== '../cldd@.service') {
+      await rm(link, { force: true });
+      await symlink('../cldd@.service', link);
+    }
   }
   return unit;
 }
