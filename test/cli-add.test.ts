@@ -175,6 +175,21 @@ describe('what is on the backing store decides', () => {
     await expect(storeName(path)).rejects.toMatchObject({ code: 'CLDD_CORRUPT' });
   });
 
+  test('a new file the file system cannot make that long is removed again', async () => {
+    // A child whose files may hold 1 MiB asks for 64 MiB: the truncate fails with EFBIG, as it
+    // does on ext4 past 16 TiB. It used to leave an empty file, which the next try refused.
+    const path = join(dir, 'big.img');
+    const script = `
+      import { prepareBacking } from ${JSON.stringify(join(__dirname, '..', 'dist', 'cli', 'backing.js'))};
+      prepareBacking(process.argv[1], { name: 'x', force: false, size: ${64 * MiB} }).then(
+        () => console.log('created'),
+        (err) => console.log(err.code, err.message),
+      );`;
+    const { stdout } = await promisify(execFile)('prlimit', ['--fsize=1048576:unlimited', process.execPath, '--input-type=module', '-e', script, path], { timeout: 10_000 });
+    expect(stdout.trim()).toMatch(new RegExp(`^EFBIG cannot make ${path} 67108864 bytes long: `));
+    expect(existsSync(path)).toBe(false);
+  });
+
   test('a new file that is too small is never created', async () => {
     const path = join(dir, 'small.img');
     await expect(prepareBacking(path, { name: 'x', force: false, size: MiB })).rejects.toMatchObject({ code: 'CLDD_TOO_SMALL' });

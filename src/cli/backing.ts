@@ -56,9 +56,13 @@ export async function prepareBacking(path: string, options: PrepareOptions): Pro
     });
     try {
       await fh.truncate(options.size);
-    } finally {
+    } catch (err) {
+      // Larger than the file system takes (EFBIG): the refusal leaves no empty file behind.
       await fh.close();
+      await rm(path, { force: true });
+      throw new CldError(codeOf(err), `cannot make ${path} ${options.size} bytes long: ${(err as Error).message}`);
     }
+    await fh.close();
     created = true;
   } else if (options.size !== undefined) {
     throw new CldError('EEXIST', `${path} already exists; --size only creates a new file`);
