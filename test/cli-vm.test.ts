@@ -19,6 +19,8 @@ describe('cldd on real devices', () => {
         'the daemon runs without transparent huge pages; SIGKILL of it under a writer; cldd add again reattaches the same live device, nothing lost',
       restart_raw:
         'raw writes acknowledged but never flushed survive SIGKILL of the daemon, in snapshot and mid-resync (map journal); O_DIRECT read-back',
+      restart_stale:
+        'SIGKILL with the state file behind the slave (as a full /run leaves it): the restart takes over the slave the dead daemon served, and starts when the one named is gone',
       persist: 'add --persist writes the configuration and enables cldd@NAME; remove undoes it',
       readiness: 'sd_notify: READY=1 only once the devices exist and the socket listens; WATCHDOG=1; STOPPING=1 on SIGTERM',
     },

@@ -26,7 +26,7 @@ export interface StartDevicesOptions {
   /** Ask for zero copy (UBLK_F_AUTO_BUF_REG) where the kernel has it. */
   zeroCopy: boolean;
   /** Device ids a previous daemon left behind (after SIGKILL): reattach them with user recovery. */
-  recover: { master: number; slave: number | null } | null;
+  recover: { master: number; slave: number | null; pid: number } | null;
   log: Logger;
 }
 
@@ -100,7 +100,7 @@ export class Daemon {
       if (backend.startDevices) {
         const recover =
           previous?.master && !isAlive(previous.pid) && (await deviceExists(previous.master.path))
-            ? { master: previous.master.id, slave: previous.slave?.id ?? null }
+            ? { master: previous.master.id, slave: previous.slave?.id ?? null, pid: previous.pid }
             : null;
         devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, zeroCopy: config.zeroCopy, recover, log });
         const started = devices;
@@ -122,7 +122,7 @@ export class Daemon {
         index,
         startedAt: Date.now(),
       };
-      const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, linkKeeper(links, paths, state));
+      const service = new PairService(name, config.backing, volume, scheduler, devices, backend.freezer, log, linkKeeper(links, paths, state, log));
       let daemon: Daemon | null = null;
       const control = new ControlServer(socketPath(paths, name), name, handlers(service, () => daemon, log));
       undo.push(() => control.close());
@@ -245,20 +245,33 @@ class UndoStack {
   }
 }
 
-/** Keeps the /dev/cldd links and the state file in step with the slave (devices only). */
-function linkKeeper(links: DeviceLinks, paths: Paths, state: DaemonState): LinkKeeper | null {
+/**
+ * Keeps the /dev/cldd links and the state file in step with the slave (devices only). The slave
+ * was added or removed when this runs, so a state file that cannot be written (a full /run) does
+ * not fail the enable or disable that did it: that is logged, and the next write carries the
+ * whole state. Until then a restart after a kill finds the old slave id, and takes over only a
+ * device the dead daemon served (UblkPair.start).
+ */
+function linkKeeper(links: DeviceLinks, paths: Paths, state: DaemonState, log: Logger): LinkKeeper | null {
   const { name, index } = state;
   if (!state.master || index === null) return null;
+  const record = async (): Promise<void> => {
+    try {
+      await writeState(paths, state);
+    } catch (err) {
+      log.error(`${(err as Error).message}; it still names ${state.slave ? 'no slave' : 'the removed slave'}`);
+    }
+  };
   return {
     slaveAdded: async (slave) => {
       await links.setSlave(name, index, slave.path);
       state.slave = slave;
-      await writeState(paths, state);
+      await record();
     },
     slaveRemoved: async () => {
       await links.setSlave(name, index, null);
       state.slave = null;
-      await writeState(paths, state);
+      await record();
     },
   };
 }

@@ -1,4 +1,4 @@
-import { stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import type { Volume } from '../engine/volume.js';
 import { NativeStore } from '../io/native-store.js';
 import { hasZeroCopy, UblkControl } from '../ublk/control.js';
@@ -40,6 +40,31 @@ export async function ublkBackend(log: Logger): Promise<Backend> {
  * A flush of a busy backing disk can take seconds; nothing healthy takes half a minute.
  */
 const STALL_REPORT_MS = 30_000;
+
+/**
+ * The slave device a dead daemon served, if any. The state file names it, but may be behind: a
+ * full /run kept it from being written when the slave changed (daemon.ts, linkKeeper). So the
+ * named device is taken only if the dead daemon served it (the kernel keeps the server's pid
+ * until a new server takes over), and failing that any other device it served besides the
+ * master: a daemon serves two at most. Taking a device by a stale id could take over another
+ * pair's slave, or fail every restart on a device that is gone.
+ */
+async function slaveLeftBy(control: UblkControl, recover: { master: number; slave: number | null; pid: number }, log: Logger): Promise<number | null> {
+  const servedByDead = async (id: number) => (await control.info(id).catch(() => null))?.serverPid === recover.pid;
+  if (recover.slave !== null && recover.slave !== recover.master && (await servedByDead(recover.slave))) return recover.slave;
+  const ids = (await readdir('/dev').catch(() => [] as string[])).flatMap((e) => {
+    const m = /^ublkc(\d+)$/.exec(e);
+    return m ? [Number(m[1])] : [];
+  });
+  for (const id of ids.sort((a, b) => a - b)) {
+    if (id !== recover.master && (await servedByDead(id))) {
+      log.warn(`the state file names ${recover.slave === null ? 'no slave' : `slave device ${recover.slave}`}, but the dead daemon (pid ${recover.pid}) served device ${id}: taking that over as its slave`);
+      return id;
+    }
+  }
+  if (recover.slave !== null) log.warn(`the state file names slave device ${recover.slave}, which the dead daemon (pid ${recover.pid}) no longer served: no slave taken over`);
+  return null;
+}
 
 /** Master and slave as ublk devices, with user recovery so that a restart keeps them. */
 class UblkPair implements PairDevices {
@@ -84,8 +109,9 @@ class UblkPair implements PairDevices {
         const layout = { ...queueOptions, queues: master.info.queues, depth: master.info.depth };
         const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true, options.log);
         options.log.info(`reattached the master ${master.path} (user recovery)`);
-        if (options.recover.slave !== null) {
-          const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', options.recover.slave);
+        const slaveId = await slaveLeftBy(control, options.recover, options.log);
+        if (slaveId !== null) {
+          const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', slaveId);
           if (volume.state === 'snapshot') pair.slaveDevice = pair.watch(slave);
           else await slave.stop(); // the old daemon died while disabling: nothing left to show
         }

@@ -1,4 +1,5 @@
 import { readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { ioError } from '../errors.js';
 import { statePath, type Paths } from './paths.js';
 
 /**
@@ -26,10 +27,16 @@ export async function readState(paths: Paths, name: string): Promise<DaemonState
   }
 }
 
+/** Replaces the state file whole (tmpfs: no sync); a failure names it and leaves the old one. */
 export async function writeState(paths: Paths, state: DaemonState): Promise<void> {
   const path = statePath(paths, state.name);
-  await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2), { mode: 0o600 });
-  await rename(`${path}.tmp`, path);
+  try {
+    await writeFile(`${path}.tmp`, JSON.stringify(state, null, 2), { mode: 0o600 });
+    await rename(`${path}.tmp`, path);
+  } catch (err) {
+    await rm(`${path}.tmp`, { force: true }).catch(() => {});
+    throw ioError(`write the state file ${path}`, err);
+  }
 }
 
 export async function removeState(paths: Paths, name: string): Promise<void> {
