@@ -5,7 +5,7 @@
  * decisions (support/fast-path.ts).
  */
 import { describe, expect, test } from 'vitest';
-import { Disk } from './support/disk.js';
+import { Disk, serve } from './support/disk.js';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import { addon } from '../src/native/addon.js';
@@ -109,6 +109,58 @@ describe('the fast path decides', () => {
     expect(() => v.finishFastRedirect(50 * BS, BS, true)).toThrow(/cannot be redirected in state resync/);
     await v.close();
     expect(() => v.finishFastRedirect(50 * BS, BS, true)).toThrow(expect.objectContaining({ code: 'CLDD_CLOSED' }));
+  });
+
+  /** A store whose flushes wait until the test lets them go: a commit stays running meanwhile. */
+  class HeldFlushes extends MemoryStore {
+    held: (() => void)[] = [];
+    hold = false;
+    override async flush(): Promise<void> {
+      if (this.hold) await new Promise<void>((resolve) => this.held.push(resolve));
+    }
+  }
+  const turns = async () => {
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+  };
+
+  test("a flush during a commit that writes map pages is the engine's, whatever else happens meanwhile", async () => {
+    const store = new HeldFlushes(8 << 20);
+    const v = await Volume.format(store, { blockSize: BS });
+    await v.enable();
+    await new Disk(v).write(0, new Uint8Array(BS).fill(1)); // a first touch: a dirty page
+    store.hold = true;
+    const committing = v.commit(); // takes the page, then waits in its first fdatasync
+    await turns();
+    expect(v.map.dirtyPages).toBe(0);
+    // A first touch whose write fails publishes the flag again on its way out.
+    const failing = { run: async () => Promise.reject(new Error('EIO')) };
+    await serve(v, failing, { target: 'master', op: 'write', offset: 8 * BS, length: BS }, new Uint8Array(BS)).catch(() => {});
+    expect(plan(v, 'master', FLUSH, 0, 0), 'a fast flush would return before the page is durable').toBeNull();
+    store.hold = false;
+    while (store.held.length) store.held.shift()!();
+    await committing;
+    expect(plan(v, 'master', FLUSH, 0, 0)).not.toBeNull();
+    await v.close();
+  });
+
+  test('flushes stay fast while commits that write no map run back to back (FUA writes)', async () => {
+    const store = new HeldFlushes(8 << 20);
+    const v = await Volume.format(store, { blockSize: BS });
+    const d = new Disk(v);
+    await d.write(0, new Uint8Array(BS)); // chunk 0 gets its durable mark
+    store.hold = true;
+    // Each FUA write's commit is an fdatasync; the next FUA write arrives while it runs.
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 20; i++) {
+      writes.push(d.write(0, new Uint8Array(BS).fill(i), { fua: true }));
+      await turns();
+      expect(plan(v, 'master', FLUSH, 0, 0), `flush during FUA write ${i}'s commit`).not.toBeNull();
+      store.held.shift()?.();
+    }
+    store.hold = false;
+    while (store.held.length) store.held.shift()!();
+    await Promise.all(writes);
+    await v.close();
   });
 
   test('resync: writes only to blocks not redirected; off while a state change runs, and after close', async () => {

@@ -150,6 +150,11 @@ export class Volume {
   private mergeCursor = 0;
 
   private commitRunning = false;
+  /**
+   * The running commit writes redirect pages or a state change: a flush must wait for it. One
+   * that does neither (a FUA write's, one for tracking marks) holds no flush back.
+   */
+  private runningWritesMap = true;
   /** `marksOnly`: a write waiting for its chunks' marks, which needs no earlier data durable. */
   private commitWaiters: { resolve: () => void; reject: (e: Error) => void; marksOnly: boolean; run?: StepRunner }[] = [];
   private failure: CldError | null = null;
@@ -319,7 +324,7 @@ export class Volume {
 
   /** Whether a flush now has something to commit; published for the fast path. */
   private publishCommitPending(): void {
-    this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || this.commitRunning);
+    this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap));
   }
 
   // ---------------------------------------------------------------- planning
@@ -894,6 +899,11 @@ export class Volume {
     const bothCopies = this.sbDirty;
     this.sbDirty = false;
     const journalMark = this.journal?.mark();
+    // Commits run back to back while flushes keep coming (a FUA write each, as ext4's journal
+    // commits are): with "a commit runs" alone, every flush went through the engine as long as
+    // the stream lasted, though those commits wrote no map.
+    this.runningWritesMap = redirectPages.length > 0 || bothCopies;
+    this.publishCommitPending();
     const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks };
     const written = await this.writer.write(capture, run);
     if (written) this.sb = { ...this.sb, ...written };
