@@ -1,5 +1,6 @@
 import { CldError } from '../errors.js';
 import { MAP_SLOT_HEADER } from '../format/format.js';
+import { releasePages } from '../io/pages.js';
 
 /**
  * The redirect bitmap in memory: bit b set means block b of the master lives in the change area.
@@ -10,7 +11,7 @@ import { MAP_SLOT_HEADER } from '../format/format.js';
  * The bits live in one flat array, `bits` (block b is bit b & 31 of word b >>> 5), that the
  * native queue threads read to serve requests without the engine (docs/serving.md); each page is
  * a view of it. A page that was never set costs address space only (the allocator hands out
- * untouched zero pages).
+ * untouched zero pages), and releaseIfEmpty gives the memory back once no bit is set.
  */
 export class BlockMap {
   readonly pageCount: number;
@@ -36,6 +37,15 @@ export class BlockMap {
     this.pages = new Array(this.pageCount).fill(null);
     this.pageCounts = new Uint32Array(this.pageCount);
     this.dirtyFlags = new Uint8Array(this.pageCount);
+  }
+
+  /**
+   * Gives the memory of the bits back once none is set (a resync that finished). Pages cleared
+   * one by one drop their views but keep their memory: after a snapshot and its resync the
+   * daemon held the whole bitmap it had touched (a 1 TiB area all redirected: 33.5 MB) for good.
+   */
+  releaseIfEmpty(): void {
+    if (this.setCount === 0) releasePages(new Uint8Array(this.bits.buffer));
   }
 
   /** Number of redirected blocks. */

@@ -719,6 +719,7 @@ export class Volume {
     this.publishCommitPending();
     this.publication.setState(state);
     if (state === 'plain') {
+      this.map.releaseIfEmpty();
       const waiters = this.plainWaiters;
       this.plainWaiters = [];
       for (const w of waiters) w.resolve();

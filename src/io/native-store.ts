@@ -1,5 +1,6 @@
 import { CldError, asCldError } from '../errors.js';
 import { addon } from '../native/addon.js';
+import { releasePages } from './pages.js';
 import type { NativeStoreHandle } from '../native/native.js';
 import { EXTENT_KIND } from '../native/wire.js';
 import { type BlockStore, type IoOp, type OrderedStep, packSteps, writtenBytes } from './block-store.js';
@@ -131,11 +132,7 @@ export class NativeStore implements BlockStore {
    * the daemon's memory, whose target is 80 MiB (docs/benchmarks.md).
    */
   releaseBuffer(buffer: Uint8Array): void {
-    try {
-      addon().releasePages(buffer);
-    } catch (err) {
-      throw asCldError(err);
-    }
+    releasePages(buffer);
   }
 
   /** The steps one after another on a worker thread, with blocking calls: one round trip. */
