@@ -3,9 +3,11 @@
  * to date), the verification, the record beside TARGET, and the decision what to do with a
  * TARGET. The whole command on a live pair runs in the VM (ublk-vm-checks.sh backup).
  */
+import { execFile } from 'node:child_process';
 import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { decide, type TargetFacts } from '../src/backup/decide.js';
 import { copyImage, imageDigest, REGION, verifyImage } from '../src/backup/image-copy.js';
@@ -86,6 +88,21 @@ describe('image copy', () => {
     expect(r.digest).toBe(await imageDigest(target, size));
     expect(r.digest).not.toBe(base.digest);
     await verifyImage({ source, target, size, digest: r.digest });
+  });
+
+  test('a TARGET the file system cannot make as long as the image is refused with its name', async () => {
+    // A child whose files may hold 1 MiB copies the 5 MiB image in full (EFBIG; ext4 past 16 TiB).
+    const source = join(dir, 'long.img');
+    const size = await image(source, [[0, 4096, 1]]);
+    const target = join(dir, 'long-target.img');
+    const script = `
+      import { copyImage } from ${JSON.stringify(join(__dirname, '..', 'dist', 'backup', 'image-copy.js'))};
+      copyImage({ source: process.argv[1], target: process.argv[2], targetIsBlockDevice: false, size: ${size}, extents: null }).then(
+        () => console.log('copied'),
+        (err) => console.log(err.code, err.message),
+      );`;
+    const { stdout } = await promisify(execFile)('prlimit', ['--fsize=1048576:unlimited', process.execPath, '--input-type=module', '-e', script, source, target], { timeout: 10_000 });
+    expect(stdout.trim()).toMatch(new RegExp(`^EFBIG make ${target} ${size} bytes long: `));
   });
 
   test('extents that are not whole regions are refused before anything is written', async () => {

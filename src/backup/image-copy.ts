@@ -102,7 +102,11 @@ export async function copyImage(o: CopyOptions): Promise<CopyResult> {
     target = await open(o.target, sparse ? 'w' : 'r+').catch((err) => {
       throw ioError(`open ${o.target}`, err);
     });
-    if (sparse) await target.truncate(o.size);
+    if (sparse) {
+      await target.truncate(o.size).catch((err) => {
+        throw ioError(`make ${o.target} ${o.size} bytes long`, err);
+      });
+    }
     const data = Buffer.alloc(PIECE);
     const old = Buffer.alloc(PIECE);
     let done = 0;
