@@ -796,7 +796,7 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
     return false;
   }
   t.fast = true;
-  t.inOrder = false;
+  t.inOrder = fast == Fast::kServeInOrder;
   t.redirect = fast == Fast::kServeThenRedirect;
   t.needsEngine = false;
   t.error = 0;
@@ -804,7 +804,13 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
   if (ChainRead(q, tag)) return true;
   size_t count = t.extents.size();
   t.pending = uint32_t(count) + 1;
-  for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+  if (t.inOrder) {
+    // The rest start one at a time from OnExtentCompletion.
+    t.next = 1;
+    QueueExtent(q, tag, 0);
+  } else {
+    for (size_t k = 0; k < count; k++) QueueExtent(q, tag, uint16_t(k));
+  }
   if (--t.pending == 0) ExtentsFinished(q, tag);
   return true;
 }

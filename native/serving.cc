@@ -83,13 +83,23 @@ Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
     }
     return yes;
   }
-  // Writes: FUA commits, the slave is read-only; both are the engine's. So is a write in place
-  // to a chunk whose change mark is not durable yet: the engine makes it durable before the
-  // write is issued. A write in a snapshot needs no durable mark: it is part of the master only
-  // through its blocks' redirects, and the engine marks their chunks before it sets the bits,
-  // so the commit that makes a bit durable makes the mark durable too (docs/format.md,
-  // "Changed-block tracking").
-  if (target != Target::kMaster || (opFlags & UBLK_IO_F_FUA)) return no;
+  // Writes: the slave is read-only, the engine's. So is a write in place to a chunk whose change
+  // mark is not durable yet: the engine makes it durable before the write is issued. A write in
+  // a snapshot needs no durable mark: it is part of the master only through its blocks'
+  // redirects, and the engine marks their chunks before it sets the bits, so the commit that
+  // makes a bit durable makes the mark durable too (docs/format.md, "Changed-block tracking").
+  if (target != Target::kMaster) return no;
+  if (opFlags & UBLK_IO_F_FUA) {
+    // A FUA write commits. In plain with nothing to commit that is the write and an fdatasync,
+    // in that order: what a write and a fast flush after it do. Only in plain: elsewhere the
+    // write depends on bits, which are read without ordering against commitPending (on a CPU
+    // that reorders loads a set bit could be seen before the commitPending stored ahead of it).
+    if (mode != kFastPlain || p.Word(published::kCommitPending) != 0) return no;
+    if (p.trackBits && !AllMarked(p, offset, length)) return no;
+    out->push_back(Area(p, kWrite, false, start, end, start));
+    out->push_back(Extent{kSync, 0, 0, 0, 0});
+    return Fast::kServeInOrder;
+  }
   switch (mode) {
     case kFastPlain:
       if (p.trackBits && !AllMarked(p, offset, length)) return no;
@@ -146,6 +156,7 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
   Napi::Object result = Napi::Object::New(env);
   result.Set("extents", out);
   result.Set("redirect", fast == Fast::kServeThenRedirect);
+  result.Set("inOrder", fast == Fast::kServeInOrder);
   return result;
 }
 

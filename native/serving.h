@@ -56,7 +56,8 @@ struct Published {
 // appended to `out`); or, for a snapshot write to blocks not all redirected yet, runs its
 // extents (the change area, where the engine's plan would put it too) and then hands it to the
 // engine, which redirects the blocks before the request completes (Volume.finishFastRedirect).
-enum class Fast : uint8_t { kEngine = 0, kServe = 1, kServeThenRedirect = 2 };
+// kServeInOrder: the extents run one after another (a FUA write: the write, then an fdatasync).
+enum class Fast : uint8_t { kEngine = 0, kServe = 1, kServeThenRedirect = 2, kServeInOrder = 3 };
 
 // The fast path's decision for a request. `opFlags` is the descriptor's op_flags (opcode in the
 // low byte).

@@ -28,8 +28,8 @@ describe('the fast path decides', () => {
     const records = decided.extents;
     const out: { kind: number; offset: number; length: number; at: number }[] = [];
     for (let i = 0; i < records.length; i += 4) out.push({ kind: records[i], offset: records[i + 1], length: records[i + 2], at: records[i + 3] });
-    // A write the engine must redirect after it ran.
-    return decided.redirect ? { redirect: out } : out;
+    // A write the engine must redirect after it ran; extents that run one after another.
+    return decided.redirect ? { redirect: out } : decided.inOrder ? { inOrder: out } : out;
   };
 
   test('plain: reads and writes to the data area, flush as an fdatasync; the rest to the engine', async () => {
@@ -43,7 +43,14 @@ describe('the fast path decides', () => {
     expect(plan(v, 'master', WRITE, 3 * BS, BS)).toEqual([{ kind: 1, offset: dataOffset + 3 * BS, length: BS, at: 0 }]);
     expect(plan(v, 'master', WRITE, 15 * BS, 2 * BS)).toBeNull(); // into the next chunk
     expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
-    expect(plan(v, 'master', WRITE | FUA, 0, BS)).toBeNull();
+    // A FUA write with nothing to commit: the write, then an fdatasync, one after the other.
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).toEqual({
+      inOrder: [
+        { kind: 1, offset: dataOffset, length: BS, at: 0 },
+        { kind: 3, offset: 0, length: 0, at: 0 },
+      ],
+    });
+    expect(plan(v, 'master', WRITE | FUA, 15 * BS, 2 * BS)).toBeNull(); // the next chunk has no mark
     expect(plan(v, 'master', DISCARD, 0, BS)).toBeNull();
     expect(plan(v, 'slave', READ, 0, BS)).toBeNull();
     // Malformed requests get the engine's error.
@@ -80,6 +87,26 @@ describe('the fast path decides', () => {
     expect(plan(v, 'master', FLUSH, 0, 0)).toBeNull();
     await v.commit();
     expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
+    // A FUA write to a redirected block stays the engine's even with nothing to commit: only
+    // plain's need no bits (serving.cc).
+    expect(plan(v, 'master', WRITE | FUA, 20 * BS, BS)).toBeNull();
+    await v.close();
+  });
+
+  test("a FUA write in plain is the fast path's only while nothing waits to be committed", async () => {
+    const store = new HeldFlushes(8 << 20);
+    const v = await Volume.format(store, { blockSize: BS });
+    await v.enable();
+    await new Disk(v).write(0, new Uint8Array(BS)); // block 0 redirected, chunk 0 marked
+    await v.disable();
+    // The merge clears block 0's bit; until a commit has it, a FUA write to block 0 in the data
+    // area would be lost to a crash (the committed map still sends reads to the change area).
+    const merge = (await v.beginMerge(16))!;
+    await merge.finish(true);
+    expect(v.state).toBe('plain');
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).toBeNull();
+    await v.commit();
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).not.toBeNull();
     await v.close();
   });
 

@@ -201,7 +201,7 @@ export interface NativeAddon {
     opFlags: number,
     offset: number,
     length: number,
-  ): { extents: Float64Array; redirect: boolean } | null;
+  ): { extents: Float64Array; redirect: boolean; inOrder: boolean } | null;
   /**
    * CRC-32C (Castagnoli) of `data[start, end)` continuing from `seed` (native/checksum.cc);
    * throws code EINVAL for a range outside `data`.

@@ -70,7 +70,13 @@ export class FastPath {
           else if (kind === 3) sync = true;
           else throw new Error(`the fast path planned extent kind ${kind}`);
         }
-        await Promise.all([ops.length ? this.executor.run(ops, buffer) : undefined, sync ? this.store.flush() : undefined]);
+        if (decided.inOrder) {
+          // A FUA write: the write, then the flush that makes it durable.
+          await this.executor.run(ops, buffer);
+          if (sync) await this.store.flush();
+        } else {
+          await Promise.all([ops.length ? this.executor.run(ops, buffer) : undefined, sync ? this.store.flush() : undefined]);
+        }
         ok = true;
       } finally {
         // A write to blocks not all redirected: the engine redirects them (and counts it) before
