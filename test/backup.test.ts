@@ -3,14 +3,13 @@
  * to date), the verification, the record beside TARGET, and the decision what to do with a
  * TARGET. The whole command on a live pair runs in the VM (ublk-vm-checks.sh backup).
  */
-import { execFile } from 'node:child_process';
 import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { decide, type TargetFacts } from '../src/backup/decide.js';
 import { copyImage, imageDigest, REGION, verifyImage } from '../src/backup/image-copy.js';
+import { dist, underFileLimit } from './support/file-limit.js';
 import { readRecord, recordPath, writeRecord } from '../src/backup/record.js';
 
 const MiB = 1 << 20;
@@ -96,13 +95,12 @@ describe('image copy', () => {
     const size = await image(source, [[0, 4096, 1]]);
     const target = join(dir, 'long-target.img');
     const script = `
-      import { copyImage } from ${JSON.stringify(join(__dirname, '..', 'dist', 'backup', 'image-copy.js'))};
+      import { copyImage } from ${dist('backup', 'image-copy.js')};
       copyImage({ source: process.argv[1], target: process.argv[2], targetIsBlockDevice: false, size: ${size}, extents: null }).then(
         () => console.log('copied'),
         (err) => console.log(err.code, err.message),
       );`;
-    const { stdout } = await promisify(execFile)('prlimit', ['--fsize=1048576:unlimited', process.execPath, '--input-type=module', '-e', script, source, target], { timeout: 10_000 });
-    expect(stdout.trim()).toMatch(new RegExp(`^EFBIG make ${target} ${size} bytes long: `));
+    expect(await underFileLimit(MiB, script, source, target)).toMatch(new RegExp(`^EFBIG make ${target} ${size} bytes long: `));
   });
 
   test('extents that are not whole regions are refused before anything is written', async () => {

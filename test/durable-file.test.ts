@@ -2,13 +2,12 @@
  * Files that must survive whole (the pair configuration and systemd unit in /etc, backup
  * records) are replaced, never rewritten in place: a write cut short leaves the old file.
  */
-import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterEach, beforeEach, expect, test } from 'vitest';
 import { replaceFileDurably } from '../src/durable-file.js';
+import { dist, underFileLimit } from './support/file-limit.js';
 
 let dir: string;
 beforeEach(async () => {
@@ -32,13 +31,12 @@ test('a write the file system cuts short leaves the old file whole, and says whi
   const path = join(dir, 'a.conf');
   await writeFile(path, 'BACKING=/old\n');
   const script = `
-    import { replaceFileDurably } from ${JSON.stringify(join(__dirname, '..', 'dist', 'durable-file.js'))};
+    import { replaceFileDurably } from ${dist('durable-file.js')};
     replaceFileDurably(process.argv[1], 'BACKING=/dev/disk/by-id/ata-DISK-part1\\n', 0o644, 'the pair configuration').then(
       () => console.log('written'),
       (err) => console.log(err.code, err.message),
     );`;
-  const { stdout } = await promisify(execFile)('prlimit', ['--fsize=32:unlimited', process.execPath, '--input-type=module', '-e', script, path], { timeout: 10_000 });
-  expect(stdout.trim()).toBe(`EFBIG write the pair configuration ${path}: EFBIG: file too large, write`);
+  expect(await underFileLimit(32, script, path)).toBe(`EFBIG write the pair configuration ${path}: EFBIG: file too large, write`);
   expect(await readFile(path, 'utf8')).toBe('BACKING=/old\n');
   expect(await readdir(dir)).toEqual(['a.conf']);
 });

@@ -2,14 +2,11 @@
  * The daemon's log: a pair's daemon started by `cldd add` writes it to /run/cldd/NAME.log on
  * tmpfs, which can fill up. A line that cannot be written must be lost, not the daemon.
  */
-import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
-import { promisify } from 'node:util';
 import { afterEach, beforeEach, expect, test } from 'vitest';
-import { within } from '../src/deadline.js';
+import { dist, limitedChild } from './support/file-limit.js';
 
 let dir: string;
 beforeEach(async () => {
@@ -23,7 +20,7 @@ test('a full log file loses lines, not the daemon; the next line that gets throu
   // A child whose files may hold 1024 bytes, its stderr such a file: ten lines of 100 bytes fit,
   // the eleventh in part. Then the limit is lifted (as space is freed) and it logs once more.
   const script = `
-    import { stderrLogger } from ${JSON.stringify(join(__dirname, '..', 'dist', 'daemon', 'logger.js'))};
+    import { stderrLogger } from ${dist('daemon', 'logger.js')};
     const log = stderrLogger('info', 'full', false);
     for (let i = 0; i < 20; i++) log.info(String(i).padStart(3, '0') + ' ' + 'x'.repeat(47));
     console.log('alive');
@@ -34,17 +31,14 @@ test('a full log file loses lines, not the daemon; the next line that gets throu
     });`;
   const logPath = join(dir, 'full.log');
   const logFile = await open(logPath, 'w');
-  const child = spawn('prlimit', ['--fsize=1024:unlimited', process.execPath, '--input-type=module', '-e', script], { stdio: ['pipe', 'pipe', logFile.fd] });
+  const child = limitedChild(1024, script, [], logFile.fd);
   await logFile.close();
-  const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
   try {
-    const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
-    const line = (what: string) => within(lines.next(), 10_000, () => new Error(`no line from the child after 10 s: waited for ${what}`));
-    expect((await line('it to log 20 lines into a file that holds 10')).value).toBe('alive');
-    await promisify(execFile)('prlimit', ['--pid', String(child.pid), '--fsize=unlimited:unlimited']);
-    child.stdin!.write('go\n');
-    expect((await line('its line after the limit was lifted')).value).toBe('done');
-    expect(await within(exited, 10_000, () => new Error('the child did not exit'))).toBe(0);
+    expect(await child.line('it to log 20 lines into a file that holds 10')).toBe('alive');
+    await child.lift();
+    child.send('go\n');
+    expect(await child.line('its line after the limit was lifted')).toBe('done');
+    expect(await child.exited()).toBe(0);
   } finally {
     child.kill();
   }

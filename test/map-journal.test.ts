@@ -15,10 +15,7 @@ import { mapJournalPath } from '../src/daemon/daemon.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import { inOrder } from '../src/io/block-store.js';
 import { COMPACT_BYTES, MapJournal } from '../src/format/map-journal.js';
-import { execFile, spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { promisify } from 'node:util';
-import { within } from '../src/deadline.js';
+import { dist, limitedChild } from './support/file-limit.js';
 
 const BS = 4096;
 const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);
@@ -248,7 +245,7 @@ describe('map journal', () => {
     // is written in part and fails (EFBIG here, ENOSPC on a full tmpfs). Then the limit is
     // lifted (as space is freed) and five more records go in.
     const script = `
-      import { MapJournal } from ${JSON.stringify(join(__dirname, '..', 'dist', 'format', 'map-journal.js'))};
+      import { MapJournal } from ${dist('format', 'map-journal.js')};
       const j = MapJournal.create(process.argv[1], new Uint8Array(16).fill(7), 0, []);
       let ok = 0;
       try { for (;; ok++) j.record(ok, ok + 1, true); } catch (err) { console.log(ok, err.code); }
@@ -257,14 +254,12 @@ describe('map journal', () => {
         console.log('done'); // and dies without closing it
         process.exit(0);
       });`;
-    const child = spawn('prlimit', ['--fsize=1024:unlimited', process.execPath, '--input-type=module', '-e', script, journalPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const child = limitedChild(1024, script, [journalPath]);
     try {
-      const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
-      const line = (what: string) => within(lines.next(), 10_000, () => new Error(`no line from the child after 10 s: waited for ${what}`));
-      expect((await line('its failed journal write')).value).toBe('41 EFBIG');
-      await promisify(execFile)('prlimit', ['--pid', String(child.pid), '--fsize=unlimited:unlimited']);
-      child.stdin!.write('go\n');
-      expect((await line('its five more records')).value).toBe('done');
+      expect(await child.line('its failed journal write')).toBe('41 EFBIG');
+      await child.lift();
+      child.send('go\n');
+      expect(await child.line('its five more records')).toBe('done');
     } finally {
       child.kill();
     }
