@@ -44,7 +44,8 @@ describe('cldd status and list', () => {
     server = new ControlServer(join(runDir, 'evil.sock'), 'evil', { status: async () => CRAFTED });
     await server.listen();
     stuck = new ControlServer(join(runDir, 'stuck.sock'), 'stuck', {
-      status: async () => ({ ...CRAFTED, name: 'stuck', backing: '/srv/s.img', failed: null, requests: { outstanding: 32, oldestMs: 45_300 } }),
+      status: async () => ({ ...CRAFTED, name: 'stuck', backing: '/srv/s.img', failed: null, requests: { outstanding: 32, oldestMs: 45_300 },
+        journal: { bytes: 3 << 20, uncommittedBytes: 240, compactionError: '/run/cldd/stuck.journal.new: EISDIR: illegal operation on a directory, open' } }),
     });
     await stuck.listen();
   });
@@ -110,6 +111,15 @@ describe('cldd status and list', () => {
     expect(out.stdout).toContain("  requests    32 outstanding, the oldest for 45 s (the daemon's log says where they wait)\n");
     const healthy = await cli.run(['status', 'evil'], { env: env() });
     expect(healthy.stdout).not.toContain('requests');
+  });
+
+  test('a map journal that can no longer be compacted shows in status, with what failed', async () => {
+    const out = await cli.run(['status', 'stuck'], { env: env() });
+    expect(out.code).toBe(0);
+    expect(out.stdout).toContain(
+      '  journal     3.0 MiB, growing: committed records cannot be dropped (/run/cldd/stuck.journal.new: EISDIR: illegal operation on a directory, open); the next enable or disable empties it\n',
+    );
+    expect((await cli.run(['status', 'evil'], { env: env() })).stdout).not.toContain('journal');
   });
 
   test('--json keeps the values, JSON-escaped, with C1 and bidirectional controls as \\u escapes', async () => {

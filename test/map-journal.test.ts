@@ -187,9 +187,32 @@ describe('map journal', () => {
       await mkdir(`${journalPath}.new`); // openSync of PATH.new fails: EISDIR
       await commitWhileWriting(v);
       expect((await stat(journalPath)).size).toBe(32 + (covered + 5) * 24);
+      // Said in the status (`cldd status` prints it): the journal now grows until a state change.
+      expect(v.status().journal).toEqual({
+        bytes: 32 + (covered + 5) * 24,
+        uncommittedBytes: 5 * 24,
+        compactionError: expect.stringMatching(/\.new: .*EISDIR/),
+      });
       // The daemon dies here; the next one replays all of it.
       await rm(`${journalPath}.new`, { recursive: true });
       await expectAllThere();
+    });
+
+    test('once a compaction works again, the status no longer reports the failure', async () => {
+      const v = await Volume.open(big, { journalPath });
+      await mkdir(`${journalPath}.new`);
+      await commitWhileWriting(v);
+      expect(v.status().journal?.compactionError).toMatch(/EISDIR/);
+      await rm(`${journalPath}.new`, { recursive: true });
+      // The next commit covers every record so far, COMPACT_BYTES and more, while one more arrives.
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      const committed = v.commit((steps) => held.then(() => inOrder(big, steps)));
+      await firstTouches(v, covered + 20, covered + 21, 4);
+      release();
+      await committed;
+      expect(v.status().journal).toEqual({ bytes: 32 + 24, uncommittedBytes: 24, compactionError: null });
+      await v.close();
     });
 
     test('a symbolic link at PATH.new is not followed: the compaction fails, the journal stays whole', async () => {

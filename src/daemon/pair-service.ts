@@ -126,6 +126,7 @@ export class PairService {
       requests: this.requestSummary(),
       uuid: s.uuid,
       tracking: s.tracking,
+      journal: s.journal,
     };
   }
 

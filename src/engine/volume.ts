@@ -85,6 +85,8 @@ export interface VolumeStatus {
   dirtyMapPages: number;
   /** Changed-block tracking; null for a store whose format has none (version 2 and older). */
   tracking: TrackingStatus | null;
+  /** The map journal (src/format/map-journal.ts); null for a volume opened without one. */
+  journal: JournalStatus | null;
   failed: string | null;
   counters: VolumeCounters;
 }
@@ -96,6 +98,14 @@ export interface TrackingStatus {
   changedBytes: number;
   /** The last delta (snapshot since-1 -> since), in bytes; null before the second snapshot's period. */
   deltaBytes: number | null;
+}
+
+export interface JournalStatus {
+  /** Its size, and how much of it no finished commit covers. */
+  bytes: number;
+  uncommittedBytes: number;
+  /** Why committed records cannot be dropped (its last compaction failed), or null. */
+  compactionError: string | null;
 }
 
 /** One step of a resync: copy `reads` (change area) into the buffer, then `writes` (data area). */
@@ -304,6 +314,11 @@ export class Volume {
         since: this.tracking.since,
         changedBytes: this.tracking.changedBytes,
         deltaBytes: this.tracking.deltaBytes,
+      },
+      journal: this.journal && {
+        bytes: this.journal.bytes,
+        uncommittedBytes: this.journal.pending,
+        compactionError: this.journal.compactionError,
       },
       failed: this.failure?.message ?? null,
       counters: [...this.fastServers].reduce((sum, server) => addCounters(sum, server.counters()), { ...this.counters }),

@@ -146,6 +146,21 @@ export class MapJournal {
     return this.length - this.committedUpTo;
   }
 
+  /** The file's length: its header and every record not yet dropped. */
+  get bytes(): number {
+    return this.length;
+  }
+
+  /**
+   * Why the last compaction failed, or null (none failed since the last one that worked). The
+   * journal stays whole then but keeps its committed records, and grows with every first touch
+   * until a state change empties it: `cldd status` says so.
+   */
+  get compactionError(): string | null {
+    return this.compactError;
+  }
+  private compactError: string | null = null;
+
   /** Where the journal ends now: a commit that captures the map here covers every record. */
   mark(): number {
     return this.length;
@@ -166,6 +181,8 @@ export class MapJournal {
     if (mark !== HEADER) ftruncateSync(this.fd, HEADER);
     this.length = HEADER;
     this.committedUpTo = HEADER;
+    // Nothing left to compact: the journal is as small as it gets.
+    this.compactError = null;
     if (epoch !== this.epoch) this.setEpoch(epoch);
   }
 
@@ -181,9 +198,11 @@ export class MapJournal {
       readFully(this.fd, kept, 0, HEADER, 0);
       readFully(this.fd, kept, HEADER, kept.length - HEADER, mark);
       fd = replaceFile(this.path, kept);
-    } catch {
+    } catch (err) {
+      this.compactError = `${this.path}.new: ${(err as Error).message}`;
       return;
     }
+    this.compactError = null;
     const replaced = this.fd;
     this.fd = fd;
     this.length = kept.length;

@@ -127,6 +127,8 @@ const pairStatus = object({
   uuid: optional(string),
   /** Changed-block tracking; null for a store without it (format version 2). */
   tracking: optional(nullable(tracking)),
+  /** The map journal in /run/cldd; null when the daemon keeps none. */
+  journal: optional(nullable(object({ bytes: count, uncommittedBytes: count, compactionError: nullable(string) }))),
 });
 
 const none = object({}, true);

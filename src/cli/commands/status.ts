@@ -74,6 +74,12 @@ function describe(s: PairStatus): string {
   if (r && r.oldestMs !== null && r.oldestMs >= SLOW_REQUEST_MS) {
     lines.push(`  requests    ${r.outstanding} outstanding, the oldest for ${(r.oldestMs / 1000).toFixed(0)} s (the daemon's log says where they wait)`);
   }
+  const j = s.journal;
+  if (j?.compactionError) {
+    lines.push(
+      text`  journal     ${formatBytes(j.bytes)}, growing: committed records cannot be dropped (${j.compactionError}); the next enable or disable empties it`,
+    );
+  }
   const c = s.counters;
   lines.push(
     text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors${c.fastPath ? `; ${c.fastPath} of them served by the queue threads alone` : ''}`,
