@@ -2,6 +2,7 @@
  * Files that must survive whole (the pair configuration and systemd unit in /etc, backup
  * records) are replaced, never rewritten in place: a write cut short leaves the old file.
  */
+import { spawnSync } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -51,4 +52,16 @@ test('a failure before the rename removes nothing but its own temporary file', a
     message: expect.stringContaining(`write the systemd unit ${path}: `),
   });
   expect(await readFile(path, 'utf8')).toBe('[Service]\n');
+});
+
+test("a killed process's temporary file is removed by the next replacement; a running one's is left alone", async () => {
+  const path = join(dir, 'a.conf');
+  await writeFile(path, 'BACKING=/old\n');
+  // A child that has exited: its pid is free (or, rarely, reused: then its file stays, clutter only).
+  const gone = spawnSync(process.execPath, ['-e', 'console.log(process.pid)'], { encoding: 'utf8' });
+  const dead = `.a.conf.${Number(gone.stdout)}.tmp`;
+  const alive = `.a.conf.${process.ppid}.tmp`;
+  for (const name of [dead, alive, '.a.conf.x.tmp', '.b.conf.1.tmp']) await writeFile(join(dir, name), 'BACKING=/dev/sd');
+  await replaceFileDurably(path, 'BACKING=/new\n', 0o644, 'the pair configuration');
+  expect((await readdir(dir)).sort()).toEqual([alive, '.a.conf.x.tmp', '.b.conf.1.tmp', 'a.conf'].sort());
 });
