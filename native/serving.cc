@@ -90,13 +90,28 @@ Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
   // makes a bit durable makes the mark durable too (docs/format.md, "Changed-block tracking").
   if (target != Target::kMaster) return no;
   if (opFlags & UBLK_IO_F_FUA) {
-    // A FUA write commits. In plain with nothing to commit that is the write and an fdatasync,
-    // in that order: what a write and a fast flush after it do. Only in plain: elsewhere the
-    // write depends on bits, which are read without ordering against commitPending (on a CPU
-    // that reorders loads a set bit could be seen before the commitPending stored ahead of it).
-    if (mode != kFastPlain || p.Word(published::kCommitPending) != 0) return no;
-    if (p.trackBits && !AllMarked(p, offset, length)) return no;
-    out->push_back(Area(p, kWrite, false, start, end, start));
+    // A FUA write commits. With nothing to commit that is the write and an fdatasync, in that
+    // order: what a write and a fast flush after it do. Where the write goes depends on bits in
+    // a snapshot (all set: a first touch is the engine's) and in resync (none set), and a bit
+    // the engine changed counts only once a commit has it: the engine raises commitPending
+    // before it changes a bit (rule 4 of docs/serving.md), with a sequentially consistent store
+    // each (BlockMap.assign). The fence makes a bit read above its change's witness: this
+    // thread then reads commitPending as raised, or as lowered again by the commit that made
+    // the change durable. Without it a CPU that reorders loads (not x86) could read
+    // commitPending first, as it was before the change.
+    bool change = mode == kFastSnapshot;
+    if (mode == kFastSnapshot) {
+      if (!AllBits(p, start, end, true)) return no;
+    } else if (mode == kFastResync) {
+      if (!AllBits(p, start, end, false)) return no;
+    } else if (mode != kFastPlain) {
+      return no;
+    }
+    // In place, the chunks' durable marks first (as for any write in place, below).
+    if (!change && p.trackBits && !AllMarked(p, offset, length)) return no;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (p.Word(published::kCommitPending) != 0) return no;
+    out->push_back(Area(p, kWrite, change, start, end, start));
     out->push_back(Extent{kSync, 0, 0, 0, 0});
     return Fast::kServeInOrder;
   }

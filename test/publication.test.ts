@@ -87,9 +87,53 @@ describe('the fast path decides', () => {
     expect(plan(v, 'master', FLUSH, 0, 0)).toBeNull();
     await v.commit();
     expect(plan(v, 'master', FLUSH, 0, 0)).toEqual([{ kind: 3, offset: 0, length: 0, at: 0 }]);
-    // A FUA write to a redirected block stays the engine's even with nothing to commit: only
-    // plain's need no bits (serving.cc).
-    expect(plan(v, 'master', WRITE | FUA, 20 * BS, BS)).toBeNull();
+    // A FUA write to a redirected block with nothing to commit: the change area, then an
+    // fdatasync, one after the other. A first touch stays the engine's (block 40 above).
+    expect(plan(v, 'master', WRITE | FUA, 20 * BS, BS)).toEqual({
+      inOrder: [
+        { kind: 1, offset: changeOffset + 20 * BS, length: BS, at: 0 },
+        { kind: 3, offset: 0, length: 0, at: 0 },
+      ],
+    });
+    expect(plan(v, 'master', WRITE | FUA, 20 * BS, 2 * BS)).toBeNull();
+    // Redirected, but not committed yet: the FUA write must wait for the commit of its bit.
+    await new Disk(v).write(30 * BS, new Uint8Array(BS));
+    expect(plan(v, 'master', WRITE | FUA, 30 * BS, BS)).toBeNull();
+    await v.commit();
+    expect(plan(v, 'master', WRITE | FUA, 30 * BS, BS)).not.toBeNull();
+    await v.close();
+  });
+
+  test('resync: a FUA write to blocks not redirected, with nothing to commit, is a write in place and an fdatasync', async () => {
+    const store = new HeldFlushes(8 << 20);
+    const v = await Volume.format(store, { blockSize: BS });
+    await new Disk(v).write(0, new Uint8Array(32 * BS)); // chunks 0 and 1 marked
+    await v.enable();
+    await new Disk(v).write(0, new Uint8Array(2 * BS)); // blocks 0 and 1 redirected
+    await v.disable();
+    await v.commit();
+    expect(v.state).toBe('resync');
+    const { dataOffset } = v.layout;
+    expect(plan(v, 'master', WRITE | FUA, 5 * BS, BS)).toEqual({
+      inOrder: [
+        { kind: 1, offset: dataOffset + 5 * BS, length: BS, at: 0 },
+        { kind: 3, offset: 0, length: 0, at: 0 },
+      ],
+    });
+    // A redirected block is unredirected by the engine, under its range lock.
+    expect(plan(v, 'master', WRITE | FUA, 1 * BS, BS)).toBeNull();
+    // A chunk whose mark is not durable in the new period: the engine marks it first.
+    expect(plan(v, 'master', WRITE | FUA, 40 * BS, BS)).toBeNull();
+    // The merge clears the bits; until a commit has that, a FUA write there waits for it (a crash
+    // would bring the committed bits back, and the write with them would read from the change area).
+    const merge = (await v.beginMerge(1))!;
+    await merge.finish(true);
+    expect(v.map.test(0)).toBe(false);
+    expect(v.state).toBe('resync');
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).toBeNull();
+    expect(plan(v, 'master', WRITE | FUA, 5 * BS, BS)).toBeNull(); // any: commitPending is up
+    await v.commit();
+    expect(plan(v, 'master', WRITE | FUA, 0, BS)).not.toBeNull();
     await v.close();
   });
 

@@ -96,7 +96,11 @@ export class BlockMap {
         const next = value ? (old | mask) >>> 0 : (old & ~mask) >>> 0;
         if (next !== old) {
           changed += popcount((old ^ next) >>> 0);
-          page[w] = next;
+          // Sequentially consistent, after the engine raised commitPending: a queue thread that
+          // reads the new bits and then fences reads commitPending raised too (the fast FUA
+          // write, native/serving.cc). 14 ns against 2 on the host; once per word a map change
+          // touches.
+          Atomics.store(page, w, next);
         }
         bit += hi - lo;
       }
