@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -112,6 +113,7 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
     meta_ = bytes.Data();
     metaBytes_ = bytes.ByteLength();
   }
+  Napi::Value cpus = options.Get("cpus");
   // The engine's publication; without one every request goes to the engine.
   Napi::Value pub = options.Get("published");
   if (pub.IsObject()) {
@@ -139,6 +141,7 @@ Device::Device(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Device>(info) 
   context_ = std::make_unique<Napi::AsyncContext>(env, "cldd:ublk-queue");
   for (uint32_t id = 0; id < queues; id++) {
     auto q = std::make_unique<Queue>();
+    if (cpus.IsArray() && id < cpus.As<Napi::Array>().Length()) q->cpu = cpus.As<Napi::Array>().Get(id).ToNumber().Int32Value();
     q->id = uint16_t(id);
     q->tags.reset(new Tag[depth_]);
     q->outRequests.reserve(kRequestFields * depth_);
@@ -405,6 +408,14 @@ void Device::Deliver() {
 void Device::Run(Queue& q) {
   std::string name = "cldd-" + std::to_string(devId_) + "q" + std::to_string(q.id);
   pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+  // On one CPU, as the reference server's queue threads are (why: src/ublk/affinity.ts). Best
+  // effort: a CPU gone offline or taken out of the cpuset since leaves the thread unpinned.
+  if (q.cpu >= 0 && q.cpu < CPU_SETSIZE) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(q.cpu, &set);
+    ::sched_setaffinity(0, sizeof(set), &set);
+  }
   // This thread writes to the backing file on behalf of the block layer: under memory pressure it
   // must not be throttled like an ordinary writer. Best effort: it needs CAP_SYS_RESOURCE and
   // only changes reclaim behaviour, not correctness.

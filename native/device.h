@@ -75,6 +75,7 @@ class Device : public Napi::ObjectWrap<Device> {
   };
   struct Queue {
     uint16_t id = 0;
+    int cpu = -1;  // the CPU its thread is pinned to (src/ublk/affinity.ts); -1: not pinned
     Ring ring;
     Mapping descriptors;
     Mapping buffers;

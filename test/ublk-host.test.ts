@@ -60,5 +60,6 @@ describe('ioctl-encoded control opcodes', () => {
     expect(encodeControlOp(0x06, true)).toBe(0xc0207506); // UBLK_U_CMD_START_DEV
     expect(encodeControlOp(0x02, false)).toBe(0x80207502); // UBLK_U_CMD_GET_DEV_INFO
     expect(encodeControlOp(0x13, false)).toBe(0x80207513); // UBLK_U_CMD_GET_FEATURES
+    expect(encodeControlOp(0x01, false)).toBe(0x80207501); // UBLK_U_CMD_GET_QUEUE_AFFINITY
   });
 });

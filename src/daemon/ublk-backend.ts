@@ -109,6 +109,7 @@ class UblkPair implements PairDevices {
         const layout = { ...queueOptions, queues: master.info.queues, depth: master.info.depth };
         const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true, options.log);
         options.log.info(`reattached the master ${master.path} (user recovery)`);
+        logCpus(master, options.log);
         const slaveId = await slaveLeftBy(control, options.recover, options.log);
         if (slaveId !== null) {
           const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', slaveId);
@@ -120,6 +121,7 @@ class UblkPair implements PairDevices {
       const flags = await control.negotiateFlags({ zeroCopy: options.zeroCopy });
       const maxDiscardBytes = (await takesDiscards(store, options.log)) ? queueOptions.maxDiscardBytes : 0;
       const master = await UblkDevice.create(control, volume, store.fd, 'master', { ...queueOptions, flags, maxDiscardBytes });
+      logCpus(master, options.log);
       if (hasZeroCopy(master.info.flags)) options.log.info('zero copy: large requests are read and written in place');
       else if (master.info.flags & UBLK_F.USER_COPY) options.log.info('user copy: the queue threads copy requests themselves, through small buffers');
       await withoutScheduler(master, options.log);
@@ -193,4 +195,10 @@ async function withoutScheduler(device: UblkDevice, log: Logger): Promise<void> 
   await disableScheduler(device.path).catch((err: unknown) =>
     log.warn(`${device.path}: could not turn off the I/O scheduler: ${err instanceof Error ? err.message : String(err)}`),
   );
+}
+
+/** Where the master's queue threads run (src/ublk/affinity.ts). */
+function logCpus(device: UblkDevice, log: Logger): void {
+  const where = device.cpus.map((cpu, q) => `queue ${q} ${cpu < 0 ? 'not pinned' : `on CPU ${cpu}`}`);
+  log.info(`${device.path}: ${where.join(', ')}`);
 }

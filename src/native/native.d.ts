@@ -100,6 +100,8 @@ export interface NativeDeviceOptions {
   events: Float64Array;
   /** Where a commit's meta extents take their bytes from; without it a flush cannot run one. */
   meta?: Uint8Array;
+  /** Per queue, the CPU its thread runs on; -1 or absent: wherever the scheduler puts it. */
+  cpus?: number[];
 }
 
 /** The engine's publication (src/engine/publication.ts) and the volume's geometry. */

@@ -233,6 +233,21 @@ export class UblkControl {
     return decodeInfo(buf);
   }
 
+  /**
+   * GET_QUEUE_AFFINITY: the CPUs whose requests go to queue `q` of device `id` (blk-mq's map).
+   * The kernel wants room for every possible CPU, in whole longs: 1,024 bytes hold 8,192, the
+   * largest NR_CPUS.
+   */
+  async queueAffinity(id: number, q: number): Promise<number[]> {
+    const buf = new Uint8Array(1024);
+    await this.send('GET_QUEUE_AFFINITY', id, q, buf);
+    const cpus: number[] = [];
+    buf.forEach((byte, i) => {
+      for (let bit = 0; bit < 8; bit++) if (byte & (1 << bit)) cpus.push(i * 8 + bit);
+    });
+    return cpus;
+  }
+
   async startRecovery(id: number): Promise<void> {
     await this.send('START_USER_RECOVERY', id, 0, null);
   }

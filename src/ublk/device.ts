@@ -30,6 +30,7 @@ import type { Plan, Request, RequestOp, Target } from '../engine/plan.js';
 import type { Volume } from '../engine/volume.js';
 import { type OrderedStep, type StepRunner, packSteps, writtenBytes } from '../io/block-store.js';
 import { addon } from '../native/addon.js';
+import { allowedCpus, servingCpus } from './affinity.js';
 import { hasZeroCopy, type DeviceInfo, type UblkControl } from './control.js';
 import type { NativeDeviceOptions } from '../native/native.js';
 import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
@@ -49,7 +50,7 @@ const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync };
 const META_BYTES = 64 << 10;
 
 /** The control commands a device uses (UblkControl's; tests drive a device with their own). */
-export type DeviceControl = Pick<UblkControl, 'add' | 'setParams' | 'start' | 'stop' | 'delete' | 'info' | 'startRecovery' | 'endRecovery'>;
+export type DeviceControl = Pick<UblkControl, 'add' | 'setParams' | 'start' | 'stop' | 'delete' | 'info' | 'startRecovery' | 'endRecovery' | 'queueAffinity'>;
 
 /** Opens the native side of a device: the addon's Device, unless a test gives its own queues. */
 export type NativeDeviceFactory = (options: NativeDeviceOptions) => NativeDeviceHandle;
@@ -386,7 +387,13 @@ export class UblkDevice {
     return parts.join('; ');
   }
 
+  /** The CPU each queue's thread is pinned to, -1 where none (src/ublk/affinity.ts). */
+  cpus: number[] = [];
+
   private async open(backingFd: number): Promise<void> {
+    // Unknown when the kernel does not answer: that queue's thread is not pinned.
+    const masks = await Promise.all(Array.from({ length: this.info.queues }, (_, q) => this.control.queueAffinity(this.info.id, q).catch(() => null)));
+    this.cpus = servingCpus(masks, allowedCpus(), this.info.id);
     const deadline = Date.now() + 5000;
     for (;;) {
       try {
@@ -404,6 +411,7 @@ export class UblkDevice {
           onEvents: (q, requests, ordered, done, redirects, stopped) => this.onEvents(q, requests, ordered, done, redirects, stopped),
           events: this.events,
           meta: this.meta ?? undefined,
+          cpus: this.cpus,
         });
         break;
       } catch (err) {

@@ -32,6 +32,7 @@ export const IO_OP = { 0: 'read', 1: 'write', 2: 'flush', 3: 'discard', 5: 'writ
 
 /** Control command numbers (UBLK_CMD_*; the legacy opcodes, and nr of the encoded ones). */
 export const CMD = {
+  GET_QUEUE_AFFINITY: 0x01,
   GET_DEV_INFO: 0x02,
   ADD_DEV: 0x04,
   DEL_DEV: 0x05,
@@ -46,7 +47,7 @@ export const CMD = {
 export type CommandName = keyof typeof CMD;
 
 /** Commands that only read (_IOR); the rest are _IOWR. */
-export const READ_ONLY_CMDS = new Set<CommandName>(['GET_DEV_INFO', 'GET_PARAMS', 'GET_FEATURES']);
+export const READ_ONLY_CMDS = new Set<CommandName>(['GET_QUEUE_AFFINITY', 'GET_DEV_INFO', 'GET_PARAMS', 'GET_FEATURES']);
 
 /** sizeof(struct ublksrv_ctrl_cmd). */
 const CTRL_CMD_SIZE = 32;

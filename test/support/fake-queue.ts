@@ -53,6 +53,7 @@ export function fakeControl(queue: FakeQueue, info: Partial<DeviceInfo> = {}): D
     info: async () => (calls.push('GET_DEV_INFO'), device),
     startRecovery: async () => void calls.push('START_USER_RECOVERY'),
     endRecovery: async () => void calls.push('END_USER_RECOVERY'),
+    queueAffinity: async () => [0],
   };
 }
 
