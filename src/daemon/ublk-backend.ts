@@ -113,8 +113,10 @@ class UblkPair implements PairDevices {
         const slaveId = await slaveLeftBy(control, options.recover, options.log);
         if (slaveId !== null) {
           const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', slaveId);
-          if (volume.state === 'snapshot') pair.slaveDevice = pair.watch(slave);
-          else await slave.stop(); // the old daemon died while disabling: nothing left to show
+          if (volume.state === 'snapshot') {
+            pair.slaveDevice = pair.watch(slave);
+            logCpus(slave, options.log);
+          } else await slave.stop(); // the old daemon died while disabling: nothing left to show
         }
         return pair;
       }
@@ -150,6 +152,7 @@ class UblkPair implements PairDevices {
       this.slaveDevice = this.watch(
         await UblkDevice.create(this.control, this.volume, this.store.fd, 'slave', { ...this.queueOptions, flags: this.flags }),
       );
+      logCpus(this.slaveDevice, this.log);
       await withoutScheduler(this.slaveDevice, this.log);
     }
     return this.slave!;
