@@ -10,6 +10,7 @@
         "native/control.cc",
         "native/device.cc",
         "native/serving.cc",
+        "native/redirector.cc",
         "native/system.cc",
       ],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -4,6 +4,7 @@
 #include "common.h"
 #include "control.h"
 #include "device.h"
+#include "redirector.h"
 #include "serving.h"
 #include "store.h"
 #include "system.h"
@@ -14,6 +15,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Store", cldd::Store::Define(env));
   exports.Set("Control", cldd::Control::Define(env));
   exports.Set("Device", cldd::Device::Define(env));
+  exports.Set("Redirector", cldd::Redirector::Define(env));
   cldd::DefineSystem(env, exports);
   cldd::DefineServing(env, exports);
   cldd::DefineChecksum(env, exports);

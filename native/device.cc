@@ -15,11 +15,15 @@
 #include <cerrno>
 #include <cstring>
 
+#include "redirector.h"
 #include "ublk.h"
 
 namespace cldd {
 
 namespace {
+// First touches redirected on the queue threads (RedirectHere) past which the main thread is
+// woken to take them: 24 KiB of journal records.
+constexpr int32_t kTakeRedirectsAfter = 1024;
 // user_data: ublk commands carry the tag; backing I/O sets the top bit and adds the extent index;
 // the read of the wake eventfd is the one entry with the next bit; a chained read's steps
 // (ChainRead) the next, with the chain's number, the tag and the step; its commit kChainCommit,
@@ -353,6 +357,7 @@ void Device::Deliver() {
   Napi::Env env = Env();
   std::vector<double> requests, redirects;
   std::vector<int32_t> ordered, done;
+  bool called = false;
   // Delivering runs JS that may close the device: index, do not iterate the vector.
   for (size_t i = 0; i < queues_.size(); i++) {
     Queue* q = queues_[i].get();
@@ -381,6 +386,7 @@ void Device::Deliver() {
       out += 2 * depth_;
       std::memcpy(out, redirects.data() + x, nx * sizeof(double));
       r += nr, o += no, d += nd, x += nx;
+      called = true;
       onEvents_.Call(Value(), {Napi::Number::New(env, q->id), Napi::Number::New(env, double(nr / kRequestFields)),
                                Napi::Number::New(env, double(no / 2)), Napi::Number::New(env, double(nd / 2)),
                                Napi::Number::New(env, double(nx / kRedirectFields)), Napi::Boolean::New(env, last && stopped)});
@@ -390,6 +396,12 @@ void Device::Deliver() {
     ordered.clear();
     done.clear();
     redirects.clear();
+  }
+  // A wake-up with nothing else for JS: first touches redirected here, for the engine to take
+  // (onEvents takes them whatever it carries).
+  if (!called && published_.redirector && published_.Word(published::kRedirected) != 0 && !queues_.empty() && events_) {
+    onEvents_.Call(Value(), {Napi::Number::New(env, queues_[0]->id), Napi::Number::New(env, 0), Napi::Number::New(env, 0),
+                             Napi::Number::New(env, 0), Napi::Number::New(env, 0), Napi::Boolean::New(env, false)});
   }
   // Once every queue has stopped, nothing keeps the process alive for this device.
   bool all = !queues_.empty();
@@ -443,6 +455,7 @@ void Device::Run(Queue& q) {
       break;
     }
     Reap(q);
+    RedirectHere(q);
     PublishOutbox(q);
     if ((q.exiting || q.live == 0) && q.backingInFlight.load() == 0) break;
   }
@@ -478,6 +491,44 @@ void Device::TakeInbox(Queue& q) {
   ApplyComplete(q, q.takenCompletes.data(), q.takenCompletes.size());
   q.takenSubmits.clear();
   q.takenCompletes.clear();
+}
+
+// The first touches this round wrote (their records wait in outRedirects): redirected here, all
+// at once, when the engine's map lock is free (native/redirector.h, docs/serving.md), and
+// completed; otherwise, and for a write that failed, the engine redirects or fails them as
+// before. Either way the request leaves fastInFlight only once its blocks are redirected.
+void Device::RedirectHere(Queue& q) {
+  Redirector* r = published_.redirector;
+  if (!r || q.outRedirects.empty()) return;
+  const uint32_t shift = published_.geometry.blockShift;
+  q.ranges.clear();
+  for (size_t i = 0; i < q.outRedirects.size(); i += kRedirectFields) {
+    if (q.outRedirects[i + 1] != 0) continue;
+    uint64_t offset = uint64_t(q.outRedirects[i + 2]), bytes = uint64_t(q.outRedirects[i + 3]);
+    q.ranges.push_back(offset >> shift);
+    q.ranges.push_back((offset + bytes) >> shift);
+  }
+  if (q.ranges.empty() || !r->Redirect(published_, q.ranges.data(), q.ranges.size() / 2)) return;
+  size_t kept = 0;
+  for (size_t i = 0; i < q.outRedirects.size(); i += kRedirectFields) {
+    if (q.outRedirects[i + 1] != 0) {
+      std::copy_n(q.outRedirects.begin() + ptrdiff_t(i), kRedirectFields, q.outRedirects.begin() + ptrdiff_t(kept));
+      kept += kRedirectFields;
+      continue;
+    }
+    auto tag = uint16_t(q.outRedirects[i]);
+    Tag& t = q.tags[tag];
+    t.redirect = false;
+    q.counters.writes.fetch_add(1, std::memory_order_relaxed);
+    q.counters.bytesWritten.fetch_add(t.bytes, std::memory_order_relaxed);
+    Commit(q, tag, int32_t(t.bytes));
+    q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  q.outRedirects.resize(kept);
+  // The engine takes them at its next hold (a commit, a plan, a status); past this many, it is
+  // woken for them: their journal records count towards its commit for the journal's length, and
+  // each waits in the redirector's list (16 bytes) until then.
+  if (published_.Word(published::kRedirected) >= kTakeRedirectsAfter && async_) uv_async_send(async_);
 }
 
 // Moves what this round gathered for JS into the outbox, and wakes the main thread for it.

@@ -14,7 +14,8 @@
 // never extents, cross into JS. Between the threads: a mutex-guarded inbox per queue (JS's plans
 // and results, woken through an eventfd read on the ring) and outbox (requests and completions
 // for JS, woken through a uv_async). A snapshot write to blocks not yet redirected is run by the
-// fast path too, and then handed to the engine once, to redirect its blocks before it completes.
+// fast path too, and then redirected by the thread (native/redirector.h), or, when it may not,
+// handed to the engine once, to redirect its blocks before it completes.
 #pragma once
 
 #include <atomic>
@@ -92,6 +93,7 @@ class Device : public Napi::ObjectWrap<Device> {
     std::vector<int32_t> outOrdered;
     std::vector<int32_t> outDone;
     std::vector<double> outRedirects;
+    std::vector<uint64_t> ranges;  // RedirectHere's blocks
     std::vector<double> takenSubmits;
     std::vector<int32_t> takenCompletes;
     // Read by inspect() from the main thread.
@@ -136,6 +138,7 @@ class Device : public Napi::ObjectWrap<Device> {
   void RingFailed(Queue& q, const std::string& why);
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
+  void RedirectHere(Queue& q);
   void PublishOutbox(Queue& q);
   void QueueCommand(Queue& q, uint16_t tag, uint32_t op, int32_t result, uint64_t userData = 0);
   bool ChainRead(Queue& q, uint16_t tag);

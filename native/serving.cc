@@ -1,5 +1,6 @@
 #include "serving.h"
 
+#include "redirector.h"
 #include "ublk.h"
 
 namespace cldd {
@@ -207,6 +208,11 @@ std::string ReadPublication(const Napi::Object& p, Published* out) {
   out->geometry.changeOffset = uint64_t(p.Get("changeOffset").ToNumber().DoubleValue());
   out->geometry.blockShift = uint32_t(__builtin_ctz(blockSize));
   out->geometry.blocks = uint64_t(blocks);
+  Napi::Value redirector = p.Get("redirector");
+  if (!redirector.IsNull() && !redirector.IsUndefined()) {
+    out->redirector = Redirector::From(redirector);
+    if (!out->redirector) return "redirector must be the addon's Redirector";
+  }
   return {};
 }
 
@@ -217,6 +223,7 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   words.Set("mode", published::kMode);
   words.Set("commitPending", published::kCommitPending);
   words.Set("generation", published::kGeneration);
+  words.Set("redirected", published::kRedirected);
   words.Set("count", double(published::kWords));
   Napi::Object modes = Napi::Object::New(env);
   modes.Set("off", int32_t(kFastOff));
@@ -245,6 +252,7 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   wire.Set("submitFlags", flags);
   wire.Set("requestFlags", requestFlags);
   wire.Set("events", events);
+  wire.Set("journalRecord", double(kJournalRecord));
   exports.Set("wire", wire);
 }
 

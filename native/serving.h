@@ -34,6 +34,8 @@ struct Geometry {
 
 // The publication as the queue threads see it: words and the bitmaps belong to JS ArrayBuffers
 // the device keeps referenced; JS writes the words with Atomics.
+class Redirector;
+
 struct Published {
   const int32_t* words = nullptr;
   const uint32_t* bits = nullptr;
@@ -45,6 +47,9 @@ struct Published {
   size_t trackWords = 0;
   uint32_t chunkShift = 0;
   Geometry geometry;
+  // Where a queue thread redirects the first touches it wrote (the master's only); null: the
+  // engine does, as before.
+  Redirector* redirector = nullptr;
 
   int32_t Word(int index) const { return __atomic_load_n(&words[index], __ATOMIC_SEQ_CST); }
   bool Bit(uint64_t block) const {

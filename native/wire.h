@@ -37,8 +37,14 @@ namespace published {
 constexpr int kMode = 0;
 constexpr int kCommitPending = 1;
 constexpr int kGeneration = 2;
+// First touches a queue thread redirected (native/redirector.h) that the engine has not taken yet.
+constexpr int kRedirected = 3;
 constexpr size_t kWords = 4;
 }  // namespace published
+// One record of the map journal, as src/format/map-journal.ts (RECORD) lays it out: first block
+// (f64), end block (f64), 1 = redirected (u8), 7 zero bytes.
+constexpr size_t kJournalRecord = 24;
+
 enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
 
 }  // namespace cldd

@@ -76,12 +76,15 @@ class Trial {
 
   fastServed = 0;
   fastDeclined = 0;
+  /** First touches in a snapshot the addon's Redirector took, as a queue thread's would. */
+  redirectedHere = 0;
 
   /** Adds up what the fast path of the volume being left behind served. */
   private tally(): void {
     if (!(this.disk instanceof FastPathDisk)) return;
     this.fastServed += this.disk.fast.served;
     this.fastDeclined += this.disk.fast.declined;
+    this.redirectedHere += this.disk.fast.redirectedHere;
   }
 
   private attach(): void {
@@ -516,6 +519,7 @@ describe('crash model', () => {
     let steps = 0;
     let fastServed = 0;
     let fastDeclined = 0;
+    let redirectedHere = 0;
     const started = performance.now();
     try {
       while (crashPoints < target) {
@@ -534,6 +538,7 @@ describe('crash model', () => {
         await trial.finish();
         fastServed += trial.fastServed;
         fastDeclined += trial.fastDeclined;
+        redirectedHere += trial.redirectedHere;
         crashPoints += trial.crashPoints;
         steps += trial.steps;
       }
@@ -547,7 +552,8 @@ describe('crash model', () => {
     if (fastPath) {
       // The fast path must really take part: most reads and writes of a workload are its.
       expect(fastServed, 'requests the fast path served').toBeGreaterThan(fastDeclined);
-      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine`);
+      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine; ${redirectedHere} first touches redirected by the redirector`);
+      expect(redirectedHere, 'first touches the redirector took').toBeGreaterThan(0);
     }
     expect(crashPoints).toBeGreaterThanOrEqual(target);
   }, 600_000);

@@ -10,7 +10,9 @@
  *     enable-time image (requests never overlap a write in flight, so the expected value is one).
  * Every other trial puts the queue threads' fast path in front of the engine (support/fast-path.ts):
  * the requests it decides run their I/O held like the rest, so state changes must turn it off
- * and wait for them, in any order, without missing one or waiting forever.
+ * and wait for them, in any order, without missing one or waiting forever. Of those, every other
+ * one redirects first touches as a master's queue thread does (the addon's Redirector), the rest
+ * through the engine's finishFastRedirect.
  * Replay a failure with CLDD_SEED=<seed>; scale with CLDD_INTERLEAVINGS=<trials>.
  */
 import { expect, test } from 'vitest';
@@ -86,6 +88,12 @@ class Trial {
   merges = 0;
 
   private fast: FastPath | null = null;
+  get redirectedHere(): number {
+    return this.fast?.redirectedHere ?? 0;
+  }
+  get redirectedByEngine(): number {
+    return this.fast?.redirectedByEngine ?? 0;
+  }
   /** Every block a write or discard was issued for (what the slave audit reads). */
   private readonly touched = new Set<number>();
   fastServed = 0;
@@ -94,6 +102,7 @@ class Trial {
     private readonly random: () => number,
     private readonly maxConcurrent: number,
     private readonly withFastPath: boolean,
+    private readonly nativeRedirects = true,
   ) {}
 
   private hold = (what: string): Promise<void> =>
@@ -107,7 +116,7 @@ class Trial {
     const opening = Volume.open(this.store);
     await this.settle(() => opening);
     this.volume = await opening;
-    if (this.withFastPath) this.fast = new FastPath(this.volume, this.store, this.hold);
+    if (this.withFastPath) this.fast = new FastPath(this.volume, this.store, this.hold, undefined, this.nativeRedirects);
     this.blocks = this.volume.layout.blocks;
     this.master = new Int32Array(this.blocks);
     this.writing = new Uint8Array(this.blocks);
@@ -386,9 +395,11 @@ test('concurrent requests in random interleavings with state changes and merges 
   let stateChanges = 0;
   let merges = 0;
   let fastServed = 0;
+  let redirectedHere = 0;
+  let redirectedByEngine = 0;
   for (let t = 0; t < trials; t++) {
     const trialSeed = (seed + t * 0x9e3779b1) >>> 0;
-    const trial = new Trial(rng(trialSeed), between(rng(trialSeed ^ 1), 4, 48), t % 2 === 1);
+    const trial = new Trial(rng(trialSeed), between(rng(trialSeed ^ 1), 4, 48), t % 2 === 1, t % 4 === 1);
     await trial.start();
     try {
       await trial.run(400);
@@ -400,9 +411,13 @@ test('concurrent requests in random interleavings with state changes and merges 
     stateChanges += trial.stateChanges;
     merges += trial.merges;
     fastServed += trial.fastServed;
+    redirectedHere += trial.redirectedHere;
+    redirectedByEngine += trial.redirectedByEngine;
   }
-  console.log(`interleavings: ${trials} trials, ${steps} scheduler steps, ${requests} actors, ${stateChanges} state changes, ${merges} merges, ${fastServed} requests served by the fast path`);
+  console.log(`interleavings: ${trials} trials, ${steps} scheduler steps, ${requests} actors, ${stateChanges} state changes, ${merges} merges, ${fastServed} requests served by the fast path, first touches redirected by the redirector ${redirectedHere} and by the engine ${redirectedByEngine}`);
   expect(stateChanges).toBeGreaterThan(trials);
   expect(merges).toBeGreaterThan(trials);
   expect(fastServed).toBeGreaterThan(trials);
+  expect(redirectedHere, 'first touches the redirector took').toBeGreaterThan(trials / 4);
+  expect(redirectedByEngine, 'first touches the engine redirected').toBeGreaterThan(trials / 4);
 }, 120_000);

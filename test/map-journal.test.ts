@@ -4,6 +4,7 @@
  * process. The map journal on tmpfs brings them back. A MemoryStore plays the page cache here:
  * a volume is abandoned without close, as a killed process would leave it.
  */
+import { closeSync, openSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +17,9 @@ import { MemoryStore } from '../src/io/memory-store.js';
 import { inOrder } from '../src/io/block-store.js';
 import { COMPACT_BYTES, MapJournal } from '../src/format/map-journal.js';
 import { dist, limitedChild } from './support/file-limit.js';
+import { PUBLISHED_WORD } from '../src/engine/publication.js';
+import { addon } from '../src/native/addon.js';
+import { nativePublication } from '../src/ublk/device.js';
 
 const BS = 4096;
 const fill = (v: number, blocks = 1) => new Uint8Array(blocks * BS).fill(v);
@@ -84,6 +88,89 @@ describe('map journal', () => {
     // The daemon dies here: no close, no flush.
     const d = new Disk(await Volume.open(store, { journalPath }));
     expect(await Promise.all([0, 1, 2, 3, 4, 5].map((b) => valueOf(d, b)))).toEqual([1, 4, 1, 5, 1, 1]);
+  });
+
+  test('first touches a queue thread redirected itself survive the death of the daemon', async () => {
+    const v = await Volume.open(store, { journalPath });
+    const r = new (addon().Redirector)();
+    const detach = v.attachRedirector(r);
+    const pub = nativePublication(v, r);
+    const word = (name: keyof typeof PUBLISHED_WORD) => Atomics.load(v.publication.words, PUBLISHED_WORD[name]);
+    expect(word('commitPending')).toBe(0);
+    // As a queue thread leaves them: written to the change area, then redirected in one go.
+    for (const [b, value] of [[1, 4], [3, 5], [4, 6]]) await store.write(fill(value), v.layout.changeOffset + b * BS);
+    const uuid = Buffer.from(v.status().uuid, 'hex');
+    expect(r.redirect(pub, Float64Array.of(1, 2, 3, 5))).toBe(true);
+    // In the order rule 4 of docs/serving.md gives: a flush now commits, the journal holds both
+    // records (one write), the bits are set, and the volume has not taken them yet.
+    expect(word('commitPending')).toBe(1);
+    expect(word('redirected')).toBe(2);
+    expect(MapJournal.leftover(journalPath, uuid, v.layout.blocks).changes).toEqual([
+      { start: 1, end: 2, redirected: true },
+      { start: 3, end: 5, redirected: true },
+    ]);
+    expect([1, 2, 3, 4].map((b) => (v.map.bits[0] >>> b) & 1)).toEqual([1, 0, 1, 1]);
+    // The volume takes them at its next hold (here its status): counts, dirty pages.
+    expect(v.status().redirected).toBe(3);
+    expect(word('redirected')).toBe(0);
+    expect(v.status().dirtyMapPages).toBe(1);
+    // The daemon dies here: no close, no flush.
+    const d = new Disk(await Volume.open(store, { journalPath }));
+    expect(await Promise.all([0, 1, 2, 3, 4, 5].map((b) => valueOf(d, b)))).toEqual([1, 4, 1, 5, 6, 1]);
+    detach();
+  });
+
+  test('first touches a queue thread redirected are committed with their chunks\' marks, and the journal cut back', async () => {
+    const v = await Volume.open(store, { journalPath });
+    const r = new (addon().Redirector)();
+    v.attachRedirector(r);
+    await store.write(fill(7), v.layout.changeOffset + 6 * BS);
+    expect(r.redirect(nativePublication(v, r), Float64Array.of(6, 7))).toBe(true);
+    await v.commit();
+    expect(Atomics.load(v.publication.words, PUBLISHED_WORD.commitPending)).toBe(0);
+    expect((await stat(journalPath)).size).toBe(32);
+    // Power lost: no journal, only what the commit wrote.
+    const after = await Volume.open(store);
+    expect(await valueOf(new Disk(after), 6)).toBe(7);
+    expect(after.tracking!.changedExtents()).toEqual([[0, 16 * BS]]);
+  });
+
+  test('a queue thread leaves the redirect to the engine when it may not, or its journal record fails', async () => {
+    const v = await Volume.open(store, { journalPath });
+    const r = new (addon().Redirector)();
+    const pub = nativePublication(v, r);
+    const one = Float64Array.of(2, 3);
+    // Not attached to a volume yet.
+    expect(r.redirect(pub, one)).toBe(false);
+    const detach = v.attachRedirector(r);
+    // The volume holds the lock.
+    r.hold();
+    expect(r.redirect(pub, one)).toBe(false);
+    // A journal the thread cannot write: nothing redirected, the journal as it was.
+    const readOnly = openSync(journalPath, 'r');
+    try {
+      r.release(readOnly, 32, true);
+      expect(r.redirect(pub, one)).toBe(false);
+    } finally {
+      closeSync(readOnly);
+    }
+    r.hold();
+    r.release(-1, 32, true);
+    // Not a snapshot: the bits move only in one.
+    await v.disable();
+    expect(r.redirect(pub, one)).toBe(false);
+    await v.enable();
+    // Blocks outside the volume.
+    expect(r.redirect(pub, Float64Array.of(v.layout.blocks - 1, v.layout.blocks + 1))).toBe(false);
+    expect(v.status().redirected).toBe(0);
+    expect((await stat(journalPath)).size).toBe(32);
+    // Detached (its device closed), or the volume closed.
+    detach();
+    expect(r.redirect(pub, one)).toBe(false);
+    v.attachRedirector(r);
+    await v.close();
+    expect(r.redirect(pub, one)).toBe(false);
+    expect(v.map.count).toBe(0);
   });
 
   test('resync writes and merges survive the death of the daemon', async () => {

@@ -7,6 +7,8 @@
  *   - `words[COMMIT_PENDING]`: 1 while a flush has something to commit (dirty map pages, a state
  *     change not yet written, or a commit still running), so it must go to the engine;
  *   - `words[GENERATION]`: bumped at every publication, for reports;
+ *   - `words[REDIRECTED]`: first touches a queue thread redirected (MapRedirector) that the
+ *     volume has not taken yet;
  *   - the redirect bitmap, `BlockMap.bits`, shared and not copied.
  *
  * Words are written with Atomics (sequentially consistent), read natively with seq_cst loads. The
@@ -14,7 +16,7 @@
  */
 import type { VolumeState } from '../format/format.js';
 
-export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2 } as const;
+export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2, redirected: 3 } as const;
 export const PUBLISHED_WORDS = 4;
 
 export const FAST_MODE = { off: 0, plain: 1, snapshot: 2, resync: 3 } as const satisfies Record<'off' | VolumeState, number>;
@@ -30,6 +32,20 @@ export interface FastPathServer {
   describeRequests(): string;
   /** What it served so far; the volume adds these into its counters. */
   counters(): FastPathCounters;
+}
+
+/**
+ * Where the queue threads redirect the first touches they wrote in a snapshot themselves
+ * (native/redirector.h; docs/serving.md, "A first touch in a snapshot"): they set the bits, write
+ * the journal's records and raise commitPending under its lock. The volume holds that lock
+ * whenever it reads or changes what those touch (its own map changes, a commit's capture, the
+ * journal's trim, commitPending lowered), and takes the redirects made since the last hold first.
+ */
+export interface MapRedirector {
+  /** Takes the lock; returns [the journal's length, start, end, ...]: the blocks redirected since the last hold. */
+  hold(): Float64Array;
+  /** Where the journal is now (-1: none), and whether the threads may redirect; drops the lock. */
+  release(journalFd: number, journalLength: number, enabled: boolean): void;
 }
 
 /** A first touch in a snapshot that a queue thread wrote, for the volume to redirect. */

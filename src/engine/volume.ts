@@ -27,7 +27,7 @@ import { ChangeTracking, NO_MARKS } from './change-tracking.js';
 import type { Layout, MapRecord, Superblock, VolumeState } from '../format/format.js';
 import type { IoOp, Plan, Request } from './plan.js';
 import { type MapChange, MapJournal } from '../format/map-journal.js';
-import { type FastPathCounters, type FastPathServer, type FastWrite, Publication } from './publication.js';
+import { type FastPathCounters, type FastPathServer, type FastWrite, type MapRedirector, PUBLISHED_WORD, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 import { allRedirected, checkRequest, extent, masterReadExtents, noneRedirected } from './extents.js';
 import { CommitWriter, type PageSlots } from './commit.js';
@@ -175,6 +175,10 @@ export class Volume {
   /** What the native fast path reads, and the servers using it (drained around state changes). */
   readonly publication: Publication;
   private readonly fastServers = new Set<FastPathServer>();
+  /** Where queue threads redirect first touches themselves (attachRedirector), or null. */
+  private redirector: MapRedirector | null = null;
+  /** Depth of withMapLock calls on the stack (the lock is taken by the outermost). */
+  private mapLockDepth = 0;
 
   readonly counters: VolumeCounters = {
     reads: 0,
@@ -296,6 +300,7 @@ export class Volume {
   }
 
   status(): VolumeStatus {
+    this.takeRedirects();
     return {
       name: this.sb.name,
       uuid: Buffer.from(this.sb.uuid).toString('hex'),
@@ -337,9 +342,75 @@ export class Volume {
     };
   }
 
+  /**
+   * Lets queue threads redirect the first touches they wrote in a snapshot themselves, through
+   * `redirector` (publication.ts, MapRedirector), instead of handing each batch to
+   * finishFastRedirects. One at a time. Returns the function that stops them again (it takes
+   * what they redirected first).
+   */
+  attachRedirector(redirector: MapRedirector): () => void {
+    if (this.redirector) throw new Error('a redirector is attached already');
+    this.redirector = redirector;
+    this.withMapLock(() => {});
+    return () => {
+      if (this.redirector !== redirector) return;
+      this.withMapLock(() => {}, false);
+      this.redirector = null;
+    };
+  }
+
+  /** Takes the first touches queue threads redirected since the last time, if there are any. */
+  takeRedirects(): void {
+    if (this.redirector && Atomics.load(this.publication.words, PUBLISHED_WORD.redirected) !== 0) this.withMapLock(() => {});
+  }
+
+  /**
+   * Runs `fn` under the redirector's lock, after taking what the queue threads redirected (their
+   * bits into the map's counts and dirty pages, their chunks' marks, the journal's length), so
+   * that `fn` sees the map as every completed write left it and no thread changes it meanwhile.
+   * Then tells the threads where the journal is, and whether they may go on (`enabled`: the
+   * volume neither failed nor closed). Synchronous: the threads wait for it.
+   */
+  private withMapLock<T>(fn: () => T, enabled = true): T {
+    const r = this.redirector;
+    if (!r || this.mapLockDepth > 0) return fn();
+    const held = r.hold();
+    this.mapLockDepth++;
+    try {
+      Atomics.store(this.publication.words, PUBLISHED_WORD.redirected, 0);
+      this.takeRedirected(held);
+      return fn();
+    } finally {
+      this.mapLockDepth--;
+      const journal = this.journal;
+      r.release(journal?.descriptor ?? -1, journal?.bytes ?? 0, enabled && !this.failure && !this.closed);
+    }
+  }
+
+  /** `held` as hold() returns it: the journal's length, then (start, end) of each redirect. */
+  private takeRedirected(held: Float64Array): void {
+    if (held.length <= 1) return;
+    this.journal?.appendedTo(held[0]);
+    for (let i = 1; i + 1 < held.length; i += 2) {
+      const start = held[i];
+      const end = held[i + 1];
+      // As finishFastRedirects does, before any commit can capture the bits.
+      if (this.tracking?.needsMark(start, end)) this.tracking.mark(start, end);
+      this.map.absorb(start, end);
+    }
+    if (this.journal && this.journal.pending >= JOURNAL_COMMIT_BYTES) this.commitForJournal();
+  }
+
   /** Whether a flush now has something to commit; published for the fast path. */
   private publishCommitPending(): void {
-    this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap));
+    if (this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap)) {
+      this.publication.setCommitPending(true);
+      return;
+    }
+    // Lowered only with the redirects the threads made taken: each raised it for its bits.
+    this.withMapLock(() =>
+      this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap)),
+    );
   }
 
   // ---------------------------------------------------------------- planning
@@ -349,6 +420,7 @@ export class Volume {
     this.checkUsable();
     checkRequest(req, this.layout, this.sb.state);
     if (this.gate) return this.gate.then(() => this.plan(req));
+    this.takeRedirects();
     this.inFlight++;
     const { blockSize } = this.layout;
     const start = req.offset / blockSize;
@@ -561,9 +633,11 @@ export class Volume {
   /** changeMap for several changes, their journal records in one write. */
   private changeMaps(changes: readonly MapChange[]): void {
     if (changes.length === 0) return;
-    this.publication.setCommitPending(true);
-    this.journal?.recordAll(changes);
-    for (const c of changes) this.map.assign(c.start, c.end, c.redirected);
+    this.withMapLock(() => {
+      this.publication.setCommitPending(true);
+      this.journal?.recordAll(changes);
+      for (const c of changes) this.map.assign(c.start, c.end, c.redirected);
+    });
     if (this.journal && this.journal.pending >= JOURNAL_COMMIT_BYTES) this.commitForJournal();
   }
 
@@ -808,6 +882,8 @@ export class Volume {
     this.publication.suspend();
     try {
       if (this.fastServers.size) await Promise.all([...this.fastServers].map((s) => s.idle()));
+      // What the threads redirected before they went idle: a state change reads the map's count.
+      this.takeRedirects();
       if (this.inFlight > 0) await this.drain(what);
       await fn();
     } finally {
@@ -846,9 +922,12 @@ export class Volume {
     }
     this.closed = true;
     this.publication.stop();
-    // Everything is committed after a clean close; after a failure the journal must stay.
-    this.journal?.close(!this.failure);
-    this.journal = null;
+    // Everything is committed after a clean close; after a failure the journal must stay. No
+    // thread appends to it any more (closed: they may not).
+    this.withMapLock(() => {
+      this.journal?.close(!this.failure);
+      this.journal = null;
+    }, false);
     const waiters = this.plainWaiters;
     this.plainWaiters = [];
     for (const w of waiters) w.reject(new CldError('CLDD_CLOSED', 'the volume was closed'));
@@ -910,20 +989,26 @@ export class Volume {
   private async commitOnce(marksOnly: boolean, run?: StepRunner): Promise<void> {
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
-    const redirectPages = this.map.takeDirty();
-    const marks = this.tracking?.capture() ?? NO_MARKS;
-    const bothCopies = this.sbDirty;
-    this.sbDirty = false;
-    const journalMark = this.journal?.mark();
-    // Commits run back to back while flushes keep coming (a FUA write each, as ext4's journal
-    // commits are): with "a commit runs" alone, every flush went through the engine as long as
-    // the stream lasted, though those commits wrote no map.
-    this.runningWritesMap = redirectPages.length > 0 || bothCopies;
-    this.publishCommitPending();
-    const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks };
-    const written = await this.writer.write(capture, run);
-    if (written) this.sb = { ...this.sb, ...written };
-    if (journalMark !== undefined) this.journal?.trim(journalMark, this.sb.epoch);
+    // Under the map lock up to the writer's first step: it encodes the pages before it, and a
+    // bit a queue thread set meanwhile would be in them without its chunk's mark.
+    const { written, journalMark, marks } = this.withMapLock(() => {
+      const redirectPages = this.map.takeDirty();
+      const marks = this.tracking?.capture() ?? NO_MARKS;
+      const bothCopies = this.sbDirty;
+      this.sbDirty = false;
+      const journalMark = this.journal?.mark();
+      // Commits run back to back while flushes keep coming (a FUA write each, as ext4's journal
+      // commits are): with "a commit runs" alone, every flush went through the engine as long as
+      // the stream lasted, though those commits wrote no map.
+      this.runningWritesMap = redirectPages.length > 0 || bothCopies;
+      this.publishCommitPending();
+      const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks };
+      return { written: this.writer.write(capture, run), journalMark, marks };
+    });
+    const done = await written;
+    if (done) this.sb = { ...this.sb, ...done };
+    // The trim may rename a new journal over the old: no thread may append meanwhile.
+    if (journalMark !== undefined) this.withMapLock(() => this.journal?.trim(journalMark, this.sb.epoch));
     this.tracking?.committed(marks);
     this.counters.commits++;
   }

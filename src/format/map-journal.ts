@@ -7,7 +7,7 @@
  * the journal can never outlive the data it describes, and after a power loss the store's own
  * commit protocol is all that counts.
  *
- * Layout: a 32-byte header (magic "cldd-mj1", the store uuid, u64 snapshot epoch the records
+ * Layout (native/redirector.cc appends records too): a 32-byte header (magic "cldd-mj1", the store uuid, u64 snapshot epoch the records
  * belong to plus one, 0 where an older cldd did not record it), then 24-byte records: first block
  * (f64), end block (f64), 1 = redirected / 0 = not (u8), 7 zero bytes. The epoch is rewritten
  * whenever the journal is emptied; a state change empties it (its commits capture everything).
@@ -27,7 +27,8 @@ import { CldError } from '../errors.js';
 
 const MAGIC = 'cldd-mj1';
 const HEADER = 32;
-const RECORD = 24;
+/** Bytes per record; native/redirector.cc writes them too (native/wire.h, kJournalRecord). */
+export const RECORD = 24;
 
 /**
  * Committed records are dropped from a journal still in use once they take this much: at most
@@ -139,6 +140,25 @@ export class MapJournal {
       throw err;
     }
     this.length += bytes.length;
+  }
+
+  /**
+   * The file to append to, for a queue thread that redirects first touches itself (under the
+   * volume's map lock); -1 once closed.
+   */
+  get descriptor(): number {
+    return this.fd;
+  }
+
+  /**
+   * The journal is `length` bytes long now: records a queue thread appended (whole ones: it cuts
+   * a part it could not finish off again). Called under the volume's map lock.
+   */
+  appendedTo(length: number): void {
+    if (length < this.length || (length - this.length) % RECORD !== 0) {
+      throw new CldError('EIO', `the map journal ${this.path}: a queue thread left it at ${length} bytes, it was at ${this.length}`);
+    }
+    this.length = length;
   }
 
   /** Bytes of records that no finished commit covers (a writer that never flushes adds them up). */

@@ -116,6 +116,17 @@ export interface NativePublication {
   changeOffset: number;
   blockSize: number;
   blocks: number;
+  /** The master's: where its queue threads redirect first touches (native/redirector.h); null for none. */
+  redirector?: NativeRedirector | null;
+}
+
+/** native/redirector.h; src/engine/publication.ts's MapRedirector. */
+export declare class NativeRedirector {
+  constructor();
+  hold(): Float64Array;
+  release(journalFd: number, journalLength: number, enabled: boolean): void;
+  /** What a queue thread does with a batch of first touches, for the engine's tests: redirects [start, end) pairs of blocks, all or none. */
+  redirect(published: NativePublication, ranges: Float64Array): boolean;
 }
 
 /**
@@ -174,6 +185,7 @@ export interface NativeAddon {
   Store: typeof NativeStoreHandle;
   Control: typeof NativeControlHandle;
   Device: typeof NativeDeviceHandle;
+  Redirector: typeof NativeRedirector;
   /** sd_notify(3): sends `message` to the datagram socket `socket` ('@' for abstract names). */
   notify(socket: string, message: string): void;
   /** FIFREEZE on the filesystem mounted at `mountpoint`, on a worker thread. */
@@ -211,11 +223,12 @@ export interface NativeAddon {
   crc32c(data: Uint8Array, start?: number, end?: number, seed?: number): number;
   /** native/wire.h's numbers (test/wire.test.ts checks them against src/native/wire.ts). */
   wire: {
-    publishedWord: { mode: number; commitPending: number; generation: number; count: number };
+    publishedWord: { mode: number; commitPending: number; generation: number; redirected: number; count: number };
     fastMode: { off: number; plain: number; snapshot: number; resync: number };
     extentKind: { read: number; write: number; zero: number; sync: number; meta: number };
     submitFlags: { needsEngine: number; inOrder: number };
     requestFlags: { fua: number };
     events: { requestFields: number; redirectFields: number; perTag: number };
+    journalRecord: number;
   };
 }

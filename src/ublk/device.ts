@@ -7,8 +7,10 @@
  *     writes to blocks already redirected, flushes with nothing to commit) is served by its queue
  *     thread without JS (the fast path, docs/serving.md); this class registers the device with
  *     the volume, which turns that path off and waits for it to drain around state changes;
- *   - a first touch in a snapshot is written by its queue thread too, and comes here once, after
- *     its write, for the volume to redirect its blocks (finishFastRedirect) before it completes;
+ *   - a first touch in a snapshot is written and redirected by its queue thread too (the
+ *     volume's MapRedirector, native/redirector.h); only when that thread may not redirect it
+ *     does it come here, once, after its write, for the volume to redirect its blocks
+ *     (finishFastRedirects) before it completes;
  *   - every other request a queue's thread hands over is planned here (volume.plan), and the
  *     plans' extents go back to the native side in one submit() per queue and turn of the event
  *     loop;
@@ -35,7 +37,7 @@ import { hasZeroCopy, type DeviceInfo, type UblkControl } from './control.js';
 import type { NativeDeviceOptions } from '../native/native.js';
 import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
-import type { NativeDeviceHandle, NativePublication, NativeQueueState } from '../native/native.js';
+import type { NativeDeviceHandle, NativePublication, NativeQueueState, NativeRedirector } from '../native/native.js';
 import { EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
 
 /** The engine's name of each request opcode it serves. */
@@ -190,6 +192,7 @@ export class UblkDevice {
   private reportedError: string | null = null;
   private nativeFactory: NativeDeviceFactory = addonDevice;
   private detachFastPath: (() => void) | null = null;
+  private detachRedirector: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
   /** The images of the commit a flush's queue thread is running (runOnQueue). */
   private readonly meta: Uint8Array | null;
@@ -395,6 +398,8 @@ export class UblkDevice {
     const masks = await Promise.all(Array.from({ length: this.info.queues }, (_, q) => this.control.queueAffinity(this.info.id, q).catch(() => null)));
     this.cpus = servingCpus(masks, allowedCpus(), this.info.id);
     const deadline = Date.now() + 5000;
+    // The master's queue threads redirect the first touches they write in a snapshot themselves.
+    const redirector = this.target === 'master' ? new (addon().Redirector)() : null;
     for (;;) {
       try {
         this.native = this.nativeFactory({
@@ -407,7 +412,7 @@ export class UblkDevice {
           zeroCopy: hasZeroCopy(this.info.flags),
           userCopy: (this.info.flags & UBLK_F.USER_COPY) !== 0,
           target: this.target,
-          published: nativePublication(this.volume),
+          published: nativePublication(this.volume, redirector),
           onEvents: (q, requests, ordered, done, redirects, stopped) => this.onEvents(q, requests, ordered, done, redirects, stopped),
           events: this.events,
           meta: this.meta ?? undefined,
@@ -431,6 +436,7 @@ export class UblkDevice {
       },
     };
     this.detachFastPath = this.volume.attachFastPath(fastPath);
+    if (redirector) this.detachRedirector = this.volume.attachRedirector(redirector);
     this.native.start();
   }
 
@@ -464,6 +470,8 @@ export class UblkDevice {
   }
 
   private onEvents(q: number, requests: number, ordered: number, done: number, redirects: number, stopped: boolean): void {
+    // First touches the queue threads redirected: the engine's bookkeeping (they completed).
+    this.volume.takeRedirects();
     const ev = this.events;
     const depth = this.info.depth;
     const { requestFields } = EVENTS;
@@ -878,6 +886,9 @@ export class UblkDevice {
     const pending = native?.close();
     // Completed to the kernel but not yet told to the engine.
     if (pending) for (let i = 0; i < pending.length; i += 3) this.finishDone(pending[i], pending[i + 1], pending[i + 2]);
+    // The threads are gone: the volume takes what they redirected.
+    this.detachRedirector?.();
+    this.detachRedirector = null;
     // Plans the kernel will never see completed: let the engine account for them.
     for (const bridge of this.bridges) {
       for (let tag = 0; tag < bridge.plans.length; tag++) {
@@ -890,7 +901,7 @@ export class UblkDevice {
 }
 
 /** What the volume publishes for the queue threads, with its geometry, as the addon takes it. */
-export function nativePublication(volume: Volume): NativePublication {
+export function nativePublication(volume: Volume, redirector: NativeRedirector | null = null): NativePublication {
   const { dataOffset, changeOffset, blockSize, blocks } = volume.layout;
   const tracking = volume.tracking;
   return {
@@ -902,6 +913,7 @@ export function nativePublication(volume: Volume): NativePublication {
     changeOffset,
     blockSize,
     blocks,
+    redirector,
   };
 }
 

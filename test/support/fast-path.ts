@@ -3,7 +3,10 @@
  * drive their workloads through it: the decision is the addon's own PlanFast (addon.planFast),
  * the I/O goes to the test's store, and the count of fast requests in flight goes up before the
  * decision and down after the I/O, as on a queue thread. It registers with the volume like a
- * device does, so every state change turns it off and waits for it (docs/serving.md).
+ * device does, so every state change turns it off and waits for it (docs/serving.md). A first
+ * touch in a snapshot is redirected as a master's queue thread does it: by the addon's
+ * Redirector (native/redirector.cc), the engine taking it later, or, when that declines (or
+ * `nativeRedirects` is false), by the engine's finishFastRedirect.
  */
 import { within } from '../../src/deadline.js';
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
@@ -12,6 +15,7 @@ import type { FastPathCounters } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
 import type { BlockStore } from '../../src/io/block-store.js';
 import { addon } from '../../src/native/addon.js';
+import type { NativeRedirector } from '../../src/native/native.js';
 import { nativePublication } from '../../src/ublk/device.js';
 
 /** ublk's opcodes and FUA flag, as a request descriptor carries them. */
@@ -26,6 +30,11 @@ export class FastPath {
   /** Requests it served, and requests it left to the engine. */
   served = 0;
   declined = 0;
+  /** First touches the redirector took, and those the engine redirected. */
+  redirectedHere = 0;
+  redirectedByEngine = 0;
+  private readonly redirector: NativeRedirector | null;
+  private readonly detachRedirector: () => void;
 
   constructor(
     readonly volume: Volume,
@@ -34,11 +43,15 @@ export class FastPath {
     private readonly beforeIo: (what: string) => Promise<void> = () => Promise.resolve(),
     /** Runs its reads and writes (a test may watch them); flushes go to the store. */
     private readonly executor: Executor = new StoreExecutor(store),
+    nativeRedirects = true,
   ) {
     this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }), describeRequests: () => '' });
+    this.redirector = nativeRedirects ? new (addon().Redirector)() : null;
+    this.detachRedirector = this.redirector ? volume.attachRedirector(this.redirector) : () => {};
   }
 
   close(): void {
+    this.detachRedirector();
     this.detach();
   }
 
@@ -83,7 +96,11 @@ export class FastPath {
         // it completes, while it still counts as in flight here, as on a queue thread.
         if (decided.redirect) {
           try {
-            this.volume.finishFastRedirect(req.offset, req.length, ok);
+            if (ok && this.redirectHere(req)) this.count(req, ok);
+            else {
+              this.redirectedByEngine++;
+              this.volume.finishFastRedirect(req.offset, req.length, ok);
+            }
           } finally {
             this.leave();
           }
@@ -93,6 +110,15 @@ export class FastPath {
         }
       }
     })();
+  }
+
+  /** What the queue thread's RedirectHere does, for one write. */
+  private redirectHere(req: Request): boolean {
+    if (!this.redirector) return false;
+    const bs = this.volume.layout.blockSize;
+    const done = this.redirector.redirect(nativePublication(this.volume, this.redirector), Float64Array.of(req.offset / bs, (req.offset + req.length) / bs));
+    if (done) this.redirectedHere++;
+    return done;
   }
 
   private count(req: Request, ok: boolean): void {
@@ -126,8 +152,9 @@ export class FastPathDisk {
     readonly volume: Volume,
     store: BlockStore,
     executor: Executor = new StoreExecutor(store),
+    nativeRedirects = true,
   ) {
-    this.fast = new FastPath(volume, store, undefined, executor);
+    this.fast = new FastPath(volume, store, undefined, executor, nativeRedirects);
     this.executor = executor;
   }
 
