@@ -89,15 +89,19 @@ bool Redirector::Redirect(const Published& p, const uint64_t* ranges, size_t cou
   // 3. Only then the bits.
   for (size_t i = 0; i < count; i++) {
     uint64_t b = ranges[2 * i], end = ranges[2 * i + 1];
+    // How many of them were clear: the engine adds that to its counts without recounting pages.
+    uint64_t set = 0;
     while (b < end) {
       uint32_t lo = uint32_t(b & 31);
       uint32_t n = uint32_t(std::min<uint64_t>(32 - lo, end - b));
       uint32_t mask = n == 32 ? 0xffffffffu : ((1u << n) - 1) << lo;
-      __atomic_fetch_or(&bits[b >> 5], mask, __ATOMIC_SEQ_CST);
+      uint32_t old = __atomic_fetch_or(&bits[b >> 5], mask, __ATOMIC_SEQ_CST);
+      set += uint64_t(__builtin_popcount(mask & ~old));
       b += n;
     }
     redirected_.push_back(double(ranges[2 * i]));
     redirected_.push_back(double(ranges[2 * i + 1]));
+    redirected_.push_back(double(set));
   }
   __atomic_add_fetch(&words[published::kRedirected], int32_t(count), __ATOMIC_SEQ_CST);
   return true;

@@ -31,8 +31,9 @@ class Redirector : public Napi::ObjectWrap<Redirector> {
   bool Redirect(const Published& p, const uint64_t* ranges, size_t count);
 
  private:
-  // hold(): takes the lock (bounded) and returns [journal length, start, end, ...], the ranges
-  // redirected here since the last hold, which it forgets. release(journalFd, journalLength,
+  // hold(): takes the lock (bounded) and returns [journal length, start, end, set, ...], the
+  // ranges redirected here since the last hold (and how many of each range's bits were clear),
+  // which it forgets. release(journalFd, journalLength,
   // enabled): where the journal is now, and whether first touches may be redirected here; drops
   // the lock. redirect(publication, ranges): Redirect, for the engine's tests.
   Napi::Value Hold(const Napi::CallbackInfo& info);

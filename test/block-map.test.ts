@@ -55,6 +55,43 @@ function expectMatches(map: BlockMap, bits: Uint8Array, what: string): void {
 }
 
 describe('BlockMap', () => {
+  test('bits a queue thread set are taken with the counts it reports, across pages too', () => {
+    const seed = seedFromEnv();
+    console.log(`absorb seed: ${seed} (replay with CLDD_SEED=${seed})`);
+    const random = rng(seed);
+    const map = new BlockMap(3 * BITS_4K, 4096);
+    const naive = new Uint8Array(map.blocks);
+    for (let round = 0; round < 40; round++) {
+      // The engine's own changes, between the threads' batches.
+      const s = between(random, 0, map.blocks - 200);
+      const e = s + between(random, 1, 200);
+      map.assign(s, e, true);
+      naive.fill(1, s, e);
+      map.takeDirty();
+      // A batch as native/redirector.cc leaves it: bits ORed in, each range's newly set count.
+      const held: number[] = [0];
+      for (let k = between(random, 1, 30); k > 0; k--) {
+        // Near a page boundary a third of the time.
+        const start = random() < 0.33 ? between(random, 1, 2) * BITS_4K - between(random, 1, 100) : between(random, 0, map.blocks - 128);
+        const end = Math.min(map.blocks, start + between(random, 1, 128));
+        let set = 0;
+        for (let b = start; b < end; b++) {
+          const before = map.bits[b >>> 5];
+          map.bits[b >>> 5] = (before | (1 << (b & 31))) >>> 0;
+          if (map.bits[b >>> 5] !== before) set++;
+        }
+        naive.fill(1, start, end);
+        held.push(start, end, set);
+      }
+      map.absorb(Float64Array.from(held), 1);
+      expect(map.count).toBe(naive.reduce((a, b) => a + b, 0));
+      for (let b = 0; b < map.blocks; b += 97) expect(map.test(b), `block ${b}`).toBe(naive[b] === 1);
+      const touched = new Set<number>();
+      for (let i = 1; i < held.length; i += 3) for (let p = Math.floor(held[i] / BITS_4K); p <= Math.floor((held[i + 1] - 1) / BITS_4K); p++) touched.add(p);
+      expect(map.takeDirty()).toEqual([...touched].sort((a, b) => a - b));
+    }
+  });
+
   test('assign_test_and_count_across_word_and_page_boundaries', () => {
     const blocks = 3 * BITS_4K + 100;
     const map = new BlockMap(blocks, 4096);

@@ -117,12 +117,30 @@ export class BlockMap {
   }
 
   /**
-   * Takes bits a queue thread set in [start, end) (native/redirector.cc) into the bookkeeping:
-   * each page they touch is recounted and marked dirty. A recount is exact whatever else the
-   * threads set meanwhile, so redirects taken twice, or taken after later ones, count once.
+   * Takes bits queue threads set (native/redirector.cc) into the bookkeeping: `ranges` holds
+   * (start, end, set) from index `at` on, `set` being how many of [start, end) were clear before
+   * (the thread counted them from its atomic ORs; the engine changes bits only under the same
+   * lock, so no change is counted twice). Their pages are marked dirty. A range across two pages
+   * is rare (a request spans at most 128 blocks): those pages are recounted, after the rest, so
+   * the recount is the truth. Recounting every range's page instead took the main thread 27 µs
+   * a first touch (3.4 s of CPU in an 8 s job at QD32 in the 6.12 VM, where the queue thread took
+   * 26 µs), competing with the queue thread and fio for the VM's two CPUs.
    */
-  absorb(start: number, end: number): void {
-    for (let p = Math.floor(start / this.bitsPerPage); p * this.bitsPerPage < end; p++) {
+  absorb(ranges: Float64Array, at: number): void {
+    const recount = new Set<number>();
+    for (let i = at; i + 2 < ranges.length; i += 3) {
+      const first = Math.floor(ranges[i] / this.bitsPerPage);
+      const last = Math.floor((ranges[i + 1] - 1) / this.bitsPerPage);
+      if (first !== last) {
+        for (let p = first; p <= last; p++) recount.add(p);
+        continue;
+      }
+      this.pageCounts[first] += ranges[i + 2];
+      this.setCount += ranges[i + 2];
+      if (this.pageCounts[first] > 0) this.pages[first] ??= this.pageWords(first);
+      this.markDirty(first);
+    }
+    for (const p of recount) {
       const words = this.pageWords(p);
       let n = 0;
       for (let w = 0; w < words.length; w++) if (words[w]) n += popcount(words[w]);

@@ -42,7 +42,10 @@ export interface FastPathServer {
  * journal's trim, commitPending lowered), and takes the redirects made since the last hold first.
  */
 export interface MapRedirector {
-  /** Takes the lock; returns [the journal's length, start, end, ...]: the blocks redirected since the last hold. */
+  /**
+   * Takes the lock; returns [the journal's length, start, end, set, ...]: the blocks redirected
+   * since the last hold, and how many of each range's bits the thread found clear.
+   */
   hold(): Float64Array;
   /** Where the journal is now (-1: none), and whether the threads may redirect; drops the lock. */
   release(journalFd: number, journalLength: number, enabled: boolean): void;

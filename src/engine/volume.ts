@@ -387,17 +387,15 @@ export class Volume {
     }
   }
 
-  /** `held` as hold() returns it: the journal's length, then (start, end) of each redirect. */
+  /** `held` as hold() returns it: the journal's length, then (start, end, set) of each redirect. */
   private takeRedirected(held: Float64Array): void {
     if (held.length <= 1) return;
     this.journal?.appendedTo(held[0]);
-    for (let i = 1; i + 1 < held.length; i += 2) {
-      const start = held[i];
-      const end = held[i + 1];
-      // As finishFastRedirects does, before any commit can capture the bits.
-      if (this.tracking?.needsMark(start, end)) this.tracking.mark(start, end);
-      this.map.absorb(start, end);
+    // The marks as finishFastRedirects makes them, before any commit can capture the bits.
+    if (this.tracking) {
+      for (let i = 1; i + 2 < held.length; i += 3) if (this.tracking.needsMark(held[i], held[i + 1])) this.tracking.mark(held[i], held[i + 1]);
     }
+    this.map.absorb(held, 1);
     if (this.journal && this.journal.pending >= JOURNAL_COMMIT_BYTES) this.commitForJournal();
   }
 
