@@ -527,7 +527,7 @@ void Device::RedirectHere(Queue& q) {
   q.outRedirects.resize(kept);
   // The engine takes them at its next hold (a commit, a plan, a status); past this many, it is
   // woken for them: their journal records count towards its commit for the journal's length, and
-  // each waits in the redirector's list (16 bytes) until then.
+  // each waits in the redirector's list (24 bytes) until then.
   if (published_.Word(published::kRedirected) >= kTakeRedirectsAfter && async_) uv_async_send(async_);
 }
 

@@ -7,10 +7,11 @@
  * the journal can never outlive the data it describes, and after a power loss the store's own
  * commit protocol is all that counts.
  *
- * Layout (native/redirector.cc appends records too): a 32-byte header (magic "cldd-mj1", the store uuid, u64 snapshot epoch the records
- * belong to plus one, 0 where an older cldd did not record it), then 24-byte records: first block
- * (f64), end block (f64), 1 = redirected / 0 = not (u8), 7 zero bytes. The epoch is rewritten
- * whenever the journal is emptied; a state change empties it (its commits capture everything).
+ * Layout (native/redirector.cc appends records too): a 32-byte header (magic "cldd-mj1", the
+ * store uuid, u64 snapshot epoch the records belong to plus one, 0 where an older cldd did not
+ * record it), then 24-byte records: first block (f64), end block (f64), 1 = redirected / 0 = not
+ * (u8), 7 zero bytes. The epoch is rewritten whenever the journal is emptied; a state change
+ * empties it (its commits capture everything).
  * Records are assignments, so replaying them in order over the committed map gives the map the
  * process had, however many of them a commit already covered.
  *
