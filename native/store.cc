@@ -348,13 +348,18 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   }
 
  private:
-  // A merge's copy: every run read, then written. Where the change area is a long hole (the
+  // A merge's copy: in the kernel where the file system can (CopyInKernel) and no run reads what
+  // another writes, else every run read, then written. Where the change area is a long hole (the
   // master's blocks were discarded in the snapshot, and the engine punched them there), the data
   // area is punched rather than written with the zeros a read of the hole gives: the same bytes,
   // and the space a discard gave back is not taken again by the resync.
   void ExecuteCopy() {
+    for (CopyRun& run : runs_) FindHoles(run);
+    if (store_->copiesInKernel_.load(std::memory_order_relaxed) && !store_->blockDevice_ && Disjoint() && SourcesInFile()) {
+      if (CopyInKernel() != kUnsupported) return;
+      store_->copiesInKernel_.store(false, std::memory_order_relaxed);
+    }
     for (CopyRun& run : runs_) {
-      FindHoles(run);
       bool ok = ForEachSpan(run, [&](uint64_t at, uint64_t length, bool hole) {
         if (!hole) return Transfer(kRead, run.data + at, run.from + at, length);
         std::fill_n(run.data + at, length, uint8_t(0));
@@ -371,6 +376,74 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
       });
       if (!ok) return;
     }
+  }
+
+  enum CopyResult { kCopied, kFailed, kUnsupported };
+
+  // The same copy without the buffer: each data span in one copy_file_range, which moves the
+  // bytes from page cache to page cache inside the kernel (one copy where a read and a write
+  // make two, and one call per run). A file system that cannot (no support, another kernel's
+  // rules) refuses the first call, before a byte moved; anything copied before a later refusal
+  // is copied again the other way, which gives the same bytes.
+  CopyResult CopyInKernel() {
+    for (const CopyRun& run : runs_) {
+      CopyResult result = kCopied;
+      ForEachSpan(run, [&](uint64_t at, uint64_t length, bool hole) {
+        if (hole && Punch(run.to + at, length)) return true;
+        result = CopyRange(run.from + at, run.to + at, length);
+        return result == kCopied;
+      });
+      if (result != kCopied) return result;
+    }
+    return kCopied;
+  }
+
+  // Whether no run reads what another writes, as a merge's never do (change area to data area):
+  // only then may a run be written before the next is read.
+  bool Disjoint() const {
+    std::vector<std::pair<uint64_t, uint64_t>> from, to;
+    from.reserve(runs_.size());
+    to.reserve(runs_.size());
+    for (const CopyRun& run : runs_) {
+      from.emplace_back(run.from, run.from + run.length);
+      to.emplace_back(run.to, run.to + run.length);
+    }
+    std::sort(from.begin(), from.end());
+    std::sort(to.begin(), to.end());
+    for (size_t i = 0, j = 0; i < from.size() && j < to.size();) {
+      if (from[i].second <= to[j].first) i++;
+      else if (to[j].second <= from[i].first) j++;
+      else return false;
+    }
+    return true;
+  }
+
+  // Whether every run's source is inside the file: one that is not (a file that shrank under the
+  // store) must fail before anything is written, which the read-then-write path does.
+  bool SourcesInFile() const {
+    struct stat st;
+    if (::fstat(fd_.get(), &st) != 0) return false;
+    for (const CopyRun& run : runs_) {
+      if (run.from + run.length > uint64_t(st.st_size)) return false;
+    }
+    return true;
+  }
+
+  CopyResult CopyRange(uint64_t from, uint64_t to, uint64_t length) {
+    loff_t in = loff_t(from), out = loff_t(to);
+    uint64_t done = 0;
+    while (done < length) {
+      ssize_t n = ::copy_file_range(fd_.get(), &in, fd_.get(), &out, size_t(std::min(length - done, kMaxChunk)), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EINVAL || errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS)) return kUnsupported;
+      if (n <= 0) {
+        // n == 0: the source ends before the run does (a file that shrank under the store).
+        Fail(n < 0 ? kWrite : kRead, n < 0 ? to : from, length, n < 0 ? errno : ENODATA, done);
+        return kFailed;
+      }
+      done += uint64_t(n);
+    }
+    return kCopied;
   }
 
   // Splits `run` into the spans of its source that are data and those that are holes of at

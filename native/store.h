@@ -4,6 +4,7 @@
 // ordering story: a flush covers every write that completed before it, whichever thread ran it.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +60,8 @@ class Store : public Napi::ObjectWrap<Store> {
   uint64_t size_ = 0;
   bool blockDevice_ = false;
   bool closed_ = false;
+  // copy_file_range works here: cleared for the store's life by the first copy it refuses.
+  std::atomic<bool> copiesInKernel_{true};
   size_t jobs_ = 0;
   std::vector<Napi::Promise::Deferred> closeWaiters_;
   std::unique_ptr<Napi::AsyncContext> context_;

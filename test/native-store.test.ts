@@ -222,12 +222,15 @@ describe('NativeStore specifics', () => {
     await expect(store.copy(new Float64Array(0), buffer)).rejects.toMatchObject({ code: 'CLDD_CLOSED' });
   });
 
-  test('copy punches the destination under a source hole of 256 KiB or more, and copies the rest', async () => {
+  test.each([
+    ['in the kernel', false],
+    ['through the buffer, where a run reads what another writes', true],
+  ])('copy punches the destination under a source hole of 256 KiB or more, and copies the rest: %s', async (_, overlap) => {
     // Source pages (4 KiB) 0-199 written, then 8-71 (256 KiB) and 100-101 (8 KiB) punched, as a
     // discard in a snapshot punches the change area; pages 960-1023 never written, a hole to the
     // end of the file. Destination pages 512-863 written before.
     const page = 4096;
-    const path = await backing('copy-holes', 1024 * page);
+    const path = await backing(`copy-holes-${overlap}`, 1024 * page);
     const store = NativeStore.open(path);
     await store.write(stamped(0, (200 * page) / 512, 1), 0);
     await store.write(stamped((512 * page) / 512, (352 * page) / 512, 5), 512 * page);
@@ -235,9 +238,12 @@ describe('NativeStore specifics', () => {
     await store.zero(100 * page, 2 * page);
     await store.flush();
     const before = (await stat(path)).blocks;
-    const buffer = new Uint8Array(352 * page).fill(0xee);
+    const buffer = new Uint8Array(353 * page).fill(0xee);
     // Pages 0-199 to 512-711, 960-1023 to 712-775, 120-125 (all data) to 776-781, 8-71 (all
-    // hole, but run in two: 32 and 32 pages) to 782-845, 100-101 (a short hole) to 846-847.
+    // hole, but run in two: 32 and 32 pages) to 782-845, 100-101 (a short hole) to 846-847. A
+    // merge's runs never read what another writes, and go through the kernel (copy_file_range);
+    // with one more that does (page 512, which the first run writes, to 850), every run is read
+    // before any is written, through the buffer.
     const runs = [
       [0, 512, 200],
       [960, 712, 64],
@@ -245,6 +251,7 @@ describe('NativeStore specifics', () => {
       [8, 782, 32],
       [40, 814, 32],
       [100, 846, 2],
+      ...(overlap ? [[512, 850, 1]] : []),
     ];
     const records = new Float64Array(runs.length * 4);
     let at = 0;
@@ -254,15 +261,20 @@ describe('NativeStore specifics', () => {
     });
     await store.copy(records, buffer);
     await store.flush();
-    // The holes punched were zeroed in the buffer too (where a punch is refused, the zeros in it
-    // are written instead).
-    for (const [from, to] of [[8 * page, 72 * page], [200 * page, 264 * page]]) {
-      expect(buffer.subarray(from, to).every((b) => b === 0)).toBe(true);
+    if (overlap) {
+      // The holes punched were zeroed in the buffer too (where a punch is refused, the zeros in
+      // it are written instead); page 850 got page 512 as it was before the copy.
+      for (const [from, to] of [[8 * page, 72 * page], [200 * page, 264 * page]]) {
+        expect(buffer.subarray(from, to).every((b) => b === 0)).toBe(true);
+      }
+      const moved = new Uint8Array(page);
+      await store.read(moved, 850 * page);
+      expect(versionOf(moved, 0, 512 * 8)).toBe(5);
     }
-    const back = new Uint8Array(at * page);
+    const back = new Uint8Array(336 * page);
     await store.read(back, 512 * page);
     const holes = (p: number) => (p >= 8 && p < 72) || p === 100 || p === 101 || p >= 200;
-    for (const [from, to, n] of runs) {
+    for (const [from, to, n] of runs.slice(0, 6)) {
       for (let i = 0; i < n; i++) {
         const p = to - 512 + i;
         expect(versionOf(back, p * page, (from + i) * 8), `page ${to + i}`).toBe(holes(from + i) ? 0 : 1);
@@ -275,6 +287,14 @@ describe('NativeStore specifics', () => {
     const given = (before - (await stat(path)).blocks) / (page / 512);
     expect(given).toBeGreaterThanOrEqual(126);
     expect(given).toBeLessThanOrEqual(128);
+    await store.close();
+  });
+
+  test('copy fails before writing anything where a run reads past the end of the file', async () => {
+    const page = 4096;
+    const path = await backing('copy-short', 1024 * page);
+    const store = NativeStore.open(path);
+    const buffer = new Uint8Array(64 * page);
     // Past the end of a file that shrank under the store is no hole: the read fails there, and
     // nothing is written or punched.
     const { truncate } = await import('node:fs/promises');
@@ -282,7 +302,8 @@ describe('NativeStore specifics', () => {
     await store.write(stamped(0, (64 * page) / 512, 7), 600 * page);
     const cut = store.copy(Float64Array.of(880 * page, 600 * page, 64 * page, 0), buffer);
     await expect(cut).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
-    await store.read(back.subarray(0, 64 * page), 600 * page);
+    const back = new Uint8Array(64 * page);
+    await store.read(back, 600 * page);
     for (let p = 0; p < 64; p++) expect(versionOf(back, p * page, p * 8), `page ${600 + p}`).toBe(7);
     await store.close();
   });
