@@ -69,6 +69,10 @@ class Device : public Napi::ObjectWrap<Device> {
     // Which chain: the steps and the commit carry it, so a cancelled step or commit of a broken
     // chain cannot be taken for one of a later chain on the tag; `broken` is the last that broke.
     uint16_t chainSeq = 0, broken = 0;
+    // A flush handed to the engine to commit: the fdatasync its thread ran meanwhile (OwnSync),
+    // and that fdatasync's error, which the flush reports whatever the engine answers.
+    OwnSync ownSync;
+    int ownSyncError = 0;
   };
   // Requests served by the fast path, by kind; added into the engine's counters by device.ts.
   struct Counters {
@@ -88,6 +92,8 @@ class Device : public Napi::ObjectWrap<Device> {
     uint32_t live = 0;
     // Requests between their arrival and their commit (see QueueExtent's flushes).
     uint32_t busy = 0;
+    // A flush this round handed to the engine to commit, for its own sync (RunOwnSync); -1: none.
+    int ownSyncTag = -1;
     bool exiting = false;
     std::vector<double> outRequests;
     std::vector<int32_t> outOrdered;
@@ -136,6 +142,7 @@ class Device : public Napi::ObjectWrap<Device> {
   // The queue thread.
   void Run(Queue& q);
   void RingFailed(Queue& q, const std::string& why);
+  void RunOwnSync(Queue& q);
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
   void RedirectHere(Queue& q);
@@ -182,6 +189,10 @@ class Device : public Napi::ObjectWrap<Device> {
   bool segmented_ = false;
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
   std::atomic<bool> nowaitReads_{true};
+  // The errno of a flush's own fdatasync that failed (RunOwnSync), or 0. Linux reports a
+  // writeback error once per open file, and that fdatasync took it: every later fdatasync of
+  // this device fails with it instead, so no commit or flush succeeds over the lost pages.
+  std::atomic<int> syncError_{0};
   Target target_ = Target::kMaster;
   // What the engine publishes; its arrays stay referenced (through the object) while the queues
   // serve.

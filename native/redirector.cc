@@ -86,7 +86,9 @@ bool Redirector::Redirect(const Published& p, const uint64_t* ranges, size_t cou
     }
     journalLength_ += records_.size();
   }
-  // 3. Only then the bits.
+  // 3. Counted: their writes completed before this call (docs/serving.md, "A flush's own sync").
+  __atomic_add_fetch(&words[published::kMapChanges], 1, __ATOMIC_SEQ_CST);
+  // 4. Only then the bits.
   for (size_t i = 0; i < count; i++) {
     uint64_t b = ranges[2 * i], end = ranges[2 * i + 1];
     // How many of them were clear: the engine adds that to its counts without recounting pages.

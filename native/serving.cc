@@ -139,11 +139,30 @@ Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
   }
 }
 
+bool OwnSyncCovers(const OwnSync& own, uint8_t kind, uint64_t offset, uint32_t length, uint32_t bufferOffset) {
+  return own.done && kind == kSync && length == 0 && bufferOffset == uint32_t(kCommitSyncSkippable) && offset == own.count;
+}
+
 }  // namespace cldd
 
 namespace cldd {
 
 namespace {
+
+// ownSyncCovers(done, count, records, at): OwnSyncCovers for the step record at records[at], for
+// the engine's tests, which run a flush's own sync as a queue thread does (test/support/fast-path.ts).
+Napi::Value OwnSyncCoversJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    throw Napi::TypeError::New(env, "ownSyncCovers(done, count, records: Float64Array, at)");
+  }
+  Napi::Float64Array r = info[2].As<Napi::Float64Array>();
+  size_t at = size_t(info[3].ToNumber().Int64Value());
+  if (at + 4 > r.ElementLength()) throw Napi::RangeError::New(env, "ownSyncCovers: no step record at that index");
+  OwnSync own{info[0].ToBoolean(), info[1].ToNumber().Uint32Value()};
+  const double* e = r.Data() + at;
+  return Napi::Boolean::New(env, OwnSyncCovers(own, uint8_t(e[0]), uint64_t(e[1]), uint32_t(e[2]), uint32_t(e[3])));
+}
 
 // planFast(publication, target, opFlags, offset, length): the extents PlanFast gives a request,
 // as { extents: (kind, offset, length, bufferOffset) records, redirect: whether the engine
@@ -218,12 +237,14 @@ std::string ReadPublication(const Napi::Object& p, Published* out) {
 
 void DefineServing(Napi::Env env, Napi::Object exports) {
   exports.Set("planFast", Napi::Function::New(env, PlanFastJs, "planFast"));
+  exports.Set("ownSyncCovers", Napi::Function::New(env, OwnSyncCoversJs, "ownSyncCovers"));
   // native/wire.h's numbers, for the test that both sides agree (test/wire.test.ts).
   Napi::Object words = Napi::Object::New(env);
   words.Set("mode", published::kMode);
   words.Set("commitPending", published::kCommitPending);
   words.Set("generation", published::kGeneration);
   words.Set("redirected", published::kRedirected);
+  words.Set("mapChanges", published::kMapChanges);
   words.Set("count", double(published::kWords));
   Napi::Object modes = Napi::Object::New(env);
   modes.Set("off", int32_t(kFastOff));
@@ -253,6 +274,7 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   wire.Set("requestFlags", requestFlags);
   wire.Set("events", events);
   wire.Set("journalRecord", double(kJournalRecord));
+  wire.Set("commitSyncSkippable", kCommitSyncSkippable);
   exports.Set("wire", wire);
 }
 

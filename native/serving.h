@@ -69,6 +69,19 @@ enum class Fast : uint8_t { kEngine = 0, kServe = 1, kServeThenRedirect = 2, kSe
 Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offset, uint64_t length,
               std::vector<Extent>* out);
 
+// A flush's own fdatasync (docs/serving.md, "A flush's own sync"): its queue thread runs one
+// while the engine builds the flush's commit, having read the map-change count just before.
+struct OwnSync {
+  bool done = false;     // it ran and succeeded
+  uint32_t count = 0;    // published::kMapChanges just before it began
+};
+
+// Whether a commit's step, as its record gives it (kind, offset, length, bufferOffset), is an
+// fdatasync that `own` makes needless: one the engine marked skippable at the count `own` began
+// at. Every map change the commit holds was then counted, so its data had completed, before that
+// fdatasync began; and the commit serves no request but the flush that ran it.
+bool OwnSyncCovers(const OwnSync& own, uint8_t kind, uint64_t offset, uint32_t length, uint32_t bufferOffset);
+
 // Reads a publication (words, bits, trackBits, chunkShift, dataOffset, changeOffset, blockSize,
 // blocks) from JS into `out`; returns what is wrong with it, or nothing. The arrays must stay
 // referenced by the caller for as long as `out` is used.

@@ -21,6 +21,10 @@ enum Kind : uint8_t { kRead = 0, kWrite = 1, kZero = 2, kSync = 3, kMeta = 4 };
 // after the one before it, then the request completes.
 constexpr double kSubmitNeedsEngine = 1;
 constexpr double kSubmitInOrder = 2;
+// A commit's kSync step as (kSync, count, 0, kCommitSyncSkippable): the flush running the commit
+// may skip it when its own fdatasync, started after it arrived, began at map-change count
+// `count` (the capture's). Otherwise (kSync, 0, 0, 0): always run.
+constexpr double kCommitSyncSkippable = 1;
 
 // A new request as the device reports it: (tag, op, flags, offset bytes, length bytes); op is
 // the kernel's UBLK_IO_OP_*, flags a set of these bits.
@@ -39,7 +43,11 @@ constexpr int kCommitPending = 1;
 constexpr int kGeneration = 2;
 // First touches a queue thread redirected (native/redirector.h) that the engine has not taken yet.
 constexpr int kRedirected = 3;
-constexpr size_t kWords = 4;
+// Map changes made so far (bits set or cleared, by the engine or a queue thread), each counted
+// after its data completed: what a commit's first fdatasync may leave to its flush's own
+// (docs/serving.md, "A flush's own sync"). Wraps at 2^32.
+constexpr int kMapChanges = 4;
+constexpr size_t kWords = 5;
 }  // namespace published
 // One record of the map journal, as src/format/map-journal.ts (RECORD) lays it out: first block
 // (f64), end block (f64), 1 = redirected (u8), 7 zero bytes.

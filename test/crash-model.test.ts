@@ -78,6 +78,8 @@ class Trial {
   fastDeclined = 0;
   /** First touches in a snapshot the addon's Redirector took, as a queue thread's would. */
   redirectedHere = 0;
+  /** Commit fdatasyncs left out because the flush's own sync covered them (a queue thread's RunOwnSync). */
+  syncsLeftOut = 0;
 
   /** Adds up what the fast path of the volume being left behind served. */
   private tally(): void {
@@ -85,6 +87,7 @@ class Trial {
     this.fastServed += this.disk.fast.served;
     this.fastDeclined += this.disk.fast.declined;
     this.redirectedHere += this.disk.fast.redirectedHere;
+    this.syncsLeftOut += this.disk.fast.syncsLeftOut;
   }
 
   private attach(): void {
@@ -520,6 +523,7 @@ describe('crash model', () => {
     let fastServed = 0;
     let fastDeclined = 0;
     let redirectedHere = 0;
+    let syncsLeftOut = 0;
     const started = performance.now();
     try {
       while (crashPoints < target) {
@@ -539,6 +543,7 @@ describe('crash model', () => {
         fastServed += trial.fastServed;
         fastDeclined += trial.fastDeclined;
         redirectedHere += trial.redirectedHere;
+        syncsLeftOut += trial.syncsLeftOut;
         crashPoints += trial.crashPoints;
         steps += trial.steps;
       }
@@ -552,8 +557,9 @@ describe('crash model', () => {
     if (fastPath) {
       // The fast path must really take part: most reads and writes of a workload are its.
       expect(fastServed, 'requests the fast path served').toBeGreaterThan(fastDeclined);
-      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine; ${redirectedHere} first touches redirected by the redirector`);
+      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine; ${redirectedHere} first touches redirected by the redirector; ${syncsLeftOut} commit fdatasyncs left to a flush's own`);
       expect(redirectedHere, 'first touches the redirector took').toBeGreaterThan(0);
+      expect(syncsLeftOut, "commit fdatasyncs a flush's own sync covered").toBeGreaterThan(0);
     }
     expect(crashPoints).toBeGreaterThanOrEqual(target);
   }, 600_000);

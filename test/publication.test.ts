@@ -6,8 +6,11 @@
  */
 import { describe, expect, test } from 'vitest';
 import { Disk, serve } from './support/disk.js';
+import { PUBLISHED_WORD } from '../src/engine/publication.js';
 import { Volume } from '../src/engine/volume.js';
+import { inOrder, type OrderedStep, packSteps, writtenBytes } from '../src/io/block-store.js';
 import { MemoryStore } from '../src/io/memory-store.js';
+import { COMMIT_SYNC_SKIPPABLE, EXTENT_KIND } from '../src/native/wire.js';
 import { addon } from '../src/native/addon.js';
 import { nativePublication } from '../src/ublk/device.js';
 
@@ -267,5 +270,80 @@ describe('the fast path decides', () => {
     expect(v.status().counters.flushes).toBe(3);
     await v.close();
     expect(plan(v, 'master', READ, 0, BS)).toBeNull();
+  });
+});
+
+describe("a flush's own sync (docs/serving.md)", () => {
+  const words = (v: Volume) => nativePublication(v).words;
+  const mapChanges = (v: Volume) => Atomics.load(words(v), PUBLISHED_WORD.mapChanges) >>> 0;
+  const KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE };
+  /** A runner that records the steps and runs them on the store, as a queue thread would. */
+  const recorder = (v: Volume, seen: OrderedStep[][]) => (steps: readonly OrderedStep[]) => {
+    seen.push([...steps]);
+    return inOrder(v.store, steps);
+  };
+  const records = (steps: readonly OrderedStep[]) => {
+    const r = new Float64Array(4 * steps.length);
+    packSteps(steps, KINDS, r, 0, new Uint8Array(writtenBytes(steps)));
+    return r;
+  };
+
+  test('every map change is counted, the engine\'s and a queue thread\'s', async () => {
+    const v = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'own-sync' });
+    const redirector = new (addon().Redirector)();
+    const detach = v.attachRedirector(redirector);
+    await v.enable();
+    const before = mapChanges(v);
+    await new Disk(v).write(0, new Uint8Array(BS)); // the engine redirects block 0
+    expect(mapChanges(v)).toBe(before + 1);
+    // A first touch a thread wrote and redirects itself (its chunk marked already).
+    expect(redirector.redirect(nativePublication(v, redirector), Float64Array.of(3, 5))).toBe(true);
+    expect(mapChanges(v)).toBe(before + 2);
+    await new Disk(v).flush(); // nothing counted: no map change
+    expect(mapChanges(v)).toBe(before + 2);
+    detach();
+    await v.close();
+  });
+
+  test('a flush alone makes its commit\'s first fdatasync skippable at the count its capture saw', async () => {
+    const v = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'own-sync' });
+    await v.enable();
+    await new Disk(v).write(0, new Uint8Array(BS));
+    // A thread's own sync begins here; a first touch completes after it, before the capture.
+    const own = mapChanges(v);
+    await new Disk(v).write(40 * BS, new Uint8Array(BS));
+    const seen: OrderedStep[][] = [];
+    await v.commit(recorder(v, seen));
+    expect(seen).toHaveLength(1);
+    const steps = seen[0];
+    expect(steps[0]).toEqual({ kind: 'flush', skippableAt: own + 1 });
+    const r = records(steps);
+    // Not covered: the change after it began may have data that sync missed.
+    expect(addon().ownSyncCovers(true, own, r, 0)).toBe(false);
+    // Covered by a sync that began at the capture's count, and only if it succeeded.
+    expect(addon().ownSyncCovers(true, own + 1, r, 0)).toBe(true);
+    expect(addon().ownSyncCovers(false, own + 1, r, 0)).toBe(false);
+    // Never the page writes or the flushes after them.
+    for (let i = 1; i < steps.length; i++) expect(addon().ownSyncCovers(true, own + 1, r, 4 * i)).toBe(false);
+    expect(steps.slice(1).some((s) => s.kind === 'flush' && s.skippableAt !== undefined)).toBe(false);
+    await v.close();
+  });
+
+  test('a commit serving several flushes always flushes first', async () => {
+    const v = await Volume.format(new MemoryStore(8 << 20), { blockSize: BS, name: 'own-sync' });
+    await v.enable();
+    await new Disk(v).write(0, new Uint8Array(BS));
+    // A commit runs; two flushes arrive meanwhile and share the next one.
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    const first = v.commit((steps) => held.then(() => inOrder(v.store, steps)));
+    await new Disk(v).write(40 * BS, new Uint8Array(BS));
+    const seen: OrderedStep[][] = [];
+    const both = [v.commit(recorder(v, seen)), v.commit(recorder(v, seen))];
+    release();
+    await Promise.all([first, ...both]);
+    expect(seen).toHaveLength(1);
+    expect(seen[0][0]).toEqual({ kind: 'flush' });
+    await v.close();
   });
 });

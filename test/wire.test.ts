@@ -7,7 +7,7 @@ import { expect, test } from 'vitest';
 import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
 import { RECORD } from '../src/format/map-journal.js';
 import { addon } from '../src/native/addon.js';
-import { EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../src/native/wire.js';
+import { COMMIT_SYNC_SKIPPABLE, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../src/native/wire.js';
 
 test('the engine reads and writes the publication with the numbers the addon uses', () => {
   const { wire } = addon();
@@ -21,6 +21,7 @@ test('plans, store steps, request records and the events buffer use the addon\'s
   expect(wire.submitFlags).toEqual(SUBMIT_FLAGS);
   expect(wire.requestFlags).toEqual(REQUEST_FLAGS);
   expect(wire.events).toEqual(EVENTS);
+  expect(wire.commitSyncSkippable).toBe(COMMIT_SYNC_SKIPPABLE);
 });
 
 test('a queue thread writes map journal records of the journal\'s own size', () => {

@@ -30,6 +30,14 @@ export interface CommitCapture {
   redirectPayload: (page: number) => Uint8Array | null;
   /** Tracking pages to write. */
   marks: CapturedMarks;
+  /**
+   * The map-change count at the capture, when one flush alone runs the commit on its queue
+   * thread: the first flush becomes skippable at it (OrderedStep), for a thread whose own
+   * fdatasync, begun after that flush arrived, began at the same count. Every change the
+   * capture holds then had its data complete before that fdatasync began, and no other caller
+   * needs the flush: the commit serves no one else. Undefined: the first flush always runs.
+   */
+  syncCoveredAt?: number;
 }
 
 export class CommitWriter {
@@ -94,7 +102,12 @@ export class CommitWriter {
     const sbImage = pages.length || c.bothCopies ? encodeSuperblock({ ...sb, ...next }) : null;
     const firstCopy = 1 - this.sbCopy;
     const steps: OrderedStep[] = [];
-    if (!c.marksOnly || redirectPages.length > 0 || c.bothCopies) steps.push(FLUSH);
+    if (!c.marksOnly || redirectPages.length > 0 || c.bothCopies) {
+      // Not for a state change: the writes it must order before the new state (all that
+      // completed before the gate closed) change no map, so no count tells whether a sync covers
+      // them.
+      steps.push(c.syncCoveredAt !== undefined && !c.bothCopies ? { kind: 'flush', skippableAt: c.syncCoveredAt } : FLUSH);
+    }
     if (pages.length) {
       pages.forEach((p, i) => steps.push({ kind: 'write', data: images[i], offset: mapSlotOffset(layout, p, 1 - slots.slot[p]) }));
       steps.push(FLUSH);

@@ -9,6 +9,9 @@
  *   - `words[GENERATION]`: bumped at every publication, for reports;
  *   - `words[REDIRECTED]`: first touches a queue thread redirected (MapRedirector) that the
  *     volume has not taken yet;
+ *   - `words[MAP_CHANGES]`: map changes made so far (the volume's and the threads'), each counted
+ *     once its data completed, so that a flush's queue thread can tell whether its own fdatasync
+ *     covers a commit's first one (docs/serving.md, "A flush's own sync"); wraps at 2^32;
  *   - the redirect bitmap, `BlockMap.bits`, shared and not copied.
  *
  * Words are written with Atomics (sequentially consistent), read natively with seq_cst loads. The
@@ -16,8 +19,8 @@
  */
 import type { VolumeState } from '../format/format.js';
 
-export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2, redirected: 3 } as const;
-export const PUBLISHED_WORDS = 4;
+export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2, redirected: 3, mapChanges: 4 } as const;
+export const PUBLISHED_WORDS = 5;
 
 export const FAST_MODE = { off: 0, plain: 1, snapshot: 2, resync: 3 } as const satisfies Record<'off' | VolumeState, number>;
 
@@ -115,6 +118,16 @@ export class Publication {
     if (Atomics.load(this.words, PUBLISHED_WORD.commitPending) === value) return;
     Atomics.store(this.words, PUBLISHED_WORD.commitPending, value);
     Atomics.add(this.words, PUBLISHED_WORD.generation, 1);
+  }
+
+  /** Counts a map change: after its data completed, before its bits change (Volume.changeMaps). */
+  countMapChange(): void {
+    Atomics.add(this.words, PUBLISHED_WORD.mapChanges, 1);
+  }
+
+  /** Map changes counted so far, as a uint32 (the word wraps). */
+  get mapChanges(): number {
+    return Atomics.load(this.words, PUBLISHED_WORD.mapChanges) >>> 0;
   }
 
   private publishMode(): void {

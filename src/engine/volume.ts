@@ -622,7 +622,10 @@ export class Volume {
    *      new bits made possible must not return before the bits are durable;
    *   2. the journal has the change: a fast write the new bits made possible may complete to the
    *      kernel at once, and a daemon killed then must find the change on restart;
-   *   3. only then the bits.
+   *   3. it is counted (publication's mapChanges), its data having completed before this runs:
+   *      a flush's own fdatasync covers a commit's first one only when no change was counted
+   *      after it began;
+   *   4. only then the bits.
    */
   private changeMap(start: number, end: number, redirected: boolean): void {
     this.changeMaps([{ start, end, redirected }]);
@@ -634,6 +637,7 @@ export class Volume {
     this.withMapLock(() => {
       this.publication.setCommitPending(true);
       this.journal?.recordAll(changes);
+      this.publication.countMapChange();
       for (const c of changes) this.map.assign(c.start, c.end, c.redirected);
     });
     if (this.journal && this.journal.pending >= JOURNAL_COMMIT_BYTES) this.commitForJournal();
@@ -971,7 +975,7 @@ export class Volume {
         this.commitWaiters = [];
         try {
           if (this.failure) throw this.failure;
-          await this.commitOnce(batch.every((w) => w.marksOnly), batch.find((w) => w.run)?.run);
+          await this.commitOnce(batch.every((w) => w.marksOnly), batch.find((w) => w.run)?.run, batch.length === 1 && batch[0].run !== undefined);
           for (const w of batch) w.resolve();
         } catch (err) {
           this.fail(err);
@@ -984,7 +988,8 @@ export class Volume {
     }
   }
 
-  private async commitOnce(marksOnly: boolean, run?: StepRunner): Promise<void> {
+  /** `alone`: one flush asked for this commit, and its queue thread may run it (`run`). */
+  private async commitOnce(marksOnly: boolean, run?: StepRunner, alone = false): Promise<void> {
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
     // Under the map lock up to the writer's first step: it encodes the pages before it, and a
@@ -1000,7 +1005,9 @@ export class Volume {
       // the stream lasted, though those commits wrote no map.
       this.runningWritesMap = redirectPages.length > 0 || bothCopies;
       this.publishCommitPending();
-      const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks };
+      // Read under the lock, where no thread changes the map: the count of what the pages hold.
+      const syncCoveredAt = alone ? this.publication.mapChanges : undefined;
+      const capture = { sb: this.sb, bothCopies, marksOnly, redirectPages, redirectPayload: (p: number) => this.map.payload(p), marks, syncCoveredAt };
       return { written: this.writer.write(capture, run), journalMark, marks };
     });
     const done = await written;

@@ -34,8 +34,13 @@ export interface BlockStore {
   close(): Promise<void>;
 }
 
-/** A step of a commit: a write, or a flush that makes the writes before it durable. */
-export type OrderedStep = { kind: 'write'; data: Uint8Array; offset: number } | { kind: 'flush' };
+/**
+ * A step of a commit: a write, or a flush that makes the writes before it durable. A flush with
+ * `skippableAt` may be left out by a runner that made every write it must cover durable itself:
+ * a flush's queue thread whose own fdatasync began at that map-change count (docs/serving.md,
+ * "A flush's own sync"). A store always runs it.
+ */
+export type OrderedStep = { kind: 'write'; data: Uint8Array; offset: number } | { kind: 'flush'; skippableAt?: number };
 export const FLUSH: OrderedStep = { kind: 'flush' };
 
 /** Runs a commit's steps as inOrder() would, or returns null to leave them to the store. */
@@ -50,15 +55,20 @@ export function writtenBytes(steps: readonly OrderedStep[]): number {
 
 /**
  * Lays `steps` out as the native side takes them: a (kind, offset, length, bufferOffset) record
- * each from `records[at]`, a flush as (kinds.flush, 0, 0, 0), and the writes' bytes one after
- * another in `bytes` (which holds writtenBytes(steps)).
+ * each from `records[at]`, a flush as (kinds.flush, 0, 0, 0), or, where `kinds.skippable` is
+ * given, a flush with `skippableAt` as (kinds.flush, skippableAt, 0, kinds.skippable), and the
+ * writes' bytes one after another in `bytes` (which holds writtenBytes(steps)).
  */
-export function packSteps(steps: readonly OrderedStep[], kinds: { write: number; flush: number }, records: Float64Array, at: number, bytes: Uint8Array): void {
+export function packSteps(steps: readonly OrderedStep[], kinds: { write: number; flush: number; skippable?: number }, records: Float64Array, at: number, bytes: Uint8Array): void {
   let used = 0;
   for (const step of steps) {
     if (step.kind === 'flush') {
       records[at] = kinds.flush;
       records[at + 1] = records[at + 2] = records[at + 3] = 0;
+      if (kinds.skippable !== undefined && step.skippableAt !== undefined) {
+        records[at + 1] = step.skippableAt;
+        records[at + 3] = kinds.skippable;
+      }
     } else {
       bytes.set(step.data, used);
       records[at] = kinds.write;

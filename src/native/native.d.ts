@@ -217,18 +217,25 @@ export interface NativeAddon {
     length: number,
   ): { extents: Float64Array; redirect: boolean; inOrder: boolean } | null;
   /**
+   * Whether the commit step record at `records[at]` is an fdatasync that a flush's own sync,
+   * begun at map-change count `count` (and `done`: it succeeded), makes needless (native/serving.h,
+   * OwnSyncCovers), as the flush's queue thread decides it.
+   */
+  ownSyncCovers(done: boolean, count: number, records: Float64Array, at: number): boolean;
+  /**
    * CRC-32C (Castagnoli) of `data[start, end)` continuing from `seed` (native/checksum.cc);
    * throws code EINVAL for a range outside `data`.
    */
   crc32c(data: Uint8Array, start?: number, end?: number, seed?: number): number;
   /** native/wire.h's numbers (test/wire.test.ts checks them against src/native/wire.ts). */
   wire: {
-    publishedWord: { mode: number; commitPending: number; generation: number; redirected: number; count: number };
+    publishedWord: { mode: number; commitPending: number; generation: number; redirected: number; mapChanges: number; count: number };
     fastMode: { off: number; plain: number; snapshot: number; resync: number };
     extentKind: { read: number; write: number; zero: number; sync: number; meta: number };
     submitFlags: { needsEngine: number; inOrder: number };
     requestFlags: { fua: number };
     events: { requestFields: number; redirectFields: number; perTag: number };
     journalRecord: number;
+    commitSyncSkippable: number;
   };
 }

@@ -11,6 +11,12 @@ export const EXTENT_KIND = { read: 0, write: 1, zero: 2, sync: 3, meta: 4 } as c
 /** What happens to a tag's plan record once its extents are done (see native/wire.h). */
 export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
 
+/**
+ * A commit's sync step that its flush's queue thread may skip: (sync, map-change count, 0, this)
+ * (native/wire.h, kCommitSyncSkippable).
+ */
+export const COMMIT_SYNC_SKIPPABLE = 1;
+
 /** The flags of a new request as the device reports them. */
 export const REQUEST_FLAGS = { fua: 1 } as const;
 

@@ -6,14 +6,17 @@
  * device does, so every state change turns it off and waits for it (docs/serving.md). A first
  * touch in a snapshot is redirected as a master's queue thread does it: by the addon's
  * Redirector (native/redirector.cc), the engine taking it later, or, when that declines (or
- * `nativeRedirects` is false), by the engine's finishFastRedirect.
+ * `nativeRedirects` is false), by the engine's finishFastRedirect. A master flush the engine
+ * commits for runs its own sync meanwhile and then the commit's steps, as a queue thread does
+ * (flushThroughEngine).
  */
 import { within } from '../../src/deadline.js';
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
 import { serve, StoreExecutor } from './disk.js';
-import type { FastPathCounters } from '../../src/engine/publication.js';
+import { type FastPathCounters, PUBLISHED_WORD } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
-import type { BlockStore } from '../../src/io/block-store.js';
+import { type BlockStore, inOrder, type OrderedStep, packSteps, writtenBytes } from '../../src/io/block-store.js';
+import { COMMIT_SYNC_SKIPPABLE, EXTENT_KIND } from '../../src/native/wire.js';
 import { addon } from '../../src/native/addon.js';
 import type { NativeRedirector } from '../../src/native/native.js';
 import { nativePublication } from '../../src/ublk/device.js';
@@ -112,6 +115,58 @@ export class FastPath {
     })();
   }
 
+  /**
+   * A master flush the fast path left to the engine, as its queue thread serves it alone
+   * (RunOwnSync in native/device.cc): the map-change count read, then its own flush of the
+   * store, while the engine plans the flush and captures its commit; then the commit's steps,
+   * once that flush is done, less each flush the addon's ownSyncCovers says it covers. On a
+   * device the engine may capture before that flush begins or after it ended, with other
+   * requests completing and being redirected meanwhile: every other flush here is planned only
+   * once its own sync is done, so both orders run.
+   */
+  async flushThroughEngine(executor: Executor): Promise<void> {
+    const { words } = nativePublication(this.volume);
+    let own: Promise<{ done: boolean; count: number }> = Promise.resolve({ done: false, count: 0 });
+    if (Atomics.load(words, PUBLISHED_WORD.commitPending) !== 0) {
+      const count = Atomics.load(words, PUBLISHED_WORD.mapChanges) >>> 0;
+      own = (async () => {
+        await this.beforeIo('a flush\'s own sync');
+        await this.store.flush();
+        this.ownSyncs++;
+        return { done: true, count };
+      })();
+      // A failed one fails the flush below, as on a thread (Commit), and the test with it.
+      own.catch(() => {});
+    }
+    const run = (steps: readonly OrderedStep[]): Promise<void> =>
+      (async () => {
+        const { done, count } = await own;
+        const records = new Float64Array(4 * steps.length);
+        packSteps(steps, { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE }, records, 0, new Uint8Array(writtenBytes(steps)));
+        const kept = steps.filter((_, i) => !addon().ownSyncCovers(done, count, records, 4 * i));
+        this.syncsLeftOut += steps.length - kept.length;
+        await inOrder(this.store, kept);
+      })();
+    if (this.flushesThroughEngine++ % 2 === 1) await own;
+    const req: Request = { target: 'master', op: 'flush', offset: 0, length: 0 };
+    const planned = this.volume.plan(req);
+    const plan = planned instanceof Promise ? await planned : planned;
+    let ok = false;
+    try {
+      await executor.run(plan.ops, new Uint8Array(0));
+      ok = true;
+    } finally {
+      plan.finish(ok);
+    }
+    if (plan.commit) await this.volume.commit(run);
+    await own;
+  }
+
+  /** Flushes that ran their own sync, and commit steps those syncs made needless. */
+  private flushesThroughEngine = 0;
+  ownSyncs = 0;
+  syncsLeftOut = 0;
+
   /** What the queue thread's RedirectHere does, for one write. */
   private redirectHere(req: Request): boolean {
     if (!this.redirector) return false;
@@ -159,7 +214,10 @@ export class FastPathDisk {
   }
 
   private run(req: Request, buffer: Uint8Array): Promise<void> {
-    return this.fast.tryServe(req, buffer) ?? serve(this.volume, this.executor, req, buffer);
+    const served = this.fast.tryServe(req, buffer);
+    if (served) return served;
+    if (req.op === 'flush' && req.target === 'master') return this.fast.flushThroughEngine(this.executor);
+    return serve(this.volume, this.executor, req, buffer);
   }
 
   async read(offset: number, length: number, target: 'master' | 'slave' = 'master'): Promise<Uint8Array> {
