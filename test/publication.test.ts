@@ -10,7 +10,7 @@ import { PUBLISHED_WORD } from '../src/engine/publication.js';
 import { Volume } from '../src/engine/volume.js';
 import { inOrder, type OrderedStep, packSteps, writtenBytes } from '../src/io/block-store.js';
 import { MemoryStore } from '../src/io/memory-store.js';
-import { COMMIT_SYNC_SKIPPABLE, EXTENT_KIND } from '../src/native/wire.js';
+import { COMMIT_STEP_KINDS } from '../src/native/wire.js';
 import { addon } from '../src/native/addon.js';
 import { nativePublication } from '../src/ublk/device.js';
 
@@ -276,7 +276,6 @@ describe('the fast path decides', () => {
 describe("a flush's own sync (docs/serving.md)", () => {
   const words = (v: Volume) => nativePublication(v).words;
   const mapChanges = (v: Volume) => Atomics.load(words(v), PUBLISHED_WORD.mapChanges) >>> 0;
-  const KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE };
   /** A runner that records the steps and runs them on the store, as a queue thread would. */
   const recorder = (v: Volume, seen: OrderedStep[][]) => (steps: readonly OrderedStep[]) => {
     seen.push([...steps]);
@@ -284,7 +283,7 @@ describe("a flush's own sync (docs/serving.md)", () => {
   };
   const records = (steps: readonly OrderedStep[]) => {
     const r = new Float64Array(4 * steps.length);
-    packSteps(steps, KINDS, r, 0, new Uint8Array(writtenBytes(steps)));
+    packSteps(steps, COMMIT_STEP_KINDS, r, 0, new Uint8Array(writtenBytes(steps)));
     return r;
   };
 

@@ -17,6 +17,9 @@ export const SUBMIT_FLAGS = { needsEngine: 1, inOrder: 2 } as const;
  */
 export const COMMIT_SYNC_SKIPPABLE = 1;
 
+/** How a commit's steps are packed as a tag's records: its writes, its syncs, a skippable sync. */
+export const COMMIT_STEP_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE } as const;
+
 /** The flags of a new request as the device reports them. */
 export const REQUEST_FLAGS = { fua: 1 } as const;
 

@@ -38,12 +38,10 @@ import type { NativeDeviceOptions } from '../native/native.js';
 import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
 import type { NativeDeviceHandle, NativePublication, NativeQueueState, NativeRedirector } from '../native/native.js';
-import { COMMIT_SYNC_SKIPPABLE, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
+import { COMMIT_STEP_KINDS, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
 
 /** The engine's name of each request opcode it serves. */
 const REQUEST_OPS: Record<number, RequestOp> = IO_OP;
-/** A commit's steps as a flush's queue thread runs them: writes from the metadata buffer. */
-const COMMIT_KINDS = { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE };
 /**
  * Room for the images of a commit that a flush's queue thread runs (runOnQueue): 16 pages of
  * 4 KiB. A first touch's flush writes a map page, a tracking page and the superblock; a commit
@@ -652,7 +650,7 @@ export class UblkDevice {
     a[s.length] = tag;
     a[s.length + 1] = SUBMIT_FLAGS.inOrder;
     a[s.length + 2] = steps.length;
-    packSteps(steps, COMMIT_KINDS, a, s.length + 3, meta);
+    packSteps(steps, COMMIT_STEP_KINDS, a, s.length + 3, meta);
     s.length += 3 + 4 * steps.length;
     // Its stage stays "the map commit" (finishOrdered), which the queue thread now runs.
     const done = new Promise<void>((resolve, reject) => {

@@ -16,7 +16,7 @@ import { serve, StoreExecutor } from './disk.js';
 import { type FastPathCounters, PUBLISHED_WORD } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
 import { type BlockStore, inOrder, type OrderedStep, packSteps, writtenBytes } from '../../src/io/block-store.js';
-import { COMMIT_SYNC_SKIPPABLE, EXTENT_KIND } from '../../src/native/wire.js';
+import { COMMIT_STEP_KINDS } from '../../src/native/wire.js';
 import { addon } from '../../src/native/addon.js';
 import type { NativeRedirector } from '../../src/native/native.js';
 import { nativePublication } from '../../src/ublk/device.js';
@@ -142,7 +142,7 @@ export class FastPath {
       (async () => {
         const { done, count } = await own;
         const records = new Float64Array(4 * steps.length);
-        packSteps(steps, { write: EXTENT_KIND.meta, flush: EXTENT_KIND.sync, skippable: COMMIT_SYNC_SKIPPABLE }, records, 0, new Uint8Array(writtenBytes(steps)));
+        packSteps(steps, COMMIT_STEP_KINDS, records, 0, new Uint8Array(writtenBytes(steps)));
         const kept = steps.filter((_, i) => !addon().ownSyncCovers(done, count, records, 4 * i));
         this.syncsLeftOut += steps.length - kept.length;
         await inOrder(this.store, kept);
