@@ -11,7 +11,9 @@ import {
   decodeMapSlot,
   decodeSuperblock,
   encodeMapSlot,
+  encodeMapSlotInto,
   encodeSuperblock,
+  encodeSuperblockInto,
   FORMAT_VERSION,
   MAP_SLOT_HEADER,
   MIN_AREA_BYTES,
@@ -229,6 +231,20 @@ describe('superblock', () => {
     expect(message).toContain('64 bytes');
   });
 
+  test('encoded_into_a_used_buffer_at_an_offset_it_is_the_same_image', () => {
+    // A commit encodes into buffers it reuses: nothing of what they held may stay.
+    const sb = sampleSuperblock();
+    const bs = sb.layout.blockSize;
+    const used = new Uint8Array(3 * bs).fill(0xa5);
+    const image = encodeSuperblockInto(used.subarray(bs, 2 * bs), sb);
+    expect(image.byteOffset).toBe(bs);
+    expect(Buffer.from(image).equals(Buffer.from(encodeSuperblock(sb)))).toBe(true);
+    expect(used.subarray(0, bs).every((b) => b === 0xa5) && used.subarray(2 * bs).every((b) => b === 0xa5)).toBe(true);
+    expect(codeOf(() => encodeSuperblockInto(used.subarray(0, bs - 1), sb)).code).toBe('EINVAL');
+    // A name too long fails before any byte changes meaning: the error, not a truncated name.
+    expect(codeOf(() => encodeSuperblockInto(used.subarray(0, bs), { ...sb, name: 'y'.repeat(NAME_BYTES + 1) })).code).toBe('EINVAL');
+  });
+
   test('every_bit_of_the_checksummed_sector_is_guarded', () => {
     const image = encodeSuperblock(sampleSuperblock());
     let checked = 0;
@@ -361,6 +377,17 @@ describe('map slot', () => {
     const empty = encodeMapSlot(layout, uuid, 0, 1, null);
     expect(decodeMapSlot(layout, uuid, 0, empty).ok).toBe(true);
     expect(empty.subarray(MAP_SLOT_HEADER).every((b) => b === 0)).toBe(true);
+  });
+
+  test('encoded_into_a_used_buffer_at_an_offset_it_is_the_same_image', () => {
+    const bs = layout.blockSize;
+    const used = new Uint8Array(3 * bs).fill(0x5a);
+    for (const payload of [payloadFor(2), payloadFor(3).subarray(0, 100), null]) {
+      const image = encodeMapSlotInto(used.subarray(bs, 2 * bs), uuid, 5, 11, payload, 10, 0x1234);
+      expect(Buffer.from(image).equals(Buffer.from(encodeMapSlot(layout, uuid, 5, 11, payload, 10, 0x1234)))).toBe(true);
+    }
+    expect(used.subarray(0, bs).every((b) => b === 0x5a) && used.subarray(2 * bs).every((b) => b === 0x5a)).toBe(true);
+    expect(codeOf(() => encodeMapSlotInto(used.subarray(0, bs), uuid, 5, 11, new Uint8Array(bs)))).toMatchObject({ code: 'EINVAL' });
   });
 
   test.each(BLOCK_SIZES)('every_header_and_payload_byte_is_guarded (block size %i)', (blockSize) => {

@@ -235,10 +235,13 @@ export class BlockMap {
     return -1;
   }
 
-  /** The page's payload as it would be stored (a copy), or null when the page is all zero. */
+  /**
+   * The page's payload as it would be stored, or null when the page is all zero: a view of the
+   * bitmap, which changes with it, so a commit encodes it under the map lock (commit.ts).
+   */
   payload(p: number): Uint8Array | null {
     const page = this.pages[p];
-    return page ? new Uint8Array(page.buffer.slice(page.byteOffset, page.byteOffset + page.byteLength)) : null;
+    return page ? new Uint8Array(page.buffer, page.byteOffset, page.byteLength) : null;
   }
 
   private pageWords(p: number): Uint32Array {

@@ -5,7 +5,7 @@
  * keeps the bookkeeping of the durable copies.
  */
 import { type BlockStore, FLUSH, type OrderedStep, type StepRunner, inOrder } from '../io/block-store.js';
-import { encodeMapSlot, encodeSuperblock, type Layout, mapDigestTerm, type MapRecord, mapSlotOffset, type Superblock, superblockOffset } from '../format/format.js';
+import { encodeMapSlotInto, encodeSuperblockInto, type Layout, mapDigestTerm, type MapRecord, mapSlotOffset, type Superblock, superblockOffset } from '../format/format.js';
 import type { CapturedMarks } from './change-tracking.js';
 
 /** Per map page: the slot holding its committed version, that version's sequence and commit. */
@@ -25,7 +25,10 @@ export interface CommitCapture {
   bothCopies: boolean;
   /** Only writes waiting for their chunks' marks asked for it: no data needs flushing first. */
   marksOnly: boolean;
-  /** Redirect pages to write, and each one's payload. */
+  /**
+   * Redirect pages to write, and each one's payload: read by write() before its first await,
+   * so it may be a view of the live map as long as nothing changes the map until then.
+   */
   redirectPages: readonly number[];
   redirectPayload: (page: number) => Uint8Array | null;
   /** Tracking pages to write. */
@@ -46,6 +49,12 @@ export class CommitWriter {
   /** Tracking pages open rewrites as they were found (redirect pages are rewritten from the map). */
   private readonly rewrites = new Set<number>();
   private readonly rewrittenPayloads = new Map<number, Uint8Array>();
+  /**
+   * The images of a commit of up to IMAGE_BLOCKS pages and the superblock, encoded again by
+   * each: one commit writes at a time (the volume's commit loop), and its steps are done before
+   * write() returns. A larger commit (a resync's, a state change's) gets buffers of its own.
+   */
+  private readonly images: Uint8Array;
 
   constructor(
     private readonly store: BlockStore,
@@ -54,6 +63,7 @@ export class CommitWriter {
     sbCopy: number,
   ) {
     this.sbCopy = sbCopy;
+    this.images = new Uint8Array(IMAGE_BLOCKS * layout.blockSize);
   }
 
   /** A tracking page the next commit rewrites as it was found (`payload`; else empty). */
@@ -92,14 +102,19 @@ export class CommitWriter {
     for (const p of pages) {
       digest = (digest - mapDigestTerm(p, slots.sequence[p], slots.slotCommit[p]) + mapDigestTerm(p, slots.sequence[p] + 1, mapCommit)) >>> 0;
     }
-    const images = pages.map((p, i) => encodeMapSlot(layout, sb.uuid, p, slots.sequence[p] + 1, payload(p, i), mapCommit, digest));
+    const bs = layout.blockSize;
+    const room = pages.length + 1 <= IMAGE_BLOCKS ? this.images : new Uint8Array((pages.length + 1) * bs);
+    const images = pages.map((p, i) =>
+      encodeMapSlotInto(room.subarray(i * bs, (i + 1) * bs), sb.uuid, p, slots.sequence[p] + 1, payload(p, i), mapCommit, digest),
+    );
     const next = { generation: sb.generation + 1, map: { commit: mapCommit, digest } };
     // The superblock records the commit, so a damaged slot of it is found out, not replaced by
     // the older slot. After a state change both copies get it, one after the other: a crash
     // between them leaves one of each generation (the newer wins), and later damage to either
     // copy leaves the current state. A map-only commit writes one copy, the older: damage to
     // it leaves the other, one commit behind, and open rolls that commit forward.
-    const sbImage = pages.length || c.bothCopies ? encodeSuperblock({ ...sb, ...next }) : null;
+    const sbRoom = room.subarray(pages.length * bs, (pages.length + 1) * bs);
+    const sbImage = pages.length || c.bothCopies ? encodeSuperblockInto(sbRoom, { ...sb, ...next }) : null;
     const firstCopy = 1 - this.sbCopy;
     const steps: OrderedStep[] = [];
     if (!c.marksOnly || redirectPages.length > 0 || c.bothCopies) {
@@ -134,3 +149,9 @@ export class CommitWriter {
     return next;
   }
 }
+
+/**
+ * Blocks of images a commit encodes into the writer's own buffer: a first touch's flush writes
+ * a map page, a tracking page and the superblock; 64 KiB kept for the volume's life.
+ */
+const IMAGE_BLOCKS = 16;

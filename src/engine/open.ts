@@ -7,7 +7,7 @@ import { CldError } from '../errors.js';
 import type { BlockStore } from '../io/block-store.js';
 import {
   computeLayout,
-  encodeMapSlot,
+  encodeMapSlotInto,
   encodeSuperblock,
   FORMAT_VERSION,
   mapDigestTerm,
@@ -80,7 +80,7 @@ export async function formatStore(store: BlockStore, options: FormatOptions = {}
   for (let first = 0; first < pageCount; first += MAP_IO_PAGES) {
     const count = Math.min(MAP_IO_PAGES, pageCount - first);
     const chunk = new Uint8Array(2 * count * blockSize);
-    for (let i = 0; i < count; i++) chunk.set(encodeMapSlot(layout, uuid, first + i, 1, null, 0, digest), 2 * i * blockSize);
+    for (let i = 0; i < count; i++) encodeMapSlotInto(chunk.subarray(2 * i * blockSize, (2 * i + 1) * blockSize), uuid, first + i, 1, null, 0, digest);
     await store.write(chunk, mapSlotOffset(layout, first, 0));
   }
   await store.flush();

@@ -186,15 +186,29 @@ export function mapSlotOffset(layout: Layout, page: number, slot: number): numbe
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
+/** The signatures as bytes, encoded once: a commit writes them on each page it encodes. */
+const SUPERBLOCK_MAGIC_BYTES = encoder.encode(SUPERBLOCK_MAGIC);
+const MAP_SLOT_MAGIC_BYTES = encoder.encode(MAP_SLOT_MAGIC);
+
 /** Encodes a superblock copy in its version (1 has no map record; 3 has the tracking fields). */
 export function encodeSuperblock(sb: Superblock): Uint8Array {
+  return encodeSuperblockInto(new Uint8Array(sb.layout.blockSize), sb);
+}
+
+/**
+ * encodeSuperblock into `buf` (a block, whatever it held: every byte is written), which it
+ * returns. A commit encodes into buffers it reuses (commit.ts): a new 4 KiB array per image was
+ * an allocation outside V8's heap each, which the main thread pays on every flush.
+ */
+export function encodeSuperblockInto(buf: Uint8Array, sb: Superblock): Uint8Array {
   const { layout } = sb;
   if ((sb.version === 1) !== (sb.map === null) || (sb.version >= TRACKING_VERSION) !== (layout.trackingPages > 0)) {
     throw new CldError('EINVAL', `a version ${sb.version} superblock with${sb.map ? '' : 'out'} a map record and ${layout.trackingPages} tracking pages`);
   }
-  const buf = new Uint8Array(layout.blockSize);
-  const v = new DataView(buf.buffer);
-  buf.set(encoder.encode(SUPERBLOCK_MAGIC), 0);
+  if (buf.length !== layout.blockSize) throw new CldError('EINVAL', `a superblock image of ${buf.length} bytes, the block is ${layout.blockSize}`);
+  buf.fill(0);
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  buf.set(SUPERBLOCK_MAGIC_BYTES, 0);
   v.setUint32(12, sb.version, true);
   buf.set(sb.uuid, 16);
   v.setBigUint64(32, BigInt(sb.generation), true);
@@ -209,10 +223,9 @@ export function encodeSuperblock(sb: Superblock): Uint8Array {
   v.setBigUint64(96, BigInt(sb.epoch), true);
   v.setBigUint64(104, BigInt(sb.stateChangedAt), true);
   v.setBigUint64(112, BigInt(sb.createdAt), true);
-  const name = encoder.encode(sb.name);
-  if (name.length > NAME_BYTES) throw new CldError('EINVAL', `name "${sb.name}" is longer than ${NAME_BYTES} bytes`);
-  v.setUint32(124, name.length, true);
-  buf.set(name, 128);
+  const name = encoder.encodeInto(sb.name, buf.subarray(128, 128 + NAME_BYTES));
+  if (name.read !== sb.name.length) throw new CldError('EINVAL', `name "${sb.name}" is longer than ${NAME_BYTES} bytes`);
+  v.setUint32(124, name.written, true);
   if (sb.map) {
     v.setBigUint64(192, BigInt(sb.map.commit), true);
     v.setUint32(200, sb.map.digest, true);
@@ -344,9 +357,25 @@ export function encodeMapSlot(
   commit = 0,
   mapDigest = 0,
 ): Uint8Array {
-  const buf = new Uint8Array(layout.blockSize);
-  const v = new DataView(buf.buffer);
-  buf.set(encoder.encode(MAP_SLOT_MAGIC), 0);
+  return encodeMapSlotInto(new Uint8Array(layout.blockSize), uuid, page, sequence, payload, commit, mapDigest);
+}
+
+/** encodeMapSlot into `buf`, a block whatever it held (every byte is written), which it returns. */
+export function encodeMapSlotInto(
+  buf: Uint8Array,
+  uuid: Uint8Array,
+  page: number,
+  sequence: number,
+  payload: Uint8Array | null,
+  commit = 0,
+  mapDigest = 0,
+): Uint8Array {
+  if (payload && payload.length > buf.length - MAP_SLOT_HEADER) {
+    throw new CldError('EINVAL', `map page ${page}: a payload of ${payload.length} bytes in a slot of ${buf.length}`);
+  }
+  buf.fill(0);
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  buf.set(MAP_SLOT_MAGIC_BYTES, 0);
   v.setBigUint64(16, BigInt(sequence), true);
   v.setBigUint64(24, BigInt(page), true);
   buf.set(uuid, 32);
