@@ -388,6 +388,11 @@ describe('map slot', () => {
     }
     expect(used.subarray(0, bs).every((b) => b === 0x5a) && used.subarray(2 * bs).every((b) => b === 0x5a)).toBe(true);
     expect(codeOf(() => encodeMapSlotInto(used.subarray(0, bs), uuid, 5, 11, new Uint8Array(bs)))).toMatchObject({ code: 'EINVAL' });
+    // A u64 field takes a whole number from 0 to 2^53 - 1, or the encoding fails.
+    for (const bad of [-1, 1.5, Number.MAX_SAFE_INTEGER + 1, Number.NaN]) {
+      expect(codeOf(() => encodeMapSlot(layout, uuid, 5, bad, null)).code).toBe('EINVAL');
+      expect(codeOf(() => encodeSuperblock({ ...sampleSuperblock(), generation: bad })).code).toBe('EINVAL');
+    }
   });
 
   test.each(BLOCK_SIZES)('every_header_and_payload_byte_is_guarded (block size %i)', (blockSize) => {

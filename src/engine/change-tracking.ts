@@ -26,7 +26,7 @@
  * long as a write it admitted can run.
  */
 import { CldError } from '../errors.js';
-import { decodeTrackingPayload, encodeTrackingPayload, trackingPage, type Layout } from '../format/format.js';
+import { decodeTrackingPayload, encodeTrackingPayload, TRACKING_PAGE_HEADER, trackingPage, type Layout } from '../format/format.js';
 
 /** Dirty tracking pages captured by a commit: map page numbers and their payloads. */
 export interface CapturedMarks {
@@ -153,12 +153,12 @@ export class ChangeTracking {
     const words: { index: number; bits: Uint32Array }[] = [];
     const set = this.period & 1;
     for (const index of [...this.dirty].sort((a, b) => a - b)) {
-      const bits = new Uint32Array(this.wordsPerPage);
       const first = index * this.wordsPerPage;
-      bits.set(this.marked.subarray(first, first + this.wordsPerPage));
+      // One copy of the marks: the payload's, whose bits committed() reads back.
+      const payload = encodeTrackingPayload(this.layout, this.period, this.marked.subarray(first, first + this.wordsPerPage));
       pages.push(trackingPage(this.layout, set, index));
-      payloads.push(encodeTrackingPayload(this.layout, this.period, bits));
-      words.push({ index, bits });
+      payloads.push(payload);
+      words.push({ index, bits: new Uint32Array(payload.buffer, payload.byteOffset + TRACKING_PAGE_HEADER, this.wordsPerPage) });
     }
     this.dirty.clear();
     return { pages, payloads, words };

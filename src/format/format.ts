@@ -186,6 +186,17 @@ export function mapSlotOffset(layout: Layout, page: number, slot: number): numbe
 const encoder = new TextEncoder();
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
+/**
+ * Stores `n` as a little-endian u64 at `offset`. Every u64 field cldd writes is a count, an
+ * offset or a number below 2^53, and a commit writes about twenty of them (its pages, their
+ * digest terms, the superblock): two u32 stores, where a BigInt per field was an allocation.
+ */
+function putU64(v: DataView, offset: number, n: number): void {
+  if (!Number.isSafeInteger(n) || n < 0) throw new CldError('EINVAL', `${n} is not a u64 field's value`);
+  v.setUint32(offset, n % 0x100000000, true);
+  v.setUint32(offset + 4, Math.floor(n / 0x100000000), true);
+}
+
 /** The signatures as bytes, encoded once: a commit writes them on each page it encodes. */
 const SUPERBLOCK_MAGIC_BYTES = encoder.encode(SUPERBLOCK_MAGIC);
 const MAP_SLOT_MAGIC_BYTES = encoder.encode(MAP_SLOT_MAGIC);
@@ -211,23 +222,23 @@ export function encodeSuperblockInto(buf: Uint8Array, sb: Superblock): Uint8Arra
   buf.set(SUPERBLOCK_MAGIC_BYTES, 0);
   v.setUint32(12, sb.version, true);
   buf.set(sb.uuid, 16);
-  v.setBigUint64(32, BigInt(sb.generation), true);
+  putU64(v, 32, sb.generation);
   v.setUint32(40, layout.blockSize, true);
   v.setUint32(44, STATE_CODES[sb.state], true);
-  v.setBigUint64(48, BigInt(layout.storeSize), true);
-  v.setBigUint64(56, BigInt(layout.blocks), true);
-  v.setBigUint64(64, BigInt(layout.mapOffset), true);
-  v.setBigUint64(72, BigInt(layout.mapPages), true);
-  v.setBigUint64(80, BigInt(layout.dataOffset), true);
-  v.setBigUint64(88, BigInt(layout.changeOffset), true);
-  v.setBigUint64(96, BigInt(sb.epoch), true);
-  v.setBigUint64(104, BigInt(sb.stateChangedAt), true);
-  v.setBigUint64(112, BigInt(sb.createdAt), true);
+  putU64(v, 48, layout.storeSize);
+  putU64(v, 56, layout.blocks);
+  putU64(v, 64, layout.mapOffset);
+  putU64(v, 72, layout.mapPages);
+  putU64(v, 80, layout.dataOffset);
+  putU64(v, 88, layout.changeOffset);
+  putU64(v, 96, sb.epoch);
+  putU64(v, 104, sb.stateChangedAt);
+  putU64(v, 112, sb.createdAt);
   const name = encoder.encodeInto(sb.name, buf.subarray(128, 128 + NAME_BYTES));
   if (name.read !== sb.name.length) throw new CldError('EINVAL', `name "${sb.name}" is longer than ${NAME_BYTES} bytes`);
   v.setUint32(124, name.written, true);
   if (sb.map) {
-    v.setBigUint64(192, BigInt(sb.map.commit), true);
+    putU64(v, 192, sb.map.commit);
     v.setUint32(200, sb.map.digest, true);
   }
   if (sb.version >= TRACKING_VERSION) v.setUint32(204, layout.chunkShift, true);
@@ -376,10 +387,10 @@ export function encodeMapSlotInto(
   buf.fill(0);
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   buf.set(MAP_SLOT_MAGIC_BYTES, 0);
-  v.setBigUint64(16, BigInt(sequence), true);
-  v.setBigUint64(24, BigInt(page), true);
+  putU64(v, 16, sequence);
+  putU64(v, 24, page);
   buf.set(uuid, 32);
-  v.setBigUint64(48, BigInt(commit), true);
+  putU64(v, 48, commit);
   v.setUint32(56, mapDigest, true);
   if (payload) buf.set(payload, MAP_SLOT_HEADER);
   v.setUint32(8, crc32c(buf, 12, buf.length), true);
@@ -426,9 +437,9 @@ const termView = new DataView(termBytes.buffer);
  * A commit number is never reused, so the term names one write of the page.
  */
 export function mapDigestTerm(page: number, sequence: number, commit: number): number {
-  termView.setBigUint64(0, BigInt(page), true);
-  termView.setBigUint64(8, BigInt(sequence), true);
-  termView.setBigUint64(16, BigInt(commit), true);
+  putU64(termView, 0, page);
+  putU64(termView, 8, sequence);
+  putU64(termView, 16, commit);
   return crc32c(termBytes);
 }
 
@@ -440,7 +451,7 @@ export function mapDigestTerm(page: number, sequence: number, commit: number): n
 export function encodeTrackingPayload(layout: Layout, period: number, bits: Uint32Array): Uint8Array {
   const buf = new Uint8Array(layout.blockSize - MAP_SLOT_HEADER);
   const v = new DataView(buf.buffer);
-  v.setBigUint64(0, BigInt(period), true);
+  putU64(v, 0, period);
   buf.set(new Uint8Array(bits.buffer, bits.byteOffset, bits.byteLength), TRACKING_PAGE_HEADER);
   return buf;
 }
