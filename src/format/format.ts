@@ -358,29 +358,16 @@ export interface MapSlotHeader {
   mapDigest: number;
 }
 
+/** What a map page slot holds besides its signature and checksum, in encodeMapSlot's order. */
+type MapSlotFields = [uuid: Uint8Array, page: number, sequence: number, payload: Uint8Array | null, commit?: number, mapDigest?: number];
+
 /** Builds a map page slot image from the page's bitmap payload. */
-export function encodeMapSlot(
-  layout: Layout,
-  uuid: Uint8Array,
-  page: number,
-  sequence: number,
-  payload: Uint8Array | null,
-  commit = 0,
-  mapDigest = 0,
-): Uint8Array {
-  return encodeMapSlotInto(new Uint8Array(layout.blockSize), uuid, page, sequence, payload, commit, mapDigest);
+export function encodeMapSlot(layout: Layout, ...fields: MapSlotFields): Uint8Array {
+  return encodeMapSlotInto(new Uint8Array(layout.blockSize), ...fields);
 }
 
 /** encodeMapSlot into `buf`, a block whatever it held (every byte is written), which it returns. */
-export function encodeMapSlotInto(
-  buf: Uint8Array,
-  uuid: Uint8Array,
-  page: number,
-  sequence: number,
-  payload: Uint8Array | null,
-  commit = 0,
-  mapDigest = 0,
-): Uint8Array {
+export function encodeMapSlotInto(buf: Uint8Array, ...[uuid, page, sequence, payload, commit = 0, mapDigest = 0]: MapSlotFields): Uint8Array {
   if (payload && payload.length > buf.length - MAP_SLOT_HEADER) {
     throw new CldError('EINVAL', `map page ${page}: a payload of ${payload.length} bytes in a slot of ${buf.length}`);
   }
