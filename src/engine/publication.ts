@@ -47,9 +47,10 @@ export interface FastPathServer {
 export interface MapRedirector {
   /**
    * Takes the lock; returns [the journal's length, start, end, set, ...]: the blocks redirected
-   * since the last hold, and how many of each range's bits the thread found clear.
+   * since the last hold, and how many of each range's bits the thread found clear; null when
+   * none were.
    */
-  hold(): Float64Array;
+  hold(): Float64Array | null;
   /** Where the journal is now (-1: none), and whether the threads may redirect; drops the lock. */
   release(journalFd: number, journalLength: number, enabled: boolean): void;
 }

@@ -378,7 +378,7 @@ export class Volume {
     this.mapLockDepth++;
     try {
       Atomics.store(this.publication.words, PUBLISHED_WORD.redirected, 0);
-      this.takeRedirected(held);
+      if (held) this.takeRedirected(held);
       return fn();
     } finally {
       this.mapLockDepth--;
@@ -389,7 +389,6 @@ export class Volume {
 
   /** `held` as hold() returns it: the journal's length, then (start, end, set) of each redirect. */
   private takeRedirected(held: Float64Array): void {
-    if (held.length <= 1) return;
     this.journal?.appendedTo(held[0]);
     // The marks as finishFastRedirects makes them, before any commit can capture the bits.
     if (this.tracking) {

@@ -123,7 +123,7 @@ export interface NativePublication {
 /** native/redirector.h; src/engine/publication.ts's MapRedirector. */
 export declare class NativeRedirector {
   constructor();
-  hold(): Float64Array;
+  hold(): Float64Array | null;
   release(journalFd: number, journalLength: number, enabled: boolean): void;
   /** What a queue thread does with a batch of first touches, for the engine's tests: redirects [start, end) pairs of blocks, all or none. */
   redirect(published: NativePublication, ranges: Float64Array): boolean;
