@@ -33,9 +33,9 @@ class Redirector : public Napi::ObjectWrap<Redirector> {
  private:
   // hold(): takes the lock (bounded) and returns [journal length, start, end, set, ...], the
   // ranges redirected here since the last hold (and how many of each range's bits were clear),
-  // which it forgets; null when there are none. release(journalFd, journalLength,
-  // enabled): where the journal is now, and whether first touches may be redirected here; drops
-  // the lock. redirect(publication, ranges): Redirect, for the engine's tests.
+  // which it forgets; null when there are none. release(journalFd, journalLength, enabled):
+  // where the journal is now, and whether first touches may be redirected here; drops the lock.
+  // redirect(publication, ranges): Redirect, for the engine's tests.
   Napi::Value Hold(const Napi::CallbackInfo& info);
   Napi::Value Release(const Napi::CallbackInfo& info);
   Napi::Value RedirectJs(const Napi::CallbackInfo& info);
