@@ -202,6 +202,9 @@ first_touch_cldd() { # round
   # for the commit of its mark; then, once a sequential pass has written (marked) every chunk,
   # the same job, as every plain row of the next round finds the pair.
   # The pass runs whichever jobs were asked for: the next round's rows need every chunk marked.
+  # The new period's job runs as an "after" job, so without a ramp: its first writes, the first
+  # of the period, are the ones it is there to count. At QD1 it ends at its runtime, long before
+  # half a pass.
   wanted tracking-randwrite-4k-qd1 && PHASE=after run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
   dd if=/dev/zero of="$master" bs=1M count=$((bytes / 1048576)) oflag=direct status=none
   wanted tracking-randwrite-4k-qd1 && PHASE=before run tracking-randwrite-4k-qd1 randwrite 4k 1 "$master" cldd "$round"
