@@ -80,7 +80,7 @@ size_t Index(const Napi::Value& v, size_t fallback, size_t length, const char* w
 
 // crc32c(data: Uint8Array, start = 0, end = data.length, seed = 0): the CRC of data[start, end),
 // continuing from `seed` (the CRC of what came before).
-Napi::Value Crc32c(const Napi::CallbackInfo& info) {
+Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
     throw CodeError(env, "EINVAL", "crc32c: a Uint8Array is expected");
@@ -100,8 +100,10 @@ Napi::Value Crc32c(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+uint32_t Crc32c(const uint8_t* data, size_t n, uint32_t seed) { return ~Update(~seed, data, n); }
+
 void DefineChecksum(Napi::Env env, Napi::Object exports) {
-  exports.Set("crc32c", Napi::Function::New(env, Crc32c, "crc32c"));
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
 }
 
 }  // namespace cldd

@@ -245,6 +245,7 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   words.Set("generation", published::kGeneration);
   words.Set("redirected", published::kRedirected);
   words.Set("mapChanges", published::kMapChanges);
+  words.Set("nativeCommit", published::kNativeCommit);
   words.Set("count", double(published::kWords));
   Napi::Object modes = Napi::Object::New(env);
   modes.Set("off", int32_t(kFastOff));
@@ -275,6 +276,18 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   wire.Set("events", events);
   wire.Set("journalRecord", double(kJournalRecord));
   wire.Set("commitSyncSkippable", kCommitSyncSkippable);
+  Napi::Object state = Napi::Object::New(env);
+  state.Set("nextCommit", commit_state::kNextCommit);
+  state.Set("sbCopy", commit_state::kSbCopy);
+  state.Set("generation", commit_state::kGeneration);
+  state.Set("mapCommit", commit_state::kMapCommit);
+  state.Set("digest", commit_state::kDigest);
+  state.Set("done", commit_state::kDone);
+  state.Set("journalMark", commit_state::kJournalMark);
+  state.Set("failed", commit_state::kFailed);
+  state.Set("period", commit_state::kPeriod);
+  state.Set("count", double(commit_state::kFields));
+  wire.Set("commitState", state);
   exports.Set("wire", wire);
 }
 

@@ -47,11 +47,35 @@ constexpr int kRedirected = 3;
 // after its data completed: what a commit's first fdatasync may leave to its flush's own
 // (docs/serving.md, "A flush's own sync"). Wraps at 2^32.
 constexpr int kMapChanges = 4;
-constexpr size_t kWords = 5;
+// 1 while a queue thread's map commit runs (native/redirector.h, CaptureCommit to CommitDone):
+// the engine waits for it before a commit of its own, and counts it as something to commit. The
+// engine raises it to 2 (1 -> 2, compare-and-swap) when it waits: the thread that ends the
+// commit (an exchange with 0) then wakes it.
+constexpr int kNativeCommit = 5;
+constexpr size_t kWords = 6;
 }  // namespace published
 // One record of the map journal, as src/format/map-journal.ts (RECORD) lays it out: first block
 // (f64), end block (f64), 1 = redirected (u8), 7 zero bytes.
 constexpr size_t kJournalRecord = 24;
+
+// The commit state the engine and a queue thread's map commit share (CommitWriter.state in
+// src/engine/commit.ts; native/redirector.h), read and written under the map lock only: the
+// next map commit's number, the superblock copy holding the committed superblock, that
+// superblock's generation, map commit and digest (what the next commit builds on); the queue
+// threads' commits completed so far, the journal's length the last of them captured, the errno
+// of one that failed (0: none), and the tracking period the threads' marks belong to.
+namespace commit_state {
+constexpr int kNextCommit = 0;
+constexpr int kSbCopy = 1;
+constexpr int kGeneration = 2;
+constexpr int kMapCommit = 3;
+constexpr int kDigest = 4;
+constexpr int kDone = 5;
+constexpr int kJournalMark = 6;
+constexpr int kFailed = 7;
+constexpr int kPeriod = 8;
+constexpr size_t kFields = 9;
+}  // namespace commit_state
 
 enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
 

@@ -80,6 +80,8 @@ class Trial {
   redirectedHere = 0;
   /** Commit fdatasyncs left out because the flush's own sync covered them (a queue thread's RunOwnSync). */
   syncsLeftOut = 0;
+  /** Map commits the redirector built for a flush, as a queue thread's CaptureCommit does. */
+  commitsHere = 0;
 
   /** Adds up what the fast path of the volume being left behind served. */
   private tally(): void {
@@ -88,6 +90,7 @@ class Trial {
     this.fastDeclined += this.disk.fast.declined;
     this.redirectedHere += this.disk.fast.redirectedHere;
     this.syncsLeftOut += this.disk.fast.syncsLeftOut;
+    this.commitsHere += this.disk.fast.commitsHere;
   }
 
   private attach(): void {
@@ -524,6 +527,7 @@ describe('crash model', () => {
     let fastDeclined = 0;
     let redirectedHere = 0;
     let syncsLeftOut = 0;
+    let commitsHere = 0;
     const started = performance.now();
     try {
       while (crashPoints < target) {
@@ -544,6 +548,7 @@ describe('crash model', () => {
         fastDeclined += trial.fastDeclined;
         redirectedHere += trial.redirectedHere;
         syncsLeftOut += trial.syncsLeftOut;
+        commitsHere += trial.commitsHere;
         crashPoints += trial.crashPoints;
         steps += trial.steps;
       }
@@ -557,8 +562,11 @@ describe('crash model', () => {
     if (fastPath) {
       // The fast path must really take part: most reads and writes of a workload are its.
       expect(fastServed, 'requests the fast path served').toBeGreaterThan(fastDeclined);
-      console.log(`fast path: served ${fastServed}, left ${fastDeclined} to the engine; ${redirectedHere} first touches redirected by the redirector; ${syncsLeftOut} commit fdatasyncs left to a flush's own`);
+      console.log(
+        `fast path: served ${fastServed}, left ${fastDeclined} to the engine; ${redirectedHere} first touches redirected by the redirector; ${syncsLeftOut} commit fdatasyncs left to a flush's own; ${commitsHere} map commits built for a flush by the redirector`,
+      );
       expect(redirectedHere, 'first touches the redirector took').toBeGreaterThan(0);
+      expect(commitsHere, "map commits the redirector built for a flush").toBeGreaterThan(0);
       expect(syncsLeftOut, "commit fdatasyncs a flush's own sync covered").toBeGreaterThan(0);
     }
     expect(crashPoints).toBeGreaterThanOrEqual(target);

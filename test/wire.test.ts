@@ -4,6 +4,7 @@
  * and they must be the same.
  */
 import { expect, test } from 'vitest';
+import { COMMIT_STATE, COMMIT_STATE_FIELDS } from '../src/engine/commit.js';
 import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
 import { RECORD } from '../src/format/map-journal.js';
 import { addon } from '../src/native/addon.js';
@@ -22,6 +23,7 @@ test('plans, store steps, request records and the events buffer use the addon\'s
   expect(wire.requestFlags).toEqual(REQUEST_FLAGS);
   expect(wire.events).toEqual(EVENTS);
   expect(wire.commitSyncSkippable).toBe(COMMIT_SYNC_SKIPPABLE);
+  expect(wire.commitState).toEqual({ ...COMMIT_STATE, count: COMMIT_STATE_FIELDS });
 });
 
 test('a queue thread writes map journal records of the journal\'s own size', () => {

@@ -118,36 +118,38 @@ export class BlockMap {
 
   /**
    * Takes bits queue threads set (native/redirector.cc) into the bookkeeping: `ranges` holds
-   * (start, end, set) from index `at` on, `set` being how many of [start, end) were clear before
-   * (the thread counted them from its atomic ORs; the engine changes bits only under the same
-   * lock, so no change is counted twice). Their pages are marked dirty. A range across two pages
-   * is rare (a request spans at most 128 blocks): those pages are recounted, after the rest, so
-   * the recount is the truth. Recounting every range's page instead took the main thread 27 µs
-   * a first touch (3.4 s of CPU in an 8 s job at QD32 in the 6.12 VM, where the queue thread took
-   * 26 µs), competing with the queue thread and fio for the VM's two CPUs.
+   * (start, end, set, captured) from index `at` on, `set` being how many of [start, end) were
+   * clear before (the thread counted them from its atomic ORs; the engine changes bits only under
+   * the same lock, so no change is counted twice). Their pages are marked dirty, unless a queue
+   * thread's map commit holds the range (`captured`): that commit writes the page. A range across
+   * two pages is rare (a request spans at most 128 blocks): those pages are recounted, after the
+   * rest, so the recount is the truth. Recounting every range's page instead took the main thread
+   * 27 µs a first touch (3.4 s of CPU in an 8 s job at QD32 in the 6.12 VM, where the queue
+   * thread took 26 µs), competing with the queue thread and fio for the VM's two CPUs.
    */
   absorb(ranges: Float64Array, at: number): void {
-    const recount = new Set<number>();
-    for (let i = at; i + 2 < ranges.length; i += 3) {
+    const recount = new Map<number, boolean>();
+    for (let i = at; i + 3 < ranges.length; i += 4) {
       const first = Math.floor(ranges[i] / this.bitsPerPage);
       const last = Math.floor((ranges[i + 1] - 1) / this.bitsPerPage);
+      const dirty = ranges[i + 3] === 0;
       if (first !== last) {
-        for (let p = first; p <= last; p++) recount.add(p);
+        for (let p = first; p <= last; p++) recount.set(p, (recount.get(p) ?? false) || dirty);
         continue;
       }
       this.pageCounts[first] += ranges[i + 2];
       this.setCount += ranges[i + 2];
       if (this.pageCounts[first] > 0) this.pages[first] ??= this.pageWords(first);
-      this.markDirty(first);
+      if (dirty) this.markDirty(first);
     }
-    for (const p of recount) {
+    for (const [p, dirty] of recount) {
       const words = this.pageWords(p);
       let n = 0;
       for (let w = 0; w < words.length; w++) if (words[w]) n += popcount(words[w]);
       this.setCount += n - this.pageCounts[p];
       this.pageCounts[p] = n;
       this.pages[p] = n ? words : null;
-      this.markDirty(p);
+      if (dirty) this.markDirty(p);
     }
   }
 

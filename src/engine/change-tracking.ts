@@ -47,8 +47,12 @@ export class ChangeTracking {
   /** Bytes per chunk, as a power of two: chunk = floor(byte offset / 2^chunkShift) on the master. */
   readonly chunkShift: number;
   readonly chunks: number;
-  /** Marks made, durable or waiting for the next commit; a superset of durableBits. */
-  private readonly marked: Uint32Array;
+  /**
+   * Marks made, durable or waiting for the next commit; a superset of durableBits. A queue
+   * thread's map commit marks the chunks of the redirects it commits here too (an atomic OR,
+   * under the map lock: native/redirector.cc), and so does mark(), which runs outside it.
+   */
+  readonly marked: Uint32Array;
   /** The last delta: chunks written between the previous snapshot and the last; null before snapshot 1. */
   private delta: Uint32Array | null;
   private readonly dirty = new Set<number>();
@@ -135,7 +139,7 @@ export class ChangeTracking {
       const w = c >>> 5;
       const bit = 1 << (c & 31);
       if (this.marked[w] & bit) continue;
-      this.marked[w] |= bit;
+      Atomics.or(this.marked, w, bit);
       this.dirty.add(Math.floor(w / this.wordsPerPage));
     }
   }

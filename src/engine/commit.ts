@@ -13,7 +13,7 @@ export interface PageSlots {
   slot: Uint8Array;
   sequence: Float64Array;
   slotCommit: Float64Array;
-  /** The number of the next map commit: above every commit number on disk. */
+  /** The number of the next map commit at open: above every commit number on disk. */
   nextCommit: number;
 }
 
@@ -43,9 +43,35 @@ export interface CommitCapture {
   syncCoveredAt?: number;
 }
 
+/**
+ * The commit state a queue thread's map commit shares with the engine's commit writer, one f64
+ * each (native/wire.h's commit_state, which says what each holds; test/wire.test.ts checks that
+ * both agree).
+ */
+export const COMMIT_STATE = {
+  nextCommit: 0,
+  sbCopy: 1,
+  generation: 2,
+  mapCommit: 3,
+  digest: 4,
+  done: 5,
+  journalMark: 6,
+  failed: 7,
+  period: 8,
+} as const;
+export const COMMIT_STATE_FIELDS = 9;
+
 export class CommitWriter {
-  /** The superblock copy holding the committed superblock; the next write goes to the other. */
-  private sbCopy: number;
+  /**
+   * The commit state (COMMIT_STATE): the next map commit's number and the superblock copy
+   * holding the committed superblock, which this writer moves on, and what a queue thread's map
+   * commit shares with it (native/redirector.h): both read and write it, and the page slots,
+   * one commit at a time, the thread under the volume's map lock, this writer while no thread's
+   * commit can run (Volume.waitForNativeCommit, nativeCommitAllowed).
+   */
+  readonly state = new Float64Array(COMMIT_STATE_FIELDS);
+  /** The committed superblock's image, for a queue thread's map commit (the volume encodes it). */
+  readonly superblockImage: Uint8Array;
   /** Tracking pages open rewrites as they were found (redirect pages are rewritten from the map). */
   private readonly rewrites = new Set<number>();
   private readonly rewrittenPayloads = new Map<number, Uint8Array>();
@@ -59,11 +85,13 @@ export class CommitWriter {
   constructor(
     private readonly store: BlockStore,
     private readonly layout: Layout,
-    private readonly pages: PageSlots,
+    readonly pages: PageSlots,
     sbCopy: number,
   ) {
-    this.sbCopy = sbCopy;
+    this.state[COMMIT_STATE.sbCopy] = sbCopy;
+    this.state[COMMIT_STATE.nextCommit] = pages.nextCommit;
     this.images = new Uint8Array(IMAGE_BLOCKS * layout.blockSize);
+    this.superblockImage = new Uint8Array(layout.blockSize);
   }
 
   /** A tracking page the next commit rewrites as it was found (`payload`; else empty). */
@@ -97,7 +125,8 @@ export class CommitWriter {
       return this.rewrittenPayloads.get(p) ?? null;
     };
     // A commit that writes pages gets a new number; the digest follows page by page.
-    const mapCommit = pages.length ? slots.nextCommit : sb.map.commit;
+    const { state } = this;
+    const mapCommit = pages.length ? state[COMMIT_STATE.nextCommit] : sb.map.commit;
     let digest = sb.map.digest;
     for (const p of pages) {
       digest = (digest - mapDigestTerm(p, slots.sequence[p], slots.slotCommit[p]) + mapDigestTerm(p, slots.sequence[p] + 1, mapCommit)) >>> 0;
@@ -115,7 +144,7 @@ export class CommitWriter {
     // it leaves the other, one commit behind, and open rolls that commit forward.
     const sbRoom = room.subarray(pages.length * bs, (pages.length + 1) * bs);
     const sbImage = pages.length || c.bothCopies ? encodeSuperblockInto(sbRoom, { ...sb, ...next }) : null;
-    const firstCopy = 1 - this.sbCopy;
+    const firstCopy = 1 - state[COMMIT_STATE.sbCopy];
     const steps: OrderedStep[] = [];
     if (!c.marksOnly || redirectPages.length > 0 || c.bothCopies) {
       // Not for a state change: the writes it must order before the new state (all that
@@ -128,7 +157,7 @@ export class CommitWriter {
       steps.push(FLUSH);
     }
     if (sbImage) {
-      for (const copy of c.bothCopies ? [firstCopy, this.sbCopy] : [firstCopy]) {
+      for (const copy of c.bothCopies ? [firstCopy, 1 - firstCopy] : [firstCopy]) {
         steps.push({ kind: 'write', data: sbImage, offset: superblockOffset(copy, layout.blockSize) }, FLUSH);
       }
     }
@@ -141,11 +170,11 @@ export class CommitWriter {
         slots.sequence[p] += 1;
         slots.slotCommit[p] = mapCommit;
       }
-      slots.nextCommit = mapCommit + 1;
+      state[COMMIT_STATE.nextCommit] = mapCommit + 1;
     }
     for (const p of rewrites) this.rewrittenPayloads.delete(p);
     if (!sbImage) return null;
-    this.sbCopy = firstCopy;
+    state[COMMIT_STATE.sbCopy] = firstCopy;
     return next;
   }
 }

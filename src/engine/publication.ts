@@ -12,6 +12,9 @@
  *   - `words[MAP_CHANGES]`: map changes made so far (the volume's and the threads'), each counted
  *     once its data completed, so that a flush's queue thread can tell whether its own fdatasync
  *     covers a commit's first one (docs/serving.md, "A flush's own sync"); wraps at 2^32;
+ *   - `words[NATIVE_COMMIT]`: 1 while a queue thread's map commit runs (MapRedirector's
+ *     captureCommit to commitDone, on the thread): the volume waits for it before a commit of
+ *     its own, and a flush meanwhile has something to commit;
  *   - the redirect bitmap, `BlockMap.bits`, shared and not copied.
  *
  * Words are written with Atomics (sequentially consistent), read natively with seq_cst loads. The
@@ -19,8 +22,8 @@
  */
 import type { VolumeState } from '../format/format.js';
 
-export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2, redirected: 3, mapChanges: 4 } as const;
-export const PUBLISHED_WORDS = 5;
+export const PUBLISHED_WORD = { mode: 0, commitPending: 1, generation: 2, redirected: 3, mapChanges: 4, nativeCommit: 5 } as const;
+export const PUBLISHED_WORDS = 6;
 
 export const FAST_MODE = { off: 0, plain: 1, snapshot: 2, resync: 3 } as const satisfies Record<'off' | VolumeState, number>;
 
@@ -46,14 +49,42 @@ export interface FastPathServer {
  */
 export interface MapRedirector {
   /**
-   * Takes the lock; returns [the journal's length, start, end, set, ...]: the blocks redirected
-   * since the last hold, and how many of each range's bits the thread found clear; null when
-   * none were.
+   * Takes the lock; returns [the journal's length, start, end, set, captured, ...]: the blocks
+   * redirected since the last hold, how many of each range's bits the thread found clear, and
+   * whether a queue thread's map commit holds them (1: their pages and marks are that commit's,
+   * not dirty); null when none were.
    */
   hold(): Float64Array | null;
-  /** Where the journal is now (-1: none), and whether the threads may redirect; drops the lock. */
-  release(journalFd: number, journalLength: number, enabled: boolean): void;
+  /**
+   * Where the journal is now (-1: none), whether the threads may redirect, and whether a master
+   * flush's queue thread may commit their redirects itself (the volume has nothing of its own to
+   * commit and no commit of its own runs); drops the lock.
+   */
+  release(journalFd: number, journalLength: number, enabled: boolean, commitAllowed?: boolean): void;
+  /** Under hold(): what a queue thread's map commit works on (docs/serving.md). */
+  configureCommit?(setup: NativeCommitSetup): void;
 }
+
+/**
+ * What a queue thread's map commit reads and writes, shared with the volume (not copied) and
+ * touched by either side only under the map lock, or while the other cannot commit: the commit
+ * writer's page slots and state (COMMIT_STATE in commit.ts), the committed superblock's image,
+ * the tracking marks in memory, and the layout.
+ */
+export interface NativeCommitSetup {
+  slot: Uint8Array;
+  sequence: Float64Array;
+  slotCommit: Float64Array;
+  state: Float64Array;
+  superblock: Uint8Array;
+  marked: Uint32Array | null;
+  blockSize: number;
+  mapOffset: number;
+  mapPages: number;
+  trackingPages: number;
+  trackingBitsPerPage: number;
+}
+
 
 /** A first touch in a snapshot that a queue thread wrote, for the volume to redirect. */
 export interface FastWrite {

@@ -30,7 +30,8 @@ import { type MapChange, MapJournal } from '../format/map-journal.js';
 import { type FastPathCounters, type FastPathServer, type FastWrite, type MapRedirector, PUBLISHED_WORD, Publication } from './publication.js';
 import { RangeLocks, type RangeLock } from './range-lock.js';
 import { allRedirected, checkRequest, extent, masterReadExtents, noneRedirected } from './extents.js';
-import { CommitWriter, type PageSlots } from './commit.js';
+import { COMMIT_STATE, CommitWriter, type PageSlots } from './commit.js';
+import { encodeSuperblockInto } from '../format/format.js';
 import { type FormatOptions, formatStore, type OpenOptions, recoverStore, replayJournal } from './open.js';
 
 export type { VolumeState } from '../format/format.js';
@@ -55,6 +56,13 @@ export const MERGE_SPAN_FACTOR = 4;
  * in the test VM (4,000 to 16,000 a second) once at most.
  */
 export const JOURNAL_COMMIT_BYTES = 4 << 20;
+
+/**
+ * How long a commit of the volume's own waits for a queue thread's map commit to finish: that is
+ * a flush's pages and superblock with their fdatasyncs (0.45-0.56 ms in the bench's VM,
+ * docs/benchmarks.md), so only a stuck backing store takes longer; the map lock's own bound.
+ */
+export const NATIVE_COMMIT_WAIT_MS = 10_000;
 
 export interface VolumeCounters {
   reads: number;
@@ -179,6 +187,14 @@ export class Volume {
   private redirector: MapRedirector | null = null;
   /** Depth of withMapLock calls on the stack (the lock is taken by the outermost). */
   private mapLockDepth = 0;
+  /** Queue threads' map commits taken into the bookkeeping (COMMIT_STATE.done). */
+  private nativeCommitsSeen = 0;
+  /** The superblock the commit state and its image hold (what a queue thread's commit builds on). */
+  private publishedSb: Superblock | null = null;
+  /** Whether the last release let a master flush's queue thread commit (nativeCommitAllowed). */
+  private nativeCommitsAllowed = false;
+  /** A commit of the volume's own waiting for a queue thread's to end (waitForNativeCommit). */
+  private nativeCommitWaiter: (() => void) | null = null;
 
   readonly counters: VolumeCounters = {
     reads: 0,
@@ -351,7 +367,7 @@ export class Volume {
   attachRedirector(redirector: MapRedirector): () => void {
     if (this.redirector) throw new Error('a redirector is attached already');
     this.redirector = redirector;
-    this.withMapLock(() => {});
+    this.withMapLock(() => this.configureNativeCommit(redirector));
     return () => {
       if (this.redirector !== redirector) return;
       this.withMapLock(() => {}, false);
@@ -359,9 +375,13 @@ export class Volume {
     };
   }
 
-  /** Takes the first touches queue threads redirected since the last time, if there are any. */
+  /**
+   * Takes the first touches queue threads redirected since the last time, if there are any; and
+   * ends a wait for a queue thread's map commit that ended (the thread woke the engine for it).
+   */
   takeRedirects(): void {
     if (this.redirector && Atomics.load(this.publication.words, PUBLISHED_WORD.redirected) !== 0) this.withMapLock(() => {});
+    this.checkNativeCommitEnded();
   }
 
   /**
@@ -378,21 +398,139 @@ export class Volume {
     this.mapLockDepth++;
     try {
       Atomics.store(this.publication.words, PUBLISHED_WORD.redirected, 0);
+      // The redirects first: the journal's length moves on before a thread's commit trims it.
       if (held) this.takeRedirected(held);
+      this.takeNativeCommits();
       return fn();
     } finally {
       this.mapLockDepth--;
       const journal = this.journal;
-      r.release(journal?.descriptor ?? -1, journal?.bytes ?? 0, enabled && !this.failure && !this.closed);
+      const usable = enabled && !this.failure && !this.closed;
+      this.nativeCommitsAllowed = usable && this.nativeCommitAllowed();
+      if (this.nativeCommitsAllowed) this.publishCommitState();
+      r.release(journal?.descriptor ?? -1, journal?.bytes ?? 0, usable, this.nativeCommitsAllowed);
     }
   }
 
-  /** `held` as hold() returns it: the journal's length, then (start, end, set) of each redirect. */
+  /**
+   * What a master flush's queue thread commits with when it commits the threads' redirects itself
+   * (docs/serving.md, "A flush's commit on its queue thread"): the writer's page slots and state,
+   * the committed superblock's image, the tracking marks. Shared, not copied.
+   */
+  private configureNativeCommit(r: MapRedirector): void {
+    if (!r.configureCommit) return;
+    const { layout, writer } = this;
+    r.configureCommit({
+      slot: writer.pages.slot,
+      sequence: writer.pages.sequence,
+      slotCommit: writer.pages.slotCommit,
+      state: writer.state,
+      superblock: writer.superblockImage,
+      marked: this.tracking?.marked ?? null,
+      blockSize: layout.blockSize,
+      mapOffset: layout.mapOffset,
+      mapPages: layout.mapPages,
+      trackingPages: layout.trackingPages,
+      trackingBitsPerPage: layout.trackingBitsPerPage,
+    });
+    this.publishedSb = null;
+  }
+
+  /**
+   * Whether a queue thread may commit the redirects made since by itself: only when they are all
+   * there is to commit (no page, mark, rewrite or superblock of the engine's is waiting, no
+   * commit of its own runs or is asked for) in a snapshot, where its commit is the map-only one
+   * of a first touch's flush. Anything else leaves every flush that must commit to the engine.
+   */
+  private nativeCommitAllowed(): boolean {
+    return (
+      this.redirector?.configureCommit !== undefined &&
+      this.sb.state === 'snapshot' &&
+      this.gate === null &&
+      !this.commitRunning &&
+      this.commitWaiters.length === 0 &&
+      !this.sbDirty &&
+      this.map.dirtyPages === 0 &&
+      (this.tracking?.pendingPages ?? 0) === 0 &&
+      this.writer.pendingRewrites === 0 &&
+      this.writer.state[COMMIT_STATE.failed] === 0
+    );
+  }
+
+  /** The committed superblock into the commit state and its image, when it changed since. */
+  private publishCommitState(): void {
+    const { state } = this.writer;
+    state[COMMIT_STATE.period] = this.tracking?.since ?? 0;
+    if (this.publishedSb === this.sb) return;
+    state[COMMIT_STATE.generation] = this.sb.generation;
+    state[COMMIT_STATE.mapCommit] = this.sb.map.commit;
+    state[COMMIT_STATE.digest] = this.sb.map.digest;
+    encodeSuperblockInto(this.writer.superblockImage, this.sb);
+    this.publishedSb = this.sb;
+  }
+
+  /**
+   * Takes the map commits queue threads completed since the last hold into the bookkeeping: the
+   * superblock they left, the journal's records they cover. One that failed fails the volume, as
+   * a failed commit of its own does.
+   */
+  private takeNativeCommits(): void {
+    const { state } = this.writer;
+    if (state[COMMIT_STATE.failed] !== 0 && !this.failure) {
+      this.fail(new CldError('EIO', `a queue thread's map commit failed (errno ${state[COMMIT_STATE.failed]})`));
+    }
+    const done = state[COMMIT_STATE.done];
+    if (done === this.nativeCommitsSeen) return;
+    this.counters.commits += done - this.nativeCommitsSeen;
+    this.nativeCommitsSeen = done;
+    // The image is the thread's superblock: still this one's, unless the volume changed its own
+    // since (a state change waiting for its commit), which the next publication encodes anew.
+    const imaged = this.publishedSb === this.sb;
+    this.sb = { ...this.sb, generation: state[COMMIT_STATE.generation], map: { commit: state[COMMIT_STATE.mapCommit], digest: state[COMMIT_STATE.digest] } };
+    this.publishedSb = imaged ? this.sb : null;
+    this.journal?.trim(state[COMMIT_STATE.journalMark], this.sb.epoch);
+  }
+
+  /**
+   * Before a commit of its own: no queue thread's map commit may run beside it (both move the
+   * same slots and superblock copies on). The hold's release tells the threads to start none
+   * (commitRunning is set); then, when one runs, this raises its word from 1 to 2, which makes
+   * the thread that ends it wake the engine (takeRedirects ends the wait), at most
+   * NATIVE_COMMIT_WAIT_MS: it is a flush's writes and fdatasyncs.
+   */
+  private async waitForNativeCommit(): Promise<void> {
+    if (!this.redirector) return;
+    if (this.nativeCommitsAllowed) this.withMapLock(() => {});
+    const { words } = this.publication;
+    if (Atomics.compareExchange(words, PUBLISHED_WORD.nativeCommit, 1, 2) === 0) return;
+    const ended = new Promise<void>((resolve) => (this.nativeCommitWaiter = resolve));
+    this.checkNativeCommitEnded();
+    await within(ended, NATIVE_COMMIT_WAIT_MS, () => {
+      this.nativeCommitWaiter = null;
+      return new CldError('ETIMEDOUT', `a queue thread's map commit (commit ${this.writer.state[COMMIT_STATE.nextCommit]}) has not ended after ${NATIVE_COMMIT_WAIT_MS / 1000} s`);
+    });
+  }
+
+  /** Ends waitForNativeCommit's wait once the thread's commit ended. */
+  private checkNativeCommitEnded(): void {
+    const waiter = this.nativeCommitWaiter;
+    if (!waiter || Atomics.load(this.publication.words, PUBLISHED_WORD.nativeCommit) !== 0) return;
+    this.nativeCommitWaiter = null;
+    waiter();
+  }
+
+  /**
+   * `held` as hold() returns it: the journal's length, then (start, end, set, captured) of each
+   * redirect (captured: a queue thread's map commit holds it).
+   */
   private takeRedirected(held: Float64Array): void {
     this.journal?.appendedTo(held[0]);
-    // The marks as finishFastRedirects makes them, before any commit can capture the bits.
+    // The marks as finishFastRedirects makes them, before any commit can capture the bits; a
+    // queue thread's commit that holds a range made its marks.
     if (this.tracking) {
-      for (let i = 1; i + 2 < held.length; i += 3) if (this.tracking.needsMark(held[i], held[i + 1])) this.tracking.mark(held[i], held[i + 1]);
+      for (let i = 1; i + 3 < held.length; i += 4) {
+        if (held[i + 3] === 0 && this.tracking.needsMark(held[i], held[i + 1])) this.tracking.mark(held[i], held[i + 1]);
+      }
     }
     this.map.absorb(held, 1);
     if (this.journal && this.journal.pending >= JOURNAL_COMMIT_BYTES) this.commitForJournal();
@@ -404,9 +542,12 @@ export class Volume {
       this.publication.setCommitPending(true);
       return;
     }
-    // Lowered only with the redirects the threads made taken: each raised it for its bits.
+    // Lowered only with the redirects the threads made taken: each raised it for its bits; and
+    // not while a queue thread's map commit runs, whose pages are not durable yet.
     this.withMapLock(() =>
-      this.publication.setCommitPending(this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap)),
+      this.publication.setCommitPending(
+        this.map.dirtyPages > 0 || this.sbDirty || (this.commitRunning && this.runningWritesMap) || Atomics.load(this.publication.words, PUBLISHED_WORD.nativeCommit) !== 0,
+      ),
     );
   }
 
@@ -889,6 +1030,9 @@ export class Volume {
       await fn();
     } finally {
       this.gate = null;
+      // Whether a flush's queue thread may commit is told at a release, and the last one was
+      // made with the gate closed: without this one, the first flush after it went to the engine.
+      if (!this.failure && !this.closed) this.withMapLock(() => {});
       this.publication.resume();
       open();
     }
@@ -989,11 +1133,15 @@ export class Volume {
 
   /** `alone`: one flush asked for this commit, and its queue thread may run it (`run`). */
   private async commitOnce(marksOnly: boolean, run?: StepRunner, alone = false): Promise<void> {
+    await this.waitForNativeCommit();
     // Capture: the map as it is now reflects exactly the writes that have completed; the
     // tracking pages hold every mark made so far (writes waiting for them are not yet issued).
     // Under the map lock up to the writer's first step: it encodes the pages before it, and a
     // bit a queue thread set meanwhile would be in them without its chunk's mark.
     const { written, journalMark, marks } = this.withMapLock(() => {
+      // A queue thread's commit that failed, taken in this hold, held changes this one will not
+      // find dirty: no caller of this commit may be told they are durable.
+      if (this.failure) throw this.failure;
       const redirectPages = this.map.takeDirty();
       const marks = this.tracking?.capture() ?? NO_MARKS;
       const bothCopies = this.sbDirty;

@@ -124,7 +124,16 @@ export interface NativePublication {
 export declare class NativeRedirector {
   constructor();
   hold(): Float64Array | null;
-  release(journalFd: number, journalLength: number, enabled: boolean): void;
+  release(journalFd: number, journalLength: number, enabled: boolean, commitAllowed?: boolean): void;
+  /**
+   * Under hold(): the arrays and layout a queue thread's map commit works on, shared (the engine's
+   * NativeCommitSetup, src/engine/publication.ts, which this layer does not import).
+   */
+  configureCommit(setup: object): void;
+  /** A queue thread's map commit, for the engine's tests: its steps as (kind, offset, length, bufferOffset) records in `meta`, or null. */
+  captureCommit(published: NativePublication, meta: Uint8Array): Float64Array | null;
+  /** Its steps ended: 0, or the errno that failed one. True: the engine waits for it (wake it: takeRedirects). */
+  commitDone(published: NativePublication, errno: number): boolean;
   /** What a queue thread does with a batch of first touches, for the engine's tests: redirects [start, end) pairs of blocks, all or none. */
   redirect(published: NativePublication, ranges: Float64Array): boolean;
 }
@@ -229,7 +238,7 @@ export interface NativeAddon {
   crc32c(data: Uint8Array, start?: number, end?: number, seed?: number): number;
   /** native/wire.h's numbers (test/wire.test.ts checks them against src/native/wire.ts). */
   wire: {
-    publishedWord: { mode: number; commitPending: number; generation: number; redirected: number; mapChanges: number; count: number };
+    publishedWord: { mode: number; commitPending: number; generation: number; redirected: number; mapChanges: number; nativeCommit: number; count: number };
     fastMode: { off: number; plain: number; snapshot: number; resync: number };
     extentKind: { read: number; write: number; zero: number; sync: number; meta: number };
     submitFlags: { needsEngine: number; inOrder: number };
@@ -237,5 +246,6 @@ export interface NativeAddon {
     events: { requestFields: number; redirectFields: number; perTag: number };
     journalRecord: number;
     commitSyncSkippable: number;
+    commitState: Record<'nextCommit' | 'sbCopy' | 'generation' | 'mapCommit' | 'digest' | 'done' | 'journalMark' | 'failed' | 'period' | 'count', number>;
   };
 }

@@ -6,17 +6,18 @@
  * device does, so every state change turns it off and waits for it (docs/serving.md). A first
  * touch in a snapshot is redirected as a master's queue thread does it: by the addon's
  * Redirector (native/redirector.cc), the engine taking it later, or, when that declines (or
- * `nativeRedirects` is false), by the engine's finishFastRedirect. A master flush the engine
- * commits for runs its own sync meanwhile and then the commit's steps, as a queue thread does
- * (flushThroughEngine).
+ * `nativeRedirects` is false), by the engine's finishFastRedirect. A master flush with something
+ * to commit first offers the redirector to commit the threads' redirects itself, as a queue
+ * thread does (commitHere); a flush the engine commits for runs its own sync meanwhile and then
+ * the commit's steps, as a queue thread does (flushThroughEngine).
  */
 import { within } from '../../src/deadline.js';
 import type { Executor, IoOp, Request } from '../../src/engine/plan.js';
 import { serve, StoreExecutor } from './disk.js';
-import { type FastPathCounters, PUBLISHED_WORD } from '../../src/engine/publication.js';
+import { FAST_MODE, type FastPathCounters, PUBLISHED_WORD } from '../../src/engine/publication.js';
 import type { Volume } from '../../src/engine/volume.js';
 import { type BlockStore, inOrder, type OrderedStep, packSteps, writtenBytes } from '../../src/io/block-store.js';
-import { COMMIT_STEP_KINDS } from '../../src/native/wire.js';
+import { COMMIT_STEP_KINDS, EXTENT_KIND } from '../../src/native/wire.js';
 import { addon } from '../../src/native/addon.js';
 import type { NativeRedirector } from '../../src/native/native.js';
 import { nativePublication } from '../../src/ublk/device.js';
@@ -47,6 +48,8 @@ export class FastPath {
     /** Runs its reads and writes (a test may watch them); flushes go to the store. */
     private readonly executor: Executor = new StoreExecutor(store),
     nativeRedirects = true,
+    /** Whether a flush offers the redirector its commit (commitHere) before the engine. */
+    private readonly nativeCommits = true,
   ) {
     this.detach = volume.attachFastPath({ idle: () => this.idle(), counters: () => ({ ...this.counters }), describeRequests: () => '' });
     this.redirector = nativeRedirects ? new (addon().Redirector)() : null;
@@ -125,6 +128,7 @@ export class FastPath {
    * once its own sync is done, so both orders run.
    */
   async flushThroughEngine(executor: Executor): Promise<void> {
+    if (await this.commitHere()) return;
     const { words } = nativePublication(this.volume);
     let own: Promise<{ done: boolean; count: number }> = Promise.resolve({ done: false, count: 0 });
     if (Atomics.load(words, PUBLISHED_WORD.commitPending) !== 0) {
@@ -166,6 +170,51 @@ export class FastPath {
   private flushesThroughEngine = 0;
   ownSyncs = 0;
   syncsLeftOut = 0;
+  /** Flushes whose map commit the redirector built (a queue thread's own commit). */
+  commitsHere = 0;
+  /** The device's metadata buffer, where a queue thread's commit encodes its images. */
+  private readonly meta = new Uint8Array(64 * 1024);
+
+  /**
+   * A master flush with something to commit, as its queue thread first tries it (ServeFast in
+   * native/device.cc): the redirector captures the commit of the threads' redirects and its
+   * steps run in order on the store (counted in flight, as a fast request), then commitDone.
+   * False when it declines: the flush goes to the engine.
+   */
+  async commitHere(): Promise<boolean> {
+    if (!this.redirector || !this.nativeCommits) return false;
+    const pub = nativePublication(this.volume, this.redirector);
+    if (Atomics.load(pub.words, PUBLISHED_WORD.commitPending) === 0) return false;
+    this.inFlight++;
+    let records: Float64Array | null = null;
+    try {
+      if (Atomics.load(pub.words, PUBLISHED_WORD.mode) !== FAST_MODE.snapshot) return false;
+      records = this.redirector.captureCommit(pub, this.meta);
+      if (!records) return false;
+      this.commitsHere++;
+      const steps: OrderedStep[] = [];
+      for (let i = 0; i < records.length; i += 4) {
+        const [kind, offset, length, at] = [records[i], records[i + 1], records[i + 2], records[i + 3]];
+        if (kind === EXTENT_KIND.sync) steps.push({ kind: 'flush' });
+        else if (kind === EXTENT_KIND.meta) steps.push({ kind: 'write', offset, data: this.meta.slice(at, at + length) });
+        else throw new Error(`a queue thread's commit planned extent kind ${kind}`);
+      }
+      let error = 0;
+      try {
+        await this.beforeIo('a queue thread\'s map commit');
+        await inOrder(this.store, steps);
+      } catch (err) {
+        error = 5; // EIO: the flush fails, and the volume at its next hold
+        throw err;
+      } finally {
+        // The engine waits for it: wake it, as the device does (a delivery calls takeRedirects).
+        if (this.redirector.commitDone(pub, error)) queueMicrotask(() => this.volume.takeRedirects());
+      }
+      return true;
+    } finally {
+      this.leave();
+    }
+  }
 
   /** What the queue thread's RedirectHere does, for one write. */
   private redirectHere(req: Request): boolean {
@@ -208,8 +257,9 @@ export class FastPathDisk {
     store: BlockStore,
     executor: Executor = new StoreExecutor(store),
     nativeRedirects = true,
+    nativeCommits = true,
   ) {
-    this.fast = new FastPath(volume, store, undefined, executor, nativeRedirects);
+    this.fast = new FastPath(volume, store, undefined, executor, nativeRedirects, nativeCommits);
     this.executor = executor;
   }
 

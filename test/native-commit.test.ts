@@ -1,0 +1,156 @@
+/**
+ * A map commit built by a master flush's queue thread (native/redirector.cc, CaptureCommit and
+ * CommitDone; docs/serving.md, "A flush's commit on its queue thread"), driven as a thread drives
+ * it through test/support/fast-path.ts: it must write exactly the bytes the engine's commit of the
+ * same redirects writes, and leave every flush to the engine whenever the engine has anything of
+ * its own to commit. The crash model and the interleavings test run it under power loss and in
+ * random orders; this checks the bytes and each case where it must decline.
+ */
+import { describe, expect, test } from 'vitest';
+import { PUBLISHED_WORD } from '../src/engine/publication.js';
+import { Volume } from '../src/engine/volume.js';
+import { MemoryStore } from '../src/io/memory-store.js';
+import type { NativeRedirector } from '../src/native/native.js';
+import { COMMIT_STATE } from '../src/engine/commit.js';
+import { nativePublication } from '../src/ublk/device.js';
+import { FastPathDisk } from './support/fast-path.js';
+import { between, rng, seedFromEnv } from './support/random.js';
+
+const BS = 4096;
+const SIZE = 600 << 20;
+const now = () => 1_750_000_000_000;
+
+function copyOf(store: MemoryStore): MemoryStore {
+  const copy = new MemoryStore(store.size);
+  const chunk = new Uint8Array(1 << 20);
+  for (let at = 0; at < store.size; at += chunk.length) {
+    store.readSync(chunk, at);
+    copy.writeSync(chunk, at);
+  }
+  return copy;
+}
+
+function bytesOf(store: MemoryStore, offset: number, length: number): Uint8Array {
+  const out = new Uint8Array(length);
+  store.readSync(out, offset);
+  return out;
+}
+
+async function formatted(version: 2 | 3): Promise<MemoryStore> {
+  const store = new MemoryStore(SIZE);
+  await (await Volume.format(store, { blockSize: BS, name: 'native', version, now })).close();
+  return store;
+}
+
+describe('a queue thread\'s map commit', () => {
+  for (const version of [3, 2] as const) {
+    test(`writes what the engine's commit of the same first touches writes (format version ${version})`, async () => {
+      const seed = seedFromEnv();
+      console.log(`native commit bytes seed: ${seed} (replay with CLDD_SEED=${seed})`);
+      const random = rng(seed);
+      const a = await formatted(version);
+      const b = copyOf(a);
+      const here = await Volume.open(a, { now });
+      const engine = await Volume.open(b, { now });
+      const diskA = new FastPathDisk(here, a);
+      const diskB = new FastPathDisk(engine, b, undefined, true, false);
+      try {
+        await here.enable();
+        await engine.enable();
+        const { blocks, bitsPerPage, dataOffset } = here.layout;
+        for (let round = 0; round < 40; round++) {
+          for (let k = between(random, 1, 6); k > 0; k--) {
+            // Near a map page's end a third of the time: a write across two pages.
+            const n = between(random, 1, 16);
+            const start = random() < 0.33 ? Math.min(blocks - n, between(random, 1, Math.floor(blocks / bitsPerPage)) * bitsPerPage - between(random, 1, n)) : between(random, 0, blocks - n);
+            const data = new Uint8Array(n * BS).fill(round + 1);
+            await diskA.write(start * BS, data);
+            await diskB.write(start * BS, data);
+          }
+          await diskA.flush();
+          await diskB.flush();
+          expect(Buffer.compare(bytesOf(a, 0, dataOffset), bytesOf(b, 0, dataOffset)), `the metadata after round ${round}`).toBe(0);
+        }
+        expect(diskA.fast.commitsHere, 'commits the thread built').toBeGreaterThan(30);
+        expect(diskB.fast.commitsHere).toBe(0);
+        // The engine took every commit the thread made into its own bookkeeping.
+        here.takeRedirects();
+        expect(here.status().counters.commits).toBe(engine.status().counters.commits);
+        await here.disable();
+        await engine.disable();
+        expect(Buffer.compare(bytesOf(a, 0, dataOffset), bytesOf(b, 0, dataOffset)), 'the metadata after disable').toBe(0);
+      } finally {
+        diskA.fast.close();
+        diskB.fast.close();
+        await here.close();
+        await engine.close();
+      }
+    });
+  }
+
+  test('leaves every flush to the engine while the engine has anything of its own to commit', async () => {
+    const store = await formatted(3);
+    const volume = await Volume.open(store, { now });
+    const disk = new FastPathDisk(volume, store);
+    try {
+      const { words } = volume.publication;
+      const one = new Uint8Array(BS).fill(7);
+      // Plain: the threads redirect nothing, and a flush with something to commit is the engine's.
+      await disk.write(0, one);
+      await disk.flush();
+      expect(disk.fast.commitsHere).toBe(0);
+      await volume.enable();
+      // A first touch the thread redirected, nothing else: its flush commits on the thread.
+      await disk.write(10 * BS, one);
+      expect(Atomics.load(words, PUBLISHED_WORD.commitPending)).toBe(1);
+      await disk.flush();
+      expect(disk.fast.commitsHere).toBe(1);
+      expect(Atomics.load(words, PUBLISHED_WORD.commitPending), 'nothing left to commit').toBe(0);
+      // A discard in a snapshot is the engine's map change: the next flush is the engine's too.
+      await disk.write(20 * BS, one);
+      await disk.discard(30 * BS, BS);
+      await disk.flush();
+      expect(disk.fast.commitsHere).toBe(1);
+      // Its commit done, the thread commits again.
+      await disk.write(40 * BS, one);
+      await disk.flush();
+      expect(disk.fast.commitsHere).toBe(2);
+      // A second capture while one runs declines; so does one with nothing of the threads'.
+      await disk.write(50 * BS, one);
+      const r = (disk.fast as unknown as { redirector: NativeRedirector }).redirector;
+      const pub = nativePublication(volume, r);
+      const meta = new Uint8Array(64 * 1024);
+      const steps = r.captureCommit(pub, meta);
+      expect(steps).not.toBeNull();
+      expect(Atomics.load(words, PUBLISHED_WORD.nativeCommit)).toBe(1);
+      expect(r.captureCommit(pub, new Uint8Array(64 * 1024))).toBeNull();
+      // A commit of the engine's waits for it to end, and is woken when it does.
+      let engineDone = false;
+      const engineCommit = volume.commit().then(() => (engineDone = true));
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(engineDone).toBe(false);
+      expect(Atomics.load(words, PUBLISHED_WORD.nativeCommit), 'the engine waits').toBe(2);
+      // The steps as a thread would run them.
+      for (let i = 0; i < steps!.length; i += 4) {
+        if (steps![i] === 4) await store.write(meta.subarray(steps![i + 3], steps![i + 3] + steps![i + 2]), steps![i + 1]);
+        else await store.flush();
+      }
+      expect(r.commitDone(pub, 0), 'the engine waits to be woken').toBe(true);
+      volume.takeRedirects();
+      await engineCommit;
+      expect((volume as unknown as { writer: { state: Float64Array } }).writer.state[COMMIT_STATE.done]).toBe(3);
+      // A failed one: no thread commits again, and the volume fails at its next hold.
+      await disk.write(60 * BS, one);
+      const failing = r.captureCommit(pub, meta);
+      expect(failing).not.toBeNull();
+      expect(r.commitDone(pub, 5)).toBe(false);
+      await disk.write(70 * BS, one);
+      expect(r.captureCommit(pub, meta)).toBeNull();
+      await expect(disk.flush()).rejects.toMatchObject({ code: 'EIO' });
+      await expect(volume.commit()).rejects.toMatchObject({ code: 'EIO' });
+    } finally {
+      disk.fast.close();
+      await volume.close().catch(() => {});
+    }
+  });
+});
