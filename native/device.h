@@ -50,6 +50,9 @@ class Device : public Napi::ObjectWrap<Device> {
     // A commit run for a flush (the engine's steps): each extent starts once the one before it
     // completed, and an error skips the rest; `next` is the first not yet started.
     bool inOrder = false;
+    // A master flush whose map commit this thread built (CommitHere): served in order like the
+    // engine's steps, then reported to the redirector (CommitDone) before it completes.
+    bool commitHere = false;
     uint32_t next = 0;
     uint32_t bytes = 0;
     uint32_t pending = 0;
@@ -163,6 +166,7 @@ class Device : public Napi::ObjectWrap<Device> {
   void ApplyComplete(Queue& q, const int32_t* pairs, size_t n);
   void OnRequest(Queue& q, uint16_t tag);
   bool ServeFast(Queue& q, uint16_t tag);
+  bool CommitHere(Queue& q, uint16_t tag);
   void OnCommandCompletion(Queue& q, uint16_t tag, int res);
   void OnBackingCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
@@ -214,6 +218,9 @@ class Device : public Napi::ObjectWrap<Device> {
   size_t metaBytes_ = 0;
   // Woken by the queue threads when their outbox gains something for JS.
   uv_async_t* async_ = nullptr;
+  // A queue thread's map commit ended that the engine waits for: the next delivery calls JS even
+  // with nothing else in it (Redirector::CommitDone).
+  std::atomic<bool> wakeEngine_{false};
   std::unique_ptr<Napi::AsyncContext> context_;
   CleanupHook cleanup_;
   std::mutex errorMu_;
