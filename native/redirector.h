@@ -8,6 +8,7 @@
 
 #include <napi.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -99,7 +100,9 @@ class Redirector : public Napi::ObjectWrap<Redirector> {
   bool enabled_ = false;
   int journalFd_ = -1;
   uint64_t journalLength_ = 0;
-  bool commitAllowed_ = false;
+  // Written under mu_; also read without it, as a hint, before a queue thread's commit waits
+  // for the lock (CaptureCommit).
+  std::atomic<bool> commitAllowed_{false};
   bool committing_ = false;
   bool commitFailed_ = false;
   // (start, end, set, captured) per redirect since the last hold; captured: 1 once a queue
