@@ -411,14 +411,7 @@ Napi::Value Redirector::CaptureCommitJs(const Napi::CallbackInfo& info) {
   Napi::Uint8Array meta = info[1].As<Napi::Uint8Array>();
   std::vector<Extent> steps;
   if (!CaptureCommit(pub, meta.Data(), meta.ByteLength(), &steps)) return env.Null();
-  Napi::Float64Array out = Napi::Float64Array::New(env, 4 * steps.size());
-  for (size_t i = 0; i < steps.size(); i++) {
-    out[4 * i] = steps[i].kind;
-    out[4 * i + 1] = double(steps[i].offset);
-    out[4 * i + 2] = steps[i].length;
-    out[4 * i + 3] = steps[i].bufferOffset;
-  }
-  return out;
+  return ExtentRecords(env, steps);
 }
 
 Napi::Value Redirector::CommitDoneJs(const Napi::CallbackInfo& info) {

@@ -181,6 +181,16 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
   std::vector<Extent> extents;
   Fast fast = PlanFast(pub, target, opFlags, offset, length, &extents);
   if (fast == Fast::kEngine) return env.Null();
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("extents", ExtentRecords(env, extents));
+  result.Set("redirect", fast == Fast::kServeThenRedirect);
+  result.Set("inOrder", fast == Fast::kServeInOrder);
+  return result;
+}
+
+}  // namespace
+
+Napi::Float64Array ExtentRecords(Napi::Env env, const std::vector<Extent>& extents) {
   Napi::Float64Array out = Napi::Float64Array::New(env, 4 * extents.size());
   for (size_t i = 0; i < extents.size(); i++) {
     out[4 * i] = extents[i].kind;
@@ -188,14 +198,8 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
     out[4 * i + 2] = extents[i].length;
     out[4 * i + 3] = extents[i].bufferOffset;
   }
-  Napi::Object result = Napi::Object::New(env);
-  result.Set("extents", out);
-  result.Set("redirect", fast == Fast::kServeThenRedirect);
-  result.Set("inOrder", fast == Fast::kServeInOrder);
-  return result;
+  return out;
 }
-
-}  // namespace
 
 std::string ReadPublication(const Napi::Object& p, Published* out) {
   Napi::Value words = p.Get("words"), bits = p.Get("bits"), track = p.Get("trackBits");

@@ -87,6 +87,9 @@ bool OwnSyncCovers(const OwnSync& own, uint8_t kind, uint64_t offset, uint32_t l
 // referenced by the caller for as long as `out` is used.
 std::string ReadPublication(const Napi::Object& p, Published* out);
 
+// `extents` as the records the engine's tests read: (kind, offset, length, bufferOffset) each.
+Napi::Float64Array ExtentRecords(Napi::Env env, const std::vector<Extent>& extents);
+
 // Exports planFast and the numbers above (exports.serving) for the engine's tests.
 void DefineServing(Napi::Env env, Napi::Object exports);
 
