@@ -37,8 +37,6 @@ class Device : public Napi::ObjectWrap<Device> {
   ~Device() override { Shutdown(); }
 
  private:
-  // The numbers are read by src/ublk/device.ts (TAG_STATES) through inspect().
-  enum class TagState : uint8_t { kIdle, kFetching, kEngine, kRunning, kWaiting, kDead, kFast };
   struct Tag {
     std::atomic<uint8_t> state{uint8_t(TagState::kIdle)};
     uint8_t op = 0;

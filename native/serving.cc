@@ -292,6 +292,15 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   state.Set("period", commit_state::kPeriod);
   state.Set("count", double(commit_state::kFields));
   wire.Set("commitState", state);
+  Napi::Object tagStates = Napi::Object::New(env);
+  tagStates.Set("idle", int32_t(TagState::kIdle));
+  tagStates.Set("fetching", int32_t(TagState::kFetching));
+  tagStates.Set("engine", int32_t(TagState::kEngine));
+  tagStates.Set("running", int32_t(TagState::kRunning));
+  tagStates.Set("waiting", int32_t(TagState::kWaiting));
+  tagStates.Set("dead", int32_t(TagState::kDead));
+  tagStates.Set("fast", int32_t(TagState::kFast));
+  wire.Set("tagState", tagStates);
   exports.Set("wire", wire);
 }
 

@@ -77,6 +77,11 @@ constexpr int kPeriod = 8;
 constexpr size_t kFields = 9;
 }  // namespace commit_state
 
+// What a queue thread's tag is doing, as Device::Inspect reports it (src/ublk/device.ts names
+// them): between requests (kFetching), with the engine (kEngine planning it, kRunning its plan's
+// extents, kWaiting for the engine to finish or redirect it), or served by the thread alone (kFast).
+enum class TagState : uint8_t { kIdle = 0, kFetching = 1, kEngine = 2, kRunning = 3, kWaiting = 4, kDead = 5, kFast = 6 };
+
 enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
 
 }  // namespace cldd

@@ -45,6 +45,7 @@ describe('cldd status and list', () => {
     await server.listen();
     stuck = new ControlServer(join(runDir, 'stuck.sock'), 'stuck', {
       status: async () => ({ ...CRAFTED, name: 'stuck', backing: '/srv/s.img', failed: null, requests: { outstanding: 32, oldestMs: 45_300 },
+        counters: { ...CRAFTED.counters, flushes: 15, commits: 12, queueCommits: 9 },
         journal: { bytes: 3 << 20, uncommittedBytes: 240, compactionError: '/run/cldd/stuck.journal.new: EISDIR: illegal operation on a directory, open' } }),
     });
     await stuck.listen();
@@ -111,6 +112,13 @@ describe('cldd status and list', () => {
     expect(out.stdout).toContain("  requests    32 outstanding, the oldest for 45 s (the daemon's log says where they wait)\n");
     const healthy = await cli.run(['status', 'evil'], { env: env() });
     expect(healthy.stdout).not.toContain('requests');
+  });
+
+  test("the commits, and how many a flush's queue thread ran, show in status when the daemon counts them", async () => {
+    const out = await cli.run(['status', 'stuck'], { env: env() });
+    expect(out.code).toBe(0);
+    expect(out.stdout).toContain("  commits     12, 9 of them built and run by a flush's queue thread\n");
+    expect((await cli.run(['status', 'evil'], { env: env() })).stdout).not.toContain('commits');
   });
 
   test('a map journal that can no longer be compacted shows in status, with what failed', async () => {

@@ -76,6 +76,8 @@ describe('a queue thread\'s map commit', () => {
         // The engine took every commit the thread made into its own bookkeeping.
         here.takeRedirects();
         expect(here.status().counters.commits).toBe(engine.status().counters.commits);
+        expect(here.status().counters.queueCommits).toBe(diskA.fast.commitsHere);
+        expect(engine.status().counters.queueCommits).toBe(0);
         await here.disable();
         await engine.disable();
         expect(Buffer.compare(bytesOf(a, 0, dataOffset), bytesOf(b, 0, dataOffset)), 'the metadata after disable').toBe(0);

@@ -8,7 +8,7 @@ import { COMMIT_STATE, COMMIT_STATE_FIELDS } from '../src/engine/commit.js';
 import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/publication.js';
 import { RECORD } from '../src/format/map-journal.js';
 import { addon } from '../src/native/addon.js';
-import { COMMIT_SYNC_SKIPPABLE, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../src/native/wire.js';
+import { COMMIT_SYNC_SKIPPABLE, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS, TAG_STATE } from '../src/native/wire.js';
 
 test('the engine reads and writes the publication with the numbers the addon uses', () => {
   const { wire } = addon();
@@ -24,6 +24,10 @@ test('plans, store steps, request records and the events buffer use the addon\'s
   expect(wire.events).toEqual(EVENTS);
   expect(wire.commitSyncSkippable).toBe(COMMIT_SYNC_SKIPPABLE);
   expect(wire.commitState).toEqual({ ...COMMIT_STATE, count: COMMIT_STATE_FIELDS });
+});
+
+test("the daemon names a queue thread's tags by the addon's numbers", () => {
+  expect(addon().wire.tagState).toEqual(TAG_STATE);
 });
 
 test('a queue thread writes map journal records of the journal\'s own size', () => {

@@ -72,7 +72,10 @@ export interface VolumeCounters {
   bytesRead: number;
   bytesWritten: number;
   errors: number;
+  /** Commits made durable, by the engine or by a master flush's queue thread. */
   commits: number;
+  /** Of those, the ones a flush's queue thread built and ran itself (docs/serving.md). */
+  queueCommits: number;
   mergedBlocks: number;
   /** Requests the queue threads served by themselves (docs/serving.md), counted in the above too. */
   fastPath: number;
@@ -205,6 +208,7 @@ export class Volume {
     bytesWritten: 0,
     errors: 0,
     commits: 0,
+    queueCommits: 0,
     mergedBlocks: 0,
     fastPath: 0,
   };
@@ -482,6 +486,7 @@ export class Volume {
     const done = state[COMMIT_STATE.done];
     if (done === this.nativeCommitsSeen) return;
     this.counters.commits += done - this.nativeCommitsSeen;
+    this.counters.queueCommits += done - this.nativeCommitsSeen;
     this.nativeCommitsSeen = done;
     // The image is the thread's superblock: still this one's, unless the volume changed its own
     // since (a state change waiting for its commit), which the next publication encodes anew.

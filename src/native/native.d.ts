@@ -247,5 +247,6 @@ export interface NativeAddon {
     journalRecord: number;
     commitSyncSkippable: number;
     commitState: Record<'nextCommit' | 'sbCopy' | 'generation' | 'mapCommit' | 'digest' | 'done' | 'journalMark' | 'failed' | 'period' | 'count', number>;
+    tagState: Record<'idle' | 'fetching' | 'engine' | 'running' | 'waiting' | 'dead' | 'fast', number>;
   };
 }

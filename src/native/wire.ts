@@ -29,3 +29,18 @@ export const REQUEST_FLAGS = { fua: 1 } as const;
  * then redirect records (tag, errno, offset, length).
  */
 export const EVENTS = { requestFields: 5, redirectFields: 4, perTag: 13 } as const;
+
+/**
+ * What a queue thread's tag is doing (native/wire.h's TagState), as the device's inspect()
+ * reports it, and how the daemon names each.
+ */
+export const TAG_STATE = { idle: 0, fetching: 1, engine: 2, running: 3, waiting: 4, dead: 5, fast: 6 } as const;
+export const TAG_STATE_NAMES: Record<number, string> = {
+  [TAG_STATE.idle]: 'idle',
+  [TAG_STATE.fetching]: 'fetching',
+  [TAG_STATE.engine]: 'planning',
+  [TAG_STATE.running]: 'running',
+  [TAG_STATE.waiting]: 'waiting for the engine',
+  [TAG_STATE.dead]: 'dead',
+  [TAG_STATE.fast]: 'served by the queue thread',
+};

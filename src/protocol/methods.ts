@@ -119,6 +119,8 @@ const pairStatus = object({
     bytesWritten: count,
     errors: count,
     fastPath: optional(count),
+    commits: optional(count),
+    queueCommits: optional(count),
   }),
   failed: nullable(string),
   /** Requests the devices have not completed yet, and the age of the oldest (ms). */

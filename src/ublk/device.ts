@@ -38,7 +38,7 @@ import type { NativeDeviceOptions } from '../native/native.js';
 import { IO_OP, UBLK_ATTR, UBLK_F } from './uapi.js';
 import type { FastPathCounters, FastPathServer, FastWrite } from '../engine/publication.js';
 import type { NativeDeviceHandle, NativePublication, NativeQueueState, NativeRedirector } from '../native/native.js';
-import { COMMIT_STEP_KINDS, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS } from '../native/wire.js';
+import { COMMIT_STEP_KINDS, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS, TAG_STATE, TAG_STATE_NAMES } from '../native/wire.js';
 
 /** The engine's name of each request opcode it serves. */
 const REQUEST_OPS: Record<number, RequestOp> = IO_OP;
@@ -108,15 +108,8 @@ class Batch<T extends Float64Array | Int32Array> {
 /** Where the daemon holds a request, per tag (for outstanding() and the stall watchdog). */
 const STAGE = { none: 0, planning: 1, running: 2, commit: 3 } as const;
 const STAGE_NAMES = ['', 'its plan (a state change or a merge of its blocks holds it)', 'its backing I/O or the engine finishing it', 'the map commit'];
-/** native/device.h's TagState, as NativeDeviceHandle.inspect() reports it. */
-const TAG_STATES = ['idle', 'fetching', 'planning', 'running', 'waiting for the engine', 'dead', 'served by the queue thread'];
-const TAG_IDLE = 0;
-const TAG_FETCHING = 1;
-const TAG_WAITING = 4;
-const TAG_DEAD = 5;
 /** How outstanding() names a request the engine never planned. */
 const FAST_OP = 'fast-path request';
-const TAG_FAST = 6;
 /** How long a state change waits for the fast path's requests in flight before it gives up. */
 const FAST_DRAIN_MS = 30_000;
 /**
@@ -379,9 +372,9 @@ export class UblkDevice {
       let serving = 0;
       let dead = 0;
       for (const s of state.states) {
-        if (s === TAG_FETCHING) fetching++;
-        else if (s === TAG_DEAD) dead++;
-        else if (s !== TAG_IDLE) serving++;
+        if (s === TAG_STATE.fetching) fetching++;
+        else if (s === TAG_STATE.dead) dead++;
+        else if (s !== TAG_STATE.idle) serving++;
       }
       parts.push(`queue ${q}: ${fetching} of ${this.info.depth} tags fetched, ${serving} serving a request, ${dead} out of service`);
     }
@@ -728,8 +721,9 @@ export class UblkDevice {
       const fast = this.inspectQueue(q);
       if (fast) {
         for (let tag = 0; tag < fast.states.length; tag++) {
-          const waiting = fast.states[tag] === TAG_WAITING;
-          if ((fast.states[tag] !== TAG_FAST && !waiting) || bridge.stage[tag] !== STAGE.none) continue;
+          const state = fast.states[tag];
+          const waiting = state === TAG_STATE.waiting;
+          if ((state !== TAG_STATE.fast && !waiting) || bridge.stage[tag] !== STAGE.none) continue;
           out.push({
             queue: q,
             tag,
@@ -739,7 +733,7 @@ export class UblkDevice {
             ageMs: Math.round(fast.ages[tag]),
             stage: waiting ? 'the engine to redirect its blocks (written by the queue thread)' : 'its backing I/O on the queue thread',
             plan: null,
-            native: TAG_STATES[fast.states[tag]],
+            native: TAG_STATE_NAMES[fast.states[tag]],
           });
         }
       }
@@ -755,7 +749,7 @@ export class UblkDevice {
           ageMs: Math.round(now - bridge.since[tag]),
           stage: STAGE_NAMES[bridge.stage[tag]],
           plan: describePlan(bridge.plans[tag]),
-          native: native ? (TAG_STATES[native.states[tag]] ?? `state ${native.states[tag]}`) : 'closed',
+          native: native ? (TAG_STATE_NAMES[native.states[tag]] ?? `state ${native.states[tag]}`) : 'closed',
         });
       }
     });
@@ -791,7 +785,7 @@ export class UblkDevice {
     this.reportedError = error;
     const lost = this.bridges.map((_, q) => {
       const states = this.inspectQueue(q)?.states ?? new Uint8Array(0);
-      return `queue ${q}: ${states.filter((s) => s === TAG_DEAD).length} of ${this.info.depth} tags out of service`;
+      return `queue ${q}: ${states.filter((s) => s === TAG_STATE.dead).length} of ${this.info.depth} tags out of service`;
     });
     watch.outOfService(`${this.target} ${this.path}: ${error} (${lost.join('; ')})`);
   }

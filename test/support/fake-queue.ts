@@ -11,7 +11,7 @@ import { within } from '../../src/deadline.js';
 import { errnoOf } from '../../src/errors.js';
 import type { BlockStore } from '../../src/io/block-store.js';
 import type { NativeDeviceHandle, NativeDeviceOptions, NativeQueueState } from '../../src/native/native.js';
-import { EVENTS, EXTENT_KIND, SUBMIT_FLAGS } from '../../src/native/wire.js';
+import { EVENTS, EXTENT_KIND, SUBMIT_FLAGS, TAG_STATE } from '../../src/native/wire.js';
 import type { DeviceInfo } from '../../src/ublk/control.js';
 import type { DeviceControl } from '../../src/ublk/device.js';
 import { IO_OP, UBLK_F } from '../../src/ublk/uapi.js';
@@ -122,9 +122,9 @@ export class FakeQueue implements Pick<NativeDeviceHandle, 'start' | 'submit' | 
 
   inspect(): NativeQueueState {
     const depth = this.options.depth;
-    const states = new Uint8Array(depth).fill(1);
-    for (const tag of this.waiting.keys()) states[tag] = 2;
-    for (const tag of this.dead) states[tag] = 5;
+    const states = new Uint8Array(depth).fill(TAG_STATE.fetching);
+    for (const tag of this.waiting.keys()) states[tag] = TAG_STATE.engine;
+    for (const tag of this.dead) states[tag] = TAG_STATE.dead;
     return { states, ages: new Float64Array(depth), requests: 0, ordered: 0, done: 0, redirects: 0, backingInFlight: 0, fastInFlight: 0, failure: null };
   }
 

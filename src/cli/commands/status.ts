@@ -83,8 +83,12 @@ function describe(s: PairStatus): string {
   const c = s.counters;
   lines.push(
     text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors${c.fastPath ? `; ${c.fastPath} of them served by the queue threads alone` : ''}`,
-    text`  daemon      pid ${s.pid}`,
   );
+  if (c.commits !== undefined) {
+    const here = c.queueCommits ? `, ${c.queueCommits} of them built and run by a flush's queue thread` : '';
+    lines.push(text`  commits     ${c.commits}${here}`);
+  }
+  lines.push(text`  daemon      pid ${s.pid}`);
   return lines.join('\n');
 }
 
