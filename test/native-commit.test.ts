@@ -6,13 +6,18 @@
  * its own to commit. The crash model and the interleavings test run it under power loss and in
  * random orders; this checks the bytes and each case where it must decline.
  */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
+import { COMPACT_BYTES, RECORD } from '../src/format/map-journal.js';
 import { PUBLISHED_WORD } from '../src/engine/publication.js';
 import { Volume } from '../src/engine/volume.js';
 import { MemoryStore } from '../src/io/memory-store.js';
 import type { NativeRedirector } from '../src/native/native.js';
 import { COMMIT_STATE } from '../src/engine/commit.js';
 import { nativePublication } from '../src/ublk/device.js';
+import { Disk } from './support/disk.js';
 import { FastPathDisk } from './support/fast-path.js';
 import { between, rng, seedFromEnv } from './support/random.js';
 
@@ -153,6 +158,60 @@ describe('a queue thread\'s map commit', () => {
     } finally {
       disk.fast.close();
       await volume.close().catch(() => {});
+    }
+  });
+  test('a thread commit captured before the engine took the one before it keeps its journal mark', async () => {
+    // Commits back to back on the threads (a flush's, then its FUA commit block's) leave the
+    // engine to take the first while the second runs: the journal must not be compacted under
+    // the second's mark, which counts bytes of the journal as it was at its capture.
+    const dir = await mkdtemp(join(tmpdir(), 'cldd-native-commit-'));
+    const store = await formatted(3);
+    const volume = await Volume.open(store, { now, journalPath: join(dir, 'pair.mapjournal') });
+    const disk = new FastPathDisk(volume, store);
+    const r = (disk.fast as unknown as { redirector: NativeRedirector }).redirector;
+    const meta = new Uint8Array(64 * 1024);
+    const runSteps = async (steps: Float64Array) => {
+      for (let i = 0; i < steps.length; i += 4) {
+        if (steps[i] === 4) await store.write(meta.subarray(steps[i + 3], steps[i + 3] + steps[i + 2]), steps[i + 1]);
+        else await store.flush();
+      }
+    };
+    try {
+      await volume.enable();
+      const one = new Uint8Array(BS).fill(9);
+      // Past the compaction threshold in records, each a first touch its thread redirected.
+      const records = Math.ceil(COMPACT_BYTES / RECORD) + 8;
+      for (let i = 0; i < records; i++) await disk.write(2 * i * BS, one);
+      expect(disk.fast.redirectedHere).toBe(records);
+      const pub = nativePublication(volume, r);
+      const first = r.captureCommit(pub, meta);
+      expect(first).not.toBeNull();
+      await runSteps(first!);
+      expect(r.commitDone(pub, 0)).toBe(false);
+      // One more first touch, and its commit captured before the engine took the first.
+      await disk.write(2 * records * BS, one);
+      const second = r.captureCommit(pub, meta);
+      expect(second).not.toBeNull();
+      const during = volume.status().journal!;
+      expect(during.uncommittedBytes, 'the second commit\'s record').toBe(RECORD);
+      await runSteps(second!);
+      expect(r.commitDone(pub, 0)).toBe(false);
+      // The engine takes it at its next hold: its own commit's, here.
+      await volume.commit();
+      const after = volume.status().journal!;
+      expect(after.uncommittedBytes).toBe(0);
+      expect(during.bytes - after.bytes, 'every record committed: the journal is its header alone').toBe((records + 1) * RECORD);
+      // And the map the commits left reads back after a power loss.
+      const copy = await Volume.open(copyOf(store), { now });
+      try {
+        expect((await new Disk(copy).read(2 * records * BS, BS))[0]).toBe(9);
+      } finally {
+        await copy.close();
+      }
+    } finally {
+      disk.fast.close();
+      await volume.close();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });

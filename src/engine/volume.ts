@@ -493,7 +493,11 @@ export class Volume {
     const imaged = this.publishedSb === this.sb;
     this.sb = { ...this.sb, generation: state[COMMIT_STATE.generation], map: { commit: state[COMMIT_STATE.mapCommit], digest: state[COMMIT_STATE.digest] } };
     this.publishedSb = imaged ? this.sb : null;
-    this.journal?.trim(state[COMMIT_STATE.journalMark], this.sb.epoch);
+    // A thread's commit captured after the ones taken here (its word raised, under this lock)
+    // holds a journal mark in the file's bytes as they are now: no compaction or cut under it.
+    // Commits back to back on the threads, before this hold, do that.
+    const running = Atomics.load(this.publication.words, PUBLISHED_WORD.nativeCommit) !== 0;
+    this.journal?.trim(state[COMMIT_STATE.journalMark], this.sb.epoch, !running);
   }
 
   /**

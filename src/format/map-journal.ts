@@ -191,9 +191,18 @@ export class MapJournal {
    * After the commit that captured at `mark`: drop the records when none came after, and record
    * the `epoch` the next ones will belong to. When some came after, drop the ones before `mark`
    * once they take COMPACT_BYTES (they are all of this epoch: a state change commits with
-   * nothing in flight).
+   * nothing in flight). `reshape` false: a later commit, captured before this trim, still runs
+   * with a mark that counts the file's bytes as they are now, so the records before `mark` are
+   * only counted as committed; that commit's own trim drops them.
    */
-  trim(mark: number, epoch: number): void {
+  trim(mark: number, epoch: number, reshape = true): void {
+    if (!(mark >= HEADER && mark <= this.length)) {
+      throw new CldError('EIO', `the map journal ${this.path}: a commit's mark ${mark} is outside its records (${HEADER}-${this.length})`);
+    }
+    if (!reshape) {
+      this.committedUpTo = mark;
+      return;
+    }
     if (this.length !== mark) {
       this.committedUpTo = mark;
       if (mark - HEADER >= COMPACT_BYTES && epoch === this.epoch) this.compact(mark);
