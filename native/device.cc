@@ -561,10 +561,7 @@ void Device::RedirectHere(Queue& q) {
     q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
   }
   q.outRedirects.resize(kept);
-  // The engine takes them at its next hold (a commit, a plan, a status); past this many, it is
-  // woken for them: their journal records count towards its commit for the journal's length, and
-  // each waits in the redirector's list (24 bytes) until then.
-  if (published_.Word(published::kRedirected) >= kTakeRedirectsAfter && async_) uv_async_send(async_);
+  TakeRedirectsSoon();
 }
 
 // Moves what this round gathered for JS into the outbox, and wakes the main thread for it.
@@ -767,6 +764,7 @@ void Device::Commit(Queue& q, uint16_t tag, int32_t result) {
   t.extents.clear();
   t.inOrder = false;
   t.commitHere = false;
+  t.commitAfter = false;
   t.next = 0;
   QueueCommand(q, tag, kIoCommitAndFetch, result);
 }
@@ -884,10 +882,15 @@ void Device::OnRequest(Queue& q, uint16_t tag) {
   t.since.store(NowNs(), std::memory_order_relaxed);
   q.busy++;
   if (ServeFast(q, tag)) return;
+  ToEngine(q, tag, opFlags & UBLK_IO_F_FUA, double(d->nr_sectors) * 512.0);
+}
+
+// The request goes to the engine, which plans it (the next delivery).
+void Device::ToEngine(Queue& q, uint16_t tag, bool fua, double length) {
+  Tag& t = q.tags[tag];
   t.state.store(uint8_t(TagState::kEngine));
   if (t.op == UBLK_IO_OP_FLUSH && target_ == Target::kMaster) q.ownSyncTag = tag;
-  double record[kRequestFields] = {double(tag), double(t.op), double((opFlags & UBLK_IO_F_FUA) ? kRequestFua : 0), double(t.offset),
-                                   double(d->nr_sectors) * 512.0};
+  double record[kRequestFields] = {double(tag), double(t.op), double(fua ? kRequestFua : 0), double(t.offset), length};
   q.outRequests.insert(q.outRequests.end(), record, record + kRequestFields);
 }
 
@@ -912,7 +915,8 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
   }
   t.fast = true;
   t.inOrder = fast == Fast::kServeInOrder;
-  t.redirect = fast == Fast::kServeThenRedirect;
+  t.redirect = fast == Fast::kServeThenRedirect || fast == Fast::kServeRedirectCommit;
+  t.commitAfter = fast == Fast::kServeThenCommit || fast == Fast::kServeRedirectCommit;
   t.needsEngine = false;
   t.error = 0;
   t.state.store(uint8_t(TagState::kFast));
@@ -942,11 +946,20 @@ bool Device::ServeFast(Queue& q, uint16_t tag) {
 // IOPS before and 386 after; into a written change area, 415-422 before and 936-947 after.
 bool Device::CommitHere(Queue& q, uint16_t tag) {
   Tag& t = q.tags[tag];
-  if (t.op != UBLK_IO_OP_FLUSH || target_ != Target::kMaster || !published_.redirector || !meta_ ||
-      published_.Word(published::kCommitPending) == 0) {
+  if (t.op != UBLK_IO_OP_FLUSH || target_ != Target::kMaster || published_.Word(published::kCommitPending) == 0) {
     return false;
   }
-  if (!published_.redirector->CaptureCommit(published_, const_cast<uint8_t*>(meta_), metaBytes_, &t.extents)) {
+  t.error = 0;
+  return StartCommit(q, tag);
+}
+
+// Captures a commit of the threads' redirects for the tag (a flush, or a FUA write whose write is
+// done) and starts its steps, in order; false, with nothing started, when the redirector declines.
+bool Device::StartCommit(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  t.extents.clear();
+  if (!published_.redirector || !meta_ ||
+      !published_.redirector->CaptureCommit(published_, const_cast<uint8_t*>(meta_), metaBytes_, &t.extents)) {
     t.extents.clear();
     return false;
   }
@@ -954,14 +967,40 @@ bool Device::CommitHere(Queue& q, uint16_t tag) {
   t.inOrder = true;
   t.commitHere = true;
   t.redirect = false;
+  t.commitAfter = false;
   t.needsEngine = false;
-  t.error = 0;
   t.state.store(uint8_t(TagState::kFast));
   t.pending = uint32_t(t.extents.size()) + 1;
   t.next = 1;
   QueueExtent(q, tag, 0);
   if (--t.pending == 0) ExtentsFinished(q, tag);
   return true;
+}
+
+// A FUA write in a snapshot whose write to the change area is done (docs/serving.md, "A FUA
+// write's commit on its queue thread"): a first touch is redirected here, at once and alone (it
+// cannot wait for the round's others: its commit must hold it), then the commit is built here,
+// its first fdatasync making the write durable. False when either is declined: the engine then
+// takes the whole request, which its plan writes again to the same blocks (their bits set or not,
+// the change area at their own offset) and commits; the write counted in fastInFlight until now,
+// so no state change came between it and what was decided here.
+bool Device::CommitAfterWrite(Queue& q, uint16_t tag) {
+  Tag& t = q.tags[tag];
+  if (t.redirect) {
+    const uint32_t shift = published_.geometry.blockShift;
+    uint64_t range[2] = {t.offset >> shift, (t.offset + t.bytes) >> shift};
+    if (!published_.redirector->Redirect(published_, range, 1)) return false;
+    t.redirect = false;
+    TakeRedirectsSoon();
+  }
+  return StartCommit(q, tag);
+}
+
+// The engine takes the threads' redirects at its next hold (a commit, a plan, a status); past this
+// many, it is woken for them: their journal records count towards its commit for the journal's
+// length, and each waits in the redirector's list (24 bytes) until then.
+void Device::TakeRedirectsSoon() {
+  if (published_.Word(published::kRedirected) >= kTakeRedirectsAfter && async_) uv_async_send(async_);
 }
 
 // A fast read of one extent, served with its commit in one chain of linked ring entries: the
@@ -1121,6 +1160,19 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
 
 void Device::ExtentsFinished(Queue& q, uint16_t tag) {
   Tag& t = q.tags[tag];
+  if (t.fast && t.commitAfter) {
+    // A FUA write's write is done. A failed one ends as any fast write that failed, below.
+    t.commitAfter = false;
+    if (!t.error) {
+      if (CommitAfterWrite(q, tag)) return;
+      t.fast = false;
+      t.redirect = false;
+      t.extents.clear();
+      ToEngine(q, tag, true, double(t.bytes));
+      q.fastInFlight.fetch_sub(1, std::memory_order_seq_cst);
+      return;
+    }
+  }
   if (t.fast && t.redirect) {
     // The engine redirects the blocks (and counts the write), then completes it (ApplyComplete).
     t.fast = false;

@@ -51,6 +51,10 @@ class Device : public Napi::ObjectWrap<Device> {
     // A master flush whose map commit this thread built (CommitHere): served in order like the
     // engine's steps, then reported to the redirector (CommitDone) before it completes.
     bool commitHere = false;
+    // A FUA write in a snapshot with something to commit: once its write is done, this thread
+    // redirects its blocks (with `redirect`) and builds the commit (CommitAfterWrite), or hands
+    // the whole request to the engine.
+    bool commitAfter = false;
     uint32_t next = 0;
     uint32_t bytes = 0;
     uint32_t pending = 0;
@@ -165,6 +169,10 @@ class Device : public Napi::ObjectWrap<Device> {
   void OnRequest(Queue& q, uint16_t tag);
   bool ServeFast(Queue& q, uint16_t tag);
   bool CommitHere(Queue& q, uint16_t tag);
+  bool StartCommit(Queue& q, uint16_t tag);
+  bool CommitAfterWrite(Queue& q, uint16_t tag);
+  void ToEngine(Queue& q, uint16_t tag, bool fua, double length);
+  void TakeRedirectsSoon();
   void OnCommandCompletion(Queue& q, uint16_t tag, int res);
   void OnBackingCompletion(Queue& q, uint16_t tag, uint16_t index, int res);
   void OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res);

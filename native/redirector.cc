@@ -193,14 +193,16 @@ uint32_t DigestTerm(uint64_t page, uint64_t sequence, uint64_t commit) {
 
 }  // namespace
 
+bool Redirector::MayCommit(const Published& p) const {
+  return p.words && p.Word(published::kMode) == kFastSnapshot && p.Word(published::kNativeCommit) == 0 &&
+         commitAllowed_.load(std::memory_order_relaxed);
+}
+
 bool Redirector::CaptureCommit(const Published& p, uint8_t* meta, size_t metaBytes, std::vector<Extent>* steps) {
   // Not in a snapshot, not allowed, or one runs: declined without the lock, which the engine may
   // hold, so that a flush the engine must commit anyway (in plain, for tracking marks) does not
   // wait up to kThreadWait first. Checked again under it.
-  if (!p.words || p.Word(published::kMode) != kFastSnapshot || p.Word(published::kNativeCommit) != 0 ||
-      !commitAllowed_.load(std::memory_order_relaxed)) {
-    return false;
-  }
+  if (!MayCommit(p)) return false;
   std::unique_lock<std::timed_mutex> lock(mu_, std::defer_lock);
   if (!lock.try_lock_for(kThreadWait)) return false;
   if (!commitAllowed_ || committing_ || commitFailed_ || p.Word(published::kMode) != kFastSnapshot) return false;

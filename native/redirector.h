@@ -42,6 +42,10 @@ class Redirector : public Napi::ObjectWrap<Redirector> {
   // is snapshot, no other such commit runs, there is something to capture and it fits `meta`:
   // the flush then goes to the engine, as before. Any thread; no JS.
   bool CaptureCommit(const Published& p, uint8_t* meta, size_t metaBytes, std::vector<Extent>* steps);
+  // Whether CaptureCommit may accept now, read without the lock: in a snapshot, no such commit
+  // running, and the engine allowing it at its last release. A hint (CaptureCommit checks again
+  // under the lock), so that a request the engine must commit anyway goes to it at once.
+  bool MayCommit(const Published& p) const;
   // The captured commit's steps ended (`error`: 0, or the errno that failed one). Done: the pages'
   // slots, the commit state and the committed superblock move on, the chunks' marks are durable,
   // and commitPending is lowered when nothing came after. Failed: no more such commits, and the

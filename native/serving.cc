@@ -93,16 +93,22 @@ Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
   if (opFlags & UBLK_IO_F_FUA) {
     // A FUA write commits. With nothing to commit that is the write and an fdatasync, in that
     // order: what a write and a fast flush after it do. Where the write goes depends on bits in
-    // a snapshot (all set: a first touch is the engine's) and in resync (none set), and a bit
+    // a snapshot (all set, else it is a first touch) and in resync (none set), and a bit
     // the engine changed counts only once a commit has it: the engine raises commitPending
     // before it changes a bit (rule 4 of docs/serving.md), with a sequentially consistent store
     // each (BlockMap.assign). The fence makes a bit read above its change's witness: this
     // thread then reads commitPending as raised, or as lowered again by the commit that made
     // the change durable. Without it a CPU that reorders loads (not x86) could read
     // commitPending first, as it was before the change.
+    //
+    // In a snapshot with something to commit (a first touch, or bits a commit does not hold
+    // yet), the thread runs the write, redirects a first touch itself and commits, as a write
+    // and the flush after it would (docs/serving.md, "A FUA write's commit on its queue
+    // thread"), when the redirector may commit now; else the engine takes it, as before.
     bool change = mode == kFastSnapshot;
+    bool all = true;
     if (mode == kFastSnapshot) {
-      if (!AllBits(p, start, end, true)) return no;
+      all = AllBits(p, start, end, true);
     } else if (mode == kFastResync) {
       if (!AllBits(p, start, end, false)) return no;
     } else if (mode != kFastPlain) {
@@ -111,10 +117,14 @@ Fast PlanFast(const Published& p, Target target, uint32_t opFlags, uint64_t offs
     // In place, the chunks' durable marks first (as for any write in place, below).
     if (!change && p.trackBits && !AllMarked(p, offset, length)) return no;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if (p.Word(published::kCommitPending) != 0) return no;
-    out->push_back(Area(p, kWrite, change, start, end, start));
-    out->push_back(Extent{kSync, 0, 0, 0, 0});
-    return Fast::kServeInOrder;
+    if (all && p.Word(published::kCommitPending) == 0) {
+      out->push_back(Area(p, kWrite, change, start, end, start));
+      out->push_back(Extent{kSync, 0, 0, 0, 0});
+      return Fast::kServeInOrder;
+    }
+    if (!change || !p.redirector || !p.redirector->MayCommit(p)) return no;
+    out->push_back(Area(p, kWrite, true, start, end, start));
+    return all ? Fast::kServeThenCommit : Fast::kServeRedirectCommit;
   }
   switch (mode) {
     case kFastPlain:
@@ -183,8 +193,11 @@ Napi::Value PlanFastJs(const Napi::CallbackInfo& info) {
   if (fast == Fast::kEngine) return env.Null();
   Napi::Object result = Napi::Object::New(env);
   result.Set("extents", ExtentRecords(env, extents));
-  result.Set("redirect", fast == Fast::kServeThenRedirect);
+  result.Set("redirect", fast == Fast::kServeThenRedirect || fast == Fast::kServeRedirectCommit);
   result.Set("inOrder", fast == Fast::kServeInOrder);
+  // Then the thread's redirect (for kServeRedirectCommit, `redirect` above is true too) and its
+  // own map commit, or the whole request again through the engine.
+  result.Set("commit", fast == Fast::kServeThenCommit || fast == Fast::kServeRedirectCommit);
   return result;
 }
 

@@ -62,7 +62,18 @@ struct Published {
 // extents (the change area, where the engine's plan would put it too) and then hands it to the
 // engine, which redirects the blocks before the request completes (Volume.finishFastRedirect).
 // kServeInOrder: the extents run one after another (a FUA write: the write, then an fdatasync).
-enum class Fast : uint8_t { kEngine = 0, kServe = 1, kServeThenRedirect = 2, kServeInOrder = 3 };
+// kServeThenCommit and kServeRedirectCommit: a FUA write in a snapshot with something to commit
+// (docs/serving.md, "A FUA write's commit on its queue thread"): its write (the change area),
+// then, for the second, the thread's redirect of its blocks, then the thread's own map commit;
+// when the redirect or the commit cannot be done there, the engine takes the whole request.
+enum class Fast : uint8_t {
+  kEngine = 0,
+  kServe = 1,
+  kServeThenRedirect = 2,
+  kServeInOrder = 3,
+  kServeThenCommit = 4,
+  kServeRedirectCommit = 5,
+};
 
 // The fast path's decision for a request. `opFlags` is the descriptor's op_flags (opcode in the
 // low byte).

@@ -117,7 +117,7 @@ describe('cldd status and list', () => {
   test("the commits, and how many a flush's queue thread ran, show in status when the daemon counts them", async () => {
     const out = await cli.run(['status', 'stuck'], { env: env() });
     expect(out.code).toBe(0);
-    expect(out.stdout).toContain("  commits     12, 9 of them built and run by a flush's queue thread\n");
+    expect(out.stdout).toContain("  commits     12, 9 of them built and run by a queue thread (for a flush or a FUA write)\n");
     expect((await cli.run(['status', 'evil'], { env: env() })).stdout).not.toContain('commits');
   });
 

@@ -17,8 +17,8 @@ import { MemoryStore } from '../src/io/memory-store.js';
 import type { NativeRedirector } from '../src/native/native.js';
 import { COMMIT_STATE } from '../src/engine/commit.js';
 import { nativePublication } from '../src/ublk/device.js';
-import { Disk } from './support/disk.js';
-import { FastPathDisk } from './support/fast-path.js';
+import { Disk, serve, StoreExecutor } from './support/disk.js';
+import { FastPath, FastPathDisk } from './support/fast-path.js';
 import { between, rng, seedFromEnv } from './support/random.js';
 
 const BS = 4096;
@@ -160,6 +160,82 @@ describe('a queue thread\'s map commit', () => {
       await volume.close().catch(() => {});
     }
   });
+
+  test('commits a FUA write in a snapshot on its thread, or hands the whole write to the engine', async () => {
+    const store = await formatted(3);
+    const volume = await Volume.open(store, { now });
+    // The next FUA write the fast path serves waits here before its write, while `held` is set.
+    let held: ((go: () => void) => void) | null = null;
+    const fast = new FastPath(volume, store, (what) =>
+      held && what.startsWith('fast FUA write') ? new Promise<void>((go) => (held!(go), (held = null))) : Promise.resolve(),
+    );
+    const executor = new StoreExecutor(store);
+    const write = async (block: number, fill: number, fua: boolean): Promise<void> => {
+      const data = new Uint8Array(BS).fill(fill);
+      const req = { target: 'master' as const, op: 'write' as const, offset: block * BS, length: BS, fua };
+      const served = fast.tryServe(req, data);
+      if (served && (await served) === 'done') return;
+      await serve(volume, executor, req, data);
+    };
+    // What the master holds after a power loss now: a copy of the store, opened (no journal).
+    const afterPowerLoss = async (block: number): Promise<number> => {
+      const copy = await Volume.open(copyOf(store), { now });
+      try {
+        return (await new Disk(copy).read(block * BS, BS))[0];
+      } finally {
+        await copy.close();
+      }
+    };
+    const { words } = volume.publication;
+    try {
+      await volume.enable();
+      // A first touch with FUA: written, redirected and committed by its thread.
+      await write(10, 1, true);
+      expect(fast.fuaCommitsHere).toBe(1);
+      expect(fast.redirectedHere).toBe(1);
+      expect(Atomics.load(words, PUBLISHED_WORD.commitPending), 'nothing left to commit').toBe(0);
+      expect(await afterPowerLoss(10)).toBe(1);
+      // Rewritten with nothing to commit: the write and an fdatasync, no commit.
+      await write(10, 2, true);
+      expect(fast.fuaCommitsHere).toBe(1);
+      expect(await afterPowerLoss(10)).toBe(2);
+      // Behind a first touch without FUA (lost at a power loss until a commit holds it), a FUA
+      // write to redirected blocks commits it.
+      await write(20, 3, false);
+      expect(Atomics.load(words, PUBLISHED_WORD.commitPending)).toBe(1);
+      expect(await afterPowerLoss(20), 'a redirect no commit holds').toBe(0);
+      await write(10, 4, true);
+      expect(fast.fuaCommitsHere).toBe(2);
+      expect(await afterPowerLoss(20)).toBe(3);
+      expect(await afterPowerLoss(10)).toBe(4);
+      // A discard is the engine's own map change: until the engine commits, a FUA write with
+      // something to commit is the engine's from the start.
+      await serve(volume, executor, { target: 'master', op: 'discard', offset: 30 * BS, length: BS }, new Uint8Array(0));
+      const declined = fast.declined;
+      await write(40, 5, true);
+      expect(fast.declined).toBe(declined + 1);
+      expect(fast.fuaCommitsHere).toBe(2);
+      expect(await afterPowerLoss(40)).toBe(5);
+      // The engine changes the map while a FUA first touch's write waits: its thread redirects
+      // it, the commit is declined, and the engine takes the whole write again and commits it.
+      let go: () => void = () => {};
+      const waiting = new Promise<void>((resolve) => (held = (g) => ((go = g), resolve())));
+      const fua = write(50, 6, true);
+      await waiting;
+      await serve(volume, executor, { target: 'master', op: 'discard', offset: 60 * BS, length: BS }, new Uint8Array(0));
+      go();
+      await fua;
+      expect(fast.toEngine).toBe(1);
+      expect(fast.redirectedHere).toBe(3);
+      expect(fast.fuaCommitsHere).toBe(2);
+      expect(await afterPowerLoss(50)).toBe(6);
+      expect(Atomics.load(words, PUBLISHED_WORD.commitPending)).toBe(0);
+    } finally {
+      fast.close();
+      await volume.close();
+    }
+  });
+
   test('a thread commit captured before the engine took the one before it keeps its journal mark', async () => {
     // Commits back to back on the threads (a flush's, then its FUA commit block's) leave the
     // engine to take the first while the second runs: the journal must not be compacted under

@@ -107,6 +107,38 @@ describe('the fast path decides', () => {
     await v.close();
   });
 
+  test('snapshot, beside a redirector that may commit: a FUA write with something to commit is written, then committed on its thread', async () => {
+    const v = await volume();
+    const r = new (addon().Redirector)();
+    const detach = v.attachRedirector(r);
+    const decide = (offset: number, length: number) => {
+      const d = addon().planFast(nativePublication(v, r), 'master', WRITE | FUA, offset, length);
+      return d && { redirect: d.redirect, inOrder: d.inOrder, commit: d.commit, extents: [...d.extents] };
+    };
+    try {
+      await v.enable();
+      await new Disk(v).write(20 * BS, new Uint8Array(BS)); // marks chunk 1, redirects block 20
+      await v.commit();
+      const { changeOffset } = v.layout;
+      // Nothing to commit: as without a redirector, the write and an fdatasync.
+      expect(decide(20 * BS, BS)).toEqual({ redirect: false, inOrder: true, commit: false, extents: [1, changeOffset + 20 * BS, BS, 0, 3, 0, 0, 0] });
+      // A first touch: its write, then its thread's redirect and commit.
+      expect(decide(20 * BS, 2 * BS)).toEqual({ redirect: true, inOrder: false, commit: true, extents: [1, changeOffset + 20 * BS, 2 * BS, 0] });
+      // Redirected by a thread, not committed yet: its write, then its thread's commit.
+      expect(r.redirect(nativePublication(v, r), Float64Array.of(30, 31))).toBe(true);
+      expect(decide(30 * BS, BS)).toEqual({ redirect: false, inOrder: false, commit: true, extents: [1, changeOffset + 30 * BS, BS, 0] });
+      // The engine's own map change (a discard) waits for its own commit: the engine's, as before.
+      await new Disk(v).discard(40 * BS, BS);
+      expect(decide(30 * BS, BS)).toBeNull();
+      expect(decide(50 * BS, BS)).toBeNull();
+      await v.commit();
+      expect(decide(50 * BS, BS)).toEqual({ redirect: true, inOrder: false, commit: true, extents: [1, changeOffset + 50 * BS, BS, 0] });
+    } finally {
+      detach();
+      await v.close();
+    }
+  });
+
   test('resync: a FUA write to blocks not redirected, with nothing to commit, is a write in place and an fdatasync', async () => {
     const store = new HeldFlushes(8 << 20);
     const v = await Volume.format(store, { blockSize: BS });

@@ -56,9 +56,9 @@ export interface MapRedirector {
    */
   hold(): Float64Array | null;
   /**
-   * Where the journal is now (-1: none), whether the threads may redirect, and whether a master
-   * flush's queue thread may commit their redirects itself (the volume has nothing of its own to
-   * commit and no commit of its own runs); drops the lock.
+   * Where the journal is now (-1: none), whether the threads may redirect, and whether a queue
+   * thread may commit their redirects itself, for a master flush or FUA write (the volume has
+   * nothing of its own to commit and no commit of its own runs); drops the lock.
    */
   release(journalFd: number, journalLength: number, enabled: boolean, commitAllowed?: boolean): void;
   /** Under hold(): what a queue thread's map commit works on (docs/serving.md). */

@@ -72,9 +72,9 @@ export interface VolumeCounters {
   bytesRead: number;
   bytesWritten: number;
   errors: number;
-  /** Commits made durable, by the engine or by a master flush's queue thread. */
+  /** Commits made durable, by the engine or by a queue thread (for a master flush or FUA write). */
   commits: number;
-  /** Of those, the ones a flush's queue thread built and ran itself (docs/serving.md). */
+  /** Of those, the ones a queue thread built and ran itself (docs/serving.md). */
   queueCommits: number;
   mergedBlocks: number;
   /** Requests the queue threads served by themselves (docs/serving.md), counted in the above too. */
@@ -194,7 +194,7 @@ export class Volume {
   private nativeCommitsSeen = 0;
   /** The superblock the commit state and its image hold (what a queue thread's commit builds on). */
   private publishedSb: Superblock | null = null;
-  /** Whether the last release let a master flush's queue thread commit (nativeCommitAllowed). */
+  /** Whether the last release let a queue thread commit (nativeCommitAllowed). */
   private nativeCommitsAllowed = false;
   /** A commit of the volume's own waiting for a queue thread's to end (waitForNativeCommit). */
   private nativeCommitWaiter: (() => void) | null = null;
@@ -417,9 +417,9 @@ export class Volume {
   }
 
   /**
-   * What a master flush's queue thread commits with when it commits the threads' redirects itself
-   * (docs/serving.md, "A flush's commit on its queue thread"): the writer's page slots and state,
-   * the committed superblock's image, the tracking marks. Shared, not copied.
+   * What a queue thread commits with when it commits the threads' redirects itself, for a master
+   * flush or FUA write (docs/serving.md, "A flush's commit on its queue thread"): the writer's
+   * page slots and state, the committed superblock's image, the tracking marks. Shared, not copied.
    */
   private configureNativeCommit(r: MapRedirector): void {
     if (!r.configureCommit) return;

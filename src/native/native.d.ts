@@ -215,8 +215,11 @@ export interface NativeAddon {
   openersOf(path: string): Promise<{ pid: number; command: string }[]>;
   /**
    * The fast path's decision for a request (native/serving.h), as the queue threads take it:
-   * its extents as (kind, offset, length, bufferOffset) records and whether the engine redirects
-   * its blocks after them (Volume.finishFastRedirect), or null when the engine must decide.
+   * its extents as (kind, offset, length, bufferOffset) records; whether its blocks are
+   * redirected after them (by the redirector, else Volume.finishFastRedirect); whether they run
+   * one after another; whether a map commit of the redirector's follows (a FUA write in a
+   * snapshot, the engine taking the whole request when it declines); or null when the engine
+   * must decide.
    */
   planFast(
     published: NativePublication,
@@ -224,7 +227,7 @@ export interface NativeAddon {
     opFlags: number,
     offset: number,
     length: number,
-  ): { extents: Float64Array; redirect: boolean; inOrder: boolean } | null;
+  ): { extents: Float64Array; redirect: boolean; inOrder: boolean; commit: boolean } | null;
   /**
    * Whether the commit step record at `records[at]` is an fdatasync that a flush's own sync,
    * begun at map-change count `count` (and `done`: it succeeded), makes needless (native/serving.h,

@@ -43,8 +43,8 @@ import { COMMIT_STEP_KINDS, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS, TA
 /** The engine's name of each request opcode it serves. */
 const REQUEST_OPS: Record<number, RequestOp> = IO_OP;
 /**
- * Room for the images of a commit that a flush's queue thread runs (runOnQueue): 16 pages of
- * 4 KiB. A first touch's flush writes a map page, a tracking page and the superblock; a commit
+ * Room for the images of a commit that a queue thread runs, the engine's (runOnQueue) or its own
+ * (for a flush or a FUA write): 16 pages of 4 KiB. A first touch's flush writes a map page, a tracking page and the superblock; a commit
  * larger than this goes through the store.
  */
 const META_BYTES = 64 << 10;
@@ -185,7 +185,7 @@ export class UblkDevice {
   private detachFastPath: (() => void) | null = null;
   private detachRedirector: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
-  /** The images of the commit a flush's queue thread is running (runOnQueue). */
+  /** The images of the commit a queue thread is running (runOnQueue, or the thread's own). */
   private readonly meta: Uint8Array | null;
   private allStopped!: () => void;
   private readonly stoppedPromise: Promise<void>;

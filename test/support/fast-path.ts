@@ -63,13 +63,16 @@ export class FastPath {
 
   /**
    * Serves `req` when the fast path decides it and returns the promise of its completion; null
-   * (nothing done) when the engine must decide it.
+   * (nothing done) when the engine must decide it. The promise gives 'engine' when the fast path
+   * began it but handed it to the engine after all (a FUA write whose redirect or commit the
+   * redirector declined): the caller then serves it through the engine, from the start.
    */
-  tryServe(req: Request, buffer: Uint8Array): Promise<void> | null {
+  tryServe(req: Request, buffer: Uint8Array): Promise<'done' | 'engine'> | null {
     this.inFlight++;
     const opFlags = UBLK_OP[req.op] | (req.fua ? UBLK_IO_F_FUA : 0);
     const length = req.op === 'flush' ? 0 : req.length;
-    const decided = addon().planFast(nativePublication(this.volume), req.target, opFlags, req.offset, length);
+    // The device's publication names its redirector: a FUA write may then commit on its thread.
+    const decided = addon().planFast(nativePublication(this.volume, this.nativeCommits ? this.redirector : null), req.target, opFlags, req.offset, length);
     if (!decided) {
       this.declined++;
       this.leave();
@@ -77,6 +80,7 @@ export class FastPath {
     }
     this.served++;
     const records = decided.extents;
+    if (decided.commit) return this.writeThenCommit(req, buffer, decided.redirect, records);
     return (async () => {
       let ok = false;
       try {
@@ -115,7 +119,51 @@ export class FastPath {
           this.leave();
         }
       }
+      return 'done' as const;
     })();
+  }
+
+  /**
+   * A FUA write in a snapshot with something to commit, as its queue thread serves it
+   * (CommitAfterWrite in native/device.cc): its write, then, for a first touch, the redirector's
+   * redirect of its blocks, then the redirector's commit; 'engine' when either declines, the
+   * write having counted in flight until then. A write that failed ends as a fast write does.
+   */
+  private async writeThenCommit(req: Request, buffer: Uint8Array, redirect: boolean, records: Float64Array): Promise<'done' | 'engine'> {
+    let wrote = false;
+    let ok = false;
+    let engine = false;
+    try {
+      await this.beforeIo(`fast FUA write of ${req.length} at ${req.offset}`);
+      const ops: IoOp[] = [];
+      for (let i = 0; i < records.length; i += 4) {
+        if (records[i] !== EXTENT_KIND.write) throw new Error(`the fast path planned extent kind ${records[i]} for a FUA write it commits`);
+        ops.push({ kind: 'write', offset: records[i + 1], length: records[i + 2], bufferOffset: records[i + 3] });
+      }
+      await this.executor.run(ops, buffer);
+      wrote = true;
+      if (redirect && !this.redirectHere(req)) engine = true;
+      else if (!(await this.runCommit())) engine = true;
+      else {
+        this.fuaCommitsHere++;
+        ok = true;
+      }
+    } finally {
+      if (!wrote && redirect) {
+        // Its write failed: the engine fails it (and counts it), as a first touch's failed write.
+        try {
+          this.redirectedByEngine++;
+          this.volume.finishFastRedirect(req.offset, req.length, false);
+        } finally {
+          this.leave();
+        }
+      } else {
+        if (!engine) this.count(req, ok);
+        else this.toEngine++;
+        this.leave();
+      }
+    }
+    return engine ? 'engine' : 'done';
   }
 
   /**
@@ -170,8 +218,11 @@ export class FastPath {
   private flushesThroughEngine = 0;
   ownSyncs = 0;
   syncsLeftOut = 0;
-  /** Flushes whose map commit the redirector built (a queue thread's own commit). */
+  /** Map commits the redirector built (a queue thread's own), and those of them for a FUA write. */
   commitsHere = 0;
+  fuaCommitsHere = 0;
+  /** FUA writes it began and then handed to the engine (their redirect or commit declined). */
+  toEngine = 0;
   /** The device's metadata buffer, where a queue thread's commit encodes its images. */
   private readonly meta = new Uint8Array(64 * 1024);
 
@@ -183,37 +234,45 @@ export class FastPath {
    */
   async commitHere(): Promise<boolean> {
     if (!this.redirector || !this.nativeCommits) return false;
-    const pub = nativePublication(this.volume, this.redirector);
-    if (Atomics.load(pub.words, PUBLISHED_WORD.commitPending) === 0) return false;
+    if (Atomics.load(this.volume.publication.words, PUBLISHED_WORD.commitPending) === 0) return false;
     this.inFlight++;
-    let records: Float64Array | null = null;
     try {
-      if (Atomics.load(pub.words, PUBLISHED_WORD.mode) !== FAST_MODE.snapshot) return false;
-      records = this.redirector.captureCommit(pub, this.meta);
-      if (!records) return false;
-      this.commitsHere++;
-      const steps: OrderedStep[] = [];
-      for (let i = 0; i < records.length; i += 4) {
-        const [kind, offset, length, at] = [records[i], records[i + 1], records[i + 2], records[i + 3]];
-        if (kind === EXTENT_KIND.sync) steps.push({ kind: 'flush' });
-        else if (kind === EXTENT_KIND.meta) steps.push({ kind: 'write', offset, data: this.meta.slice(at, at + length) });
-        else throw new Error(`a queue thread's commit planned extent kind ${kind}`);
-      }
-      let error = 0;
-      try {
-        await this.beforeIo('a queue thread\'s map commit');
-        await inOrder(this.store, steps);
-      } catch (err) {
-        error = 5; // EIO: the flush fails, and the volume at its next hold
-        throw err;
-      } finally {
-        // The engine waits for it: wake it, as the device does (a delivery calls takeRedirects).
-        if (this.redirector.commitDone(pub, error)) queueMicrotask(() => this.volume.takeRedirects());
-      }
-      return true;
+      return await this.runCommit();
     } finally {
       this.leave();
     }
+  }
+
+  /**
+   * The redirector's capture of a commit and its steps, in order, then commitDone (StartCommit in
+   * native/device.cc); false when it declines. The caller counts it in flight.
+   */
+  private async runCommit(): Promise<boolean> {
+    if (!this.redirector || !this.nativeCommits) return false;
+    const pub = nativePublication(this.volume, this.redirector);
+    if (Atomics.load(pub.words, PUBLISHED_WORD.mode) !== FAST_MODE.snapshot) return false;
+    const records = this.redirector.captureCommit(pub, this.meta);
+    if (!records) return false;
+    this.commitsHere++;
+    const steps: OrderedStep[] = [];
+    for (let i = 0; i < records.length; i += 4) {
+      const [kind, offset, length, at] = [records[i], records[i + 1], records[i + 2], records[i + 3]];
+      if (kind === EXTENT_KIND.sync) steps.push({ kind: 'flush' });
+      else if (kind === EXTENT_KIND.meta) steps.push({ kind: 'write', offset, data: this.meta.slice(at, at + length) });
+      else throw new Error(`a queue thread's commit planned extent kind ${kind}`);
+    }
+    let error = 0;
+    try {
+      await this.beforeIo('a queue thread\'s map commit');
+      await inOrder(this.store, steps);
+    } catch (err) {
+      error = 5; // EIO: the flush fails, and the volume at its next hold
+      throw err;
+    } finally {
+      // The engine waits for it: wake it, as the device does (a delivery calls takeRedirects).
+      if (this.redirector.commitDone(pub, error)) queueMicrotask(() => this.volume.takeRedirects());
+    }
+    return true;
   }
 
   /** What the queue thread's RedirectHere does, for one write. */
@@ -263,9 +322,9 @@ export class FastPathDisk {
     this.executor = executor;
   }
 
-  private run(req: Request, buffer: Uint8Array): Promise<void> {
+  private async run(req: Request, buffer: Uint8Array): Promise<void> {
     const served = this.fast.tryServe(req, buffer);
-    if (served) return served;
+    if (served && (await served) === 'done') return;
     if (req.op === 'flush' && req.target === 'master') return this.fast.flushThroughEngine(this.executor);
     return serve(this.volume, this.executor, req, buffer);
   }

@@ -85,7 +85,7 @@ function describe(s: PairStatus): string {
     text`  I/O         ${c.reads} reads (${formatBytes(c.bytesRead)}), ${c.writes} writes (${formatBytes(c.bytesWritten)}), ${c.flushes} flushes, ${c.discards} discards, ${c.errors} errors${c.fastPath ? `; ${c.fastPath} of them served by the queue threads alone` : ''}`,
   );
   if (c.commits !== undefined) {
-    const here = c.queueCommits ? `, ${c.queueCommits} of them built and run by a flush's queue thread` : '';
+    const here = c.queueCommits ? `, ${c.queueCommits} of them built and run by a queue thread (for a flush or a FUA write)` : '';
     lines.push(text`  commits     ${c.commits}${here}`);
   }
   lines.push(text`  daemon      pid ${s.pid}`);
