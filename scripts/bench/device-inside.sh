@@ -286,6 +286,53 @@ ext4_run() { # dev device-label round
   umount "$FS_MNT"
 }
 
+# ext4 in a snapshot, the users' case: a live file system written while its backup is taken. The
+# job above on ext4 made on the first pair's master, just before and right after a snapshot
+# (cldd enable, which freezes it), into a change area never written (its blocks given back to
+# the file system first, as in a file store's first snapshot). In the snapshot's first seconds
+# nearly every write is a first touch, the journal's blocks too, and each fsync's journal commit
+# ends in a FUA write of one. dm-snapshot beside it the same way: ext4 on its origin over the
+# loop device, a fresh sparse exception store, the snapshot made with the file system mounted
+# (dmsetup suspend freezes it).
+EXT4_SNAPSHOT=ext4-in-snapshot-randwrite-4k-fsync
+ext4_snapshot_job() { # device-label round
+  run "$EXT4_SNAPSHOT" randwrite 4k 1 "$FS_MNT/fio.dat" "$1" "$2" --size=64M --ioengine=psync --direct=0 --fsync=1
+}
+ext4_snapshot_cldd() { # round
+  local name=bench-${MODES%% *} change_offset
+  change_offset=$(od -An -t u8 -j 88 -N 8 "$WORK/$name.img" | tr -d ' ')
+  mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$master"
+  mkdir -p "$FS_MNT"
+  mount "$master" "$FS_MNT"
+  PHASE=before ext4_snapshot_job cldd "$1"
+  fallocate --punch-hole --offset "$change_offset" --length "$bytes" "$WORK/$name.img"
+  cldd enable "$name" >&2
+  PHASE=after ext4_snapshot_job cldd "$1"
+  umount "$FS_MNT"
+  cldd disable "$name" --wait >&2
+}
+ext4_snapshot_dm() { # round
+  local sectors=$((bytes / 512)) origin cow
+  dm create cldd-bench-origin --table "0 $sectors snapshot-origin $loop"
+  origin=$(dm_dev cldd-bench-origin)
+  mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$origin"
+  mkdir -p "$FS_MNT"
+  mount "$origin" "$FS_MNT"
+  PHASE=before ext4_snapshot_job dm-snapshot "$1"
+  rm -f "$WORK/dm-cow.img"
+  truncate -s "$bytes" "$WORK/dm-cow.img"
+  cow=$(losetup --find --show "$WORK/dm-cow.img")
+  dm suspend cldd-bench-origin
+  dm create cldd-bench-snap --table "0 $sectors snapshot $loop $cow P 8"
+  dm resume cldd-bench-origin
+  PHASE=after ext4_snapshot_job dm-snapshot "$1"
+  umount "$FS_MNT"
+  dm remove cldd-bench-snap
+  dm remove cldd-bench-origin
+  losetup -d "$cow"
+  rm -f "$WORK/dm-cow.img"
+}
+
 for round in $(seq "$ROUNDS"); do
   for job in "randread-4k-qd1 randread 4k 1" "randread-4k-qd32 randread 4k 32" "randwrite-4k-qd1 randwrite 4k 1" \
              "randwrite-4k-qd32 randwrite 4k 32" "randwrite-4k-qd1-fsync randwrite 4k 1 --fsync=1" \
@@ -303,6 +350,9 @@ for round in $(seq "$ROUNDS"); do
       d=${devices[(i + round - 1) % ${#devices[@]}]}
       ext4_run "${d#*=}" "${d%%=*}" "$round"
     done
+  fi
+  if wanted "$EXT4_SNAPSHOT"; then
+    if [ $((round % 2)) = 1 ]; then ext4_snapshot_cldd "$round"; ext4_snapshot_dm "$round"; else ext4_snapshot_dm "$round"; ext4_snapshot_cldd "$round"; fi
   fi
   # Alternately first, like the devices above.
   if [ $((round % 2)) = 1 ]; then first_touch_cldd; first_touch_dm; first_touch_loop; else first_touch_loop; first_touch_dm; first_touch_cldd; fi
