@@ -82,6 +82,9 @@ class Device : public Napi::ObjectWrap<Device> {
   // Requests served by the fast path, by kind; added into the engine's counters by device.ts.
   struct Counters {
     std::atomic<uint64_t> reads{0}, writes{0}, flushes{0}, bytesRead{0}, bytesWritten{0}, errors{0};
+    // The queue thread's polls before it sleeps (AdaptPoll): polls that new work came to, and
+    // polls that ran out. Not requests: `cldd status` shows them on a line of their own.
+    std::atomic<uint64_t> pollsCaught{0}, pollsRanOut{0};
   };
   struct Queue {
     uint16_t id = 0;
@@ -100,6 +103,12 @@ class Device : public Napi::ObjectWrap<Device> {
     // A flush this round handed to the engine to commit, for its own sync (RunOwnSync); -1: none.
     int ownSyncTag = -1;
     bool exiting = false;
+    // Polling (Poll): waits left to sleep through without polling, and polls in a row that ran
+    // out, which double them.
+    uint32_t pollSkip = 0;
+    uint32_t pollMisses = 0;
+    // Completions reaped that bring work from outside: requests, the engine's answers (AdaptPoll).
+    uint64_t arrivals = 0;
     std::vector<double> outRequests;
     std::vector<int32_t> outOrdered;
     std::vector<int32_t> outDone;
@@ -147,6 +156,14 @@ class Device : public Napi::ObjectWrap<Device> {
   // The queue thread.
   void Run(Queue& q);
   void RingFailed(Queue& q, const std::string& why);
+  // One wait of the queue thread (Wait): whether it had to wait at all, whether it polled, and
+  // whether work came within the poll's time (caught by the poll, or soon after it slept).
+  struct PollRound {
+    bool waited = false, polled = false, caught = false, soon = false;
+  };
+  int Wait(Queue& q, uint64_t pollNs, PollRound* round);
+  void AdaptPoll(Queue& q, const PollRound& round, bool came);
+  bool Poll(Queue& q, uint64_t deadline);
   void RunOwnSync(Queue& q);
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
@@ -197,6 +214,8 @@ class Device : public Napi::ObjectWrap<Device> {
   // User copy without zero copy: each tag's buffer is one segment (kSegmentBytes), for reads that
   // wait for the file, which move through it a segment at a time; see QueueExtent.
   bool segmented_ = false;
+  // How long a queue thread polls its ring before it sleeps, ns; 0: never (see Poll).
+  uint64_t pollNs_ = 0;
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
   std::atomic<bool> nowaitReads_{true};
   // The errno of a flush's own fdatasync that failed (RunOwnSync), or 0. Linux reports a

@@ -293,6 +293,7 @@ void DefineServing(Napi::Env env, Napi::Object exports) {
   wire.Set("events", events);
   wire.Set("journalRecord", double(kJournalRecord));
   wire.Set("commitSyncSkippable", kCommitSyncSkippable);
+  wire.Set("maxPollMicros", kMaxPollMicros);
   Napi::Object state = Napi::Object::New(env);
   state.Set("nextCommit", commit_state::kNextCommit);
   state.Set("sbCopy", commit_state::kSbCopy);

@@ -82,6 +82,10 @@ constexpr size_t kFields = 9;
 // extents, kWaiting for the engine to finish or redirect it), or served by the thread alone (kFast).
 enum class TagState : uint8_t { kIdle = 0, kFetching = 1, kEngine = 2, kRunning = 3, kWaiting = 4, kDead = 5, kFast = 6 };
 
+// The longest a queue thread may poll its ring before it sleeps, µs (the device's pollMicros;
+// POLL_US in a pair's configuration, whose limit in src/protocol/config.ts is this).
+constexpr double kMaxPollMicros = 10000;
+
 enum FastMode : int32_t { kFastOff = 0, kFastPlain = 1, kFastSnapshot = 2, kFastResync = 3 };
 
 }  // namespace cldd

@@ -87,6 +87,8 @@ describe('cldd add checks every option before it touches anything', () => {
     [['--size', '10G', '--queues', '1.5'], '--queues "1.5" is not a whole number from 1 to 64'],
     [['--size', '10G', '--depth', '0'], '--depth "0" is not a whole number from 1 to 4096'],
     [['--size', '10G', '--depth', '5000'], '--depth "5000" is not a whole number from 1 to 4096'],
+    [['--size', '10G', '--poll-us', '10001'], '--poll-us "10001" is not a whole number from 0 to 10000'],
+    [['--size', '10G', '--poll-us', '-1'], '--poll-us "-1" is not a whole number from 0 to 10000'],
     [['--size', '-5G'], '--size "-5G" is not a size (examples: 4096, 512M, 20G, 1T)'],
     [['--size', '5X'], '--size "5X" is not a size (examples: 4096, 512M, 20G, 1T)'],
     [['--size', '1G', '--size', '2G'], '--size is given 2 times; give it once'],
@@ -111,7 +113,7 @@ describe('cldd add checks every option before it touches anything', () => {
   test('an existing file is left as it was by a refused option', async () => {
     const path = await sparseFile('existing.img', 64 * MiB);
     const before = await digest(path);
-    for (const args of [['--block-size', '8192'], ['--queues', '0'], ['--depth', 'x']]) {
+    for (const args of [['--block-size', '8192'], ['--queues', '0'], ['--depth', 'x'], ['--poll-us', '1e3']]) {
       const r = await cli.run(['add', path, ...args], { env: env() });
       expect(r.code).not.toBe(0);
       expect(r.stderr).toMatch(/\[EINVAL\]\n$/);

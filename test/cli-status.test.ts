@@ -45,7 +45,7 @@ describe('cldd status and list', () => {
     await server.listen();
     stuck = new ControlServer(join(runDir, 'stuck.sock'), 'stuck', {
       status: async () => ({ ...CRAFTED, name: 'stuck', backing: '/srv/s.img', failed: null, requests: { outstanding: 32, oldestMs: 45_300 },
-        counters: { ...CRAFTED.counters, flushes: 15, commits: 12, queueCommits: 9 },
+        counters: { ...CRAFTED.counters, flushes: 15, commits: 12, queueCommits: 9, pollsCaught: 7001, pollsRanOut: 3 },
         journal: { bytes: 3 << 20, uncommittedBytes: 240, compactionError: '/run/cldd/stuck.journal.new: EISDIR: illegal operation on a directory, open' } }),
     });
     await stuck.listen();
@@ -119,6 +119,12 @@ describe('cldd status and list', () => {
     expect(out.code).toBe(0);
     expect(out.stdout).toContain("  commits     12, 9 of them built and run by a queue thread (for a flush or a FUA write)\n");
     expect((await cli.run(['status', 'evil'], { env: env() })).stdout).not.toContain('commits');
+  });
+
+  test("the queue threads' polls show in status when there were any", async () => {
+    const out = await cli.run(['status', 'stuck'], { env: env() });
+    expect(out.stdout).toContain('  polls       7001 caught a request before the queue thread slept, 3 ran out\n');
+    expect((await cli.run(['status', 'evil'], { env: env() })).stdout).not.toContain('polls');
   });
 
   test('a map journal that can no longer be compacted shows in status, with what failed', async () => {

@@ -285,7 +285,7 @@ describe('the fast path decides', () => {
     let drained = false;
     const detach = v.attachFastPath({
       idle: () => new Promise<void>((resolve) => (resolveIdle = () => ((drained = true), resolve()))),
-      counters: () => ({ reads: 1, writes: 2, flushes: 3, bytesRead: 4, bytesWritten: 5, errors: 0 }),
+      counters: () => ({ reads: 1, writes: 2, flushes: 3, bytesRead: 4, bytesWritten: 5, errors: 0, pollsCaught: 0, pollsRanOut: 0 }),
       describeRequests: () => '',
     });
     expect(v.status().counters.flushes).toBe(3);

@@ -35,7 +35,7 @@ test.each([
 });
 
 test('pair configuration round trip and refusals', () => {
-  const config = { backing: '/srv/disk.img', queues: 2, depth: 64, logLevel: 'debug' as const, resyncRate: 1 << 20, zeroCopy: false };
+  const config = { backing: '/srv/disk.img', queues: 2, depth: 64, logLevel: 'debug' as const, resyncRate: 1 << 20, zeroCopy: false, pollMicros: 0 };
   expect(parseConfig(formatConfig(config), 'x.conf')).toEqual(config);
   expect(parseConfig('BACKING="/dev/sdb1"\n# comment\n', 'x.conf')).toMatchObject({ backing: '/dev/sdb1', queues: 1, depth: 128, zeroCopy: true });
   expect(() => parseConfig('QUEUES=1\n', 'x.conf')).toThrow('x.conf: BACKING must be an absolute path');
@@ -48,4 +48,7 @@ test('pair configuration round trip and refusals', () => {
   expect(() => parseConfig('BACKING=/a\njunk\n', 'x.conf')).toThrow('x.conf:2: expected KEY=value');
   expect(() => parseConfig('BACKING=/a\nLOG_LEVEL=loud\n', 'x.conf')).toThrow(/LOG_LEVEL/);
   expect(() => parseConfig('BACKING=/a\nZERO_COPY=maybe\n', 'x.conf')).toThrow('x.conf: ZERO_COPY must be yes or no');
+  expect(parseConfig('BACKING=/a\n', 'x.conf').pollMicros).toBe(100);
+  expect(parseConfig('BACKING=/a\nPOLL_US=0\n', 'x.conf').pollMicros).toBe(0);
+  expect(() => parseConfig('BACKING=/a\nPOLL_US=10001\n', 'x.conf')).toThrow('x.conf: POLL_US=10001 is not a whole number from 0 to 10000');
 });

@@ -23,6 +23,7 @@ const DATA_CHECKS = {
   zero_copy: 'zero copy exactly where the kernel has it and it is not turned off; fio verify passes with and without it',
   reads:
     'reads served with their commit in one chain of ring entries, or the ordinary way when the page cache holds none or part of a request: the data written, on master and slave, in both copy modes',
+  poll: 'a queue thread polls for the next request before it sleeps: QD1 reads caught by polls, the last poll runs out, the data intact in both copy modes; --poll-us 0 polls never',
   stall:
     'QD32 random writes never stall through enable/disable cycles: plain, with fsync, held across the enable, first touches, into the resync',
   bounds:

@@ -9,6 +9,7 @@ import { FAST_MODE, PUBLISHED_WORD, PUBLISHED_WORDS } from '../src/engine/public
 import { RECORD } from '../src/format/map-journal.js';
 import { addon } from '../src/native/addon.js';
 import { COMMIT_SYNC_SKIPPABLE, EVENTS, EXTENT_KIND, REQUEST_FLAGS, SUBMIT_FLAGS, TAG_STATE } from '../src/native/wire.js';
+import { LIMITS } from '../src/protocol/config.js';
 
 test('the engine reads and writes the publication with the numbers the addon uses', () => {
   const { wire } = addon();
@@ -32,4 +33,8 @@ test("the daemon names a queue thread's tags by the addon's numbers", () => {
 
 test('a queue thread writes map journal records of the journal\'s own size', () => {
   expect(addon().wire.journalRecord).toBe(RECORD);
+});
+
+test("a pair's POLL_US is bounded by the limit the addon clamps it to", () => {
+  expect(addon().wire.maxPollMicros).toBe(LIMITS.pollMicros.max);
 });

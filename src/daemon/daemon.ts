@@ -25,6 +25,8 @@ export interface StartDevicesOptions {
   depth: number;
   /** Ask for zero copy (UBLK_F_AUTO_BUF_REG) where the kernel has it. */
   zeroCopy: boolean;
+  /** How long a queue thread polls for work before it sleeps, µs; 0: never. */
+  pollMicros: number;
   /** Device ids a previous daemon left behind (after SIGKILL): reattach them with user recovery. */
   recover: { master: number; slave: number | null; pid: number } | null;
   log: Logger;
@@ -102,7 +104,7 @@ export class Daemon {
           previous?.master && !isAlive(previous.pid) && (await deviceExists(previous.master.path))
             ? { master: previous.master.id, slave: previous.slave?.id ?? null, pid: previous.pid }
             : null;
-        devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, zeroCopy: config.zeroCopy, recover, log });
+        devices = await backend.startDevices(volume, store, { name, queues: config.queues, depth: config.depth, zeroCopy: config.zeroCopy, pollMicros: config.pollMicros, recover, log });
         const started = devices;
         undo.push(() => started.stop());
       }

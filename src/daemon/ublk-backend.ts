@@ -100,11 +100,11 @@ class UblkPair implements PairDevices {
   }
 
   static async start(volume: Volume, store: NativeStore, options: StartDevicesOptions): Promise<UblkPair> {
-    const queueOptions = { ...DEFAULT_QUEUE_OPTIONS, queues: options.queues, depth: options.depth };
+    const queueOptions = { ...DEFAULT_QUEUE_OPTIONS, queues: options.queues, depth: options.depth, pollMicros: options.pollMicros };
     const control = UblkControl.open();
     try {
       if (options.recover) {
-        const master = await UblkDevice.recover(control, volume, store.fd, 'master', options.recover.master);
+        const master = await UblkDevice.recover(control, volume, store.fd, 'master', options.recover.master, { pollMicros: options.pollMicros });
         // The kernel keeps the layout the devices were created with; a slave added later matches it.
         const layout = { ...queueOptions, queues: master.info.queues, depth: master.info.depth };
         const pair = new UblkPair(control, volume, store, master, layout, master.info.flags, true, options.log);
@@ -112,7 +112,7 @@ class UblkPair implements PairDevices {
         logCpus(master, options.log);
         const slaveId = await slaveLeftBy(control, options.recover, options.log);
         if (slaveId !== null) {
-          const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', slaveId);
+          const slave = await UblkDevice.recover(control, volume, store.fd, 'slave', slaveId, { pollMicros: options.pollMicros });
           if (volume.state === 'snapshot') {
             pair.slaveDevice = pair.watch(slave);
             logCpus(slave, options.log);

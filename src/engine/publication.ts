@@ -101,6 +101,9 @@ export interface FastPathCounters {
   bytesRead: number;
   bytesWritten: number;
   errors: number;
+  /** The queue threads' polls before they sleep (docs/serving.md): caught a request, ran out. */
+  pollsCaught: number;
+  pollsRanOut: number;
 }
 
 export class Publication {

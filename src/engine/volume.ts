@@ -79,6 +79,9 @@ export interface VolumeCounters {
   mergedBlocks: number;
   /** Requests the queue threads served by themselves (docs/serving.md), counted in the above too. */
   fastPath: number;
+  /** The queue threads' polls before they sleep (docs/serving.md): caught a request, ran out. */
+  pollsCaught: number;
+  pollsRanOut: number;
 }
 
 export interface VolumeStatus {
@@ -211,6 +214,8 @@ export class Volume {
     queueCommits: 0,
     mergedBlocks: 0,
     fastPath: 0,
+    pollsCaught: 0,
+    pollsRanOut: 0,
   };
 
   private constructor(
@@ -1199,5 +1204,7 @@ function addCounters(sum: VolumeCounters, fast: FastPathCounters): VolumeCounter
   sum.bytesWritten += fast.bytesWritten;
   sum.errors += fast.errors;
   sum.fastPath += fast.reads + fast.writes + fast.flushes + fast.errors;
+  sum.pollsCaught += fast.pollsCaught;
+  sum.pollsRanOut += fast.pollsRanOut;
   return sum;
 }

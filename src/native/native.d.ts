@@ -102,6 +102,12 @@ export interface NativeDeviceOptions {
   meta?: Uint8Array;
   /** Per queue, the CPU its thread runs on; -1 or absent: wherever the scheduler puts it. */
   cpus?: number[];
+  /**
+   * How long a queue thread polls its ring for work before it sleeps, µs (clamped to
+   * wire.maxPollMicros); 0 or absent: never. Ignored where this process may run on one CPU only,
+   * or where the kernel's ring cannot say that work waits (before 6.1).
+   */
+  pollMicros?: number;
 }
 
 /** The engine's publication (src/engine/publication.ts) and the volume's geometry. */
@@ -179,7 +185,10 @@ export declare class NativeDeviceHandle {
   inspect(queue: number): NativeQueueState;
   /** Fast-path requests in flight, over every queue (between their decision and their I/O's end). */
   fastInFlight(): number;
-  /** What the fast path served: reads, writes, flushes, bytes read, bytes written, errors. */
+  /**
+   * What the fast path served: reads, writes, flushes, bytes read, bytes written, errors; then
+   * the queue threads' polls that caught a request (or the engine's answer) and that ran out.
+   */
   stats(): Float64Array;
   /** The last error that took a tag out of service (other than the kernel's abort), or null. */
   readonly lastError: string | null;
@@ -249,6 +258,7 @@ export interface NativeAddon {
     events: { requestFields: number; redirectFields: number; perTag: number };
     journalRecord: number;
     commitSyncSkippable: number;
+    maxPollMicros: number;
     commitState: Record<'nextCommit' | 'sbCopy' | 'generation' | 'mapCommit' | 'digest' | 'done' | 'journalMark' | 'failed' | 'period' | 'count', number>;
     tagState: Record<'idle' | 'fetching' | 'engine' | 'running' | 'waiting' | 'dead' | 'fast', number>;
   };

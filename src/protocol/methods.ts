@@ -121,6 +121,8 @@ const pairStatus = object({
     fastPath: optional(count),
     commits: optional(count),
     queueCommits: optional(count),
+    pollsCaught: optional(count),
+    pollsRanOut: optional(count),
   }),
   failed: nullable(string),
   /** Requests the devices have not completed yet, and the age of the oldest (ms). */

@@ -72,6 +72,8 @@ export interface QueueOptions {
   bufferBytes: number;
   /** Largest discard / write-zeroes request, bytes. */
   maxDiscardBytes: number;
+  /** How long a queue thread polls for work before it sleeps, µs (native.d.ts); absent or 0: never. */
+  pollMicros?: number;
 }
 
 export const DEFAULT_QUEUE_OPTIONS: QueueOptions = {
@@ -182,6 +184,7 @@ export class UblkDevice {
   /** The last native error the watchdog reported. */
   private reportedError: string | null = null;
   private nativeFactory: NativeDeviceFactory = addonDevice;
+  private pollMicros = 0;
   private detachFastPath: (() => void) | null = null;
   private detachRedirector: (() => void) | null = null;
   private watchdog: NodeJS.Timeout | null = null;
@@ -235,6 +238,7 @@ export class UblkDevice {
     const device = new UblkDevice(control, volume, target, info);
     device.stopBoundMs = options.stopBoundMs ?? STOP_BOUND_MS;
     device.nativeFactory = options.native ?? addonDevice;
+    device.pollMicros = options.pollMicros ?? 0;
     try {
       // The encoding is whatever the kernel kept; recovery must not be lost silently.
       const missing = options.flags & ~info.flags & (UBLK_F.USER_RECOVERY | UBLK_F.USER_RECOVERY_REISSUE);
@@ -268,7 +272,7 @@ export class UblkDevice {
     backingFd: number,
     target: Target,
     id: number,
-    options: DeviceSeams = {},
+    options: DeviceSeams & { pollMicros?: number } = {},
   ): Promise<UblkDevice> {
     let info = await control.info(id);
     if ((info.flags & UBLK_F.USER_RECOVERY) === 0) {
@@ -292,6 +296,7 @@ export class UblkDevice {
     const device = new UblkDevice(control, volume, target, info);
     device.stopBoundMs = options.stopBoundMs ?? STOP_BOUND_MS;
     device.nativeFactory = options.native ?? addonDevice;
+    device.pollMicros = options.pollMicros ?? 0;
     await device.open(backingFd);
     try {
       await device.untilServing('END_USER_RECOVERY', (signal) => control.endRecovery(id, signal), options.startBoundMs ?? START_BOUND_MS);
@@ -408,6 +413,7 @@ export class UblkDevice {
           events: this.events,
           meta: this.meta ?? undefined,
           cpus: this.cpus,
+          pollMicros: this.pollMicros,
         });
         break;
       } catch (err) {
@@ -456,8 +462,8 @@ export class UblkDevice {
   /** What the queue threads served without the engine (the volume adds it to its counters). */
   private fastPathCounters(): FastPathCounters {
     // Only asked while attached: after the native device exists and before it is closed.
-    const s = this.native?.stats() ?? new Float64Array(6);
-    return { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5] };
+    const s = this.native?.stats() ?? new Float64Array(8);
+    return { reads: s[0], writes: s[1], flushes: s[2], bytesRead: s[3], bytesWritten: s[4], errors: s[5], pollsCaught: s[6], pollsRanOut: s[7] };
   }
 
   private onEvents(q: number, requests: number, ordered: number, done: number, redirects: number, stopped: boolean): void {

@@ -30,7 +30,7 @@ export class FastPath {
   private inFlight = 0;
   private idleWaiters: (() => void)[] = [];
   private readonly detach: () => void;
-  readonly counters: FastPathCounters = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, errors: 0 };
+  readonly counters: FastPathCounters = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0, errors: 0, pollsCaught: 0, pollsRanOut: 0 };
   /** Requests it served, and requests it left to the engine. */
   served = 0;
   declined = 0;

@@ -23,6 +23,7 @@ interface Args {
   queues: string;
   depth: string;
   'zero-copy': boolean;
+  'poll-us': string;
   force: boolean;
   persist: boolean;
   json: boolean;
@@ -50,6 +51,12 @@ export const addCommand: CommandModule<object, Args> = {
         default: DEFAULT_CONFIG.zeroCopy,
         describe: 'serve requests in place where the kernel can (Linux 6.16+); --no-zero-copy copies them through the daemon',
       })
+      .option('poll-us', {
+        type: 'string',
+        nargs: 1,
+        default: String(DEFAULT_CONFIG.pollMicros),
+        describe: `how long a queue thread polls for the next request before it sleeps, µs, ${LIMITS.pollMicros.min} (never) to ${LIMITS.pollMicros.max}: lower latency for a sync reader or writer, for CPU time while requests come`,
+      })
       .option('force', { type: 'boolean', default: false, describe: 'format even over existing data, destroying it' })
       .option('persist', { type: 'boolean', default: false, describe: 'write /etc/cldd/NAME.conf and enable cldd@NAME at boot' })
       .option('json', { type: 'boolean', default: false }) as unknown as Argv<Args>,
@@ -61,6 +68,7 @@ export const addCommand: CommandModule<object, Args> = {
     const blockSize = args['block-size'] === undefined ? undefined : parseBlockSize('--block-size', args['block-size']);
     const queues = parseCount('--queues', args.queues, LIMITS.queues);
     const depth = parseCount('--depth', args.depth, LIMITS.depth);
+    const pollMicros = parseCount('--poll-us', args['poll-us'], LIMITS.pollMicros);
     if (size !== undefined) computeLayout(size, blockSize ?? DEFAULT_BLOCK_SIZE); // too small for a store
     requireRoot('cldd add');
     const paths = defaultPaths();
@@ -76,7 +84,7 @@ export const addCommand: CommandModule<object, Args> = {
       });
     }
     const prepared = await prepareBacking(backing, { size, blockSize, name, force: args.force });
-    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues, depth, zeroCopy: args['zero-copy'] };
+    const config: PairConfig = { ...DEFAULT_CONFIG, backing, queues, depth, zeroCopy: args['zero-copy'], pollMicros };
     let ready;
     try {
       ready = await spawnDaemon(paths, name, [
@@ -87,6 +95,8 @@ export const addCommand: CommandModule<object, Args> = {
         '--depth',
         String(depth),
         args['zero-copy'] ? '--zero-copy' : '--no-zero-copy',
+        '--poll-us',
+        String(pollMicros),
       ]);
     } catch (err) {
       // A file this command created goes again; anything else keeps its (now cldd) contents.

@@ -17,6 +17,7 @@ interface Args {
   queues: string;
   depth: string;
   'zero-copy': boolean;
+  'poll-us': string;
   'log-level': LogLevel;
   'resync-rate': string;
   'ready-fd'?: number;
@@ -36,6 +37,7 @@ export const daemonCommand: CommandModule<object, Args> = {
       .option('queues', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.queues) })
       .option('depth', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.depth) })
       .option('zero-copy', { type: 'boolean', default: DEFAULT_CONFIG.zeroCopy })
+      .option('poll-us', { type: 'string', nargs: 1, default: String(DEFAULT_CONFIG.pollMicros) })
       .option('log-level', { choices: LOG_LEVELS, default: DEFAULT_CONFIG.logLevel })
       .option('resync-rate', { type: 'string', nargs: 1, default: '0', describe: 'resync rate limit, bytes per second' })
       .option('ready-fd', { type: 'number', describe: 'write one JSON line here when ready (or failed)' }) as unknown as Argv<Args>,
@@ -63,6 +65,7 @@ export const daemonCommand: CommandModule<object, Args> = {
               logLevel: args['log-level'],
               resyncRate: parseCount('--resync-rate', args['resync-rate'], LIMITS.resyncRate),
               zeroCopy: args['zero-copy'],
+              pollMicros: parseCount('--poll-us', args['poll-us'], LIMITS.pollMicros),
             }
           : await readConfig(configPath(paths, name));
       await refuseUnattachable(config.backing);

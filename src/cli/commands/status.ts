@@ -88,6 +88,9 @@ function describe(s: PairStatus): string {
     const here = c.queueCommits ? `, ${c.queueCommits} of them built and run by a queue thread (for a flush or a FUA write)` : '';
     lines.push(text`  commits     ${c.commits}${here}`);
   }
+  if (c.pollsCaught || c.pollsRanOut) {
+    lines.push(text`  polls       ${c.pollsCaught ?? 0} caught a request before the queue thread slept, ${c.pollsRanOut ?? 0} ran out`);
+  }
   lines.push(text`  daemon      pid ${s.pid}`);
   return lines.join('\n');
 }
