@@ -30,9 +30,9 @@ export const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'
 
 /**
  * pollMicros: in the test VM (TCG) a 100 µs poll caught a sync reader's or writer's next request
- * and made 4 KiB random reads and writes at QD1 1.5-2.8x as fast; a 30 µs one caught too few
- * (native/device.cc, Poll; docs/benchmarks.md). On hardware the next request comes sooner, and
- * a poll ends as soon as it does.
+ * and made 4 KiB random reads at QD1 1.75-2.05x as fast and writes 1.59-2.88x; a 30 µs one
+ * caught too few (native/device.cc, Poll; docs/benchmarks.md). On hardware the next request
+ * comes sooner, and a poll ends as soon as it does.
  */
 export const DEFAULT_CONFIG: Omit<PairConfig, 'backing'> = { queues: 1, depth: 128, logLevel: 'info', resyncRate: 0, zeroCopy: true, pollMicros: 100 };
 
