@@ -311,14 +311,16 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
  public:
   using Step = Record;
 
-  SequenceWorker(Napi::Env env, Store* store, Job* job, int fd, std::vector<Step> steps, std::vector<CopyRun> runs)
+  SequenceWorker(Napi::Env env, Store* store, Job* job, int fd, std::vector<Step> steps, std::vector<CopyRun> runs,
+                 Bounce bounce)
       : Napi::AsyncWorker(env, "cldd:store-sequence"),
         store_(store),
         self_(Napi::Persistent(store->Value())),
         job_(job),
         fd_(fd),
         steps_(std::move(steps)),
-        runs_(std::move(runs)) {}
+        runs_(std::move(runs)),
+        bounce_(bounce) {}
 
   void Execute() override {
     if (!runs_.empty()) return ExecuteCopy();
@@ -349,16 +351,27 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
 
  private:
   // A merge's copy: in the kernel where the file system can (CopyInKernel) and no run reads what
-  // another writes, else every run read, then written. Where the change area is a long hole (the
-  // master's blocks were discarded in the snapshot, and the engine punched them there), the data
-  // area is punched rather than written with the zeros a read of the hole gives: the same bytes,
-  // and the space a discard gave back is not taken again by the resync.
+  // another writes, else through the buffer: every run read, then written, where the buffer holds
+  // them all; a buffer-full at a time where it does not (CopyThroughBounce). Where the change
+  // area is a long hole (the master's blocks were discarded in the snapshot, and the engine
+  // punched them there), the data area is punched rather than written with the zeros a read of
+  // the hole gives: the same bytes, and the space a discard gave back is not taken again by the
+  // resync.
   void ExecuteCopy() {
     for (CopyRun& run : runs_) FindHoles(run);
-    if (store_->copiesInKernel_.load(std::memory_order_relaxed) && !store_->blockDevice_ && Disjoint() && SourcesInFile()) {
+    bool disjoint = Disjoint();
+    if (bounce_.data && !disjoint) {
+      // Copied a buffer-full at a time, a later run would read what an earlier one wrote.
+      err_ = EINVAL;
+      failed_ = "a run reads what another writes, and the runs do not fit the " + std::to_string(bounce_.length) + "-byte buffer";
+      return;
+    }
+    bool inFile = store_->blockDevice_ || SourcesInFile();
+    if (store_->copiesInKernel_.load(std::memory_order_relaxed) && !store_->blockDevice_ && disjoint && inFile) {
       if (CopyInKernel() != kUnsupported) return;
       store_->copiesInKernel_.store(false, std::memory_order_relaxed);
     }
+    if (bounce_.data) return CopyThroughBounce(inFile);
     for (CopyRun& run : runs_) {
       bool ok = ForEachSpan(run, [&](uint64_t at, uint64_t length, bool hole) {
         if (!hole) return Transfer(kRead, run.data + at, run.from + at, length);
@@ -376,6 +389,59 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
       });
       if (!ok) return;
     }
+  }
+
+  // The copy of runs that do not fit the buffer, none reading what another writes: pieces of
+  // them read into the buffer until it is full, then written, and again. As many reads and
+  // writes as one pass, and the window a merge copies is not bounded by the buffer, so the
+  // resync's memory is not bounded by its windows. A run whose source ends past the end of the
+  // file (one that shrank under the store) fails the copy before anything is written, as the
+  // one pass does.
+  void CopyThroughBounce(bool inFile) {
+    if (!inFile) {
+      struct stat st;
+      uint64_t size = ::fstat(fd_.get(), &st) == 0 ? uint64_t(st.st_size) : 0;
+      for (const CopyRun& run : runs_) {
+        if (run.from + run.length > size) {
+          Fail(kRead, run.from, run.length, ENODATA, size > run.from ? size - run.from : 0);
+          return;
+        }
+      }
+    }
+    struct Piece {
+      uint64_t from, to, length;
+      uint8_t* data;
+      bool hole;
+    };
+    std::vector<Piece> batch;
+    uint64_t fill = 0;
+    auto flush = [&] {
+      for (const Piece& p : batch) {
+        if (p.hole) std::fill_n(p.data, p.length, uint8_t(0));
+        else if (!Transfer(kRead, p.data, p.from, p.length)) return false;
+      }
+      for (const Piece& p : batch) {
+        if (p.hole && Punch(p.to, p.length)) continue;
+        if (!Transfer(kWrite, p.data, p.to, p.length)) return false;
+      }
+      batch.clear();
+      fill = 0;
+      return true;
+    };
+    for (const CopyRun& run : runs_) {
+      bool ok = ForEachSpan(run, [&](uint64_t at, uint64_t length, bool hole) {
+        for (uint64_t done = 0; done < length;) {
+          if (fill == bounce_.length && !flush()) return false;
+          uint64_t n = std::min(length - done, bounce_.length - fill);
+          batch.push_back({run.from + at + done, run.to + at + done, n, bounce_.data + fill, hole});
+          fill += n;
+          done += n;
+        }
+        return true;
+      });
+      if (!ok) return;
+    }
+    flush();
   }
 
   enum CopyResult { kCopied, kFailed, kUnsupported };
@@ -537,6 +603,7 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   Fd fd_;  // a duplicate: the store's own fd may be closed at teardown while this runs
   std::vector<Step> steps_;
   std::vector<CopyRun> runs_;
+  Bounce bounce_;  // data null: each run has its place in the buffer (CopyRun::data)
   int err_ = 0;
   std::string failed_;
 };
@@ -548,13 +615,14 @@ Napi::Value Store::Sequence(const Napi::CallbackInfo& info) {
   auto steps = ReadRecords(info, "sequence", [](double kind, double len, double at, double length) {
     return kind == double(kSync) || ((kind == double(kRead) || kind == double(kWrite)) && at + len <= length);
   });
-  return QueueSequence(env, info[1], "sequence", std::move(steps));
+  return QueueSequence(env, info[1], "sequence", std::move(steps), {}, Bounce{});
 }
 
 // copy(runs, buffer): a merge window's runs, (from, to, length, bufferOffset) each: every run's
-// read from `from` into the buffer, then every run's write of it to `to` (or a punch, where
-// `from` is a long hole: SequenceWorker::ExecuteCopy). Every run is checked against the store
-// and the buffer before the first read. Built here rather than as sequence() records in JS, with
+// read from `from` into the buffer at its offset, then every run's write of it to `to` (or a
+// punch, where `from` is a long hole: SequenceWorker::ExecuteCopy). Where the runs' offsets go
+// past the end of the buffer, it is a bounce buffer instead, and the runs must not read what
+// another writes. Every run is checked against the store before the first read. Built here rather than as sequence() records in JS, with
 // two range checks per run: with the word-level run scan, the main thread's CPU over a resync of
 // 26,000 runs fell from 900-1100 ms to 740-860 ms (7.3 TCG VM, docs/benchmarks.md).
 Napi::Value Store::Copy(const Napi::CallbackInfo& info) {
@@ -568,28 +636,32 @@ Napi::Value Store::Copy(const Napi::CallbackInfo& info) {
   // Offsets and lengths are whole numbers below 2^53 (exact in a double), so the sums are exact.
   auto whole = [](double x) { return x >= 0 && x <= 9007199254740991.0 && x == double(uint64_t(x)); };
   std::vector<CopyRun> copyRuns(count);
+  double window = 0;
   for (size_t i = 0; i < count; i++) {
     double from = runs[4 * i], to = runs[4 * i + 1], len = runs[4 * i + 2], at = runs[4 * i + 3];
     if (!whole(from) || !whole(to) || !whole(len) || !whole(at) || from + len > double(size_) || to + len > double(size_)) {
       throw CodeError(env, "EINVAL", "copy on " + path_ + ": run " + std::to_string(i) + " is outside 0.." + std::to_string(size_));
     }
-    if (at + len > double(bufferLength)) {
-      throw CodeError(env, "EINVAL", "copy on " + path_ + ": run " + std::to_string(i) + " overruns the " +
-                                         std::to_string(bufferLength) + "-byte buffer");
-    }
+    window = std::max(window, at + len);
     copyRuns[i] = {data + uint64_t(at), uint64_t(from), uint64_t(to), uint64_t(len), {}};
   }
-  return QueueSequence(env, info[1], "copy", {}, std::move(copyRuns));
+  Bounce bounce;
+  if (window > double(bufferLength)) {
+    if (bufferLength == 0) throw CodeError(env, "EINVAL", "copy on " + path_ + ": the buffer is empty");
+    bounce = {data, bufferLength};
+    for (CopyRun& run : copyRuns) run.data = nullptr;
+  }
+  return QueueSequence(env, info[1], "copy", {}, std::move(copyRuns), bounce);
 }
 
 Napi::Value Store::QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps,
-                                 std::vector<CopyRun> runs) {
+                                 std::vector<CopyRun> runs, Bounce bounce) {
   int fd = ::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0);
   if (fd < 0) throw ErrnoError(env, errno, std::string(op) + " on " + path_ + ": dup");
   Job* job = NewJob(env, keep, std::string(op) + " on " + path_);
   job->pending++;  // the worker's
   Napi::Promise promise = job->deferred.Promise();
-  (new SequenceWorker(env, this, job, fd, std::move(steps), std::move(runs)))->Queue();
+  (new SequenceWorker(env, this, job, fd, std::move(steps), std::move(runs), bounce))->Queue();
   Release(job);  // the launch's
   return promise;
 }

@@ -25,6 +25,11 @@ class Store : public Napi::ObjectWrap<Store> {
   struct Record;
   struct Span;
   struct CopyRun;
+  // A merge's copy buffer where its runs do not fit it: pieces go through it in turn.
+  struct Bounce {
+    uint8_t* data = nullptr;
+    uint64_t length = 0;
+  };
 
   Napi::Value Size(const Napi::CallbackInfo& info);
   Napi::Value IsBlockDevice(const Napi::CallbackInfo& info);
@@ -45,7 +50,8 @@ class Store : public Napi::ObjectWrap<Store> {
   void AddPart(Job* job, uint8_t kind, uint8_t* data, uint64_t offset, uint64_t length);
   bool Queue(Part* part);
   Napi::Value Launch(Napi::Env env, Job* job);
-  Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps, std::vector<CopyRun> runs = {});
+  Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps, std::vector<CopyRun> runs,
+                            Bounce bounce);
   void OnCompletions();
   void PartDone(Part* part, int err);
   void Release(Job* job);

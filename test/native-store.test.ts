@@ -201,10 +201,14 @@ describe('NativeStore specifics', () => {
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
     for (let s = 0; s < 8; s++) expect(versionOf(back, (8 + s) * 512, s)).toBe(1);
     for (let s = 0; s < 8; s++) expect(versionOf(back, (16 + s) * 512, 8 + s)).toBe(1);
-    // Checked before anything runs: a write past the buffer, or past the store, makes no read
-    // or write at all.
+    // Checked before anything runs: runs that do not fit the buffer and read what another
+    // writes (copied a buffer-full at a time, the second would read what the first wrote), or a
+    // write past the store, make no read or write at all.
     await store.write(stamped(32, 8, 2), 32 * 512);
-    await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 32 * 512, 1024, 15 * 512 + 1), buffer)).rejects.toMatchObject({ code: 'EINVAL' });
+    await expect(store.copy(Float64Array.of(32 * 512, 0, 8 * 512, 0, 0, 40 * 512, 8 * 512, 8 * 512), buffer.subarray(0, 8 * 512))).rejects.toMatchObject({
+      code: 'EINVAL',
+      message: expect.stringContaining('a run reads what another writes, and the runs do not fit the 4096-byte buffer'),
+    });
     await expect(store.copy(Float64Array.of(0, 0, 512, 0, 0, 1 << 20, 512, 0), buffer)).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringContaining('run 1 is outside') });
     // The addon checks each number: a read past the store, negative, fractional, NaN, a last run cut short.
     for (const bad of [[1 << 20, 0, 512, 0], [-512, 0, 512, 0], [0, 0, 0.5, 0], [0, 0, 512, NaN], [0, 0, 512, 0, 0]]) {
@@ -212,6 +216,9 @@ describe('NativeStore specifics', () => {
     }
     await store.read(back.subarray(0, 8 * 512), 32 * 512);
     for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, 32 + s)).toBe(2);
+    await store.read(back.subarray(0, 8 * 512), 0);
+    for (let s = 0; s < 8; s++) expect(versionOf(back, s * 512, s)).toBe(1);
+    await expect(store.copy(Float64Array.of(0, 32 * 512, 512, 0), new Uint8Array(0))).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringContaining('the buffer is empty') });
     // A read that finds the end of a file that shrank underneath fails the copy before its write.
     const { truncate } = await import('node:fs/promises');
     await truncate(path, 40 * 512);
@@ -290,22 +297,72 @@ describe('NativeStore specifics', () => {
     await store.close();
   });
 
-  test('copy fails before writing anything where a run reads past the end of the file', async () => {
+  test.each([
+    ['the buffer holds the runs', 64],
+    ['the runs go through the buffer in pieces', 5],
+  ])('copy fails before writing anything where a run reads past the end of the file: %s', async (_, pages) => {
     const page = 4096;
-    const path = await backing('copy-short', 1024 * page);
+    const path = await backing(`copy-short-${pages}`, 1024 * page);
     const store = NativeStore.open(path);
-    const buffer = new Uint8Array(64 * page);
+    const buffer = new Uint8Array(pages * page);
     // Past the end of a file that shrank under the store is no hole: the read fails there, and
-    // nothing is written or punched.
+    // nothing is written or punched, not even the first run, whose source is all there.
     const { truncate } = await import('node:fs/promises');
     await truncate(path, 900 * page);
     await store.write(stamped(0, (64 * page) / 512, 7), 600 * page);
-    const cut = store.copy(Float64Array.of(880 * page, 600 * page, 64 * page, 0), buffer);
+    const cut = store.copy(Float64Array.of(0, 600 * page, 8 * page, 0, 880 * page, 608 * page, 56 * page, 8 * page), buffer);
     await expect(cut).rejects.toMatchObject({ code: 'EIO', message: expect.stringContaining('end of file') });
     const back = new Uint8Array(64 * page);
     await store.read(back, 600 * page);
     for (let p = 0; p < 64; p++) expect(versionOf(back, p * page, p * 8), `page ${600 + p}`).toBe(7);
     await store.close();
+  });
+
+  // A block device takes no copy_file_range: a merge's runs go through the buffer. Where they do
+  // not fit it (a resync's windows are larger than its buffer), a buffer-full at a time, a run
+  // split where the buffer ends. A loop device over a file here: root only.
+  test.skipIf(process.getuid?.() !== 0)('copy on a block device goes through a buffer shorter than its runs, in pieces', async () => {
+    const page = 4096;
+    const path = await backing('copy-bounce', 1024 * page);
+    const { stdout } = await promisify(execFile)('losetup', ['-f', '--show', path]);
+    const loop = stdout.trim();
+    try {
+      const store = NativeStore.open(loop);
+      expect(store.isBlockDevice).toBe(true);
+      await store.write(stamped(0, (300 * page) / 512, 4), 0);
+      await store.write(stamped((512 * page) / 512, (300 * page) / 512, 6), 512 * page);
+      await store.flush();
+      // Runs of 1, 7, 3, 64 (a 256 KiB source, which a block device never reports as a hole)
+      // and 2 pages through a 5-page buffer: pieces of 1+4, 3+2, 1+4, then 5 at a time.
+      const runs = [
+        [10, 600, 1],
+        [20, 601, 7],
+        [40, 608, 3],
+        [100, 611, 64],
+        [290, 675, 2],
+      ];
+      const records = new Float64Array(runs.length * 4);
+      let at = 0;
+      runs.forEach(([from, to, n], i) => {
+        records.set([from * page, to * page, n * page, at * page], i * 4);
+        at += n;
+      });
+      await store.copy(records, new Uint8Array(5 * page));
+      await store.flush();
+      const back = new Uint8Array(300 * page);
+      await store.read(back, 512 * page);
+      const copied = new Map<number, number>();
+      for (const [from, to, n] of runs) for (let i = 0; i < n; i++) copied.set(to + i, from + i);
+      for (let p = 512; p < 812; p++) {
+        const source = copied.get(p);
+        const want = source === undefined ? [p, 6] : [source, 4];
+        expect(versionOf(back, (p - 512) * page, want[0] * 8), `page ${p}`).toBe(want[1]);
+        expect(versionOf(back, (p - 512) * page + page - 512, want[0] * 8 + 7), `page ${p}`).toBe(want[1]);
+      }
+      await store.close();
+    } finally {
+      await promisify(execFile)('losetup', ['-d', loop]);
+    }
   });
 
   test('punchesHoles asks with a punch past the end of the file, which changes nothing', async () => {
@@ -347,23 +404,27 @@ describe('NativeStore specifics', () => {
     await disk.write((blocks - 32) * bs, stamped(((blocks - 32) * bs) / 512, (32 * bs) / 512, 3));
     for (let b = blocks - 32; b < blocks; b++) written.set(b, 3);
     await disk.flush();
-    const copies: number[] = [];
+    const copies: { runs: number; bytes: number; buffer: number }[] = [];
     const released: Uint8Array[] = [];
+    const bytesOf = (runs: Float64Array) => runs.filter((_, i) => i % 4 === 2).reduce((a, b) => a + b, 0);
     const executor = {
       run: store.run.bind(store),
-      copy: (runs: Float64Array, b: Uint8Array) => (copies.push(runs.length / 4), store.copy(runs, b)),
+      copy: (runs: Float64Array, b: Uint8Array) => (copies.push({ runs: runs.length / 4, bytes: bytesOf(runs), buffer: b.length }), store.copy(runs, b)),
       releaseBuffer: (b: Uint8Array) => {
         released.push(b);
         store.releaseBuffer(b);
       },
     };
     await volume.disable();
-    await new ResyncScheduler(volume, executor, { runBytes: 64 * bs, yieldMs: 0 }).start();
+    // Windows of up to 64 redirected blocks, each lane's buffer 8: the copy is not bounded by it.
+    await new ResyncScheduler(volume, executor, { runBytes: 16 * bs, windowBytes: 128 * bs, yieldMs: 0 }).start();
     expect(volume.state).toBe('plain');
     // The copy buffer's pages go back once the resync is done: the whole buffer, once.
-    expect(released.map((b) => b.length)).toEqual([64 * bs]);
+    expect(released.map((b) => b.length)).toEqual([16 * bs]);
     expect(copies.length).toBeGreaterThan(1);
-    expect(Math.max(...copies)).toBeGreaterThan(1);
+    expect(Math.max(...copies.map((c) => c.runs))).toBeGreaterThan(1);
+    expect(Math.max(...copies.map((c) => c.bytes))).toBe(64 * bs);
+    expect(Math.max(...copies.map((c) => c.buffer))).toBe(8 * bs);
     const back = await disk.read(0, blocks * bs);
     for (let b = 0; b < blocks; b++) {
       for (let s = 0; s < bs / 512; s++) expect(versionOf(back, b * bs + s * 512, (b * bs) / 512 + s)).toBe(written.get(b) ?? 1);

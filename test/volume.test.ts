@@ -707,7 +707,7 @@ describe('snapshot and resync', () => {
         }),
       releaseBuffer: () => events.push('released'),
     };
-    const scheduler = new ResyncScheduler(volume, executor, { runBytes: 8 * BS, yieldMs: 0 });
+    const scheduler = new ResyncScheduler(volume, executor, { runBytes: 8 * BS, windowBytes: 8 * BS, yieldMs: 0 });
     const done = scheduler.start();
     done.catch(() => {});
     const until = async (what: string, ok: () => boolean) => {

@@ -42,7 +42,9 @@ export interface Executor {
   /**
    * A merge's copy (`Merge.runs`: change-area offset, data-area offset, length, buffer offset per
    * run): what `run(merge.reads)` then `run(merge.writes)` would do, one op after another, where
-   * the executor has a cheaper way to (NativeStore: blocking calls on one thread).
+   * the executor has a cheaper way to (NativeStore: blocking calls on one thread). `buffer` may
+   * be shorter than the runs' bytes: then it is a bounce buffer the runs go through in pieces,
+   * and no run may read what another writes (a merge's never do).
    */
   copy?(runs: Float64Array, buffer: Uint8Array): Promise<void>;
   /** The caller is done with `buffer` for now: its memory may go back (its contents need not stay). */
