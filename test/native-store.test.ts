@@ -324,7 +324,7 @@ describe('NativeStore specifics', () => {
   test.skipIf(process.getuid?.() !== 0)('copy on a block device goes through a buffer shorter than its runs, in pieces', async () => {
     const page = 4096;
     const path = await backing('copy-bounce', 1024 * page);
-    const { stdout } = await promisify(execFile)('losetup', ['-f', '--show', path]);
+    const { stdout } = await promisify(execFile)('losetup', ['-f', '--show', path], { timeout: 10_000 });
     const loop = stdout.trim();
     try {
       const store = NativeStore.open(loop);
@@ -361,7 +361,7 @@ describe('NativeStore specifics', () => {
       }
       await store.close();
     } finally {
-      await promisify(execFile)('losetup', ['-d', loop]);
+      await promisify(execFile)('losetup', ['-d', loop], { timeout: 10_000 });
     }
   });
 
