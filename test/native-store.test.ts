@@ -417,7 +417,8 @@ describe('NativeStore specifics', () => {
     };
     await volume.disable();
     // Windows of up to 64 redirected blocks, each lane's buffer 8: the copy is not bounded by it.
-    await new ResyncScheduler(volume, executor, { runBytes: 16 * bs, windowBytes: 128 * bs, yieldMs: 0 }).start();
+    // (windowMs long enough that no machine's copy time makes them smaller.)
+    await new ResyncScheduler(volume, executor, { runBytes: 16 * bs, windowBytes: 128 * bs, windowMs: 3_600_000, yieldMs: 0 }).start();
     expect(volume.state).toBe('plain');
     // The copy buffer's pages go back once the resync is done: the whole buffer, once.
     expect(released.map((b) => b.length)).toEqual([16 * bs]);

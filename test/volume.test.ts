@@ -736,6 +736,55 @@ describe('snapshot and resync', () => {
     expect(dataArea(store, volume, 0, 8)).toEqual([2, 2, 2, 2, 1, 1, 1, 1]);
   });
 
+  test('the_scheduler_sizes_its_windows_by_the_copy_time_it_measures', async () => {
+    // A master write into a window's span waits for its copy: windows take about windowMs each,
+    // up to windowBytes, whatever the store's speed. The clock is the test's: each copy takes
+    // `msPerBlock` per block it copies.
+    const windows = async (msPerBlock: number) => {
+      const { store, volume, disk } = await setup(32 * MiB);
+      const inner = new StoreExecutor(store);
+      await put(disk, 0, 2000, 1);
+      await volume.enable();
+      await put(disk, 0, 2000, 2);
+      await volume.disable();
+      let now = 0;
+      const sizes: number[] = [];
+      const executor = {
+        run: (ops: Parameters<StoreExecutor['run']>[0], buffer: Uint8Array) => inner.run(ops, buffer),
+        // Each run through a buffer of its own: the window's may be shorter than its runs.
+        copy: async (runs: Float64Array) => {
+          let bytes = 0;
+          for (let i = 0; i < runs.length; i += 4) {
+            const run = new Uint8Array(runs[i + 2]);
+            await inner.run([{ kind: 'read', offset: runs[i], length: runs[i + 2], bufferOffset: 0 }], run);
+            await inner.run([{ kind: 'write', offset: runs[i + 1], length: runs[i + 2], bufferOffset: 0 }], run);
+            bytes += runs[i + 2];
+          }
+          sizes.push(bytes / BS);
+          now += (bytes / BS) * msPerBlock;
+        },
+      };
+      const options = { runBytes: 16 * BS, windowBytes: 512 * BS, windowMs: 20, yieldMs: 0 };
+      await new ResyncScheduler(volume, executor, options, () => now).start();
+      expect(volume.state).toBe('plain');
+      expect(dataArea(store, volume, 0, 2000)).toEqual(new Array(2000).fill(2));
+      expect(sizes.reduce((a, b) => a + b, 0)).toBe(2000);
+      return sizes;
+    };
+    // Before anything is measured, a window is the buffer's half (8 blocks), in each lane.
+    const fast = await windows(0);
+    expect(fast.slice(0, 2)).toEqual([8, 8]);
+    // A store that copies in no time gets the largest windows: half of windowBytes each.
+    expect(Math.max(...fast)).toBe(256);
+    // At 0.5 ms a block, 20 ms is 40 blocks. On this store the two lanes' copies take turns, so
+    // each lane's copy also waits for the other's (20 blocks each here, as a write waiting on
+    // either would): never more than 40 blocks, and no collapse to a few.
+    const slow = await windows(0.5);
+    expect(slow.slice(0, 2)).toEqual([8, 8]);
+    expect(Math.max(...slow.slice(2))).toBeLessThanOrEqual(40);
+    expect(Math.min(...slow.slice(2, -2))).toBeGreaterThanOrEqual(20);
+  });
+
   test('a_write_to_blocks_being_merged_waits_for_the_merge_and_wins', async () => {
     const { store, volume, disk } = await setup();
     const executor = new StoreExecutor(store);

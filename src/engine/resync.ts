@@ -11,10 +11,16 @@ export interface ResyncOptions {
    */
   runBytes?: number;
   /**
-   * Where the executor copies itself: the redirected bytes of the two windows copied at once
-   * (default 16 MiB), each at most half of it (and at least one block), whatever the buffer.
+   * Where the executor copies itself: the most redirected bytes of the two windows copied at
+   * once (default 64 MiB), each at most half of it (and at least one block), whatever the buffer.
    */
   windowBytes?: number;
+  /**
+   * How long a window's copy should take, in ms (default 50): a master write into a window's
+   * span waits for its copy, so windows are sized from the copy rate measured so far to take
+   * about this long, up to `windowBytes`. The first window of a run is the buffer's size.
+   */
+  windowMs?: number;
   /** Upper bound on the copy rate in bytes per second; 0 for none (default). */
   rateLimit?: number;
   /**
@@ -46,6 +52,9 @@ export interface ResyncProgress {
 export class ResyncScheduler {
   private readonly runBytes: number;
   private readonly windowBytes: number;
+  private readonly windowMs: number;
+  /** Milliseconds a window's copy took per redirected block, smoothed; null before the first. */
+  private msPerBlock: number | null = null;
   private readonly yieldMs: number;
   private readonly commitEvery: number;
   private rateLimit: number;
@@ -71,6 +80,7 @@ export class ResyncScheduler {
   ) {
     this.runBytes = Math.max(volume.blockSize, options.runBytes ?? 4 << 20);
     this.windowBytes = Math.max(volume.blockSize, options.windowBytes ?? WINDOW_BYTES);
+    this.windowMs = Math.max(1, options.windowMs ?? WINDOW_MS);
     this.rateLimit = options.rateLimit ?? 0;
     this.yieldMs = options.yieldMs ?? 20;
     this.commitEvery = options.commitEvery ?? 64 << 20;
@@ -125,6 +135,7 @@ export class ResyncScheduler {
     const laneBlocks = Math.max(1, Math.floor(this.runBytes / LANES / bs));
     const buffer = (this.buffer ??= new Uint8Array(LANES * laneBlocks * bs));
     const windowBlocks = this.executor.copy ? Math.max(1, Math.floor(this.windowBytes / LANES / bs)) : laneBlocks;
+    this.msPerBlock = null;
     const shared: LaneShared = { sinceCommit: 0, bytesThisRun: 0, started: this.clock(), committing: null, failed: false };
     try {
       const lanes: Promise<void>[] = [];
@@ -166,10 +177,11 @@ export class ResyncScheduler {
     const { volume } = this;
     while (!this.stopping && !shared.failed && volume.state === 'resync') {
       await this.yieldToForeground();
-      const merge = await volume.beginMerge(maxBlocks);
+      const merge = await volume.beginMerge(this.nextWindow(maxBlocks, buffer.length / volume.blockSize));
       if (!merge) break;
       let ok = false;
       try {
+        const copying = this.clock();
         if (this.executor.copy) {
           await this.executor.copy(merge.runs, buffer.subarray(0, Math.min(merge.bufferLength, buffer.length)));
         } else {
@@ -177,6 +189,8 @@ export class ResyncScheduler {
           await this.executor.run(merge.reads, view);
           await this.executor.run(merge.writes, view);
         }
+        const perBlock = (this.clock() - copying) / merge.blocks;
+        this.msPerBlock = this.msPerBlock === null ? perBlock : (this.msPerBlock + perBlock) / 2;
         ok = true;
       } finally {
         merge.finish(ok);
@@ -207,6 +221,16 @@ export class ResyncScheduler {
     }
   }
 
+  /**
+   * The next window's most redirected blocks: as many as the copy rate measured so far copies in
+   * about windowMs, within 1..`most`; the buffer's blocks before anything was measured.
+   */
+  private nextWindow(most: number, bufferBlocks: number): number {
+    if (this.msPerBlock === null) return Math.max(1, Math.min(most, bufferBlocks));
+    if (this.msPerBlock <= 0) return most;
+    return Math.max(1, Math.min(most, Math.floor(this.windowMs / this.msPerBlock)));
+  }
+
   private async yieldToForeground(): Promise<void> {
     const deadline = this.clock() + this.yieldMs;
     while (this.volume.foregroundInFlight > 0 && this.clock() < deadline && !this.stopping) await sleep(1);
@@ -231,15 +255,21 @@ export class ResyncScheduler {
 const LANES = 2;
 
 /**
- * The default for ResyncOptions.windowBytes. Each window costs the main thread its picking, its
- * lock, its hand-off and its journal record, whatever it holds, and on two vCPUs that time is
- * taken from the copy. In the 7.3 TCG VM (ext4 on brd, 256 MiB of random 4 KiB first touches,
- * 6 rounds) the daemon's main thread spent a median 285 ms of CPU per resync with 4 MiB windows,
- * 160 ms with 16 MiB and 125 ms with 64 MiB; the wall-clock ratios to dd were too noisy in that
- * run to choose between 16 and 64 MiB. Not yet measured: how long a master write inside a
- * window's span (MERGE_SPAN_FACTOR) waits for its copy, which grows with the window.
+ * The defaults for ResyncOptions.windowBytes and windowMs. Each window costs the main thread its
+ * picking, its lock, its hand-off and its journal record whatever it holds, and larger windows
+ * made the resync faster; but a master write into a window's span waits for its whole copy, and
+ * that wait grows with the window and with the store's slowness. Measured in the 7.3 TCG VM
+ * (ext4 on brd, 256 MiB of random 4 KiB first touches, windows fixed; a QD1 writer on the master
+ * during a second resync of each round; docs/benchmarks.md has the A/Bs): resyncs of 0.77 s
+ * (median, 8 rounds) with 4 MiB windows, 0.64 s with 16 MiB, 0.51 s with 64 MiB, and in a second
+ * run (9 rounds) 0.84, 0.73 and 0.68 s with 16, 32 and 64 MiB; the writer's longest wait 38-41 ms
+ * with 4 or 16 MiB, 64 ms with 32 MiB, 100 ms with 64 MiB (medians of the rounds). So windows
+ * are sized by time: about 50 ms of copy each, which is about the longest wait 4 MiB windows
+ * already gave there, up to 64 MiB where the store copies fast, and far below it on a disk that
+ * copies 32 MiB in half a second.
  */
-const WINDOW_BYTES = 16 << 20;
+const WINDOW_BYTES = 64 << 20;
+const WINDOW_MS = 50;
 
 interface LaneShared {
   sinceCommit: number;
