@@ -266,7 +266,9 @@ const LANES = 2;
  * with 4 or 16 MiB, 64 ms with 32 MiB, 100 ms with 64 MiB (medians of the rounds). So windows
  * are sized by time: about 50 ms of copy each, which is about the longest wait 4 MiB windows
  * already gave there, up to 64 MiB where the store copies fast, and far below it on a disk that
- * copies 32 MiB in half a second.
+ * copies 32 MiB in half a second. Sized so, in the same VM (9 rounds): resyncs of 0.61 s against
+ * 0.84 s with 4 MiB windows and 0.64 s with 64 MiB, the writer's longest wait 62 ms against 38
+ * and 95 ms.
  */
 const WINDOW_BYTES = 64 << 20;
 const WINDOW_MS = 50;
