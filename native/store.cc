@@ -622,9 +622,10 @@ Napi::Value Store::Sequence(const Napi::CallbackInfo& info) {
 // read from `from` into the buffer at its offset, then every run's write of it to `to` (or a
 // punch, where `from` is a long hole: SequenceWorker::ExecuteCopy). Where the runs' offsets go
 // past the end of the buffer, it is a bounce buffer instead, and the runs must not read what
-// another writes. Every run is checked against the store before the first read. Built here rather than as sequence() records in JS, with
-// two range checks per run: with the word-level run scan, the main thread's CPU over a resync of
-// 26,000 runs fell from 900-1100 ms to 740-860 ms (7.3 TCG VM, docs/benchmarks.md).
+// another writes. Every run is checked against the store before the first read. Built here
+// rather than as sequence() records in JS, with two range checks per run: with the word-level
+// run scan, the main thread's CPU over a resync of 26,000 runs fell from 900-1100 ms to 740-860
+// ms (7.3 TCG VM, docs/benchmarks.md).
 Napi::Value Store::Copy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CheckOpen(env, "copy");
