@@ -13,12 +13,13 @@ export interface ResyncOptions {
   /**
    * Where the executor copies itself: the most redirected bytes of the two windows copied at
    * once (default 64 MiB), each at most half of it (and at least one block), whatever the buffer.
+   * Windows are this large only where the store copies them within `windowMs`.
    */
   windowBytes?: number;
   /**
    * How long a window's copy should take, in ms (default 50): a master write into a window's
    * span waits for its copy, so windows are sized from the copy rate measured so far to take
-   * about this long, up to `windowBytes`. The first window of a run is the buffer's size.
+   * about this long, up to `windowBytes`. A run's first windows are each half the buffer.
    */
   windowMs?: number;
   /** Upper bound on the copy rate in bytes per second; 0 for none (default). */
