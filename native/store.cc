@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <numeric>
 
 namespace cldd {
 
@@ -28,17 +27,6 @@ constexpr uint64_t kMaxChunk = 1u << 30;
 // took 242 us against 83. A resync of 16,334 scattered 4 KiB runs, 1,086 of them holes, took
 // 1.2-1.5 s with every hole punched against 0.58-0.60 s copying them.
 constexpr uint64_t kPunchMinBytes = 256u << 10;
-// A merge's runs whose destinations are at most this far apart are copied as one: the bytes
-// between them read from the destination itself and written back with the runs, in one write.
-// A write per run costs the kernel more than the bytes do: in the 7.3 TCG VM (ext4 on brd, a
-// scratch program, 32,600 runs of random 4 KiB blocks, half of 256 MiB, two threads, then
-// fdatasync, 4 rounds) gaps of up to 0, 1, 2, 4 and 8 blocks took 0.43-0.45, 0.38-0.39,
-// 0.36-0.39, 0.39-0.41 and 0.43-0.53 s: fewer, longer writes and extents to write back, against
-// more bytes read and written (docs/benchmarks.md).
-constexpr uint64_t kJoinGapBytes = 8u << 10;
-// The most bytes copied as one: what of the buffer a lane touches (its pages are the daemon's
-// memory while it copies).
-constexpr uint64_t kJoinMaxBytes = 1u << 20;
 }  // namespace
 
 // One JS call (one promise); it may have several parts in flight.
@@ -324,7 +312,7 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   using Step = Record;
 
   SequenceWorker(Napi::Env env, Store* store, Job* job, int fd, std::vector<Step> steps, std::vector<CopyRun> runs,
-                 Bounce bounce, Bounce buffer)
+                 Bounce bounce)
       : Napi::AsyncWorker(env, "cldd:store-sequence"),
         store_(store),
         self_(Napi::Persistent(store->Value())),
@@ -332,8 +320,7 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
         fd_(fd),
         steps_(std::move(steps)),
         runs_(std::move(runs)),
-        bounce_(bounce),
-        buffer_(buffer) {}
+        bounce_(bounce) {}
 
   void Execute() override {
     if (!runs_.empty()) return ExecuteCopy();
@@ -380,8 +367,6 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
       return;
     }
     bool inFile = store_->blockDevice_ || SourcesInFile();
-    bool spans = std::any_of(runs_.begin(), runs_.end(), [](const CopyRun& run) { return !run.spans.empty(); });
-    if (disjoint && inFile && !spans && buffer_.length > 0) return CopyJoined();
     if (store_->copiesInKernel_.load(std::memory_order_relaxed) && !store_->blockDevice_ && disjoint && inFile) {
       if (CopyInKernel() != kUnsupported) return;
       store_->copiesInKernel_.store(false, std::memory_order_relaxed);
@@ -460,87 +445,6 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   }
 
   enum CopyResult { kCopied, kFailed, kUnsupported };
-
-  // The copy of runs none of which reads what another writes and none with a hole to punch (a
-  // merge's, nearly always), in order of destination: runs whose destinations are at most
-  // kJoinGapBytes apart are read into the buffer with the bytes between them, read from the
-  // destination itself, and written in one write (kJoinGapBytes says what that saves). Rewriting
-  // those bytes as they are is safe only while nothing else writes them: a merge holds its
-  // window's lock over every block from its first run's destination to its last's. A gap where
-  // the destination is a hole is not joined over, so the copy takes no space a discard gave back;
-  // nor is any where the file system cannot say (lseek). A run copied alone goes through the
-  // kernel where it can (copy_file_range), else through the buffer a piece at a time.
-  void CopyJoined() {
-    std::vector<size_t> order(runs_.size());
-    std::iota(order.begin(), order.end(), size_t(0));
-    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return runs_[a].to < runs_[b].to; });
-    if (order.empty()) return;
-    uint64_t limit = std::min(buffer_.length, kJoinMaxBytes);
-    const CopyRun& last = runs_[order.back()];
-    std::vector<std::pair<uint64_t, uint64_t>> holes;
-    bool known = DestinationHoles(runs_[order.front()].to, last.to + last.length, holes);
-    size_t hole = 0;
-    for (size_t i = 0; i < order.size();) {
-      const CopyRun& first = runs_[order[i]];
-      uint64_t start = first.to, end = first.to + first.length;
-      size_t j = i + 1;
-      while (known && first.length <= limit && j < order.size()) {
-        const CopyRun& next = runs_[order[j]];
-        if (next.to - end > kJoinGapBytes || next.to + next.length - start > limit) break;
-        while (hole < holes.size() && holes[hole].second <= end) hole++;
-        if (hole < holes.size() && holes[hole].first < next.to) break;
-        end = next.to + next.length;
-        j++;
-      }
-      if (!(j == i + 1 ? CopyAlone(first, limit) : CopyGroup(i, j, start, end, order))) return;
-      i = j;
-    }
-  }
-
-  // order[i..j)'s runs and the bytes between their destinations, as one write from `start` to `end`.
-  bool CopyGroup(size_t i, size_t j, uint64_t start, uint64_t end, const std::vector<size_t>& order) {
-    uint64_t at = start;
-    for (size_t k = i; k < j; k++) {
-      const CopyRun& run = runs_[order[k]];
-      if (run.to > at && !Transfer(kRead, buffer_.data + (at - start), at, run.to - at)) return false;
-      if (!Transfer(kRead, buffer_.data + (run.to - start), run.from, run.length)) return false;
-      at = run.to + run.length;
-    }
-    return Transfer(kWrite, buffer_.data, start, end - start);
-  }
-
-  bool CopyAlone(const CopyRun& run, uint64_t piece) {
-    if (!store_->blockDevice_ && store_->copiesInKernel_.load(std::memory_order_relaxed)) {
-      CopyResult result = CopyRange(run.from, run.to, run.length);
-      if (result != kUnsupported) return result == kCopied;
-      store_->copiesInKernel_.store(false, std::memory_order_relaxed);
-    }
-    for (uint64_t done = 0; done < run.length;) {
-      uint64_t n = std::min(run.length - done, piece);
-      if (!Transfer(kRead, buffer_.data, run.from + done, n) || !Transfer(kWrite, buffer_.data, run.to + done, n)) return false;
-      done += n;
-    }
-    return true;
-  }
-
-  // The holes of [from, to) as the file system reports them (SEEK_HOLE, SEEK_DATA), in order;
-  // none on a block device. False where it cannot tell.
-  bool DestinationHoles(uint64_t from, uint64_t to, std::vector<std::pair<uint64_t, uint64_t>>& holes) {
-    if (store_->blockDevice_) return true;
-    off_t pos = off_t(from);
-    while (pos < off_t(to)) {
-      off_t hole = ::lseek(fd_.get(), pos, SEEK_HOLE);
-      if (hole < 0) return false;
-      if (hole >= off_t(to)) break;
-      off_t data = ::lseek(fd_.get(), hole, SEEK_DATA);
-      // ENXIO: no data from `hole` on, a hole to the end of the file.
-      if (data < 0 && errno != ENXIO) return false;
-      if (data < 0 || data > off_t(to)) data = off_t(to);
-      holes.emplace_back(uint64_t(hole), uint64_t(data));
-      pos = data;
-    }
-    return true;
-  }
 
   // The same copy without the buffer: each data span in one copy_file_range, which moves the
   // bytes from page cache to page cache inside the kernel (one copy where a read and a write
@@ -700,7 +604,6 @@ class Store::SequenceWorker : public Napi::AsyncWorker {
   std::vector<Step> steps_;
   std::vector<CopyRun> runs_;
   Bounce bounce_;  // data null: each run has its place in the buffer (CopyRun::data)
-  Bounce buffer_;  // the caller's whole buffer, either way
   int err_ = 0;
   std::string failed_;
 };
@@ -712,7 +615,7 @@ Napi::Value Store::Sequence(const Napi::CallbackInfo& info) {
   auto steps = ReadRecords(info, "sequence", [](double kind, double len, double at, double length) {
     return kind == double(kSync) || ((kind == double(kRead) || kind == double(kWrite)) && at + len <= length);
   });
-  return QueueSequence(env, info[1], "sequence", std::move(steps), {}, Bounce{}, Bounce{});
+  return QueueSequence(env, info[1], "sequence", std::move(steps), {}, Bounce{});
 }
 
 // copy(runs, buffer): a merge window's runs, (from, to, length, bufferOffset) each: every run's
@@ -749,17 +652,17 @@ Napi::Value Store::Copy(const Napi::CallbackInfo& info) {
     bounce = {data, bufferLength};
     for (CopyRun& run : copyRuns) run.data = nullptr;
   }
-  return QueueSequence(env, info[1], "copy", {}, std::move(copyRuns), bounce, Bounce{data, bufferLength});
+  return QueueSequence(env, info[1], "copy", {}, std::move(copyRuns), bounce);
 }
 
 Napi::Value Store::QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps,
-                                 std::vector<CopyRun> runs, Bounce bounce, Bounce buffer) {
+                                 std::vector<CopyRun> runs, Bounce bounce) {
   int fd = ::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0);
   if (fd < 0) throw ErrnoError(env, errno, std::string(op) + " on " + path_ + ": dup");
   Job* job = NewJob(env, keep, std::string(op) + " on " + path_);
   job->pending++;  // the worker's
   Napi::Promise promise = job->deferred.Promise();
-  (new SequenceWorker(env, this, job, fd, std::move(steps), std::move(runs), bounce, buffer))->Queue();
+  (new SequenceWorker(env, this, job, fd, std::move(steps), std::move(runs), bounce))->Queue();
   Release(job);  // the launch's
   return promise;
 }

@@ -51,7 +51,7 @@ class Store : public Napi::ObjectWrap<Store> {
   bool Queue(Part* part);
   Napi::Value Launch(Napi::Env env, Job* job);
   Napi::Value QueueSequence(Napi::Env env, Napi::Value keep, const char* op, std::vector<Record> steps, std::vector<CopyRun> runs,
-                            Bounce bounce, Bounce buffer);
+                            Bounce bounce);
   void OnCompletions();
   void PartDone(Part* part, int err);
   void Release(Job* job);

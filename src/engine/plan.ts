@@ -44,10 +44,7 @@ export interface Executor {
    * run): what `run(merge.reads)` then `run(merge.writes)` would do, one op after another, where
    * the executor has a cheaper way to (NativeStore: blocking calls on one thread). `buffer` may
    * be shorter than the runs' bytes: then it is a bounce buffer the runs go through in pieces,
-   * and no run may read what another writes (a merge's never do). The executor may also rewrite
-   * the bytes between two runs' destinations as they are (NativeStore joins runs a few KiB
-   * apart into one write): nothing else may write from the first run's destination to the end
-   * of the last's while it copies, which a merge's window lock ensures.
+   * and no run may read what another writes (a merge's never do).
    */
   copy?(runs: Float64Array, buffer: Uint8Array): Promise<void>;
   /** The caller is done with `buffer` for now: its memory may go back (its contents need not stay). */

@@ -105,13 +105,10 @@ export class NativeStore implements BlockStore {
   }
 
   /**
-   * A merge's copy, with blocking calls on a worker thread, one hand-off for the window. Where no
-   * run reads what another writes, as a merge's never do, runs whose destinations are at most 8
-   * KiB apart are copied as one write through `buffer`, the bytes between them read from the
-   * destination and written back as they are (the caller keeps every other writer out of the
-   * span from the first run's destination to the last's: a merge's window lock); a run copied
-   * alone goes in one `copy_file_range` where the file system takes it (page cache to page cache
-   * in the kernel). Otherwise its reads, then its writes. Through the ring, as run() does, ext4 hands each buffered
+   * A merge's copy, with blocking calls on a worker thread, one hand-off for the window: each
+   * run in one `copy_file_range` where the file system takes it (page cache to page cache in the
+   * kernel, one copy of the bytes where a read and a write make two) and no run reads what
+   * another writes, as a merge's never do; otherwise its reads, then its writes. Through the ring, as run() does, ext4 hands each buffered
    * write to an io_uring worker, which runs one file's writes one at a time: a resync of about
    * 26,000 short runs copied in 1.46-1.95 s that way, in 1.20-1.25 s this way (7.3 TCG VM,
    * docs/benchmarks.md). The addon checks every run against the store and the buffer before the
