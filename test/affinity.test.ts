@@ -8,18 +8,29 @@ import { join } from 'node:path';
 import { expect, test } from 'vitest';
 import { allowedCpus, parseCpuList, servingCpus } from '../src/ublk/affinity.js';
 
-test("each queue gets one of its own CPUs, spread by device id, and only CPUs the process may use", () => {
+test("each queue gets a CPU that sends its requests to another queue, spread by device id, and only CPUs the process may use", () => {
   // One queue over four CPUs: a pair's master (id 0) and slave (id 1) take different ones.
   expect(servingCpus([[0, 1, 2, 3]], null, 0)).toEqual([0]);
   expect(servingCpus([[0, 1, 2, 3]], null, 1)).toEqual([1]);
   expect(servingCpus([[0, 1, 2, 3]], null, 6)).toEqual([2]);
+  // Two queues, one CPU each: each thread on the other queue's CPU, never beside its submitters.
+  expect(servingCpus([[0], [1]], null, 0)).toEqual([1, 0]);
+  expect(servingCpus([[0], [1]], null, 1)).toEqual([1, 0]);
   // Two queues, as blk-mq splits four CPUs between them.
-  expect(servingCpus([[0, 1], [2, 3]], null, 0)).toEqual([0, 3]);
+  expect(servingCpus([[0, 1], [2, 3]], null, 0)).toEqual([2, 1]);
+  expect(servingCpus([[0, 1], [2, 3]], null, 1)).toEqual([3, 0]);
+  // One queue per CPU: each CPU runs one thread.
+  const four = servingCpus([[0], [1], [2], [3]], null, 0);
+  four.forEach((cpu, q) => expect(cpu).not.toBe(q));
+  expect(new Set(four).size).toBe(4);
   // A cpuset that leaves the process CPUs 2 and 3 only.
   expect(servingCpus([[0, 1, 2, 3]], new Set([2, 3]), 0)).toEqual([2]);
-  // No usable CPU, or none known: that queue's thread is not pinned.
-  expect(servingCpus([[0, 1], [2, 3]], new Set([2, 3]), 0)).toEqual([-1, 3]);
+  // Where a queue's own CPUs are all the process may use, it takes one of them.
+  expect(servingCpus([[0, 1], [2, 3]], new Set([2, 3]), 0)).toEqual([2, 3]);
+  // A queue whose CPUs are unknown is not pinned; nor is any where no CPU is usable.
   expect(servingCpus([null, [5]], null, 0)).toEqual([-1, 5]);
+  expect(servingCpus([null, [4], [5]], null, 0)).toEqual([-1, 5, 4]);
+  expect(servingCpus([[0, 1]], new Set([7]), 0)).toEqual([-1]);
 });
 
 test('the kernel CPU list format parses; anything else is unknown', () => {
