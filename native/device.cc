@@ -436,8 +436,8 @@ void Device::Deliver() {
 void Device::Run(Queue& q) {
   std::string name = "cldd-" + std::to_string(devId_) + "q" + std::to_string(q.id);
   pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
-  // On one CPU, as the reference server's queue threads are (why: src/ublk/affinity.ts). Best
-  // effort: a CPU gone offline or taken out of the cpuset since leaves the thread unpinned.
+  // On one CPU, chosen by src/ublk/affinity.ts (which one, and why). Best effort: a CPU gone
+  // offline or taken out of the cpuset since leaves the thread unpinned.
   if (q.cpu >= 0 && q.cpu < CPU_SETSIZE) {
     cpu_set_t set;
     CPU_ZERO(&set);
