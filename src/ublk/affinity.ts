@@ -8,14 +8,14 @@
  * pins its queue threads the same way): pinned 224-368 IOPS (median 285), unpinned 174-282
  * (194), the C server 225-469 (293).
  *
- * Each queue's thread gets a CPU whose requests blk-mq sends to another queue
- * (GET_QUEUE_AFFINITY), where the process may run there: never one of its own queue's. A thread
- * on its submitters' CPU takes that CPU from them while it serves or polls (docs/serving.md, "The
- * queue thread's wait"), and each request then costs two switches on one CPU. Measured in the same
- * VM (2 vCPUs, a pair with two queues, one CPU each; fio 4 KiB, 4 s per job, 3 rounds; IOPS),
- * with the two threads moved by `taskset`:
+ * Each queue's thread gets a CPU the process may use whose requests blk-mq sends to another
+ * queue (GET_QUEUE_AFFINITY), not one of its own queue's. A thread on its submitters' CPU takes
+ * that CPU from them while it serves or polls (docs/serving.md, "The queue thread's wait"), and
+ * each request then costs two switches on one CPU. Measured in the same VM (2 vCPUs, a pair with
+ * two queues, one CPU each; fio 4 KiB, 4 s per job, 3 rounds; IOPS), with the two threads moved
+ * by `taskset` (docs/benchmarks.md, "Several queues"):
  *
- * | threads | reads QD1 | writes QD1 | writes QD32 | 2 jobs x QD16 writes | reads |
+ * | threads | reads QD1 | writes QD1 | writes QD32 | 2 jobs x QD16 writes | 2 jobs x QD16 reads |
  * |---|---:|---:|---:|---:|---:|
  * | each on its own queue's CPU | 5.0-5.8k | 4.8-5.2k | 36-41k | 59-64k | 70-71k |
  * | each on the other queue's | 14.5-17.5k | 11.6-14.8k | 71-85k | 64-71k | 71-79k |
