@@ -12,7 +12,7 @@ import { deviceChecks } from './support/vm-checks.js';
 
 const DATA_CHECKS = {
   filesystem:
-    'mkfs.ext4 on the master, files written and read back, e2fsck clean; cldd remove deletes both devices; cldd add again finds the files',
+    "two queues, each one's thread pinned to a CPU whose requests go to the other; mkfs.ext4 on the master, files written and read back, e2fsck clean; cldd remove deletes both devices; cldd add again finds the files",
   slave:
     'the slave shows the enable-time image while the master takes raw writes; read-only; disable refused (EBUSY) while the slave is held open; resync; plain after remove + add',
   discard:
