@@ -22,6 +22,9 @@
  * | not pinned | 13.0-13.7k | 11.6-12.9k | 67-72k | 60-62k | 68-72k |
  * | one queue, for comparison | 13.4-15.1k | 12.9-13.5k | 70-72k | 49-62k | 56-60k |
  *
+ * On 7.3 the old placement cost as much at QD1 (reads 4.7k against 13.9-17.0k now), and two
+ * writers gained nothing from the second queue there (docs/benchmarks.md, "Several queues").
+ *
  * A queue whose requests come from every CPU the process may use (one queue, the default) gets
  * one of them. The choice is spread by device id so that a pair's two devices, and several pairs,
  * do not all take the first. A queue whose CPUs are unknown (a kernel that did not answer), or
