@@ -79,14 +79,35 @@ describe('enable --wait behind a resync', () => {
   });
 });
 
+/** An executor whose merges wait until `open()`. */
+function gated(store: MemoryStore): Executor & { open: () => void } {
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  const inner = new StoreExecutor(store);
+  return { open, run: async (ops, buffer) => (await gate, inner.run(ops, buffer)) };
+}
+
+describe('enable waits for a running resync within a bound', () => {
+  test('a resync still running at the bound fails the enable, which does not happen later', async () => {
+    const volume = await resyncing(3);
+    const executor = gated(volume.store as MemoryStore);
+    const scheduler = new ResyncScheduler(volume, executor, { yieldMs: 0 });
+    const service = new PairService('pair', 'memory', volume, scheduler, null, noFreezer, recordingLog(), null, 10_000, 50);
+    const loop = scheduler.start();
+    await expect(bounded(service.enable({ wait: true }), 5000, 'enable --wait')).rejects.toMatchObject({
+      code: 'ETIMEDOUT',
+      message: 'the resync still had 3 blocks left after 0.05 s; the slave was not enabled (cldd enable --wait follows the resync before it asks)',
+    });
+    // The resync ends after the user was told the enable failed: the pair stays plain.
+    executor.open();
+    await bounded(loop, 5000, 'the resync');
+    expect(volume.state).toBe('plain');
+    await new Promise((r) => setImmediate(r));
+    expect(volume.state).toBe('plain');
+  });
+});
+
 describe('progress with waitMs', () => {
-  /** An executor whose merges wait until `open()`. */
-  function gated(store: MemoryStore): Executor & { open: () => void } {
-    let open!: () => void;
-    const gate = new Promise<void>((resolve) => (open = resolve));
-    const inner = new StoreExecutor(store);
-    return { open, run: async (ops, buffer) => (await gate, inner.run(ops, buffer)) };
-  }
 
   test('answers the moment the resync ends, and at once when none runs', async () => {
     const volume = await resyncing(3);

@@ -63,6 +63,15 @@ export interface EnableResult {
 export const FREEZE_LIMIT_MS = 10_000;
 
 /**
+ * How long an enable waits for a resync that runs when it arrives. `cldd enable --wait`
+ * follows the resync before it asks (src/cli/progress.ts), so this wait only covers a resync
+ * started in between. It must end well within the CLI's reply bound for enable
+ * (REPLY_BOUND_MS): a daemon still waiting after the user was told the enable failed would
+ * take the snapshot afterwards.
+ */
+export const RESYNC_WAIT_MS = 120_000;
+
+/**
  * FIFREEZE, bounded: freezing writes back the filesystem's dirty data through the master this
  * process serves, so a master request that never completes would hold it forever. Past
  * `limitMs` the enable gives up; a freeze that completes later is thawed at once.
@@ -103,6 +112,7 @@ export class PairService {
     private readonly log: Logger,
     private readonly links: LinkKeeper | null = null,
     private readonly freezeLimitMs = FREEZE_LIMIT_MS,
+    private readonly resyncWaitMs = RESYNC_WAIT_MS,
   ) {}
 
   status(): PairStatus {
@@ -233,9 +243,10 @@ export class PairService {
   /**
    * Waits until the resync has merged everything back, or fails when it stops without having
    * done so (a merge that failed, a daemon stopping): a scheduler that no longer runs would
-   * never finish it.
+   * never finish it. It also fails after resyncWaitMs, saying how much was left.
    */
   private async untilResyncDone(): Promise<void> {
+    const deadline = performance.now() + this.resyncWaitMs;
     for (;;) {
       if (this.volume.state !== 'resync') return;
       const p = this.scheduler.progress();
@@ -243,7 +254,11 @@ export class PairService {
         throw new CldError('CLDD_STATE', `the resync stopped with ${p.blocksLeft} blocks left${p.error ? ` (${p.error})` : ''}; the slave cannot be enabled before it has finished`);
       }
       // The scheduler's loop ends when the volume is plain, when it is stopped, or on an error.
-      await Promise.race([this.volume.untilPlain(), this.scheduler.start().catch(() => {})]);
+      const late = () => {
+        const left = this.scheduler.progress().blocksLeft;
+        return new CldError('ETIMEDOUT', `the resync still had ${left} blocks left after ${this.resyncWaitMs / 1000} s; the slave was not enabled (cldd enable --wait follows the resync before it asks)`);
+      };
+      await within(Promise.race([this.volume.untilPlain(), this.scheduler.start().catch(() => {})]), Math.max(0, deadline - performance.now()), late);
     }
   }
 

@@ -229,9 +229,10 @@ export function checkReadyLine(value: unknown, daemon: string): ReadyLine {
 /**
  * How long the CLI waits for each method's reply. The daemon bounds every wait of its own
  * (a state change's drain and the fast path's, 30 s each; FIFREEZE 10 s; STOP_DEV 60 s, DEL_DEV
- * and START_DEV's cancel 10 s each; START_DEV 30 s): these are above their sums, so that the
- * daemon's own error, which says what it waited for, is the one the user sees. `enable --wait`
- * follows the resync first (src/cli/progress.ts) and then enables as usual.
+ * and START_DEV's cancel 10 s each; START_DEV 30 s; an enable's wait for a resync that started
+ * after the CLI followed one, 120 s): these are above their sums, so that the daemon's own
+ * error, which says what it waited for, is the one the user sees. `enable --wait` follows the
+ * resync first (src/cli/progress.ts) and then enables as usual.
  */
 export const REPLY_BOUND_MS: Record<Method, number> = {
   status: 30_000,
