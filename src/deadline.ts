@@ -1,3 +1,6 @@
+import { execFile } from 'node:child_process';
+import { CldError, codeOf } from './errors.js';
+
 /**
  * Bounds on waits: nothing in the daemon waits forever, and a wait that runs out says what it
  * waited for.
@@ -17,4 +20,20 @@ export async function within<T>(promise: Promise<T>, ms: number, late: () => Err
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * Runs a program to its end and gives its standard output. It fails with ETIMEDOUT, naming
+ * `what`, if the program has not ended after `ms` (it is then killed), and otherwise with the last
+ * line of its standard error.
+ */
+export function runWithin(file: string, args: string[], ms: number, what: string, env?: NodeJS.ProcessEnv): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(file, args, { env, timeout: ms, killSignal: 'SIGKILL' }, (err, stdout, stderr) => {
+      if (!err) return resolve(stdout);
+      if ((err as { killed?: boolean }).killed) return reject(new CldError('ETIMEDOUT', `${what} did not finish within ${ms / 1000} s`));
+      const detail = stderr.trim().split('\n').pop() || err.message;
+      reject(new CldError(codeOf(err), `${what} failed: ${detail}`));
+    });
+  });
 }

@@ -1,6 +1,6 @@
 /**
  * Tier 2: the daemon's small system calls that need no device (src/system/system.ts,
- * src/system/device-users.ts).
+ * src/system/device-users.ts), and the bounded runs of other programs (src/deadline.ts).
  */
 import { execFile, spawn } from 'node:child_process';
 import { mkdtemp, open, readFile, readlink, rm, writeFile } from 'node:fs/promises';
@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
+import { runWithin } from '../src/deadline.js';
 import { addon } from '../src/native/addon.js';
 import { usersOf } from '../src/system/device-users.js';
 import { writesZeroes } from '../src/system/system.js';
@@ -103,5 +104,27 @@ test('writesZeroes reads the queue of the device, or of the disk a partition is 
     await expect(writesZeroes(rdev(7, 0), sysfs)).rejects.toMatchObject({ code: 'ENOENT' });
   } finally {
     await rm(sysfs, { recursive: true, force: true });
+  }
+});
+
+test('runWithin gives a program\'s output, its last error line with a code, or says it did not finish and kills it', async () => {
+  await expect(runWithin('sh', ['-c', 'echo out'], 10_000, 'sh echo')).resolves.toBe('out\n');
+  await expect(runWithin('sh', ['-c', 'echo first >&2; echo last >&2; exit 3'], 10_000, 'sh fail')).rejects.toMatchObject({
+    code: 'EIO',
+    message: 'sh fail failed: last',
+  });
+  await expect(runWithin('/nonexistent/tool', [], 10_000, 'tool')).rejects.toMatchObject({ code: 'ENOENT' });
+  // A program that would run for a minute: killed at the bound, and the error names it.
+  const dir = await mkdtemp(join(tmpdir(), 'cldd-within-'));
+  try {
+    const pidFile = join(dir, 'pid');
+    await expect(runWithin('sh', ['-c', `echo $$ > ${pidFile}; exec sleep 60`], 300, 'wipefs --json')).rejects.toMatchObject({
+      code: 'ETIMEDOUT',
+      message: 'wipefs --json did not finish within 0.3 s',
+    });
+    const pid = Number(await readFile(pidFile, 'utf8'));
+    expect(() => process.kill(pid, 0)).toThrow();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 });

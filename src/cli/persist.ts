@@ -1,13 +1,16 @@
-import { execFile } from 'node:child_process';
 import { access, mkdir, readFile, readlink, rm, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
+import { runWithin } from '../deadline.js';
 import { replaceFileDurably } from '../durable-file.js';
 import { formatConfig, type PairConfig } from '../protocol/config.js';
 import { configPath, type Paths } from '../protocol/paths.js';
 import { renderUnit } from './systemd-unit.js';
 
-const run = promisify(execFile);
+/** systemctl answers in a second or two; after this long systemd is not answering at all. */
+const SYSTEMCTL_BOUND_MS = 60_000;
+
+const systemctl = (...args: string[]) => runWithin('systemctl', args, SYSTEMCTL_BOUND_MS, `systemctl ${args.join(' ')}`);
+
 const UNIT_DIR = process.env.CLDD_UNIT_DIR || '/etc/systemd/system';
 const WANTS = 'local-fs.target.wants';
 
@@ -32,8 +35,8 @@ export async function persist(paths: Paths, name: string, config: PairConfig): P
   if ((await readFile(template, 'utf8').catch(() => null)) !== text) await replaceFileDurably(template, text, 0o644, 'the systemd unit');
   const unit = `cldd@${name}.service`;
   if (await systemdRunning()) {
-    await run('systemctl', ['daemon-reload']);
-    await run('systemctl', ['enable', unit]);
+    await systemctl('daemon-reload');
+    await systemctl('enable', unit);
   } else {
     await mkdir(join(UNIT_DIR, WANTS), { recursive: true });
     const link = join(UNIT_DIR, WANTS, unit);
@@ -48,7 +51,7 @@ export async function persist(paths: Paths, name: string, config: PairConfig): P
 /** Undoes persist() for one pair; the template stays for the others. */
 export async function unpersist(paths: Paths, name: string): Promise<void> {
   const unit = `cldd@${name}.service`;
-  if (await systemdRunning()) await run('systemctl', ['disable', unit]).catch(() => {});
+  if (await systemdRunning()) await systemctl('disable', unit).catch(() => {});
   await rm(join(UNIT_DIR, WANTS, unit), { force: true });
   await rm(configPath(paths, name), { force: true });
 }

@@ -1,7 +1,7 @@
-import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { CldError, codeOf } from '../errors.js';
+import { runWithin } from '../deadline.js';
+import { CldError } from '../errors.js';
 import { metadataPages, type Layout } from '../format/format.js';
 import type { BlockStore } from '../io/block-store.js';
 
@@ -131,14 +131,13 @@ function findTool(name: string): string {
   throw new CldError('ENOENT', `${name} (util-linux) is not installed: cldd needs it to recognise other data on a backing store`);
 }
 
-function runTool(name: string, args: string[]): Promise<{ stdout: string }> {
-  const tool = findTool(name);
-  return new Promise((resolve, reject) => {
-    execFile(tool, args, { env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) => {
-      if (!err) return resolve({ stdout });
-      const detail = stderr.trim().split('\n').pop() || err.message;
-      const code = codeOf(err);
-      reject(new CldError(code, `${name} ${args.slice(0, -1).join(' ')} failed: ${detail}`));
-    });
-  });
+/**
+ * wipefs reads a few blocks: a store that has not answered after this long will not, and the
+ * command must not hang on it.
+ */
+const TOOL_BOUND_MS = 30_000;
+
+async function runTool(name: string, args: string[]): Promise<{ stdout: string }> {
+  const stdout = await runWithin(findTool(name), args, TOOL_BOUND_MS, `${name} ${args.slice(0, -1).join(' ')}`, { ...process.env, LC_ALL: 'C' });
+  return { stdout };
 }
