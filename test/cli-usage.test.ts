@@ -2,8 +2,6 @@
  * Command lines cldd and clddsetup cannot understand: one line on stderr ending with [EINVAL],
  * exit status 2, whoever detects the mistake (yargs, an option's parser, clddsetup).
  */
-import { execFile } from 'node:child_process';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseSize } from '../src/cli/options.js';
 import { type Cli, type CliResult, buildCli } from './support/cli.js';
@@ -20,12 +18,7 @@ afterAll(async () => {
 
 const env = { CLDD_UBLK_CONTROL: '/dev/null', CLDD_RUN_DIR: '/nonexistent/cldd-usage-test' };
 
-const clddsetup = (args: string[]) =>
-  new Promise<CliResult>((resolve) => {
-    execFile(process.execPath, [join(cli.dir, 'bin', 'clddsetup.js'), ...args], { env: { ...process.env, ...env }, cwd: '/' }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr });
-    });
-  });
+const clddsetup = (args: string[]) => cli.run(args, { env, program: 'clddsetup' });
 
 const usageError = (r: CliResult, program: string, what: string) => {
   expect(r.stderr, what).toMatch(new RegExp(`^${program}: [^\\n]+ \\[EINVAL\\]\\n$`));

@@ -11,16 +11,23 @@ import { within } from '../src/deadline.js';
 import { CldError } from '../src/errors.js';
 
 
+/** How long a helper below waits for the daemon's replies: each comes in milliseconds here. */
+const REPLY_WAIT_MS = 10_000;
+
 /** Sends `text` in one write; resolves with everything the daemon sent until it closed. */
 function exchangeAt(path: string, text: string): Promise<string> {
-  return new Promise<string>((resolve) => {
-    const socket = connect(path);
-    socket.setEncoding('utf8');
-    let reply = '';
+  let reply = '';
+  const socket = connect(path);
+  socket.setEncoding('utf8');
+  const closed = new Promise<string>((resolve) => {
     socket.on('data', (d: string) => (reply += d));
     socket.on('close', () => resolve(reply));
     socket.on('error', () => {});
     socket.write(text);
+  });
+  return within(closed, REPLY_WAIT_MS, () => {
+    socket.destroy();
+    return new Error(`the daemon did not close the connection within ${REPLY_WAIT_MS} ms of ${JSON.stringify(text.slice(0, 80))}; it sent ${JSON.stringify(reply.slice(0, 200))}`);
   });
 }
 
@@ -189,11 +196,11 @@ describe('control socket: what a request may be', () => {
   });
 
   /** Sends the hello and `requests` (one per line); resolves with the replies, in the order of their numeric ids. */
-  const ask = (requests: string[]) =>
-    new Promise<Record<string, unknown>[]>((resolve, reject) => {
-      const socket = connect(path);
-      socket.setEncoding('utf8');
-      let text = '';
+  const ask = (requests: string[]) => {
+    let text = '';
+    const socket = connect(path);
+    socket.setEncoding('utf8');
+    const replies = new Promise<Record<string, unknown>[]>((resolve, reject) => {
       socket.on('data', (d: string) => {
         text += d;
         const lines = text.split('\n').filter(Boolean);
@@ -206,6 +213,12 @@ describe('control socket: what a request may be', () => {
       socket.on('error', reject);
       socket.write(`{"hello":1}\n${requests.map((r) => `${r}\n`).join('')}`);
     });
+    return within(replies, REPLY_WAIT_MS, () => {
+      socket.destroy();
+      const got = text.split('\n').filter(Boolean).length;
+      return new Error(`${got} of ${requests.length + 1} lines (the hello and a reply per request) within ${REPLY_WAIT_MS} ms of ${requests.join(' ')}`);
+    });
+  };
 
   const request = (id: number | string, method: string, params?: unknown) => JSON.stringify({ id, method, params });
 
@@ -359,15 +372,19 @@ describe('control socket: a client that does not read its replies', () => {
   };
 
   /** Reads everything the daemon sends until `count` lines have come (the hello and the replies). */
-  const readAll = (socket: ReturnType<typeof connect>, count: number) =>
-    new Promise<void>((resolve) => {
-      let lines = 0;
+  const readAll = (socket: ReturnType<typeof connect>, count: number) => {
+    let lines = 0;
+    const all = new Promise<void>((resolve) => {
       socket.on('data', (d: string) => {
         for (const c of d) if (c === '\n') lines++;
         if (lines >= count) resolve();
       });
       socket.resume();
     });
+    // 50,000 replies take a second or two here.
+    const ms = 60_000;
+    return within(all, ms, () => new Error(`${lines} of ${count} lines (the hello and the replies) within ${ms} ms`));
+  };
 
   const settle = () => new Promise((r) => setTimeout(r, 500));
 

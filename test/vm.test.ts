@@ -35,9 +35,15 @@ function run(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env):
   });
 }
 
+/**
+ * The harness's own bound on a VM, below the tests' 600 s: a VM that hangs ends with run.sh's
+ * "vm: timed out" line and its qemu gone, before vitest gives up on the test.
+ */
+const VM_BOUND_S = 540;
+
 /** Runs CMD in a VM; a failure of the harness itself fails the test with the harness's reason. */
 async function inVm(args: string[], env?: NodeJS.ProcessEnv): Promise<Result> {
-  const result = await run(RUN, ['--', ...args], env);
+  const result = await run(RUN, ['--timeout', String(VM_BOUND_S), '--', ...args], env);
   const reason = result.stderr.split('\n').find((line) => line.startsWith('vm: '));
   if (result.code === HARNESS_FAILURE && reason) throw new Error(`the VM harness failed: ${reason}`);
   if (result.code === null) throw new Error(`scripts/vm/run.sh did not run: ${result.stderr}`);

@@ -44,9 +44,10 @@ done
 mkdir -p "$cache" 2>/dev/null && [ -w "$cache" ] \
   || fail "cannot write the cache directory $cache (set CLDD_VM_CACHE, or run as root)"
 
-# One builder at a time; a run that waited here usually finds the image ready.
+# One builder at a time; a run that waited here usually finds the image ready. A build takes
+# half a minute, a few with its downloads: ten minutes means the holder is stuck.
 exec 9>"$cache/lock"
-flock 9
+flock -w 600 9 || fail "waited 600 s for $cache/lock: another prepare.sh has been building the VM image there all that time"
 if [ -f "$image/ready" ]; then
   echo "$image"
   exit 0

@@ -28,6 +28,8 @@ export interface RunOptions {
   env?: NodeJS.ProcessEnv;
   /** Run as nobody (through setpriv when the tests run as root). */
   unprivileged?: boolean;
+  /** Which of bin/'s programs: cldd unless said. */
+  program?: 'cldd' | 'clddsetup';
 }
 
 export interface Cli {
@@ -55,14 +57,15 @@ export async function buildCli(): Promise<Cli> {
   await copyPackage('yargs', ROOT, dir, new Set());
 
   const run = (args: string[], options: RunOptions = {}) => {
-    const node = [process.execPath, join(dir, 'bin', 'cldd.js'), ...args];
+    const program = options.program ?? 'cldd';
+    const node = [process.execPath, join(dir, 'bin', `${program}.js`), ...args];
     const asNobody = options.unprivileged && process.getuid?.() === 0;
     const [cmd, ...argv] = asNobody ? ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', ...node] : node;
     return new Promise<CliResult>((resolve) => {
       execFile(cmd, argv, { env: { ...process.env, ...options.env }, cwd: '/', timeout: CLI_TIMEOUT_MS }, (err, stdout, stderr) => {
         const code = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
         // Killed by the timeout: say so where a test's assertion will show it.
-        const late = err?.killed ? `\n[test] cldd ${args.join(' ')} did not finish within ${CLI_TIMEOUT_MS / 1000} s and was killed\n` : '';
+        const late = err?.killed ? `\n[test] ${program} ${args.join(' ')} did not finish within ${CLI_TIMEOUT_MS / 1000} s and was killed\n` : '';
         resolve({ code, stdout, stderr: stderr + late });
       });
     });
