@@ -581,13 +581,23 @@ void Device::RunOwnSync(Queue& q) {
   do res = ::fdatasync(backingFd_);
   while (res < 0 && errno == EINTR);
   if (res < 0) {
-    int err = errno, none = 0;
+    int err = errno;
     t.ownSyncError = err;
-    syncError_.compare_exchange_strong(none, err);
-    SetLastError(ErrnoMessage(err, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": fdatasync of the backing file for flush tag " + std::to_string(tag)));
+    SyncFailed(q, uint16_t(tag), err);
     return;
   }
   t.ownSync = OwnSync{true, count};
+}
+
+// An fdatasync of the backing file failed for `tag`: the first such error is kept, and every
+// later fdatasync on the queue threads fails with it (QueueExtent). The failed one took the
+// file's writeback error, so the next would succeed over pages that never reached the disk:
+// writes completed before it, and acknowledged by no flush yet, that a later flush would then
+// acknowledge.
+void Device::SyncFailed(Queue& q, uint16_t tag, int err) {
+  int none = 0;
+  if (!syncError_.compare_exchange_strong(none, err)) return;
+  SetLastError(ErrnoMessage(err, "ublk device " + std::to_string(devId_) + " queue " + std::to_string(q.id) + ": fdatasync of the backing file for tag " + std::to_string(tag) + " failed; every later flush fails"));
 }
 
 // The queue's ring cannot be used: its thread stops serving, and says why (inspect, start).
@@ -1226,6 +1236,7 @@ void Device::OnExtentCompletion(Queue& q, uint16_t tag, uint16_t index, int res)
   Extent& e = t.extents[index];
   if (res < 0) {
     if (!t.error) t.error = -res;
+    if (e.kind == kSync) SyncFailed(q, tag, -res);
   } else if (e.kind == kRead || e.kind == kWrite || e.kind == kMeta) {
     if (res == 0) {
       // End of file (or no progress): the backing file is shorter than the engine thinks.

@@ -165,6 +165,7 @@ class Device : public Napi::ObjectWrap<Device> {
   void AdaptPoll(Queue& q, const PollRound& round, bool came);
   bool Poll(Queue& q, uint64_t deadline);
   void RunOwnSync(Queue& q);
+  void SyncFailed(Queue& q, uint16_t tag, int err);
   void ArmWake(Queue& q);
   void TakeInbox(Queue& q);
   void RedirectHere(Queue& q);
@@ -218,9 +219,11 @@ class Device : public Napi::ObjectWrap<Device> {
   uint64_t pollNs_ = 0;
   // Cleared when the backing file refuses non-blocking reads; they all go to the ring then.
   std::atomic<bool> nowaitReads_{true};
-  // The errno of a flush's own fdatasync that failed (RunOwnSync), or 0. Linux reports a
-  // writeback error once per open file, and that fdatasync took it: every later fdatasync of
-  // this device fails with it instead, so no commit or flush succeeds over the lost pages.
+  // The errno of the first fdatasync of the backing file that failed on a queue thread, or 0:
+  // a fast flush's, a FUA write's, a commit step's, a flush's own (RunOwnSync). Linux reports
+  // a writeback error once per open file, and that fdatasync took it: every later fdatasync of
+  // this device fails with it instead, so no commit or flush succeeds over the lost pages
+  // (SyncFailed).
   std::atomic<int> syncError_{0};
   Target target_ = Target::kMaster;
   // What the engine publishes; its arrays stay referenced (through the object) while the queues

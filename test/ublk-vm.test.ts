@@ -28,12 +28,17 @@ const DATA_CHECKS = {
     'QD32 random writes never stall through enable/disable cycles: plain, with fsync, held across the enable, first touches, into the resync',
   bounds:
     'START_DEV and END_USER_RECOVERY with a tag never fetched give up within their bound, and at once when the kernel refuses the fetches (the device deleted, or kept for the next takeover); STOP_DEV with a request held in the engine gives up naming it, and stops once it is let go',
+  sync_error:
+    'a flush over a backing device that fails (device-mapper\'s error target) fails, and so does every flush after it once the device answers again: the write before it is never acknowledged; the daemon\'s log says why',
   backup:
     'cldd backup of a live ext4 under a writer: full, then incremental; TARGET equals the slave (sha256, e2fsck over a loop device), the incremental copies every differing region and no more than the writes; killed mid-copy and rerun; foreign and other-pair TARGETs refused and unchanged',
 };
 
-/** brd, for `blockdev`'s pair on a device that cannot zero a range without writing it. */
-const BRD = { CLDD_VM_MODULES: 'brd:rd_nr=1,rd_size=1048576' };
+/**
+ * brd, for `blockdev`'s pair on a device that cannot zero a range without writing it; dm_mod,
+ * for `sync_error`'s backing device that fails on request (the error target).
+ */
+const BRD = { CLDD_VM_MODULES: 'brd:rd_nr=1,rd_size=1048576 dm_mod' };
 
 describe('ublk devices in the kernel', () => {
   deviceChecks(

@@ -89,7 +89,7 @@ class UblkPair implements PairDevices {
     device.watch({
       stallMs,
       report: (message) => this.log.warn(`stalled requests: ${message}`),
-      outOfService: (message) => this.log.error(`a request tag was taken out of service: ${message}`),
+      outOfService: (message) => this.log.error(`a queue thread reported: ${message}`),
     });
     return device;
   }

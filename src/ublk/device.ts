@@ -153,7 +153,11 @@ export interface OutstandingRequest {
 export interface StallWatch {
   stallMs: number;
   report(message: string): void;
-  /** A tag the queues took out of service (the kernel refused its command): the device serves with fewer. */
+  /**
+   * An error a queue thread reported (the addon's last error), with how many tags each queue
+   * took out of service: a tag whose command the kernel refused (the device serves with
+   * fewer), or an fdatasync of the backing file that failed (every later flush fails).
+   */
   outOfService(message: string): void;
 }
 
@@ -784,7 +788,7 @@ export class UblkDevice {
     this.watchdog.unref();
   }
 
-  /** Says once, when it happens, that a tag went out of service, and how many each queue lost. */
+  /** Says once, when it happens, what a queue thread reported, and how many tags each queue lost. */
   private reportOutOfService(watch: StallWatch): void {
     const error = this.native?.lastError ?? null;
     if (error === null || error === this.reportedError) return;
