@@ -372,6 +372,13 @@ void Device::Deliver() {
   std::vector<double> requests, redirects;
   std::vector<int32_t> ordered, done;
   bool called = false;
+  // Taken before any call into JS, not after. A queue thread that ends a map commit the engine
+  // waits for sets this and then sends the async, which brings another Deliver. Set while a call
+  // below runs, after that call checked the commit, it stays set for that next Deliver. Taken
+  // after the calls, it would be lost: this Deliver makes no extra call once it has called, and
+  // the next one would find it clear. The engine's wait would then run out (10 s) and fail the
+  // volume.
+  bool wake = wakeEngine_.exchange(false);
   // Delivering runs JS that may close the device: index, do not iterate the vector.
   for (size_t i = 0; i < queues_.size(); i++) {
     Queue* q = queues_[i].get();
@@ -413,8 +420,8 @@ void Device::Deliver() {
   }
   // A wake-up with nothing else for JS: first touches redirected here, for the engine to take
   // (onEvents takes them whatever it carries), or a queue thread's map commit the engine waits
-  // for ended (takeRedirects ends that wait).
-  bool wake = wakeEngine_.exchange(false);
+  // for ended (takeRedirects ends that wait). A call above took them already: it came after the
+  // wake was set.
   if (!called && published_.redirector && (wake || published_.Word(published::kRedirected) != 0) && !queues_.empty() && events_) {
     onEvents_.Call(Value(), {Napi::Number::New(env, queues_[0]->id), Napi::Number::New(env, 0), Napi::Number::New(env, 0),
                              Napi::Number::New(env, 0), Napi::Number::New(env, 0), Napi::Boolean::New(env, false)});
