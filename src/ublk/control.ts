@@ -6,6 +6,7 @@
  * with its legacy number. What the kernel changed in ADD_DEV (queue count, buffer size, flags)
  * is read back, never assumed.
  */
+import { within } from '../deadline.js';
 import { CldError, asCldError } from '../errors.js';
 import { addon } from '../native/addon.js';
 import type { NativeControlHandle } from '../native/native.js';
@@ -57,6 +58,18 @@ export interface DeviceParams {
   maxDiscardBytes: number;
 }
 
+/**
+ * The commands that wait for a device's I/O, which their callers bound with what they know of
+ * it: START_DEV and END_USER_RECOVERY (UblkDevice.untilServing, which cancels them), STOP_DEV
+ * (UblkDevice.stop, which names the requests the kernel waits for) and DEL_DEV (deleteWithin).
+ */
+const CALLER_BOUNDED: ReadonlySet<CommandName> = new Set(['START_DEV', 'END_USER_RECOVERY', 'STOP_DEV', 'DEL_DEV']);
+/**
+ * Every other command the kernel answers at once (START_USER_RECOVERY answers EBUSY rather than
+ * wait). One that has not answered after this long is stuck in the driver.
+ */
+export const COMMAND_BOUND_MS = 30_000;
+
 export class UblkControl {
   private features: number | null = null;
   private negotiated = false;
@@ -107,7 +120,7 @@ export class UblkControl {
     if (this.negotiated) return this.features;
     const buf = new Uint8Array(8);
     try {
-      await this.handle.command(encodeControlOp(CMD.GET_FEATURES, false), ANY_ID, NO_QUEUE, 0, buf, 'ublk GET_FEATURES');
+      await this.bounded('ublk GET_FEATURES', this.handle.command(encodeControlOp(CMD.GET_FEATURES, false), ANY_ID, NO_QUEUE, 0, buf, 'ublk GET_FEATURES'));
       this.features = Number(new DataView(buf.buffer).getBigUint64(0, true) & 0xffffffffn);
     } catch (err) {
       const code = (err as { code?: string }).code;
@@ -128,17 +141,26 @@ export class UblkControl {
     const label = `ublk ${name}${devId === ANY_ID ? '' : ` of device ${devId}`}`;
     const encoded = encodeControlOp(CMD[name], !READ_ONLY_CMDS.has(name));
     const encodingKnown = this.features !== null && (this.features & UBLK_F.CMD_IOCTL_ENCODE) !== 0;
+    const sent = (op: number) => {
+      const answer = this.cancellable(op, devId, data0, buffer, label, signal);
+      return CALLER_BOUNDED.has(name) ? answer : this.bounded(label, answer);
+    };
     try {
-      return await this.cancellable(encoded, devId, data0, buffer, label, signal);
+      return await sent(encoded);
     } catch (err) {
       const code = (err as { code?: string }).code;
       if (encodingKnown || ENCODED_ONLY.has(name) || code !== 'EOPNOTSUPP') throw asCldError(err);
     }
     try {
-      return await this.cancellable(CMD[name], devId, data0, buffer, label, signal);
+      return await sent(CMD[name]);
     } catch (err) {
       throw asCldError(err);
     }
+  }
+
+  /** `answer`, or ETIMEDOUT naming the command once COMMAND_BOUND_MS have passed. */
+  private bounded<T>(label: string, answer: Promise<T>): Promise<T> {
+    return within(answer, COMMAND_BOUND_MS, () => new CldError('ETIMEDOUT', `${label} did not finish within ${COMMAND_BOUND_MS / 1000} s: the kernel's ublk driver did not answer`));
   }
 
   private async cancellable(op: number, devId: number, data0: number, buffer: Uint8Array | null, label: string, signal?: AbortSignal): Promise<number> {
